@@ -1,0 +1,389 @@
+"""
+rlhf.py: the one script that runs the whole HH-RLHF flow, stage by stage.
+
+    python rlhf.py                        # every stage, default preset (gpu with CUDA, else cpu)
+    python rlhf.py sft --preset tiny      # one stage
+    python rlhf.py ppo --ppo.kl_coef=0.05 # any config field, --section.field=value
+
+Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once done unless --force):
+  pretrain  base LM on hh-rlhf dialogue text, or OpenAI GPT-2 weights (--preset gpt2)    base.pt
+  sft       imitate the chosen replies, loss on reply tokens only                         sft.pt
+  rm        preference models PM-A and PM-B on disjoint halves of the comparisons      pm_a.pt, pm_b.pt
+  rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
+  ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
+  eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
+and tools: sample (completions from any checkpoint), chat (talk to a policy).
+
+References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
+from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
+"""
+
+import difflib
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+
+import torch
+
+from data import (DataConfig, DataError, Tokenizer, lm_tokens, pad_left, prompt_ids, read_pairs,
+                  resolve_data_dir, sft_example, split_train_val)
+from evaluate import EvalConfig, RSConfig, run_eval, run_rs
+from model import GPT, GPTConfig
+from ppo import PPOConfig, train_ppo
+from reward import RMConfig, evaluate_pms, train_reward_models
+from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, load_checkpoint, load_model,
+                   model_checkpoint, pick_device, save_checkpoint, set_seed, supervised_train)
+
+
+@dataclass
+class SampleConfig:
+    """`sample` and `chat`: which policy to talk to and how to decode."""
+    policy: str = "sft"          # base | sft | rs | ppo, or a checkpoint path
+    prompt: str = ""             # one Human turn to complete; "" = a few held-out test prompts
+    prompts_file: str = ""       # a text file with one Human turn per line
+    num_samples: int = 4         # prompts taken from the test split when no prompt is given
+    max_new_tokens: int = 128    # reply length cap
+    temperature: float = 0.7     # sampling temperature (0 = greedy)
+    top_k: int = 0               # 0 = off
+    top_p: float = 0.95          # nucleus sampling (1.0 = off)
+    show_score: bool = False     # chat: print the held-out PM-B's score of each reply
+
+
+@dataclass
+class Config:
+    """The whole run. Sections are the stages' own configs; flags are --section.field=value."""
+    preset: str = ""             # the preset applied (set by the CLI)
+    out_dir: str = "out"         # checkpoints, metrics.jsonl, eval.json, report.md
+    data_dir: str = ""           # local hh-rlhf copy ({subset}/{split}.jsonl.gz); "" = $HH_RLHF_DIR or download
+    seed: int = 1337             # one seed for data order, init and sampling
+    device: str = "auto"         # auto = cuda > mps > cpu
+    compile: bool = False        # torch.compile the model (GPU)
+    threads: int = 0             # torch CPU threads (0 = torch's default)
+    force: bool = False          # rerun a stage even if its checkpoint is marked done
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000))
+    sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=1e-4, max_steps=500, warmup_steps=20))
+    rm: RMConfig = field(default_factory=RMConfig)
+    rs: RSConfig = field(default_factory=RSConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
+PRESETS = {
+    # the whole flow in a couple of minutes on a 2-core CPU: a smoke test, not a model
+    "tiny": {
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.block_size": 192,
+        "data.vocab": "trimmed", "data.max_pairs": 300, "data.max_prompt_tokens": 96, "data.max_reply_tokens": 64,
+        "pretrain.max_steps": 40, "pretrain.batch_size": 8, "pretrain.eval_interval": 20,
+        "pretrain.eval_batches": 2, "pretrain.log_interval": 5, "pretrain.warmup_steps": 5,
+        "sft.max_steps": 20, "sft.batch_size": 8, "sft.eval_interval": 10, "sft.eval_batches": 2,
+        "sft.log_interval": 5, "sft.warmup_steps": 2,
+    },
+    # the default without CUDA: minutes on a laptop, the numbers in the README
+    "cpu": {
+        "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.block_size": 384,
+        "data.vocab": "trimmed", "data.max_prompt_tokens": 256, "data.max_reply_tokens": 128,
+        "pretrain.max_steps": 600, "pretrain.batch_size": 16, "pretrain.lr": 1e-3, "pretrain.eval_interval": 100,
+        "sft.max_steps": 200, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50,
+    },
+    # the default with CUDA: GPT-2-small size from scratch on the full dataset
+    "gpu": {
+        "model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
+        "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256,
+        "pretrain.max_steps": 20000, "pretrain.batch_size": 32, "pretrain.grad_accum": 4, "pretrain.eval_interval": 500,
+        "sft.max_steps": 2000, "sft.batch_size": 32, "sft.grad_accum": 2, "sft.eval_interval": 250,
+        "compile": True,
+    },
+    # start from OpenAI's GPT-2 124M instead of pretraining
+    "gpt2": {
+        "model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
+        "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256,
+        "pretrain.init": "gpt2",
+        "sft.max_steps": 2000, "sft.batch_size": 16, "sft.grad_accum": 4, "sft.lr": 3e-5, "sft.eval_interval": 250,
+    },
+}
+
+STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "sample", "chat"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line: --section.field=value, typed by the dataclass fields
+
+class ConfigError(ValueError):
+    """A bad command line: unknown stage, preset or flag, or a value of the wrong type."""
+
+
+def set_field(cfg, dotted, value):
+    """Set `cfg.a.b = value`, converting a string to the field's type; errors list the valid choices."""
+    *sections, name = dotted.split(".")
+    obj = cfg
+    for s in sections:
+        sub = getattr(obj, s, None)
+        if not is_dataclass(sub):
+            choices = [f.name for f in fields(obj) if is_dataclass(getattr(obj, f.name))]
+            raise ConfigError(f"unknown config section {s!r} in --{dotted}; sections: {', '.join(choices)}")
+        obj = sub
+    types = {f.name: f.type for f in fields(obj) if not is_dataclass(getattr(obj, f.name))}
+    if name not in types:
+        near = difflib.get_close_matches(name, list(types), n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else f"; valid: {', '.join(types)}"
+        raise ConfigError(f"unknown flag --{dotted}{hint}")
+    want = types[name]
+    if isinstance(value, str) and want is not str:
+        try:
+            if want is bool:
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = value.lower() in ("true", "1", "yes")
+            else:
+                value = want(value)
+        except ValueError:
+            raise ConfigError(f"--{dotted} expects {want.__name__}, got {value!r}") from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want):
+        raise ConfigError(f"--{dotted} expects {want.__name__}, got {value!r}")
+    setattr(obj, name, value)
+
+
+def parse_args(argv):
+    """`[STAGE] [--preset NAME] [--section.field=value | --section.field value | --flag] ...` -> (stage, cfg)."""
+    args = list(argv)
+    stage = args.pop(0) if args and not args[0].startswith("-") else "all"
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; choose from: {', '.join(STAGES)}")
+    preset, overrides, i = None, [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; flags look like --section.field=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # `--key value`, or a bare `--flag` meaning true
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        if key == "preset":
+            preset = value
+        else:
+            overrides.append((key, value))
+        i += 1
+    preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    cfg = Config(preset=preset)
+    for key, value in list(PRESETS[preset].items()) + overrides:
+        set_field(cfg, key, value)
+    return stage, cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# data shared by the stages
+
+def load_data(cfg, tok=None):
+    """Read the train split once and split off validation; build the tokenizer if none is given
+    (a trimmed vocabulary is made from the training text, then stored in every checkpoint)."""
+    data_dir = resolve_data_dir(cfg.data_dir or None)
+    pairs, stats = read_pairs(data_dir, "train", cfg.data)
+    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
+    print(f"data: {data_dir} | {stats['summary']} | {len(train_pairs)} train / {len(val_pairs)} val pairs")
+    if tok is None:
+        texts = [p.prompt + p.chosen + p.rejected for p in train_pairs]
+        tok = Tokenizer.trimmed(texts) if cfg.data.vocab == "trimmed" else Tokenizer.gpt2()
+    return tok, train_pairs, val_pairs
+
+
+def ckpt_path(cfg, name):
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def already_done(cfg, name):
+    """A finished stage is skipped unless --force; --force starts it over (its checkpoint is removed)."""
+    path = ckpt_path(cfg, name)
+    if not os.path.exists(path):
+        return False
+    if cfg.force:
+        os.remove(path)
+        return False
+    if load_checkpoint(path).get("done"):
+        print(f"[{name}] {path} is complete; skipping (use --force to retrain)")
+        return True
+    return False
+
+
+def format_prompt(human_turn):
+    """One Human turn in hh-rlhf's dialogue format, ready for the Assistant's reply."""
+    return f"\n\nHuman: {human_turn.strip()}\n\nAssistant:"
+
+
+@torch.no_grad()
+def complete(model, tok, prompts, sc, seed):
+    """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn)."""
+    model.eval()
+    device = next(model.parameters()).device
+    max_prompt = model.config.block_size - sc.max_new_tokens
+    idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
+                                     temperature=sc.temperature, top_k=sc.top_k or None,
+                                     top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
+                                     stop_ids=tok.stop_ids, generator=gen)
+    replies = []
+    for row, m in zip(tokens.tolist(), keep.tolist()):
+        text = tok.decode([t for t, k in zip(row, m) if k and t != tok.eos_id])
+        replies.append(text.split("\n\nHuman:")[0].strip())
+    return replies
+
+
+def show_samples(model, tok, pairs, sc, seed, title):
+    """Print a few replies to held-out prompts: the quickest check of what a stage learned."""
+    prompts = [p.prompt for p in pairs[:sc.num_samples]]
+    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed)):
+        last_turn = prompt.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
+        print(f"--- {title} | Human: {last_turn[:200]}\n    Assistant: {reply[:400]}")
+
+
+# ----------------------------------------------------------------------------------------------
+# stages 1 and 2: base LM and SFT
+
+def stage_pretrain(cfg, log):
+    """Stage 1: a base language model of hh-rlhf dialogue text (or OpenAI GPT-2's weights)."""
+    if already_done(cfg, "base"):
+        return
+    device = pick_device(cfg.device)
+    if cfg.pretrain.init:  # GPT-2 already is a language model: store it as the base checkpoint
+        if cfg.data.vocab != "gpt2":
+            raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
+        model = GPT.from_pretrained(cfg.pretrain.init)
+        cfg.model = model.config
+        save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
+                                                                  seed=cfg.seed, done=True))
+        print(f"[pretrain] loaded {cfg.pretrain.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
+        return
+    tok, train_pairs, val_pairs = load_data(cfg)
+    cfg.model.vocab_size = tok.vocab_size
+    set_seed(cfg.seed)
+    model = GPT(cfg.model).to(device)
+    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
+    train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
+    print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
+    supervised_train(cfg, "pretrain", cfg.pretrain, model, tok, train_tokens, val_tokens, ckpt_path(cfg, "base"), log)
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base")
+
+
+def sft_examples(pairs, tok, cfg, block_size):
+    """(ids, loss_mask) for prompt + chosen reply: the assistant imitates the preferred replies."""
+    return [sft_example(p.prompt, p.chosen, tok, block_size, cfg.data.max_reply_tokens) for p in pairs]
+
+
+def stage_sft(cfg, log):
+    """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
+    if already_done(cfg, "sft"):
+        return
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(ckpt_path(cfg, "base"), device)
+    _, train_pairs, val_pairs = load_data(cfg, tok)
+    set_seed(cfg.seed)
+    block_size = model.config.block_size
+    supervised_train(cfg, "sft", cfg.sft, model, tok, sft_examples(train_pairs, tok, cfg, block_size),
+                     sft_examples(val_pairs, tok, cfg, block_size), ckpt_path(cfg, "sft"), log)
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft")
+
+
+# ----------------------------------------------------------------------------------------------
+# tools: sample and chat
+
+def policy_path(cfg):
+    p = cfg.sample.policy
+    return p if p.endswith(".pt") else ckpt_path(cfg, {"base": "base", "sft": "sft", "rs": "rs", "ppo": "ppo"}.get(p, p))
+
+
+def stage_sample(cfg):
+    """Print completions from any checkpoint, for one prompt, a file of prompts, or held-out prompts."""
+    model, tok, _ = load_model(policy_path(cfg), pick_device(cfg.device))
+    sc = cfg.sample
+    if sc.prompt or sc.prompts_file:
+        if sc.prompts_file:
+            try:
+                with open(sc.prompts_file, encoding="utf-8") as f:
+                    turns = [line.strip() for line in f if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--sample.prompts_file: cannot read {sc.prompts_file} ({e})") from None
+        else:
+            turns = [sc.prompt]
+        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, cfg.seed)):
+            print(f"Human: {turn}\nAssistant: {reply}\n")
+    else:
+        test_pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), "test", cfg.data)
+        show_samples(model, tok, test_pairs, sc, cfg.seed, sc.policy)
+
+
+def stage_chat(cfg):
+    """An interactive multi-turn chat, kept in hh-rlhf's Human/Assistant format."""
+    from reward import load_reward_model, score_texts  # only needed with --sample.show_score
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(policy_path(cfg), device)
+    judge = load_reward_model(ckpt_path(cfg, "pm_b"), device) if cfg.sample.show_score else None
+    print(f"chatting with {policy_path(cfg)} (empty line or Ctrl-D to quit, /reset to start over)")
+    dialogue, turn = "", 0
+    while True:
+        try:
+            human = input("Human: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not human:
+            return
+        if human == "/reset":
+            dialogue = ""
+            continue
+        dialogue += format_prompt(human)
+        reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn)[0]
+        turn += 1
+        score = f"   [PM-B score {score_texts(*judge, [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
+        print(f"Assistant: {reply}{score}")
+        dialogue += " " + reply
+
+
+# ----------------------------------------------------------------------------------------------
+
+def run(stage, cfg):
+    """Run one stage, or all of them in order."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    log = MetricsLog(cfg.out_dir)
+    steps = {
+        "pretrain": lambda: stage_pretrain(cfg, log),
+        "sft": lambda: stage_sft(cfg, log),
+        "rm": lambda: train_reward_models(cfg),
+        "rs": lambda: run_rs(cfg),
+        "ppo": lambda: train_ppo(cfg),
+        "eval": lambda: evaluate_pms(cfg) if cfg.eval.pm_only else run_eval(cfg),
+        "sample": lambda: stage_sample(cfg),
+        "chat": lambda: stage_chat(cfg),
+    }
+    order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
+    for name in order:
+        steps[name]()
+
+
+def main(argv):
+    try:
+        stage, cfg = parse_args(argv)
+        print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}")
+        run(stage, cfg)
+    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

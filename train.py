@@ -1,0 +1,309 @@
+"""
+The training machinery every stage shares: seeding, the device, checkpoints, the metrics log,
+the learning-rate schedule, and the supervised loop used by base-LM pretraining, SFT and
+rejection-sampling fine-tuning (they differ only in their data and their loss mask).
+
+Nothing here knows about RLHF; `rlhf.py` (pretrain, sft), `evaluate.py` (rs), `reward.py` (rm) and
+`ppo.py` (ppo) import it. A stage's loop is the one in nanoGPT's train.py, written as a function:
+
+    for step in range(start, max_steps):
+        lr -> (eval + checkpoint) -> grad-accumulated forward/backward -> clip -> step -> log
+
+Resuming is exact on CPU: a batch is a pure function of (seed, step), so a checkpoint only needs
+the model, the optimizer, the step and the RNG states, and a rerun continues bit for bit.
+References: karpathy/nanoGPT train.py; PyTorch's notes on `torch.load(weights_only=True)`.
+"""
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import Tokenizer, pad_right
+from model import GPT, GPTConfig
+
+
+# ----------------------------------------------------------------------------------------------
+# seeding, device, precision
+
+def set_seed(seed):
+    """One call seeds every generator a run uses (python, numpy, torch on all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """The device is chosen once per run: CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range);
+    full fp32 elsewhere, where bf16 matmuls are slower than fp32 on most CPUs."""
+    if device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: plain dicts, written atomically, read with weights_only=True
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt, unsafe, or from an incompatible config."""
+
+
+def save_checkpoint(path, ckpt):
+    """Write to a temp file, fsync, then rename: a crash mid-write leaves the old checkpoint intact,
+    never a half-written one that looks complete."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Load a checkpoint without running code: `weights_only=True` unpickles only tensors and plain
+    containers, so a file that smuggles in a callable is refused instead of executed."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint (run the stage that writes it first)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load ({first})") from None
+
+
+def rng_state():
+    """Every RNG a stage draws from, in a form weights_only loading accepts (no numpy objects)."""
+    np_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state):
+    """Inverse of `rng_state`."""
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_checkpoint(model, tok, **extra):
+    """The part of every checkpoint that rebuilds a GPT: weights, architecture, and vocabulary."""
+    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    return {"model": raw.state_dict(), "model_args": asdict(raw.config),
+            "tokenizer": tok.state_dict(), **extra}
+
+
+def load_model(path, device="cpu"):
+    """Rebuild a GPT and its tokenizer from any stage's checkpoint -> (model, tok, ckpt)."""
+    ckpt = load_checkpoint(path)
+    if "model_args" not in ckpt or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a model checkpoint (keys: {sorted(ckpt)[:8]})")
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}  # a PM's scalar head
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(e)[:200]})") from None
+    return model.to(device), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+
+
+def check_compatible(path, ckpt, model):
+    """Refuse to resume a checkpoint written with another model size, with a message, not a shape error."""
+    want = asdict(getattr(model, "_orig_mod", model).config)
+    have = ckpt.get("model_args", {})
+    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+    if diff:
+        pretty = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{path}: written with a different model config ({pretty}); "
+                              "use the same preset/flags, or --force to start the stage over")
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+class MetricsLog:
+    """Appends one JSON object per log step to out_dir/metrics.jsonl, keys namespaced by stage
+    (`sft/loss`), so a user can plot any run with a few lines of pandas or matplotlib."""
+
+    def __init__(self, out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "metrics.jsonl")
+
+    def log(self, stage, step, **metrics):
+        row = {"stage": stage, "step": step, "time": round(time.time(), 3)}
+        row.update({f"{stage}/{k}": (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+                    for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# the supervised loop: pretraining, SFT, rejection-sampling fine-tuning
+
+@dataclass
+class LMTrainConfig:
+    """One dataclass for every next-token stage; pretrain, sft and rs each hold their own instance."""
+    max_steps: int = 1000        # optimizer steps
+    batch_size: int = 16         # sequences per micro-batch
+    grad_accum: int = 1          # micro-batches per optimizer step
+    lr: float = 3e-4             # peak learning rate
+    min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 50       # linear warmup
+    weight_decay: float = 0.1    # AdamW, on matrices only
+    beta2: float = 0.95          # AdamW beta2 (beta1 = 0.9)
+    grad_clip: float = 1.0       # max global grad norm (0 = off)
+    eval_interval: int = 100     # steps between validation passes and checkpoints
+    eval_batches: int = 10       # validation micro-batches per pass
+    log_interval: int = 10       # steps between metrics.jsonl rows
+    init: str = ""               # pretrain only: "" = random init, or gpt2 / gpt2-medium / path.safetensors
+
+
+def lr_at(step, sc):
+    """Linear warmup then cosine decay to `lr * min_lr_frac` (GPT-3 paper's schedule, as nanoGPT)."""
+    if step < sc.warmup_steps:
+        return sc.lr * (step + 1) / sc.warmup_steps
+    progress = min(1.0, (step - sc.warmup_steps) / max(1, sc.max_steps - sc.warmup_steps))
+    return sc.lr * (sc.min_lr_frac + (1 - sc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_batch(data, index, batch_size, block_size, seed, pad_id):
+    """Micro-batch number `index`, a pure function of (data, index, seed) so that resuming needs no
+    loader state. `data` is either a token stream (np.ndarray: random windows, as nanoGPT) or a list of
+    (ids, loss_mask) examples (shuffled once per epoch by a seeded permutation, right-padded).
+    Returns idx, targets, loss_mask, attention_mask, each (B, T)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    if isinstance(data, np.ndarray):
+        assert len(data) > block_size + 1, f"token stream of {len(data)} tokens is shorter than one block"
+        starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
+        chunk = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts])
+        ones = torch.ones(batch_size, block_size)
+        return chunk[:, :-1], chunk[:, 1:], ones, ones
+    n = len(data)
+    per_epoch = max(1, n // batch_size)
+    epoch, pos = divmod(index, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    examples = [data[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+    seqs = [ids for ids, _ in examples]
+    idx, attention_mask = pad_right(seqs, pad_id)                       # (B, T+1)
+    loss_mask, _ = pad_right([m for _, m in examples], 0)               # (B, T+1)
+    # position t predicts token t+1, so the loss there counts iff token t+1 is a reply token
+    return idx[:, :-1], idx[:, 1:], loss_mask[:, 1:].float(), attention_mask[:, :-1]
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, sc, block_size, pad_id, device):
+    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every time)."""
+    model.eval()
+    losses = []
+    n_batches = sc.eval_batches if isinstance(data, np.ndarray) else min(sc.eval_batches, max(1, len(data) // sc.batch_size))
+    for i in range(n_batches):
+        idx, targets, loss_mask, attn = (t.to(device) for t in get_batch(data, i, sc.batch_size, block_size, 0, pad_id))
+        with autocast(device):
+            _, loss = model(idx, targets, loss_mask=loss_mask, attention_mask=attn)
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+class NonFiniteLoss(Exception):
+    """Training produced NaN/inf; the last good checkpoint is kept on disk."""
+
+
+def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
+    """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
+
+    Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation
+    loss before and after. Ctrl-C writes a checkpoint and exits; a non-finite loss stops the stage
+    and keeps the last good checkpoint (`NonFiniteLoss`)."""
+    device = next(model.parameters()).device.type
+    raw = model
+    optimizer = raw.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    start, val_before = 0, None
+    if os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        check_compatible(ckpt_path, ckpt, raw)
+        raw.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start, val_before = ckpt["step"], ckpt.get("val_loss_before")
+        print(f"[{stage}] resuming from {ckpt_path} at step {start}/{sc.max_steps}")
+    if cfg.compile:
+        model = torch.compile(model)
+    block_size = raw.config.block_size
+    if val_before is None:
+        val_before = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
+        print(f"[{stage}] step 0 | val loss {val_before:.4f}")
+
+    def checkpoint(step, done, val_loss=None):
+        save_checkpoint(ckpt_path, model_checkpoint(
+            raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
+            seed=cfg.seed, rng=rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss))
+
+    model.train()
+    bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True)
+    step, t0, tokens = start, time.time(), 0
+    try:
+        for step in bar:
+            lr = lr_at(step, sc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if step > start and step % sc.eval_interval == 0:
+                val_loss = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
+                log.log(stage, step, val_loss=val_loss)
+                checkpoint(step, done=False, val_loss=val_loss)
+            loss_sum = 0.0
+            for micro in range(sc.grad_accum):
+                batch = get_batch(train_data, step * sc.grad_accum + micro, sc.batch_size, block_size, cfg.seed, tok.eos_id)
+                idx, targets, loss_mask, attn = (t.to(device) for t in batch)
+                with autocast(device):
+                    _, loss = model(idx, targets, loss_mask=loss_mask, attention_mask=attn)
+                # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
+                (loss / sc.grad_accum).backward()
+                loss_sum += loss.item() / sc.grad_accum
+                tokens += int(attn.sum())
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"[{stage}] non-finite loss ({loss_sum}) at step {step}; "
+                                    f"the last good checkpoint is kept in {ckpt_path}")
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+            if step % sc.log_interval == 0:
+                dt = time.time() - t0
+                log.log(stage, step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9))
+                t0, tokens = time.time(), 0
+    except KeyboardInterrupt:
+        bar.close()
+        checkpoint(step, done=False)  # `step` has not been applied yet: the rerun redoes it
+        print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
+        raise SystemExit(130)
+    bar.close()
+    val_after = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
+    log.log(stage, sc.max_steps, val_loss=val_after)
+    checkpoint(sc.max_steps, done=True, val_loss=val_after)
+    print(f"[{stage}] done | val loss {val_before:.4f} -> {val_after:.4f} | checkpoint {ckpt_path}")
+    return val_before, val_after
