@@ -1,0 +1,121 @@
+"""Tests for ppo.py: the math against plain loops, masking, and a tiny learning run."""
+
+import math
+
+import pytest
+import torch
+
+import ppo
+from ppo import adaptive_kl_coef, compute_gae, compute_rewards, masked_mean, masked_whiten, ppo_losses
+
+torch.set_num_threads(1)
+
+
+def random_mask(B, N, g):
+    """Right-padded response masks with lengths 1..N."""
+    lengths = torch.randint(1, N + 1, (B,), generator=g)
+    return (torch.arange(N)[None] < lengths[:, None]).float(), lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# math
+
+def test_gae_matches_python_loop():
+    g = torch.Generator().manual_seed(0)
+    B, N, gamma, lam = 5, 9, 0.97, 0.9
+    values, rewards = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
+    mask, lengths = random_mask(B, N, g)
+    adv, ret = compute_gae(values, rewards, mask, gamma, lam)
+    for b in range(B):
+        L = int(lengths[b])
+        v, r = values[b, :L].tolist(), rewards[b, :L].tolist()
+        a, expected = 0.0, [0.0] * L
+        for t in reversed(range(L)):
+            nv = v[t + 1] if t + 1 < L else 0.0
+            a = r[t] + gamma * nv - v[t] + gamma * lam * a
+            expected[t] = a
+        assert torch.allclose(adv[b, :L], torch.tensor(expected), atol=1e-5)
+        assert torch.allclose(ret[b, :L], torch.tensor(expected) + values[b, :L], atol=1e-5)
+        assert (adv[b, L:] == 0).all()
+
+
+def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, -0.1, 2.0]])
+    values = torch.tensor([[0.5, 0.2, 0.3]])
+    adv, ret = compute_gae(values, rewards, torch.ones(1, 3), 1.0, 1.0)
+    assert torch.allclose(ret, torch.tensor([[1.9, 1.9, 2.0]]))
+    assert torch.allclose(adv, ret - values)
+
+
+def test_whitening_is_masked():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 7, generator=g)
+    mask, _ = random_mask(4, 7, g)
+    w = masked_whiten(x, mask)
+    assert abs(float(masked_mean(w, mask))) < 1e-5
+    assert abs(float(masked_mean(w ** 2, mask)) - 1) < 1e-4
+    # garbage in the padding must not change the whitened real tokens
+    x2 = torch.where(mask.bool(), x, torch.full_like(x, 1e4))
+    assert torch.allclose(masked_whiten(x2, mask), w, atol=1e-6)
+    assert (w[mask == 0] == 0).all()
+    # shift_mean=False only rescales
+    s = masked_whiten(x, mask, shift_mean=False)
+    assert torch.allclose(s, (w + masked_mean(x, mask)) * mask, atol=1e-6)
+
+
+def test_reward_lands_on_last_real_token_and_kl_penalty():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0, -9.0], [-1.0, -1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).float()
+    scores = torch.tensor([3.0, -2.0])
+    rewards, kl = compute_rewards(scores, logprobs, ref, mask, kl_coef=0.1)
+    assert torch.allclose(rewards[0], torch.tensor([-0.05, 0.0, 0.1 + 3.0, 0.0]))   # score at index 2, not 3
+    assert torch.allclose(rewards[1], torch.tensor([0.0, 0.0, 0.0, -2.0]))
+    assert torch.allclose(kl[0], torch.tensor([0.5, 0.0, -1.0, 0.0]))                 # padding kl is 0
+
+
+def test_adaptive_kl_controller():
+    # lm-hp: error clipped to +-0.2, scaled by n_steps / horizon
+    assert adaptive_kl_coef(0.1, 12.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, 3.0, 1000, 6.0, 10000) == pytest.approx(0.1 * (1 - 0.2 * 0.1))
+    assert adaptive_kl_coef(0.1, 6.6, 10000, 6.0, 10000) == pytest.approx(0.1 * 1.1)
+    beta = 0.1
+    for _ in range(50):                     # far over target: beta keeps growing
+        beta = adaptive_kl_coef(beta, 100.0, 64, 6.0, 640)
+    assert beta > 0.1 * 1.02 ** 49
+
+
+def test_ppo_losses_ratio_one_and_padding_invariant():
+    g = torch.Generator().manual_seed(2)
+    B, N = 4, 6
+    mask, _ = random_mask(B, N, g)
+    old_lp, old_v = -torch.rand(B, N, generator=g), torch.randn(B, N, generator=g)
+    adv, ret = torch.randn(B, N, generator=g), torch.randn(B, N, generator=g)
+    # policy == old policy: ratio 1, nothing clipped, approx_kl 0, pg_loss = -mean(A)
+    pg, vf, st = ppo_losses(old_lp, old_v, old_lp, old_v, adv, ret, mask, 0.2, 0.2)
+    assert float(st["ratio"]) == pytest.approx(1.0) and float(st["clipfrac"]) == 0 and float(st["approx_kl"]) == 0
+    assert float(pg) == pytest.approx(-float(masked_mean(adv, mask)), abs=1e-6)
+    assert float(vf) == pytest.approx(0.5 * float(masked_mean((old_v - ret) ** 2, mask)), abs=1e-6)
+    # extra padded columns with garbage leave the losses unchanged
+    lp = old_lp + 0.3 * torch.randn(B, N, generator=g)
+    v = old_v + 0.3 * torch.randn(B, N, generator=g)
+    ref = ppo_losses(lp, v, old_lp, old_v, adv, ret, mask, 0.2, 0.2)
+    pad = lambda x: torch.cat([x, 50 * torch.randn(B, 3, generator=g)], 1)
+    mask_p = torch.cat([mask, torch.zeros(B, 3)], 1)
+    out = ppo_losses(pad(lp), pad(v), pad(old_lp), pad(old_v), pad(adv), pad(ret), mask_p, 0.2, 0.2)
+    assert torch.allclose(out[0], ref[0]) and torch.allclose(out[1], ref[1])
+    assert all(torch.allclose(out[2][k], ref[2][k]) for k in ref[2])
+
+
+def test_ppo_clipping():
+    # advantage > 0 and ratio above 1 + eps: clipped, no gradient
+    old = torch.zeros(1, 1)
+    lp = torch.full((1, 1), math.log(1.5), requires_grad=True)
+    pg, _, st = ppo_losses(lp, old, old, old, torch.ones(1, 1), old, torch.ones(1, 1), 0.2, 0.2)
+    pg.backward()
+    assert float(pg.detach()) == pytest.approx(-1.2) and float(st["clipfrac"]) == 1 and float(lp.grad) == 0
+    # advantage < 0 and ratio above 1 + eps: not clipped (the pessimistic bound), gradient flows
+    lp = torch.full((1, 1), math.log(1.5), requires_grad=True)
+    pg, _, _ = ppo_losses(lp, old, old, old, -torch.ones(1, 1), old, torch.ones(1, 1), 0.2, 0.2)
+    pg.backward()
+    assert float(pg.detach()) == pytest.approx(1.5) and float(lp.grad) == pytest.approx(1.5)
