@@ -1,0 +1,539 @@
+"""
+The GPT-2 language model used by every stage of the RLHF pipeline: the policy, the
+reference policy and (with a scalar head, see reward.py) the preference model.
+
+    python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
+
+Contents, top to bottom:
+  1. GPT-2 in plain PyTorch (pre-LayerNorm blocks, tied embeddings, GPT-2 parameter names)
+  2. a preallocated KV cache and batched sampling from left-padded prompts
+  3. safetensors read/write with only the standard library + torch
+  4. loading OpenAI's GPT-2 weights (no `transformers`) and exporting a Hugging Face folder
+
+References:
+  GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
+  nanoGPT model.py: https://github.com/karpathy/nanoGPT/blob/master/model.py
+  safetensors format: https://github.com/huggingface/safetensors#format
+  nucleus sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"
+"""
+
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# -----------------------------------------------------------------------------
+# 1. the model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length (number of learned positions)
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per block
+    n_embd: int = 768  # residual stream width
+    dropout: float = 0.0  # 0 for fine-tuning/RLHF: dropout makes logprobs noisy
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
+        # attn_mask None -> plain causal attention (the fast flash kernel); otherwise a boolean
+        # (B, 1, T, S) mask, True = may attend, built once per forward in GPT.hidden_states
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask, kv_cache, layer):
+        # pre-LayerNorm (GPT-2 sec 2.3): the residual stream itself is never normalized
+        x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys/values of the tokens seen so far, so each new token costs O(T) instead of O(T^2).
+
+    Preallocated to max_len slots per layer; `length` slots are filled (the same for every
+    row because prompts are left-padded). `key_mask` marks which slots hold real tokens and
+    `next_pos` is each row's next position id, so a left-padded row continues at the right one.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0
+        self.kv = {}  # layer -> (k, v), each (B, nh, max_len, hs), allocated on first use
+        self.key_mask = None  # (B, max_len) bool
+        self.next_pos = None  # (B,) long
+
+    def update(self, layer, k, v):
+        if layer not in self.kv:  # allocate lazily so dtype/device follow the model (e.g. bf16 autocast)
+            B, nh, _, hs = k.shape
+            self.kv[layer] = (k.new_zeros(B, nh, self.max_len, hs), v.new_zeros(B, nh, self.max_len, hs))
+        ck, cv = self.kv[layer]
+        end = self.length + k.size(2)
+        ck[:, :, self.length:end] = k
+        cv[:, :, self.length:end] = v
+        return ck[:, :, :end], cv[:, :, :end]  # (B, nh, S, hs)
+
+
+def _sample(logits, temperature, top_k, top_p, generator):
+    """One token per row from logits (B, V). Returns (tokens (B,), logprobs (B,))."""
+    if temperature == 0:
+        tok = logits.argmax(-1)  # (B,)
+        return tok, F.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
+    logits = logits / temperature
+    logp = F.log_softmax(logits, -1)  # (B, V) the unfiltered policy distribution
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1) [-1] keeps the dim
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # nucleus: keep the most likely tokens whose cumulative probability first reaches top_p
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = F.softmax(sorted_logits, -1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already >= top_p; top-1 kept
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = F.softmax(logits, -1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+    return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017), as GPT-2: the unembedding is the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 scales the init of residual projections by 1/sqrt(2 * n_layer) so the
+        # variance of the residual stream does not grow with depth (2 adds per block)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=True):
+        """Parameter count; by default without position embeddings (as nanoGPT), because the
+        token embeddings are reused as the lm_head weights and so do count."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's
+        estimate_mfu: 6N for the matmuls with weights plus 12*L*H*Q*T for attention scores."""
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * self.num_params() + 12 * L * H * Q * T
+
+    def hidden_states(self, idx, attention_mask=None, kv_cache=None):
+        """Final (post ln_f) hidden states, shared by the LM head and the reward/value heads.
+
+        idx (B, T) token ids; attention_mask (B, T) 1 = real token, 0 = padding (left or right);
+        kv_cache: a KVCache to read earlier tokens from and append these ones to.
+        Returns (B, T, C).
+        """
+        B, T = idx.size()
+        device = idx.device
+        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        if kv_cache is None and mask is None:
+            # no padding: positions 0..T-1 and plain causal attention (flash path)
+            assert T <= self.config.block_size, f"sequence length {T} > block_size {self.config.block_size}"
+            pos = torch.arange(T, device=device).unsqueeze(0)  # (1, T)
+            attn_mask = None
+        else:
+            mask = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask
+            start = 0 if kv_cache is None else kv_cache.length
+            key_mask = mask  # (B, S) which keys are real tokens
+            prev_pos = torch.zeros(B, dtype=torch.long, device=device)
+            if kv_cache is not None:
+                assert start + T <= kv_cache.max_len, "KV cache is full"
+                # positions never exceed the slot index, so this bounds them without a host sync
+                assert start + T <= self.config.block_size, f"{start + T} tokens > block_size {self.config.block_size}"
+                if kv_cache.key_mask is None:
+                    kv_cache.key_mask = torch.zeros(B, kv_cache.max_len, dtype=torch.bool, device=device)
+                    kv_cache.next_pos = prev_pos
+                kv_cache.key_mask[:, start:start + T] = mask
+                key_mask = kv_cache.key_mask[:, :start + T]
+                prev_pos = kv_cache.next_pos
+                kv_cache.next_pos = prev_pos + mask.sum(1)
+            # position id = number of real tokens before this one, so a left-padded row gets the
+            # same positions as the unpadded one; pads get clamped to 0 (their output is ignored)
+            pos = (prev_pos.unsqueeze(1) + mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+            # query i (absolute slot start+i) may see key slot j if j <= start+i and j is real.
+            # Every query also sees itself, so a pad query never has an all-False row (-> NaN).
+            q_slot = torch.arange(start, start + T, device=device).view(T, 1)  # (T, 1)
+            k_slot = torch.arange(start + T, device=device).view(1, start + T)  # (1, S)
+            causal = k_slot <= q_slot  # (T, S)
+            attn_mask = (causal & key_mask[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, S), broadcast over heads
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.transformer.ln_f(x)  # (B, T, C)
+
+    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None):
+        """Next-token logits (B, T, V) and, given targets (B, T), the masked mean cross-entropy
+        loss = sum(ce * loss_mask) / sum(loss_mask) (every position if loss_mask is None),
+        so SFT can train on the reply tokens only."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask, kv_cache))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # cross-entropy in float32: under bf16 autocast the log-sum-exp over 50k logits is lossy
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        ce = ce.view(targets.shape)  # (B, T)
+        if loss_mask is None:
+            return logits, ce.mean()
+        loss_mask = loss_mask.to(ce.dtype)
+        # clamp: a batch with no loss tokens gives loss 0, not NaN
+        return logits, (ce * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+
+    def configure_optimizer(self, weight_decay, lr, betas, device_type):
+        """AdamW with weight decay only on matrices (matmul weights, embeddings); biases and
+        LayerNorm gains are 1-D and decaying them only hurts (as in GPT-2/nanoGPT)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weight appears once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        # the fused CUDA kernel does the whole update in one launch
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+
+    # -------------------------------------------------------------------------
+    # 2. sampling
+
+    @torch.no_grad()
+    def generate(self, idx, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=None,
+                 top_p=None, eos_id=None, stop_ids=None, generator=None, use_cache=True):
+        """Sample continuations of a batch of LEFT-padded prompts idx (B, T).
+
+        Returns tokens (B, N) long, logprobs (B, N) float and mask (B, N) bool, N <= max_new_tokens
+        (the loop stops early once every row is done). logprobs are log_softmax(logits / temperature)
+        of the sampled token, i.e. the policy's distribution before top-k/top-p filtering, which is
+        what PPO needs (for greedy, temperature == 0, they are at temperature 1). A row is done
+        after eos_id or after the last token of any sequence in stop_ids (e.g. "\\n\\nHuman:");
+        mask is True up to and including that token, afterwards tokens are eos_id, mask False.
+        use_cache=False recomputes the whole sequence every step: the slow reference.
+        """
+        B, T = idx.size()
+        assert T + max_new_tokens <= self.config.block_size, (
+            f"prompt length {T} + max_new_tokens {max_new_tokens} > block_size {self.config.block_size}")
+        device = idx.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(idx, dtype=torch.bool)
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        assert attention_mask[:, -1].all(), "prompts must be left-padded (last column all real tokens)"
+        stops = [torch.tensor(s, dtype=torch.long, device=device) for s in (stop_ids or []) if len(s) > 0]
+        fill = 0 if eos_id is None else eos_id
+        tokens = torch.full((B, max_new_tokens), fill, dtype=torch.long, device=device)
+        logprobs = torch.zeros(B, max_new_tokens, device=device)
+        mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        kv_cache = KVCache(T + max_new_tokens) if use_cache else None
+        seq, seq_mask = idx, attention_mask  # with the cache: only the tokens not yet seen
+        n = 0
+        for t in range(max_new_tokens):
+            h = self.hidden_states(seq, seq_mask, kv_cache)[:, -1]  # (B, C) only the last position
+            logits = self.lm_head(h).float()  # (B, V)
+            tok, lp = _sample(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            tokens[:, t] = torch.where(done, fill, tok)
+            logprobs[:, t] = torch.where(done, 0.0, lp)
+            mask[:, t] = ~done
+            if eos_id is not None:
+                done = done | (tok == eos_id)
+            for s in stops:
+                if t + 1 >= len(s):
+                    done = done | (tokens[:, t + 1 - len(s):t + 1] == s).all(1)
+            n = t + 1
+            if done.all():  # the one host sync per step
+                break
+            new = tokens[:, t:t + 1]  # (B, 1)
+            new_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+            if use_cache:
+                seq, seq_mask = new, new_mask
+            else:
+                seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
+        return tokens[:, :n], logprobs[:, :n], mask[:, :n]
+
+    # -------------------------------------------------------------------------
+    # GPT-2 weights (helpers: safetensors io and the download, sections 3 and 4 below)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, cache_dir=None, n_head=None):
+        """GPT-2 weights by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'; downloaded once)
+        or from a local GPT-2-layout .safetensors file, with the config inferred from the shapes."""
+        if name_or_path in GPT2_SIZES:
+            path = _download_gpt2(name_or_path, cache_dir)
+            n_head = GPT2_SIZES[name_or_path][1]
+        else:
+            path = name_or_path
+            if not os.path.isfile(path):
+                raise ValueError(f"{path}: not a file, nor one of {', '.join(GPT2_SIZES)}")
+        sd = load_safetensors(path)
+        # some exports keep the "transformer." prefix, the masked-attention buffers or a copy of lm_head
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
+              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+        for k in ("wte.weight", "wpe.weight"):
+            if k not in sd:
+                raise ValueError(f"{path}: no {k!r}, not a GPT-2 checkpoint")
+        vocab_size, n_embd = sd["wte.weight"].shape
+        n_head = n_head or N_HEAD_BY_EMBD.get(n_embd)
+        if n_head is None:
+            raise ValueError(f"{path}: cannot infer n_head for n_embd={n_embd}; pass n_head=")
+        n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.") and k.split(".")[1].isdigit()), default=-1)
+        config = GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
+                           n_head=n_head, n_embd=n_embd, bias="ln_f.bias" in sd)
+        model = cls(config)
+        target = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        if set(sd) != set(target):
+            raise ValueError(f"{path}: missing keys {sorted(set(target) - set(sd))[:5]}, "
+                             f"unexpected keys {sorted(set(sd) - set(target))[:5]}")
+        with torch.no_grad():
+            for k, w in sd.items():
+                w = w.t() if k.endswith(CONV1D) else w
+                if w.shape != target[k].shape:
+                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
+                target[k].copy_(w)  # lm_head shares wte's storage, so it is loaded too
+        return model
+
+
+# -----------------------------------------------------------------------------
+# 3. safetensors: 8-byte little-endian header length N, N bytes of JSON header
+#    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
+#    then the raw little-endian tensor bytes (offsets relative to the end of the header).
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # a header this big is a corrupt file, not a model
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is a Python int subclass
+
+
+def load_safetensors(path):
+    """Read a .safetensors file into {name: tensor} without pickle, so a downloaded file
+    cannot run code. The header is validated fully; any problem raises ValueError("<path>: ...")."""
+    path = str(path)
+
+    def bad(what):
+        return ValueError(f"{path}: {what}")
+
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise bad(f"cannot open ({e.strerror})") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise bad(f"file has {size} bytes, too short for a safetensors header")
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise bad(f"header length {n} is larger than the file ({size} bytes) or the {MAX_HEADER_BYTES} limit")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"header is not valid UTF-8 JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad(f"header must be a JSON object, got {type(header).__name__}")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise bad("__metadata__ must be an object of string to string")
+        data_len = size - 8 - n
+        spans = []
+        for name, e in header.items():
+            if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+                raise bad(f"tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+            dtype, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+            if dtype not in DTYPES:
+                raise bad(f"tensor {name!r}: unknown dtype {dtype!r}")
+            if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+                raise bad(f"tensor {name!r}: shape must be a list of non-negative ints, got {shape!r}")
+            if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+                    and 0 <= offs[0] <= offs[1] <= data_len):
+                raise bad(f"tensor {name!r}: data_offsets {offs!r} outside the data section ({data_len} bytes)")
+            nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+            if offs[1] - offs[0] != nbytes:
+                raise bad(f"tensor {name!r}: data_offsets span {offs[1] - offs[0]} bytes, shape {shape} "
+                          f"{dtype} needs {nbytes}")
+            spans.append((offs[0], offs[1], name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise bad(f"tensors {n0!r} and {n1!r} have overlapping data")
+        tensors = {}
+        for name, e in header.items():
+            begin, end = e["data_offsets"]
+            dtype, shape = DTYPES[e["dtype"]], e["shape"]
+            if end == begin:  # torch.frombuffer rejects empty buffers
+                tensors[name] = torch.empty(shape, dtype=dtype)
+                continue
+            f.seek(8 + n + begin)
+            buf = bytearray(f.read(end - begin))  # a fresh writable buffer the tensor owns
+            tensors[name] = torch.frombuffer(buf, dtype=dtype).reshape(shape)  # assumes a little-endian host
+    return tensors
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write {name: tensor} as .safetensors, atomically (tmp file + fsync + rename), so a crash
+    never leaves a half-written file that looks like a model."""
+    names = {v: k for k, v in DTYPES.items()}
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    blobs, offset = [], 0
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in names:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+        blob = t.reshape(-1).view(torch.uint8).numpy().tobytes()  # raw bytes (bf16 via uint8 view)
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # pad with spaces so the data starts 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for blob in blobs:
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# 4. OpenAI GPT-2 weights from the Hugging Face hub, read without `transformers`
+
+GPT2_SIZES = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and block 1024
+    "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+N_HEAD_BY_EMBD = {n_embd: n_head for _, n_head, n_embd in GPT2_SIZES.values()}
+GPT2_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+# OpenAI's checkpoint uses a Conv1D module whose weight is (in, out): transpose for nn.Linear
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _download_gpt2(name, cache_dir=None):
+    """Fetch the hub's model.safetensors for `name` once into the cache; return its path."""
+    from tqdm import tqdm
+
+    root = cache_dir or Path(os.environ.get("RLHF_CACHE", "~/.cache/rlhf-tutorial")).expanduser() / "gpt2"
+    path = Path(root) / f"{name}.safetensors"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    url, part = GPT2_URL.format(name=name), path.with_name(path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            if total and f.tell() != total:
+                raise OSError(f"got {f.tell()} of {total} bytes")
+            f.flush()
+            os.fsync(f.fileno())
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise RuntimeError(f"could not download {url} ({e}). Download that file yourself and pass its "
+                           f"local path: GPT.from_pretrained('/path/to/model.safetensors')") from None
+    os.replace(part, path)  # only a complete download gets the final name
+    return path
+
+
+
+def gpt2_hub_state_dict(model):
+    """The model's weights in the hub's GPT-2 layout: no "transformer." prefix, Conv1D (in, out)
+    weights, no lm_head (tied). The inverse of the key handling in from_pretrained."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        k = k.removeprefix("transformer.")
+        sd[k] = (v.t() if k.endswith(CONV1D) else v).contiguous()
+    return sd
+
+
+def export_hf(model, out_dir):
+    """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) can load,
+    to inspect or share a trained policy with standard tools (tokenizer files not included)."""
+    cfg = model.config
+    assert cfg.bias, "Hugging Face GPT-2 always has biases"
+    os.makedirs(out_dir, exist_ok=True)
+    hf = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
+        "bos_token_id": 50256, "eos_token_id": 50256,
+        "summary_type": "cls_index", "summary_use_proj": True, "summary_activation": None,
+        "summary_proj_to_labels": True, "summary_first_dropout": 0.1,
+    }
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    save_safetensors(gpt2_hub_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,323 @@
+"""Tests for model.py: fast paths against slow references, padding/causality invariances,
+sampling/stopping rules, safetensors validation and the GPT-2 weight layout. Tiny models, CPU, seconds."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
+
+V = 101  # vocab
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(block_size=64, vocab_size=V, n_layer=2, n_head=4, n_embd=32)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+def left_pad(seqs, pad=0):
+    T = max(len(s) for s in seqs)
+    idx = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        idx[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return idx, mask
+
+
+def prompts():
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in (7, 3, 10)]
+
+
+# -----------------------------------------------------------------------------
+# generation: KV cache vs full recompute, batching, stopping
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0),
+                                      dict(temperature=0.8, top_k=20, top_p=0.9)])
+def test_kv_cache_matches_recompute(sampling):
+    model = tiny()
+    idx, mask = left_pad(prompts())
+    out = [model.generate(idx, mask, max_new_tokens=24, generator=torch.Generator().manual_seed(7),
+                          use_cache=use_cache, **sampling) for use_cache in (True, False)]
+    assert torch.equal(out[0][0], out[1][0])
+    assert torch.allclose(out[0][1], out[1][1], atol=1e-5)
+    assert torch.equal(out[0][2], out[1][2])
+
+
+def test_batched_left_padded_matches_one_at_a_time():
+    model = tiny()
+    ps = prompts()
+    idx, mask = left_pad(ps)
+    tokens, logprobs, m = model.generate(idx, mask, max_new_tokens=16, temperature=0.0)
+    for i, p in enumerate(ps):
+        t1, lp1, m1 = model.generate(torch.tensor([p]), max_new_tokens=16, temperature=0.0)
+        assert torch.equal(tokens[i], t1[0])
+        assert torch.allclose(logprobs[i], lp1[0], atol=1e-5)
+
+
+def test_logprobs_are_of_the_unfiltered_tempered_distribution():
+    model = tiny()
+    idx = torch.tensor([prompts()[0]])
+    tokens, logprobs, _ = model.generate(idx, max_new_tokens=1, temperature=0.7, top_k=5,
+                                         generator=torch.Generator().manual_seed(0))
+    logits, _ = model(idx)
+    expected = F.log_softmax(logits[0, -1] / 0.7, -1)[tokens[0, 0]]
+    assert torch.allclose(logprobs[0, 0], expected, atol=1e-5)
+
+
+def test_top_k_1_equals_greedy():
+    model = tiny()
+    idx, mask = left_pad(prompts())
+    greedy = model.generate(idx, mask, max_new_tokens=12, temperature=0.0)[0]
+    top1 = model.generate(idx, mask, max_new_tokens=12, temperature=1.0, top_k=1,
+                          generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal(greedy, top1)
+
+
+def free_run(model, n=20):
+    idx, mask = left_pad(prompts())
+    return idx, mask, model.generate(idx, mask, max_new_tokens=n, temperature=0.0)[0]
+
+
+def test_stops_each_row_at_eos():
+    model = tiny()
+    idx, mask, free = free_run(model)
+    eos = int(free[0, 3])  # a token row 0 emits at step 3 (maybe earlier too)
+    tokens, logprobs, m = model.generate(idx, mask, max_new_tokens=20, temperature=0.0, eos_id=eos)
+    for i in range(len(free)):
+        hits = (free[i] == eos).nonzero()
+        end = int(hits[0]) + 1 if len(hits) else free.size(1)  # tokens kept, EOS included
+        assert m[i, :end].all() and not m[i, end:].any()
+        assert torch.equal(tokens[i, :end], free[i, :end])
+        assert (tokens[i, end:] == eos).all() and (logprobs[i, end:] == 0).all()
+
+
+def test_loop_ends_when_all_rows_are_done():
+    model = tiny()
+    idx = torch.tensor([prompts()[0]])
+    free = model.generate(idx, max_new_tokens=20, temperature=0.0)[0]
+    eos = int(free[0, 3])
+    first = int((free[0] == eos).nonzero()[0])
+    tokens, _, m = model.generate(idx, max_new_tokens=20, temperature=0.0, eos_id=eos)
+    assert tokens.shape == (1, first + 1) and m.all()
+
+
+def test_stops_at_stop_sequence():
+    model = tiny()
+    idx, mask, free = free_run(model)
+    stop = free[1, 4:6].tolist()  # a 2-token sequence row 1 emits at steps 4-5
+    eos = next(t for t in range(V) if t not in free)  # an EOS that never occurs by itself
+    tokens, _, m = model.generate(idx, mask, max_new_tokens=20, temperature=0.0, eos_id=eos, stop_ids=[stop])
+    for i in range(len(free)):
+        ends = [t + 2 for t in range(free.size(1) - 1) if free[i, t:t + 2].tolist() == stop]
+        end = ends[0] if ends else free.size(1)
+        assert m[i, :end].all() and not m[i, end:].any()
+        assert (tokens[i, end:] == eos).all()
+    assert not m[1, 6:].any()
+
+
+def test_generate_respects_block_size():
+    model = tiny(block_size=16)
+    with pytest.raises(AssertionError, match="block_size"):
+        model.generate(torch.zeros(1, 10, dtype=torch.long), max_new_tokens=7)
+
+
+# -----------------------------------------------------------------------------
+# forward: causality, padding, loss
+
+
+def test_causal():
+    model = tiny()
+    idx = torch.randint(0, V, (2, 12))
+    changed = idx.clone()
+    changed[:, 8] = (changed[:, 8] + 1) % V
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+def test_left_padding_invariance():
+    model = tiny()
+    ps = prompts()
+    idx, mask = left_pad(ps, pad=5)
+    logits = model(idx, attention_mask=mask)[0]
+    for i, p in enumerate(ps):
+        alone = model(torch.tensor([p]))[0][0]
+        assert torch.allclose(logits[i, idx.size(1) - len(p):], alone, atol=1e-5)
+    assert not logits.isnan().any()  # pad rows attend at least to themselves
+
+
+def test_right_padding_invariance():
+    model = tiny()
+    p = prompts()[2]
+    idx = torch.tensor([p + [9, 9, 9, 9]])
+    mask = torch.tensor([[1] * len(p) + [0] * 4])
+    logits = model(idx, attention_mask=mask)[0]
+    assert torch.allclose(logits[0, :len(p)], model(torch.tensor([p]))[0][0], atol=1e-5)
+
+
+def test_loss_mask():
+    model = tiny()
+    idx, targets = torch.randint(0, V, (2, 10)), torch.randint(0, V, (2, 10))
+    loss_mask = torch.zeros(2, 10)
+    loss_mask[0, 6:] = 1
+    loss_mask[1, 2:5] = 1
+    logits, loss = model(idx, targets, loss_mask)
+    other = torch.where(loss_mask.bool(), targets, (targets + 1) % V)  # change only masked-out targets
+    assert torch.equal(model(idx, other, loss_mask)[1], loss)
+    # by hand: mean negative log-likelihood over the 7 unmasked positions
+    logp = F.log_softmax(logits, -1)
+    nll = [-logp[b, t, targets[b, t]] for b in range(2) for t in range(10) if loss_mask[b, t]]
+    assert torch.allclose(loss, torch.stack(nll).mean(), atol=1e-6)
+    assert torch.allclose(model(idx, targets)[1], F.cross_entropy(logits.view(-1, V), targets.view(-1)))
+
+
+def test_training_loss_falls():
+    model = tiny().train()
+    seq = torch.randint(0, V, (1, 17)).repeat(4, 1)
+    opt = model.configure_optimizer(weight_decay=0.1, lr=3e-3, betas=(0.9, 0.95), device_type="cpu")
+    losses = []
+    for _ in range(50):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(V) - 0.5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_param_count_and_flops():
+    model = tiny()
+    n = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
+    assert model.num_params(non_embedding=False) == n
+    assert model.flops_per_token() == 6 * (n - 64 * 32) + 12 * 2 * 4 * 8 * 64
+    opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert all(p.dim() >= 2 for p in opt.param_groups[0]["params"])
+    assert all(p.dim() < 2 for p in opt.param_groups[1]["params"]) and opt.param_groups[1]["weight_decay"] == 0
+
+
+# -----------------------------------------------------------------------------
+# safetensors and the GPT-2 layout
+
+
+def test_safetensors_round_trip(tmp_path):
+    tensors = {"f": torch.randn(3, 4), "h": torch.randn(5).to(torch.bfloat16), "i": torch.arange(6).view(2, 3),
+               "b": torch.tensor([True, False]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5)}
+    path = tmp_path / "t.safetensors"
+    save_safetensors(tensors, path, metadata={"format": "pt"})
+    loaded = load_safetensors(path)
+    assert loaded.keys() == tensors.keys()
+    for k, t in tensors.items():
+        assert loaded[k].dtype == t.dtype and torch.equal(loaded[k], t)
+    loaded["f"] += 1  # writable
+    assert (8 + int.from_bytes(path.read_bytes()[:8], "little")) % 8 == 0
+    assert os.listdir(tmp_path) == ["t.safetensors"]  # no tmp file left behind
+
+
+def st_file(header, data=b"\0" * 16):
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(head).to_bytes(8, "little") + head + data
+
+
+F32x4 = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+MALFORMED = {
+    "empty file": b"",
+    "truncated header length": b"\x10\0\0",
+    "header length larger than file": (1000).to_bytes(8, "little") + b"{}",
+    "huge header length": (2 ** 62).to_bytes(8, "little") + b"{}",
+    "truncated data": st_file({"a": F32x4})[:-4],
+    "bad json": st_file(b"{not json"),
+    "not utf-8": st_file(b'{"\xff": 1}'),
+    "json not an object": st_file([1, 2]),
+    "entry not an object": st_file({"a": 3}),
+    "missing field": st_file({"a": {"dtype": "F32", "shape": [4]}}),
+    "unknown dtype": st_file({"a": {**F32x4, "dtype": "F8"}}),
+    "negative shape": st_file({"a": {**F32x4, "shape": [-4]}}),
+    "shape not ints": st_file({"a": {**F32x4, "shape": [4.0]}}),
+    "size mismatch": st_file({"a": {**F32x4, "shape": [2, 3]}}),
+    "offsets outside file": st_file({"a": {**F32x4, "shape": [8], "data_offsets": [0, 32]}}),
+    "offsets reversed": st_file({"a": {**F32x4, "shape": [0], "data_offsets": [16, 0]}}),
+    "overlapping": st_file({"a": {**F32x4, "shape": [2], "data_offsets": [0, 8]},
+                            "b": {**F32x4, "shape": [2], "data_offsets": [4, 12]}}),
+    "bad metadata": st_file({"__metadata__": {"format": 1}, "a": F32x4}),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_safetensors_raise_value_error(tmp_path, case):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(MALFORMED[case])
+    with pytest.raises(ValueError, match=str(path)):
+        load_safetensors(path)
+
+
+def test_missing_file_raises_value_error(tmp_path):
+    with pytest.raises(ValueError, match="nope.safetensors"):
+        load_safetensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("variant", ["hub", "prefixed with buffers"])
+def test_gpt2_layout_round_trip(tmp_path, variant):
+    model = tiny(n_embd=768 // 8, n_head=4)  # 96 is not a GPT-2 width: n_head passed explicitly
+    sd = gpt2_hub_state_dict(model)
+    assert sd["h.0.attn.c_attn.weight"].shape == (96, 3 * 96)  # Conv1D (in, out)
+    assert "lm_head.weight" not in sd and "wte.weight" in sd
+    if variant != "hub":  # layout of some other exports: prefix plus the old mask buffers
+        sd = {"transformer." + k: v for k, v in sd.items()}
+        sd["transformer.h.0.attn.bias"] = torch.ones(1, 1, 64, 64)
+        sd["transformer.h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    path = tmp_path / "gpt2.safetensors"
+    save_safetensors(sd, path)
+    loaded = GPT.from_pretrained(str(path), n_head=4).eval()
+    assert loaded.config == model.config
+    idx = torch.randint(0, V, (2, 9))
+    assert torch.allclose(loaded(idx)[0], model(idx)[0], atol=1e-6)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+
+
+def test_from_pretrained_rejects_wrong_shapes(tmp_path):
+    sd = gpt2_hub_state_dict(tiny(n_embd=768 // 8, n_head=4))
+    sd["h.1.mlp.c_fc.weight"] = sd["h.1.mlp.c_fc.weight"].t().contiguous()  # forgot the Conv1D layout
+    path = tmp_path / "gpt2.safetensors"
+    save_safetensors(sd, path)
+    with pytest.raises(ValueError, match="h.1.mlp.c_fc.weight"):
+        GPT.from_pretrained(str(path), n_head=4)
+
+
+def test_from_pretrained_infers_gpt2_head_count(tmp_path):
+    model = tiny(n_layer=1, n_embd=768, n_head=12, block_size=8)
+    path = tmp_path / "small.safetensors"
+    save_safetensors(gpt2_hub_state_dict(model), path)
+    assert GPT.from_pretrained(str(path)).config == model.config
+
+
+def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="local path"):
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_export_hf(tmp_path):
+    model = tiny(n_embd=768 // 8, n_head=4)
+    export_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["model_type"] == "gpt2" and cfg["architectures"] == ["GPT2LMHeadModel"]
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["n_positions"], cfg["vocab_size"]) == (2, 4, 96, 64, V)
+    sd = load_safetensors(tmp_path / "hf" / "model.safetensors")
+    assert sd.keys() == gpt2_hub_state_dict(model).keys()
+    head = json.loads((tmp_path / "hf" / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
+    assert head["__metadata__"] == {"format": "pt"}
