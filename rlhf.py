@@ -21,12 +21,12 @@ from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
 import difflib
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 
-from data import (DataConfig, DataError, Tokenizer, lm_tokens, pad_left, prompt_ids, read_pairs,
-                  resolve_data_dir, sft_example, split_train_val)
+from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, pad_left,
+                  prompt_ids, read_pairs, resolve_data_dir, sft_example, split_train_val)
 from evaluate import EvalConfig, RSConfig, run_eval, run_rs
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
@@ -192,11 +192,8 @@ def load_data(cfg, tok=None):
     data_dir = resolve_data_dir(cfg.data_dir or None)
     pairs, stats = read_pairs(data_dir, "train", cfg.data)
     train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
-    print(f"data: {data_dir} | {stats['summary']} | {len(train_pairs)} train / {len(val_pairs)} val pairs")
-    if tok is None:
-        texts = [p.prompt + p.chosen + p.rejected for p in train_pairs]
-        tok = Tokenizer.trimmed(texts) if cfg.data.vocab == "trimmed" else Tokenizer.gpt2()
-    return tok, train_pairs, val_pairs
+    print(f"data: {data_dir} | {format_stats(stats, 'train')} | {len(train_pairs)} train / {len(val_pairs)} val")
+    return tok or build_tokenizer(cfg.data, train_pairs), train_pairs, val_pairs
 
 
 def ckpt_path(cfg, name):
@@ -379,8 +376,10 @@ def main(argv):
         stage, cfg = parse_args(argv)
         print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}")
         run(stage, cfg)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, NonFiniteLoss, ValueError) as e:
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)  # one line, no traceback (RLHF_DEBUG=1 shows it)
         return 2
     return 0
 

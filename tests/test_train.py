@@ -1,0 +1,136 @@
+"""The shared training machinery: checkpoints are safe and atomic, batches are a pure function of the
+step, and a stage killed mid-way resumes to exactly the same weights."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from data import Tokenizer
+from model import GPT, GPTConfig
+import train
+from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, get_batch, load_checkpoint,
+                   load_model, lr_at, model_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                   supervised_train)
+
+
+class Cfg:  # the run-level fields supervised_train reads
+    seed, compile = 0, False
+
+
+def tiny_model(vocab=300):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16))
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    with pytest.raises(CheckpointError, match="evil.pt: refused"):
+        load_checkpoint(str(path))
+
+
+def test_corrupt_and_missing_checkpoints_give_clear_errors(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        load_checkpoint(str(path))
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+
+
+def test_checkpoint_round_trip_keeps_model_and_rng(tmp_path):
+    model, tok = tiny_model(), Tokenizer.gpt2()
+    torch.manual_seed(3)
+    state = rng_state()
+    a = torch.rand(3)
+    path = str(tmp_path / "m.pt")
+    save_checkpoint(path, model_checkpoint(model, tok, rng=state, step=7))
+    assert not os.path.exists(path + ".tmp")  # written via a temp file, then renamed
+    loaded, tok2, ckpt = load_model(path)
+    idx = torch.randint(0, 300, (2, 10))
+    assert torch.equal(loaded(idx)[0], model(idx)[0]) and ckpt["step"] == 7 and tok2.vocab_size == tok.vocab_size
+    set_rng_state(ckpt["rng"])
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    sc = LMTrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_frac=0.1)
+    assert lr_at(0, sc) == pytest.approx(0.1) and lr_at(9, sc) == pytest.approx(1.0)
+    assert lr_at(60, sc) == pytest.approx(0.55) and lr_at(110, sc) == pytest.approx(0.1)
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    stream = np.arange(1000, dtype=np.uint16) % 300
+    a, b = get_batch(stream, 5, 4, 16, 0, 0), get_batch(stream, 5, 4, 16, 0, 0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    idx, targets, _, _ = a
+    assert torch.equal(idx[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_example_batches_shift_the_loss_mask_with_the_targets():
+    examples = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10, 11], [0, 1, 1])]
+    idx, targets, loss_mask, attn = get_batch(examples, 0, 2, 16, 0, pad_id=0)
+    for row in range(2):  # the loss counts exactly where the target is a reply token
+        ids, mask = examples[0] if idx[row, 0] == 5 else examples[1]  # rows are shuffled
+        n = len(ids) - 1
+        assert targets[row, :n].tolist() == ids[1:] and loss_mask[row, :n].tolist() == mask[1:]
+        assert loss_mask[row, n:].sum() == 0 and attn[row, :n].sum() == n
+
+
+def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12):
+    """A 12-step pretraining run; `fail_at` makes the data loader die at that micro-batch,
+    `poison_at` turns the weights to NaN there (a numerical blow-up)."""
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(0)
+    model, tok = tiny_model(), Tokenizer.gpt2()
+    stream = (np.arange(3000) * 7 % 300).astype(np.uint16)
+    sc = LMTrainConfig(max_steps=max_steps, batch_size=4, eval_interval=4, eval_batches=1, log_interval=2,
+                       warmup_steps=2, lr=1e-2)
+
+    def data(*args):
+        if args[1] == fail_at:
+            raise fail_with("power cut")
+        if args[1] == poison_at:
+            with torch.no_grad():
+                model.transformer.wte.weight.fill_(float("nan"))
+        return get_batch(*args)
+    train.get_batch, original = data, get_batch
+    try:
+        supervised_train(Cfg, "pretrain", sc, model, tok, stream, stream[:500], str(out_dir / "base.pt"),
+                         MetricsLog(str(out_dir)))
+    finally:
+        train.get_batch = original
+    return model
+
+
+def test_a_crash_resumes_from_the_last_checkpoint_to_identical_weights(tmp_path):
+    full = run_stage(tmp_path / "full")
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path / "crash", fail_at=10)  # dies after the step-8 checkpoint
+    assert load_checkpoint(str(tmp_path / "crash" / "base.pt"))["step"] == 8
+    resumed = run_stage(tmp_path / "crash")
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    full = run_stage(tmp_path / "full")
+    with pytest.raises(SystemExit):
+        run_stage(tmp_path / "stop", fail_at=6, fail_with=KeyboardInterrupt)
+    assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["step"] == 6
+    resumed = run_stage(tmp_path / "stop")
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="step 9"):
+        run_stage(tmp_path / "nan", poison_at=9)
+    ckpt = load_checkpoint(str(tmp_path / "nan" / "base.pt"))
+    assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
