@@ -1,0 +1,466 @@
+"""
+Anthropic's hh-rlhf preference data: download, parse, tokenize, and turn into training examples.
+
+Each row of hh-rlhf is {"chosen": dialogue, "rejected": dialogue}: two whole conversations that share
+everything up to the last "\n\nAssistant:" and differ only in the final assistant reply. We split
+every row into one shared prompt and two replies (a `Pair`), and build from pairs:
+  - pretraining text  (lm_tokens):   every dialogue, EOS-separated, for the base LM
+  - SFT examples      (sft_example): prompt + chosen reply, loss on the reply and EOS only
+  - PM examples       (pm_example):  prompt + reply + EOS, the reward is read at the EOS
+  - PPO prompts       (prompt_ids):  the prompt alone, left-truncated, for the policy to continue
+
+Use it:
+    from data import DataConfig, Tokenizer, resolve_data_dir, read_pairs
+    data_dir = resolve_data_dir(None)               # $HH_RLHF_DIR, else download into the cache
+    pairs, stats = read_pairs(data_dir, "train", DataConfig())
+    print(format_stats(stats))
+
+References:
+  - Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning from
+    Human Feedback", https://arxiv.org/abs/2204.05862 (the data, Sec. 2; the PM's EOS token, Sec. 3)
+  - the dataset card: https://huggingface.co/datasets/Anthropic/hh-rlhf
+"""
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+from tqdm import tqdm
+
+SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+SPLITS = ("train", "test")
+BASE_URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main"
+# (sha256, bytes) of the files as published by Anthropic; None = unknown. A mismatch only warns.
+KNOWN_FILES = {
+    "harmless-base/train.jsonl.gz": (None, None),
+    "harmless-base/test.jsonl.gz": ("ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03", 742801),
+    "helpful-base/train.jsonl.gz": ("518a5bf288456fc9f3b7c980c54116fba0c52f274d3f4d344675d83e4058f6f4", 16200131),
+    "helpful-base/test.jsonl.gz": ("8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b", 875191),
+    "helpful-online/train.jsonl.gz": ("0994d18b82083f5c084ce04071b683958a724df8c7215ab1d851986642d36a2a", 20127228),
+    "helpful-online/test.jsonl.gz": ("39a475cc7e0df972902f8e3a0972726fce826ac65369bda8c671de4330c60a10", 1053578),
+    "helpful-rejection-sampled/train.jsonl.gz": ("0cea2d2ab2187624ec1314e8cc6fb579f0fa987b3a33e8102b7556ed4d255f64", 25697148),
+    "helpful-rejection-sampled/test.jsonl.gz": ("abc35dbc56015db1dae0faa484514ccbc3eee0133bfcd557fc69250619b028bb", 1361231),
+}
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+MAX_LINE_BYTES = 1 << 20  # a real row is a few KB; a longer line is garbage, not a dialogue
+HOW_TO_FIX = ("pass --data_dir DIR (a directory in the dataset's layout, e.g. DIR/harmless-base/"
+              "train.jsonl.gz) or set HH_RLHF_DIR=DIR")
+
+
+class DataError(Exception):
+    """Bad or missing data; the message names the file (and line) and says what to do."""
+
+
+@dataclass
+class DataConfig:
+    subsets: str = ""              # comma list of subsets to read; "" = all subsets present in the dir
+    val_frac: float = 0.05         # fraction of train held out for validation, by hash of the prompt
+    max_pairs: int = 0             # cap on pairs per split read (0 = all); a fixed hash-chosen subset
+    skip_bad_rows: bool = False    # count and skip malformed rows instead of raising DataError
+    vocab: str = "gpt2"            # "gpt2" (all 50257 tokens) or "trimmed" (tokens seen in train + 256 bytes)
+    trimmed_min_count: int = 1     # trimmed vocab: keep a token seen at least this many times in train
+    trimmed_max_size: int = 0      # trimmed vocab: keep at most this many tokens, most frequent first (0 = no cap)
+    max_prompt_tokens: int = 384   # prompts are left-truncated to this many tokens (the last turns matter most)
+    max_reply_tokens: int = 128    # replies are cut to this many tokens (SFT, PM) and generated up to it (PPO)
+
+
+@dataclass
+class Pair:
+    prompt: str    # dialogue up to and including the last "\n\nAssistant:"
+    chosen: str    # preferred reply after it (leading space kept, so prompt + reply == original)
+    rejected: str  # dispreferred reply
+    subset: str    # which hh-rlhf subset it came from, e.g. "harmless-base"
+    n_turns: int   # number of human turns in the prompt
+
+
+# -----------------------------------------------------------------------------
+# Download: resumable, checked, and never leaving a half file that looks complete
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_file(url, dest, sha256=None, size=None, timeout=30.0):
+    """Download url to dest. Bytes go to dest.part; a rerun continues it with an HTTP Range request, and
+    dest appears (by atomic rename) only once every byte the server announced has arrived. A size or
+    sha256 that differs from the expected one warns but does not fail: the hub copy may legitimately
+    differ from the hashes we know, and the parser will catch a genuinely broken file."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if have and r.status != 206:  # the server ignored our Range: start again from zero
+                have = 0
+            total = None if r.length is None else have + r.length
+            with open(part, "ab" if have else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := r.read(1 << 16):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):  # 416 on a resume = nothing left to fetch, .part is complete
+            raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+        total = have
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+        raise DataError(f"downloading {url} failed ({getattr(e, 'reason', e)}); "
+                        f"rerun to resume, or {HOW_TO_FIX}") from None
+    got = part.stat().st_size
+    if total is not None and got != total:  # connection dropped: http.client returns b"" silently
+        raise DataError(f"downloading {url} stopped at {got} of {total} bytes; rerun to resume")
+    if size is not None and got != size:
+        warnings.warn(f"{dest}: {got} bytes, expected {size}; using it anyway", stacklevel=2)
+    elif sha256 is not None and (digest := sha256_of(part)) != sha256:
+        warnings.warn(f"{dest}: sha256 {digest}, expected {sha256}; using it anyway", stacklevel=2)
+    os.replace(part, dest)
+    return dest
+
+
+def default_cache_dir():
+    """~/.cache/rlhf-tutorial/hh-rlhf, or $RLHF_CACHE/hh-rlhf."""
+    root = os.environ.get("RLHF_CACHE") or Path.home() / ".cache" / "rlhf-tutorial"
+    return Path(root) / "hh-rlhf"
+
+
+def subsets_present(data_dir, split=None):
+    """Subset directories of data_dir holding SPLIT.jsonl.gz (any split if split is None)."""
+    splits = SPLITS if split is None else (split,)
+    return sorted(d.name for d in Path(data_dir).iterdir()
+                  if d.is_dir() and any((d / f"{s}.jsonl.gz").is_file() for s in splits))
+
+
+def resolve_data_dir(data_dir=None, base_url=BASE_URL, cache_dir=None, timeout=30.0):
+    """Where the data lives: the explicit data_dir, else $HH_RLHF_DIR, else the 8 official files
+    downloaded (once) into the cache. A local dir may hold any subset of the subsets."""
+    data_dir = data_dir or os.environ.get("HH_RLHF_DIR")
+    if data_dir:
+        data_dir = Path(data_dir).expanduser()
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: no such directory; {HOW_TO_FIX}")
+        if not subsets_present(data_dir):
+            hint = " (it holds the files themselves: pass its parent)" if any(data_dir.glob("*.jsonl.gz")) else ""
+            raise DataError(f"{data_dir}: no SUBSET/{{train,test}}.jsonl.gz inside{hint}; {HOW_TO_FIX}")
+        return data_dir
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    for rel, (sha256, size) in KNOWN_FILES.items():
+        if not (cache / rel).is_file():
+            try:
+                download_file(f"{base_url}/{rel}", cache / rel, sha256, size, timeout)
+            except DataError as e:
+                raise DataError(f"could not get hh-rlhf ({e}). Offline? {HOW_TO_FIX}. "
+                                f"Files already downloaded are in {cache}.") from None
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# Parsing: rows -> Pairs, with every problem named by file and line
+
+def split_dialogue(text):
+    """Split a dialogue at its LAST "\n\nAssistant:" into (prompt, reply, n_human_turns).
+    The prompt keeps the "\n\nAssistant:" so the model sees whose turn it is; the reply keeps its
+    leading space so that prompt + reply is the original text (and tokenizes the same way)."""
+    i = text.rfind(ASSISTANT)
+    if i < 0:
+        raise ValueError("dialogue has no '\\n\\nAssistant:' turn")
+    prompt, reply = text[:i + len(ASSISTANT)], text[i + len(ASSISTANT):]
+    return prompt, reply, prompt.count(HUMAN)
+
+
+def _parse_row(raw):
+    """One jsonl line (bytes) -> (prompt, chosen, rejected, n_turns, rejected's prompt); a ValueError
+    says what is wrong with it."""
+    if len(raw) > MAX_LINE_BYTES:
+        raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for key in ("chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"missing key {key!r}")
+        if not isinstance(row[key], str):
+            raise ValueError(f"{key!r} is {type(row[key]).__name__}, expected a string")
+    prompt, chosen, n_turns = split_dialogue(row["chosen"])
+    prompt_r, rejected, _ = split_dialogue(row["rejected"])
+    return prompt, chosen, rejected, n_turns, prompt_r
+
+
+def _lines(path):
+    """Yield (line_no, bytes) of a .jsonl.gz file, reading at most MAX_LINE_BYTES+1 bytes per line
+    so that a gigantic line cannot exhaust memory (its excess is skipped)."""
+    with gzip.open(path, "rb") as f:
+        line_no = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            line_no += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+            yield line_no, raw
+
+
+def _stable_hash01(text, salt):
+    """A hash of text in [0, 1) that is the same on every machine and run (unlike Python's hash())."""
+    digest = hashlib.sha256(f"{salt}:{text}".encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def read_pairs(data_dir, split, cfg):
+    """Read SUBSET/SPLIT.jsonl.gz for the configured subsets into Pairs. Dropped (counted, no error):
+    rows whose chosen and rejected prompts differ (a handful in hh-rlhf: we can't tell which prompt
+    the preference is about), rows with identical replies (no preference signal), and rows with a
+    zero-length reply (nothing to train on; a whitespace reply, ~0.3% of harmless-base, is kept).
+    Malformed rows raise DataError("file:line: what") unless cfg.skip_bad_rows; a broken file
+    (corrupt gzip, empty) always raises. Returns (pairs, stats)."""
+    data_dir = Path(data_dir)
+    if cfg.subsets:
+        subsets = [s.strip() for s in cfg.subsets.split(",") if s.strip()]
+        for s in subsets:
+            if not (data_dir / s / f"{split}.jsonl.gz").is_file():
+                raise DataError(f"{data_dir / s / f'{split}.jsonl.gz'}: no such file (subset {s!r} "
+                                f"asked for in --data.subsets); present: {subsets_present(data_dir, split)}")
+    else:
+        subsets = subsets_present(data_dir, split) if data_dir.is_dir() else []
+        if not subsets:
+            raise DataError(f"{data_dir}: no SUBSET/{split}.jsonl.gz inside; {HOW_TO_FIX}")
+    stats = dict(read=0, kept=0, dropped_prompt_mismatch=0, dropped_same_reply=0,
+                 dropped_empty_reply=0, dropped_max_pairs=0, skipped_bad=0)
+    pairs = []
+    for subset in subsets:
+        path = data_dir / subset / f"{split}.jsonl.gz"
+        n_before = stats["read"]
+        try:
+            for line_no, raw in _lines(path):
+                if not raw.strip():
+                    continue  # blank lines (e.g. a trailing newline) are not rows
+                stats["read"] += 1
+                try:
+                    prompt, chosen, rejected, n_turns, prompt_r = _parse_row(raw)
+                except ValueError as e:
+                    if not cfg.skip_bad_rows:
+                        raise DataError(f"{path}:{line_no}: {e} (--data.skip_bad_rows=True to skip "
+                                        f"such rows)") from None
+                    stats["skipped_bad"] += 1
+                    continue
+                if prompt != prompt_r:
+                    stats["dropped_prompt_mismatch"] += 1
+                elif not chosen or not rejected:  # "" (a " " reply is kept: "say nothing" is a real answer)
+                    stats["dropped_empty_reply"] += 1
+                elif chosen == rejected:
+                    stats["dropped_same_reply"] += 1
+                else:
+                    pairs.append(Pair(prompt, chosen, rejected, subset, n_turns))
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise DataError(f"{path}: corrupt or truncated gzip file ({e}); delete it and "
+                            f"download again") from None
+        if stats["read"] == n_before:
+            raise DataError(f"{path}: empty file (no rows)")
+    if cfg.max_pairs and len(pairs) > cfg.max_pairs:  # the same subset every run, mixed across subsets
+        keep = set(sorted(range(len(pairs)), key=lambda i: _stable_hash01(pairs[i].prompt, "cap"))[:cfg.max_pairs])
+        stats["dropped_max_pairs"] = len(pairs) - cfg.max_pairs
+        pairs = [p for i, p in enumerate(pairs) if i in keep]
+    stats["kept"] = len(pairs)
+    return pairs, stats
+
+
+def format_stats(stats, name=""):
+    """One human line for a read_pairs stats dict, e.g. for the log."""
+    dropped = ", ".join(f"{v} {k[len('dropped_'):].replace('_', ' ')}" for k, v in stats.items()
+                        if k.startswith("dropped_") and v)
+    return (f"{name + ': ' if name else ''}read {stats['read']} rows, kept {stats['kept']} pairs"
+            f"{'; dropped ' + dropped if dropped else ''}"
+            f"{'; skipped ' + str(stats['skipped_bad']) + ' bad rows' if stats['skipped_bad'] else ''}")
+
+
+def split_train_val(pairs, val_frac):
+    """(train, val) by a stable hash of the prompt: deterministic across runs and machines, and pairs
+    sharing a prompt land on the same side, so validation never sees a training prompt."""
+    val = [p for p in pairs if _stable_hash01(p.prompt, "val") < val_frac]
+    return [p for p in pairs if _stable_hash01(p.prompt, "val") >= val_frac], val
+
+
+def split_halves(pairs):
+    """Two disjoint ~50/50 halves by a stable hash of the prompt. Bai et al. train two preference
+    models on disjoint halves: one is the PPO reward, the other an unbiased judge of the policy."""
+    a = [p for p in pairs if _stable_hash01(p.prompt, "half") < 0.5]
+    return a, [p for p in pairs if _stable_hash01(p.prompt, "half") >= 0.5]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer: GPT-2 BPE, optionally trimmed to the tokens the data uses
+
+class Tokenizer:
+    """GPT-2 BPE (tiktoken). With keep=None, ids are GPT-2's own (vocab 50257). With keep = a sorted
+    list of GPT-2 ids (always including the 256 single-byte tokens and EOS), ids are remapped to
+    0..len(keep)-1 and a GPT-2 token outside keep is spelled as its bytes' single-byte tokens, so
+    encoding stays lossless while the embedding table shrinks (~10x for a small model)."""
+
+    def __init__(self, keep=None):
+        self.enc = tiktoken.get_encoding("gpt2")
+        self.keep = None if keep is None else sorted(int(i) for i in keep)
+        byte_ids = [self.enc.encode_single_token(bytes([b])) for b in range(256)]
+        if self.keep is None:
+            self.vocab_size, self.to_new, self.to_old = self.enc.n_vocab, None, None
+        else:
+            self.to_old = np.array(self.keep, dtype=np.int64)
+            self.to_new = np.full(self.enc.n_vocab, -1, dtype=np.int64)
+            self.to_new[self.to_old] = np.arange(len(self.keep))
+            assert (self.to_new[byte_ids] >= 0).all() and self.to_new[self.enc.eot_token] >= 0, "keep bytes + EOS"
+            self.vocab_size = len(self.keep)
+        self.byte_ids = byte_ids if self.keep is None else self.to_new[byte_ids].tolist()
+        self.eos_id = self._remap([self.enc.eot_token])[0]
+        self.stop_ids = [self.encode(HUMAN)]  # the model starting a new human turn = end of its reply
+
+    @classmethod
+    def gpt2(cls):
+        return cls()
+
+    @classmethod
+    def trimmed(cls, texts, min_count=1, max_size=0):
+        """Keep the 256 byte tokens, EOS, and every GPT-2 token seen >= min_count times in texts
+        (at most max_size tokens in all, most frequent first)."""
+        base = cls()
+        counts = np.zeros(base.vocab_size, dtype=np.int64)
+        for ids in base.encode_batch(list(texts)):
+            counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(counts))
+        must = set(base.byte_ids) | {base.eos_id}
+        seen = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] >= max(min_count, 1) and i not in must]
+        if max_size:
+            seen = seen[:max(max_size - len(must), 0)]
+        return cls(sorted(must | set(seen)))
+
+    def _remap(self, gpt2_ids):
+        """GPT-2 ids -> our ids; a token outside the kept set becomes its bytes' single-byte tokens."""
+        if self.keep is None:
+            return list(gpt2_ids)
+        new = self.to_new[np.asarray(gpt2_ids, dtype=np.int64)]
+        if (new >= 0).all():
+            return new.tolist()
+        out = []
+        for old, n in zip(gpt2_ids, new.tolist()):
+            out.extend([n] if n >= 0 else [self.byte_ids[b] for b in self.enc.decode_single_token_bytes(old)])
+        return out
+
+    def encode(self, text):
+        """text -> ids. "<|endoftext|>" inside the text is ordinary text, never the EOS token: data must
+        not be able to inject control tokens."""
+        return self._remap(self.enc.encode_ordinary(text))
+
+    def encode_batch(self, texts):
+        """Like [encode(t) for t in texts], but tiktoken runs the batch on several threads."""
+        return [self._remap(ids) for ids in self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)]
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        gpt2_ids = ids if self.keep is None else self.to_old[np.asarray(ids, dtype=np.int64)].tolist()
+        return self.enc.decode_bytes(gpt2_ids).decode("utf-8", errors="replace")
+
+    def state_dict(self):
+        """Plain ints and lists only, so it loads with torch.load(weights_only=True)."""
+        return {"encoding": "gpt2", "keep": self.keep}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        if d.get("encoding") != "gpt2":
+            raise ValueError(f"unknown tokenizer encoding {d.get('encoding')!r}")
+        return cls(d["keep"])
+
+
+def build_tokenizer(cfg, train_pairs):
+    """The tokenizer cfg.vocab asks for; the trimmed one is built from the training dialogues."""
+    if cfg.vocab == "gpt2":
+        return Tokenizer.gpt2()
+    if cfg.vocab == "trimmed":
+        texts = [t for p in train_pairs for t in (p.prompt, p.chosen, p.rejected)]
+        return Tokenizer.trimmed(texts, cfg.trimmed_min_count, cfg.trimmed_max_size)
+    raise ValueError(f"data.vocab must be 'gpt2' or 'trimmed', got {cfg.vocab!r}")
+
+
+# -----------------------------------------------------------------------------
+# Examples: token sequences for each stage
+
+def lm_tokens(pairs, tok, chunk=4096):
+    """All dialogues (prompt+chosen and prompt+rejected), each followed by EOS, as one flat array for
+    next-token pretraining. uint16 when the vocab fits (half the memory), else int32."""
+    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.int32
+    parts = []
+    for start in range(0, len(pairs), chunk):  # in chunks: Python int lists of the full data are GBs
+        texts = [p.prompt + r for p in pairs[start:start + chunk] for r in (p.chosen, p.rejected)]
+        parts.extend(np.array(ids + [tok.eos_id], dtype=dtype) for ids in tok.encode_batch(texts))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _ids(x, tok):
+    return tok.encode(x) if isinstance(x, str) else list(x)  # text, or ids encoded earlier
+
+
+def sft_example(prompt, reply, tok, block_size, max_reply_tokens):
+    """(ids, loss_mask) for supervised fine-tuning on prompt + reply + EOS. loss_mask is 1 on the
+    reply tokens and the EOS (the tokens the model should learn to produce), 0 on the prompt; train
+    with inputs ids[:-1], targets ids[1:], mask loss_mask[1:]. A reply longer than max_reply_tokens
+    is cut and gets no EOS (the model must not learn to stop mid-reply). The prompt is truncated from
+    the LEFT, keeping its last turns, so that everything fits in block_size.
+    prompt and reply may be strings or ids already encoded by tok."""
+    reply_ids = _ids(reply, tok)
+    r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if len(reply_ids) <= max_reply_tokens else [])
+    r = r[:block_size - 1]  # keep at least one prompt token to condition on
+    p = _ids(prompt, tok)[-(block_size - len(r)):]
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def pm_example(prompt, reply, tok, block_size, max_reply_tokens):
+    """ids of prompt + reply + EOS for the preference model, which reads its score at the final EOS
+    (Bai et al. Sec. 3 append an end-of-context token). EOS is appended even to a cut reply, so the
+    score is always read at the same kind of token; the prompt is left-truncated to fit block_size."""
+    r = _ids(reply, tok)[:min(max_reply_tokens, block_size - 2)] + [tok.eos_id]
+    return _ids(prompt, tok)[-(block_size - len(r)):] + r
+
+
+def prompt_ids(prompt, tok, max_prompt_tokens):
+    """ids of the prompt, left-truncated to its last max_prompt_tokens (the latest turns); 0 = all."""
+    ids = _ids(prompt, tok)
+    return ids[-max_prompt_tokens:] if max_prompt_tokens > 0 else ids
+
+
+def pad_right(seqs, pad_id):
+    """Batch variable-length sequences, padding on the right (for training: positions line up from
+    the start). Returns (ids (B, T) long, mask (B, T) long with 1 = real token, 0 = pad)."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
+def pad_left(seqs, pad_id):
+    """Batch sequences padding on the LEFT (for generation: every prompt ends at the last column, so
+    new tokens are appended at the same position for all rows). Returns (ids (B, T), mask (B, T))."""
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            mask[i, T - len(s):] = 1
+    return ids, mask

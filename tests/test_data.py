@@ -1,0 +1,296 @@
+"""Tests for data.py: parsing (incl. hostile input), tokenizers, examples, splits, collation, downloads.
+Offline and fast: every dataset is a tiny hh-format dir written here; downloads hit a local server.
+Run: TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python -m pytest tests/test_data.py -q"""
+import gzip
+import hashlib
+import http.server
+import json
+import os
+import socket
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import (DataConfig, DataError, Pair, Tokenizer, download_file, format_stats, lm_tokens,  # noqa: E402
+                  pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
+                  sft_example, split_halves, split_train_val)
+
+torch.set_num_threads(1)
+
+
+def dialogue(*turns):
+    """dialogue("hi", "hello", "how?", " fine") -> "\n\nHuman: hi\n\nAssistant: hello..." (replies keep
+    their own leading space so the last one can be tested exactly)."""
+    roles = ["\n\nHuman: ", "\n\nAssistant:"]
+    return "".join(roles[i % 2] + t for i, t in enumerate(turns))
+
+
+def row(prompt_turns, chosen, rejected):
+    return {"chosen": dialogue(*prompt_turns, chosen), "rejected": dialogue(*prompt_turns, rejected)}
+
+
+def write_jsonl_gz(path, lines):
+    """Write rows (dicts) or raw lines (bytes) as a .jsonl.gz file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        for x in lines:
+            f.write((x if isinstance(x, bytes) else json.dumps(x).encode()) + b"\n")
+    return path
+
+
+GOOD = [row(["Hi"], " Hello!", " Go away."), row(["What is 2+2?"], " 4", " 5"), row(["Bye"], " Bye!", " No.")]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.gpt2()
+
+
+# --- parsing -------------------------------------------------------------------------------------
+
+def test_parse_multiturn_unicode_and_drops(tmp_path):
+    rows = [
+        row(["Hi", " Hello, how can I help?", "Tell me a joke"], " Why did the chicken...", " No."),
+        row(["Ça va? 日本語 🤗"], " Très bien 🙂", " Bof."),
+        {"chosen": dialogue("Hi", " A"), "rejected": dialogue("Hello", " B")},  # prompts differ
+        row(["Hi"], " Same reply", " Same reply"),                            # no preference
+        row(["Hi"], "", " Something"),                                        # zero-length reply
+        row(["Hi"], " ", " Something harmful"),                               # "say nothing" is kept
+    ]
+    write_jsonl_gz(tmp_path / "helpful-base" / "train.jsonl.gz", rows)
+    pairs, stats = read_pairs(tmp_path, "train", DataConfig())
+    assert stats == dict(read=6, kept=3, dropped_prompt_mismatch=1, dropped_same_reply=1,
+                         dropped_empty_reply=1, dropped_max_pairs=0, skipped_bad=0)
+    p = pairs[0]
+    assert p.prompt.endswith("\n\nHuman: Tell me a joke\n\nAssistant:") and p.n_turns == 2
+    assert p.prompt + p.chosen == rows[0]["chosen"] and p.prompt + p.rejected == rows[0]["rejected"]
+    assert pairs[1].chosen == " Très bien 🙂" and pairs[1].subset == "helpful-base"
+    assert "kept 3 pairs" in format_stats(stats) and "1 prompt mismatch" in format_stats(stats)
+
+
+def test_subsets_all_present_or_named(tmp_path):
+    write_jsonl_gz(tmp_path / "harmless-base" / "train.jsonl.gz", GOOD[:1])
+    write_jsonl_gz(tmp_path / "helpful-base" / "train.jsonl.gz", GOOD[1:])
+    pairs, _ = read_pairs(tmp_path, "train", DataConfig())
+    assert [p.subset for p in pairs] == ["harmless-base", "helpful-base", "helpful-base"]
+    pairs, _ = read_pairs(tmp_path, "train", DataConfig(subsets="helpful-base"))
+    assert len(pairs) == 2
+    with pytest.raises(DataError, match="helpful-online"):
+        read_pairs(tmp_path, "train", DataConfig(subsets="helpful-online"))
+    with pytest.raises(DataError, match="test.jsonl.gz"):
+        read_pairs(tmp_path, "test", DataConfig())
+
+
+HOSTILE = {  # name: the bad third line of a file
+    "not utf-8": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: \xff\xfe", "rejected": "x"}',
+    "bad json": b'{"chosen": "\\n\\nHuman: hi\\n\\nAssistant: a", "rejected": ',
+    "not an object": b'["chosen", "rejected"]',
+    "missing key": json.dumps({"chosen": dialogue("hi", " a")}).encode(),
+    "non-string field": json.dumps({"chosen": dialogue("hi", " a"), "rejected": 7}).encode(),
+    "no assistant turn": json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}).encode(),
+    "enormous line": json.dumps(row(["hi"], " " + "a" * (1 << 20), " b")).encode(),
+}
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_row_names_file_and_line_or_is_skipped(tmp_path, name):
+    path = write_jsonl_gz(tmp_path / "harmless-base" / "train.jsonl.gz", GOOD[:2] + [HOSTILE[name]] + GOOD[2:])
+    with pytest.raises(DataError, match=f"{path}:3: "):
+        read_pairs(tmp_path, "train", DataConfig())
+    pairs, stats = read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
+    assert (stats["read"], stats["skipped_bad"], len(pairs)) == (4, 1, 3)
+
+
+@pytest.mark.parametrize("name", ["truncated gzip", "not gzip", "empty file", "no rows"])
+def test_broken_file_is_always_an_error(tmp_path, name):
+    path = tmp_path / "harmless-base" / "train.jsonl.gz"
+    write_jsonl_gz(path, GOOD * 200)
+    data = path.read_bytes()
+    path.write_bytes({"truncated gzip": data[:len(data) // 2], "not gzip": b"chosen,rejected\n" * 10,
+                      "empty file": b"", "no rows": gzip.compress(b"\n")}[name])
+    with pytest.raises(DataError, match=str(path)):
+        read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
+
+
+def test_real_sample_reads_1500_rows():
+    root = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
+    if not (root / "harmless-base" / "train.jsonl.gz").is_file():
+        pytest.skip("real hh-rlhf sample not available")
+    pairs, stats = read_pairs(root, "train", DataConfig(subsets="harmless-base"))
+    assert stats["read"] == 1500 and stats["skipped_bad"] == 0 and len(pairs) >= 1490
+    assert stats["dropped_prompt_mismatch"] >= 1
+
+
+def test_max_pairs_is_deterministic(tmp_path):
+    write_jsonl_gz(tmp_path / "harmless-base" / "train.jsonl.gz", [row([f"q{i}"], " a", " b") for i in range(50)])
+    a, stats = read_pairs(tmp_path, "train", DataConfig(max_pairs=10))
+    b, _ = read_pairs(tmp_path, "train", DataConfig(max_pairs=10))
+    assert len(a) == 10 and a == b and stats["dropped_max_pairs"] == 40
+
+
+# --- splits --------------------------------------------------------------------------------------
+
+def test_splits_deterministic_and_disjoint():
+    pairs = [Pair(f"\n\nHuman: q{i}\n\nAssistant:", " a", " b", "x", 1) for i in range(1000)]
+    train, val = split_train_val(pairs, 0.1)
+    assert (train, val) == split_train_val(list(pairs), 0.1)
+    assert {p.prompt for p in train}.isdisjoint(p.prompt for p in val) and len(train) + len(val) == 1000
+    assert 50 < len(val) < 150
+    a, b = split_halves(pairs)
+    assert (a, b) == split_halves(list(pairs)) and {p.prompt for p in a}.isdisjoint(p.prompt for p in b)
+    assert 400 < len(a) < 600 and len(a) + len(b) == 1000
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+
+def test_gpt2_tokenizer_eos_and_stop(tok):
+    assert (tok.vocab_size, tok.eos_id, tok.stop_ids) == (50257, 50256, [[198, 198, 20490, 25]])
+    ids = tok.encode("a <|endoftext|> b")  # literal text, never the EOS token
+    assert tok.eos_id not in ids and tok.decode(ids) == "a <|endoftext|> b"
+
+
+def test_trimmed_tokenizer_is_lossless_and_saves(tmp_path):
+    tt = Tokenizer.trimmed(["\n\nHuman: hello there\n\nAssistant: hi"])
+    assert 257 < tt.vocab_size < 300 and tt.decode([tt.eos_id]) == "<|endoftext|>"
+    for s in ["hello there", "Unseen wörds ça 日本語 🤗🙂 \x00\t\n  ", "<|endoftext|>", "zzqxj" * 7, ""]:
+        ids = tt.encode(s)
+        assert tt.decode(ids) == s and all(0 <= i < tt.vocab_size for i in ids)
+    assert tt.decode(tt.stop_ids[0]) == "\n\nHuman:"
+    torch.save({"tokenizer": tt.state_dict()}, tmp_path / "t.pt")
+    t2 = Tokenizer.from_state_dict(torch.load(tmp_path / "t.pt", weights_only=True)["tokenizer"])
+    s = "hello there, unseen 🤗"
+    assert t2.encode(s) == tt.encode(s) and t2.vocab_size == tt.vocab_size
+    small = Tokenizer.trimmed(["a b c d e f g h"] * 3, min_count=2, max_size=260)
+    assert small.vocab_size == 260
+
+
+# --- examples and collation ----------------------------------------------------------------------
+
+def test_sft_mask_is_reply_plus_eos(tok):
+    prompt, reply = dialogue("Tell me a joke", ""), " Knock knock."
+    ids, mask = sft_example(prompt, reply, tok, block_size=64, max_reply_tokens=32)
+    n_reply = len(tok.encode(reply))
+    assert mask == [0] * (len(ids) - n_reply - 1) + [1] * (n_reply + 1)
+    assert ids[-1] == tok.eos_id and tok.decode(ids[:-1]) == prompt + reply
+    ids, mask = sft_example(prompt, reply, tok, block_size=64, max_reply_tokens=2)  # cut: no EOS
+    assert sum(mask) == 2 and tok.eos_id not in ids
+
+
+def test_prompt_truncation_keeps_the_end(tok):
+    prompt = dialogue(*[f"turn {i} words words" for i in range(40)], "")
+    end = tok.encode(prompt)[-10:]
+    assert prompt_ids(prompt, tok, 10) == end
+    ids, mask = sft_example(prompt, " ok", tok, block_size=16, max_reply_tokens=8)
+    assert len(ids) == 16 and ids[:sum(1 for m in mask if m == 0)] == tok.encode(prompt)[-(16 - 2):]
+    ids = pm_example(prompt, " ok" * 50, tok, block_size=16, max_reply_tokens=8)
+    assert len(ids) == 16 and ids[-1] == tok.eos_id and ids[:7] == tok.encode(prompt)[-7:]
+
+
+def test_lm_tokens_whole_dialogues_eos_separated(tok):
+    pairs = [Pair(dialogue("hi", ""), " a", " b", "x", 1), Pair(dialogue("yo", ""), " c", " d", "x", 1)]
+    arr = lm_tokens(pairs, tok)
+    assert arr.dtype == np.uint16 and (arr == tok.eos_id).sum() == 4 and arr[-1] == tok.eos_id
+    assert tok.decode(arr.tolist()) == "<|endoftext|>".join(p.prompt + r for p in pairs for r in (p.chosen, p.rejected)) + "<|endoftext|>"
+
+
+def test_pad_left_and_right():
+    ids, mask = pad_right([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_left([[1, 2, 3], [4]], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long and ids.shape == (2, 3)
+
+
+# --- downloads against a local server ------------------------------------------------------------
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves Handler.body for every path, honours "Range: bytes=K-", and on the first request drops
+    the connection after Handler.drop_after bytes (if set). Records the Range headers it saw."""
+    body, drop_after, ranges, timeout = b"", None, [], 5
+
+    def do_GET(self):
+        rng = self.headers.get("Range")
+        Handler.ranges.append(rng)
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(self.body) - start))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        self.end_headers()
+        if Handler.drop_after is not None:
+            self.wfile.write(self.body[start:Handler.drop_after])
+            Handler.drop_after, self.close_connection = None, True
+            return
+        self.wfile.write(self.body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    Handler.body = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 300))
+    Handler.drop_after, Handler.ranges = None, []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def test_download_full_with_matching_sha(server, tmp_path):
+    sha = hashlib.sha256(Handler.body).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = download_file(f"{server}/harmless-base/train.jsonl.gz", tmp_path / "train.jsonl.gz",
+                             sha256=sha, size=len(Handler.body), timeout=5)
+    assert path.read_bytes() == Handler.body and not (tmp_path / "train.jsonl.gz.part").exists()
+
+
+def test_dropped_download_is_not_complete_and_resumes(server, tmp_path):
+    Handler.drop_after = len(Handler.body) // 3
+    dest = tmp_path / "train.jsonl.gz"
+    url, sha = f"{server}/harmless-base/train.jsonl.gz", hashlib.sha256(Handler.body).hexdigest()
+    with pytest.raises(DataError, match="rerun to resume"):
+        download_file(url, dest, sha256=sha, timeout=5)
+    assert not dest.exists() and (tmp_path / "train.jsonl.gz.part").stat().st_size == len(Handler.body) // 3
+    download_file(url, dest, sha256=sha, timeout=5)
+    assert Handler.ranges[-1] == f"bytes={len(Handler.body) // 3}-" and dest.read_bytes() == Handler.body
+
+
+def test_resolve_downloads_all_files_and_mismatch_warns(server, tmp_path, monkeypatch):
+    monkeypatch.delenv("HH_RLHF_DIR", raising=False)
+    with pytest.warns(UserWarning, match="expected"):  # the tiny test file is not the real one
+        data_dir = resolve_data_dir(None, base_url=server, cache_dir=tmp_path, timeout=5)
+    assert len(list(data_dir.glob("*/*.jsonl.gz"))) == 8 and not list(data_dir.glob("*/*.part"))
+    pairs, stats = read_pairs(data_dir, "test", DataConfig(subsets="helpful-online"))
+    assert stats["read"] == 900 and len(pairs) == 900
+
+
+def test_offline_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("HH_RLHF_DIR", raising=False)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DataError, match="--data_dir") as e:
+        resolve_data_dir(None, base_url=f"http://127.0.0.1:{port}", cache_dir=tmp_path, timeout=5)
+    assert "HH_RLHF_DIR" in str(e.value) and not list(tmp_path.glob("**/*.jsonl.gz"))
+
+
+def test_local_dir_without_subsets_is_an_error(tmp_path):
+    write_jsonl_gz(tmp_path / "train.jsonl.gz", GOOD)
+    with pytest.raises(DataError, match="pass its parent"):
+        resolve_data_dir(str(tmp_path))
+    with pytest.raises(DataError, match="no such directory"):
+        resolve_data_dir(str(tmp_path / "nope"))
+    write_jsonl_gz(tmp_path / "my-subset" / "test.jsonl.gz", GOOD)  # any subset name works
+    assert resolve_data_dir(str(tmp_path)) == tmp_path
