@@ -101,27 +101,39 @@ class Block(nn.Module):
 class KVCache:
     """Keys/values of the tokens seen so far, so each new token costs O(T) instead of O(T^2).
 
-    Preallocated to max_len slots per layer; `length` slots are filled (the same for every
-    row because prompts are left-padded). `key_mask` marks which slots hold real tokens and
-    `next_pos` is each row's next position id, so a left-padded row continues at the right one.
+    Preallocated to max_len slots per layer. All rows fill the same slots (prompts are
+    left-padded); key_mask marks the slots that hold real tokens and next_pos is each row's
+    next position id, so generation continues every row from its own last real position.
     """
 
     def __init__(self, max_len):
         self.max_len = max_len
-        self.length = 0
+        self.start, self.length = 0, 0  # slots [start, length) are being written by this forward
         self.kv = {}  # layer -> (k, v), each (B, nh, max_len, hs), allocated on first use
         self.key_mask = None  # (B, max_len) bool
         self.next_pos = None  # (B,) long
 
+    def extend(self, mask):
+        """Reserve slots for T new tokens with mask (B, T). Returns (key_mask (B, S), first position (B, 1))."""
+        B, T = mask.shape
+        assert self.length + T <= self.max_len, "KV cache is full"
+        if self.key_mask is None:
+            self.key_mask = mask.new_zeros(B, self.max_len)
+            self.next_pos = torch.zeros(B, dtype=torch.long, device=mask.device)
+        self.start, self.length = self.length, self.length + T
+        self.key_mask[:, self.start:self.length] = mask
+        first, self.next_pos = self.next_pos, self.next_pos + mask.sum(1)
+        return self.key_mask[:, :self.length], first.unsqueeze(1)
+
     def update(self, layer, k, v):
-        if layer not in self.kv:  # allocate lazily so dtype/device follow the model (e.g. bf16 autocast)
+        """Store this layer's new k, v (B, nh, T, hs); return all keys/values so far (B, nh, S, hs)."""
+        if layer not in self.kv:  # allocated lazily so dtype/device follow the model (e.g. bf16 autocast)
             B, nh, _, hs = k.shape
             self.kv[layer] = (k.new_zeros(B, nh, self.max_len, hs), v.new_zeros(B, nh, self.max_len, hs))
         ck, cv = self.kv[layer]
-        end = self.length + k.size(2)
-        ck[:, :, self.length:end] = k
-        cv[:, :, self.length:end] = v
-        return ck[:, :, :end], cv[:, :, :end]  # (B, nh, S, hs)
+        ck[:, :, self.start:self.length] = k
+        cv[:, :, self.start:self.length] = v
+        return ck[:, :, :self.length], cv[:, :, :self.length]
 
 
 def _sample(logits, temperature, top_k, top_p, generator):
@@ -195,44 +207,32 @@ class GPT(nn.Module):
         Returns (B, T, C).
         """
         B, T = idx.size()
-        device = idx.device
-        mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-        if kv_cache is None and mask is None:
-            # no padding: positions 0..T-1 and plain causal attention (flash path)
-            assert T <= self.config.block_size, f"sequence length {T} > block_size {self.config.block_size}"
-            pos = torch.arange(T, device=device).unsqueeze(0)  # (1, T)
+        if attention_mask is None and kv_cache is None:
+            # no padding: positions 0..T-1 and plain causal attention (the flash kernel)
+            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
             attn_mask = None
         else:
-            mask = torch.ones(B, T, dtype=torch.bool, device=device) if mask is None else mask
-            start = 0 if kv_cache is None else kv_cache.length
-            key_mask = mask  # (B, S) which keys are real tokens
-            prev_pos = torch.zeros(B, dtype=torch.long, device=device)
-            if kv_cache is not None:
-                assert start + T <= kv_cache.max_len, "KV cache is full"
-                # positions never exceed the slot index, so this bounds them without a host sync
-                assert start + T <= self.config.block_size, f"{start + T} tokens > block_size {self.config.block_size}"
-                if kv_cache.key_mask is None:
-                    kv_cache.key_mask = torch.zeros(B, kv_cache.max_len, dtype=torch.bool, device=device)
-                    kv_cache.next_pos = prev_pos
-                kv_cache.key_mask[:, start:start + T] = mask
-                key_mask = kv_cache.key_mask[:, :start + T]
-                prev_pos = kv_cache.next_pos
-                kv_cache.next_pos = prev_pos + mask.sum(1)
+            mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            if kv_cache is None:
+                start, key_mask, first = 0, mask, 0  # key_mask (B, S): which keys are real tokens
+            else:
+                start = kv_cache.length
+                key_mask, first = kv_cache.extend(mask)
             # position id = number of real tokens before this one, so a left-padded row gets the
-            # same positions as the unpadded one; pads get clamped to 0 (their output is ignored)
-            pos = (prev_pos.unsqueeze(1) + mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
-            # query i (absolute slot start+i) may see key slot j if j <= start+i and j is real.
-            # Every query also sees itself, so a pad query never has an all-False row (-> NaN).
-            q_slot = torch.arange(start, start + T, device=device).view(T, 1)  # (T, 1)
-            k_slot = torch.arange(start + T, device=device).view(1, start + T)  # (1, S)
-            causal = k_slot <= q_slot  # (T, S)
-            attn_mask = (causal & key_mask[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
+            # same positions as the unpadded one; pads are clamped to 0 (their outputs are unused)
+            pos = (first + mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
+            # query i sits in slot start+i and may see key slot j if j <= start+i and j is real.
+            # Every query also sees itself, so a pad query never gets an all-False row (-> NaN).
+            q_slot = torch.arange(start, start + T, device=idx.device).view(T, 1)  # (T, 1)
+            k_slot = torch.arange(start + T, device=idx.device).view(1, start + T)  # (1, S)
+            attn_mask = ((k_slot <= q_slot) & key_mask[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, S), broadcast over heads
+        # positions never exceed the slot index, so this bounds them without a host sync
+        assert (kv_cache.length if kv_cache else T) <= self.config.block_size, (
+            f"sequence longer than block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, kv_cache, layer)
-        if kv_cache is not None:
-            kv_cache.length += T
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None):
