@@ -27,7 +27,8 @@ from copy import deepcopy
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
+
+from train import NonFiniteLoss
 
 
 @dataclass
@@ -177,3 +178,140 @@ def explained_variance(values, returns, mask):
     0 = no better than a constant, < 0 = worse (cleanrl logs the same)."""
     var_r = masked_var(returns, mask)
     return float(1 - masked_var(returns - values, mask) / var_r) if var_r > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# the models: policy logprobs and critic values from one pass over query + response
+
+def build_critic(trunk, head_weight, head_bias, gain=1.0, bias=0.0):
+    """The value model as lm-hp builds it: a copy of the reward model, trunk and scalar head.
+    The PM's output normalisation (gain * r + bias, fitted so SFT replies score mean 0, std 1) is
+    folded into the head, so V starts on the scale of the rewards it must predict.
+    trunk=None means the head sits on the policy's own trunk (share_trunk: one forward for both).
+    Returns an nn.ModuleDict {"head": Linear(C, 1)} plus {"trunk": GPT} when not shared."""
+    C = head_weight.numel()
+    head = torch.nn.Linear(C, 1)
+    with torch.no_grad():
+        head.weight.copy_(gain * head_weight.reshape(1, C))
+        head.bias.copy_(gain * head_bias.reshape(1) + bias)
+    parts = {"head": head} if trunk is None else {"trunk": trunk, "head": head}
+    return torch.nn.ModuleDict(parts)
+
+
+def logprobs_from_logits(logits, tokens):
+    """log pi(token) for each position: logits (B, N, V), tokens (B, N) -> (B, N)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits):
+    """Per-token entropy H = logsumexp(z) - sum softmax(z) z, (B, N, V) -> (B, N)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+def forward_policy(policy, critic, query_response, attention_mask, context_length, temperature):
+    """Logits and values for every response token in one pass over query + response.
+
+    query_response (B, Tq + N): left-padded queries then right-padded responses; attention_mask
+    the same shape. Response token t sits at column Tq + t and is predicted from column Tq + t - 1,
+    so logits and values are read at columns Tq - 1 .. Tq + N - 2: V_t is the value of the state
+    before the policy emits token t. Logits are divided by the sampling temperature, as in the
+    rollout, otherwise the ratio compares two different distributions (lm-hp does the same).
+    Returns logits (B, N, V) and values (B, N) (values None if critic is None)."""
+    hidden = policy.hidden_states(query_response, attention_mask)[:, context_length - 1:-1]  # (B, N, C)
+    logits = policy.lm_head(hidden) / temperature                                            # (B, N, V)
+    if critic is None:
+        return logits, None
+    if "trunk" in critic:
+        hidden = critic["trunk"].hidden_states(query_response, attention_mask)[:, context_length - 1:-1]
+    values = critic["head"](hidden).squeeze(-1)                                               # (B, N)
+    return logits, values
+
+
+# ----------------------------------------------------------------------------------------------
+# one PPO iteration: rollout, rewards, advantages, K epochs of updates
+
+def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator):
+    """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps.
+
+    queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
+    lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
+    function a test defines. Returns (stats dict, rollout dict); the caller owns beta's update.
+    """
+    B, Tq = queries.shape
+    # ---- rollout: no gradients; the frozen models under inference_mode ----
+    for m in (policy, critic, ref_policy):
+        m.eval()  # dropout off (it is 0 in PPO models anyway): the ratio must be exactly 1 at first
+    with torch.no_grad():
+        # 1. sample responses with the batched KV-cache sampler, until EOS or max_new_tokens
+        responses, _, response_mask = policy.generate(
+            queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            eos_id=eos_id, generator=generator)                                          # (B, N) each
+        N = responses.size(1)
+        query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
+        attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
+        mask = response_mask.float()                                                      # (B, N)
+        # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
+        logits, values = forward_policy(policy, critic, query_response, attention_mask, Tq, cfg.temperature)
+        logprobs = logprobs_from_logits(logits, responses)                                # (B, N)
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+        del logits
+        with torch.inference_mode():
+            ref_logits, _ = forward_policy(ref_policy, None, query_response, attention_mask, Tq, cfg.temperature)
+            ref_logprobs = logprobs_from_logits(ref_logits, responses)                    # (B, N)
+            del ref_logits
+            # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
+            lengths = response_mask.sum(1)                                                # (B,)
+            q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
+            r_list = [r[:n].tolist() for r, n in zip(responses, lengths.tolist())]
+            scores = reward_fn(q_list, r_list).float()                                    # (B,)
+        ended = responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == eos_id  # (B,)
+        if cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
+            scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_penalty))
+        # 3. per-token KL penalty, plus the score on the last real token
+        rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)      # (B, N) each
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        # 4. GAE (gamma 1, lambda 0.95), then advantages whitened over the real tokens of the batch
+        advantages, returns = compute_gae(values, rewards, mask, cfg.gamma, cfg.lam)    # (B, N) each
+        advantages = masked_whiten(advantages, mask)
+
+    # 5. K epochs of clipped PPO updates over shuffled minibatches
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    mb_stats, stop = [], False
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=generator, device=generator.device).to(queries.device)
+        for start in range(0, B, cfg.minibatch_size):
+            mb = perm[start:start + cfg.minibatch_size]
+            mb_logits, mb_values = forward_policy(policy, critic, query_response[mb], attention_mask[mb], Tq, cfg.temperature)
+            mb_logprobs = logprobs_from_logits(mb_logits, responses[mb])                 # (b, N)
+            pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, logprobs[mb], values[mb], advantages[mb],
+                                              returns[mb], mask[mb], cfg.cliprange, cfg.cliprange_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite PPO loss (pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            optimizer.step()
+            mb_stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": grad_norm.item(),
+                             **{k: v.item() for k, v in st.items()}})
+            if cfg.max_approx_kl and st["approx_kl"].item() > cfg.max_approx_kl:
+                stop = True  # the policy moved too far from the one that sampled: stop reusing the batch
+                break
+        if stop:
+            break
+
+    # diagnostics (not part of the algorithm)
+    kl_sum = kl.sum(1)                                                                    # (B,) nats per reply
+    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
+    stats.update({
+        "score": scores.mean().item(), "kl": kl_sum.mean().item(), "kl_coef": kl_coef,
+        "non_score_reward": (-kl_coef * kl_sum).mean().item(), "entropy": entropy.item(),
+        "explained_var": explained_variance(values, returns, mask), "reply_len": lengths.float().mean().item(),
+        "eos_rate": ended.float().mean().item(), "returns": masked_mean(returns, mask).item(),
+        "values": masked_mean(values, mask).item(), "minibatches": len(mb_stats), "early_stop": float(stop),
+    })
+    rollout = {"query_response": query_response, "responses": responses, "response_mask": response_mask,
+               "q_list": q_list, "r_list": r_list, "scores": scores, "kl": kl_sum, "mb_stats": mb_stats}
+    return stats, rollout
