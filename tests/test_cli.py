@@ -1,0 +1,37 @@
+"""The command line: presets and flags are typed, and every mistake is one clear line, not a traceback."""
+import pytest
+
+import rlhf
+
+
+def test_presets_then_flags_override_with_types():
+    stage, cfg = rlhf.parse_args(["sft", "--preset", "tiny", "--sft.lr=0.01", "--sft.max_steps", "7", "--force"])
+    assert stage == "sft" and cfg.preset == "tiny" and cfg.model.n_layer == 2
+    assert cfg.sft.lr == 0.01 and cfg.sft.max_steps == 7 and cfg.force is True
+
+
+def test_every_preset_names_real_fields():
+    for name in rlhf.PRESETS:
+        rlhf.parse_args(["--preset", name])  # raises ConfigError on a stale key
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bogus"], "unknown stage 'bogus'; choose from: all, pretrain"),
+    (["--preset", "huge"], "unknown preset 'huge'; choose from: tiny"),
+    (["--sft.lrr=1"], "unknown flag --sft.lrr; did you mean lr"),
+    (["--nope.lr=1"], "unknown config section 'nope'"),
+    (["--sft.lr=fast"], "--sft.lr expects float, got 'fast'"),
+    (["--force=maybe"], "--force expects bool"),
+    (["stray"], "unknown stage"),
+    (["sft", "stray"], "unexpected argument 'stray'"),
+])
+def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
+    assert rlhf.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_data_dir_is_one_clear_line(tmp_path, capsys):
+    assert rlhf.main(["pretrain", "--preset", "tiny", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "--data_dir" in err and "Traceback" not in err
