@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # 1. the model
@@ -228,7 +229,7 @@ class GPT(nn.Module):
             attn_mask = ((k_slot <= q_slot) & key_mask[:, None, :]) | (k_slot == q_slot)  # (B, T, S)
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, S), broadcast over heads
         # positions never exceed the slot index, so this bounds them without a host sync
-        assert (kv_cache.length if kv_cache else T) <= self.config.block_size, (
+        assert (T if kv_cache is None else kv_cache.length) <= self.config.block_size, (
             f"sequence longer than block_size {self.config.block_size}")
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
@@ -343,7 +344,8 @@ class GPT(nn.Module):
         n_head = n_head or N_HEAD_BY_EMBD.get(n_embd)
         if n_head is None:
             raise ValueError(f"{path}: cannot infer n_head for n_embd={n_embd}; pass n_head=")
-        n_layer = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("h.") and k.split(".")[1].isdigit()), default=-1)
+        layers = {k.split(".")[1] for k in sd if k.startswith("h.")}  # h.N.*
+        n_layer = 1 + max((int(i) for i in layers if i.isdigit()), default=-1)
         config = GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
                            n_head=n_head, n_embd=n_embd, bias="ln_f.bias" in sd)
         model = cls(config)
@@ -478,8 +480,6 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 def _download_gpt2(name, cache_dir=None):
     """Fetch the hub's model.safetensors for `name` once into the cache; return its path."""
-    from tqdm import tqdm
-
     root = cache_dir or Path(os.environ.get("RLHF_CACHE", "~/.cache/rlhf-tutorial")).expanduser() / "gpt2"
     path = Path(root) / f"{name}.safetensors"
     if path.exists():
@@ -502,7 +502,6 @@ def _download_gpt2(name, cache_dir=None):
                            f"local path: GPT.from_pretrained('/path/to/model.safetensors')") from None
     os.replace(part, path)  # only a complete download gets the final name
     return path
-
 
 
 def gpt2_hub_state_dict(model):

@@ -321,3 +321,16 @@ def test_export_hf(tmp_path):
     assert sd.keys() == gpt2_hub_state_dict(model).keys()
     head = json.loads((tmp_path / "hf" / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     assert head["__metadata__"] == {"format": "pt"}
+
+
+def test_generate_logprobs_match_forward_on_padded_batch():
+    # what PPO does: score [left-padded query | right-padded response] in one forward pass
+    model = tiny()
+    idx, mask, free = free_run(model)
+    eos = int(free[0, 3])
+    tokens, logprobs, m = model.generate(idx, mask, max_new_tokens=12, temperature=0.9, eos_id=eos,
+                                         generator=torch.Generator().manual_seed(3))
+    seq, seq_mask = torch.cat([idx, tokens], 1), torch.cat([mask.bool(), m], 1)
+    logits = model(seq, attention_mask=seq_mask)[0][:, idx.size(1) - 1:-1]  # (B, N, V) predicting each response token
+    lp = F.log_softmax(logits / 0.9, -1).gather(2, tokens[..., None]).squeeze(2)
+    assert torch.allclose(lp[m], logprobs[m], atol=1e-5)
