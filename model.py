@@ -5,10 +5,11 @@ reference policy and (with a scalar head, see reward.py) the preference model.
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
 
 Contents, top to bottom:
-  1. GPT-2 in plain PyTorch (pre-LayerNorm blocks, tied embeddings, GPT-2 parameter names)
-  2. a preallocated KV cache and batched sampling from left-padded prompts
-  3. safetensors read/write with only the standard library + torch
-  4. loading OpenAI's GPT-2 weights (no `transformers`) and exporting a Hugging Face folder
+  - the GPT-2 blocks in plain PyTorch (pre-LayerNorm, GELU MLP, GPT-2 parameter names)
+  - a preallocated KV cache and the sampling rule (temperature, top-k, top-p)
+  - GPT: forward with padding masks, batched generation, GPT.from_pretrained
+  - safetensors read/write with only the standard library + torch (no pickle)
+  - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout
 
 References:
   GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
@@ -31,7 +32,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
-# 1. the model
+# the transformer blocks
 
 
 @dataclass
@@ -57,10 +58,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask, kv_cache, layer):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        # query, key, value for all heads in one matmul, then split the heads off
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+                   for t in self.c_attn(x).split(C, dim=2))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, S, hs), S = cached + T
         # attn_mask None -> plain causal attention (the fast flash kernel); otherwise a boolean
@@ -97,6 +97,10 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+# -----------------------------------------------------------------------------
+# incremental decoding: a KV cache and the sampling rule, used by GPT.generate
 
 
 class KVCache:
@@ -156,6 +160,10 @@ def _sample(logits, temperature, top_k, top_p, generator):
     probs = F.softmax(logits, -1)
     tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
+
+
+# -----------------------------------------------------------------------------
+# the model
 
 
 class GPT(nn.Module):
@@ -263,9 +271,6 @@ class GPT(nn.Module):
         # the fused CUDA kernel does the whole update in one launch
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
 
-    # -------------------------------------------------------------------------
-    # 2. sampling
-
     @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=None,
                  top_p=None, eos_id=None, stop_ids=None, generator=None, use_cache=True):
@@ -276,7 +281,8 @@ class GPT(nn.Module):
         of the sampled token, i.e. the policy's distribution before top-k/top-p filtering, which is
         what PPO needs (for greedy, temperature == 0, they are at temperature 1). A row is done
         after eos_id or after the last token of any sequence in stop_ids (e.g. "\\n\\nHuman:");
-        mask is True up to and including that token, afterwards tokens are eos_id, mask False.
+        mask is True up to and including that token; afterwards tokens are eos_id (0 if None) and
+        mask False. Stop sequences are matched within the generated tokens only.
         use_cache=False recomputes the whole sequence every step: the slow reference.
         """
         B, T = idx.size()
@@ -319,13 +325,11 @@ class GPT(nn.Module):
                 seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
         return tokens[:, :n], logprobs[:, :n], mask[:, :n]
 
-    # -------------------------------------------------------------------------
-    # GPT-2 weights (helpers: safetensors io and the download, sections 3 and 4 below)
-
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, n_head=None):
         """GPT-2 weights by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'; downloaded once)
-        or from a local GPT-2-layout .safetensors file, with the config inferred from the shapes."""
+        or from a local GPT-2-layout .safetensors file, with the config inferred from the shapes.
+        (GPT2_SIZES, CONV1D and the download are at the end of this file.)"""
         if name_or_path in GPT2_SIZES:
             path = _download_gpt2(name_or_path, cache_dir)
             n_head = GPT2_SIZES[name_or_path][1]
@@ -363,7 +367,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# 3. safetensors: 8-byte little-endian header length N, N bytes of JSON header
+# safetensors: 8-byte little-endian header length N, N bytes of JSON header
 #    {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
 #    then the raw little-endian tensor bytes (offsets relative to the end of the header).
 
@@ -468,7 +472,7 @@ def save_safetensors(tensors, path, metadata=None):
 
 
 # -----------------------------------------------------------------------------
-# 4. OpenAI GPT-2 weights from the Hugging Face hub, read without `transformers`
+# OpenAI GPT-2 weights from the Hugging Face hub, read without `transformers`
 
 GPT2_SIZES = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and block 1024
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
@@ -498,6 +502,7 @@ def _download_gpt2(name, cache_dir=None):
             f.flush()
             os.fsync(f.fileno())
     except (urllib.error.URLError, OSError, TimeoutError) as e:
+        part.unlink(missing_ok=True)
         raise RuntimeError(f"could not download {url} ({e}). Download that file yourself and pass its "
                            f"local path: GPT.from_pretrained('/path/to/model.safetensors')") from None
     os.replace(part, path)  # only a complete download gets the final name
@@ -522,17 +527,14 @@ def export_hf(model, out_dir):
     cfg = model.config
     assert cfg.bias, "Hugging Face GPT-2 always has biases"
     os.makedirs(out_dir, exist_ok=True)
-    hf = {
-        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "initializer_range": 0.02,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "scale_attn_weights": True, "use_cache": True, "tie_word_embeddings": True,
-        "bos_token_id": 50256, "eos_token_id": 50256,
-        "summary_type": "cls_index", "summary_use_proj": True, "summary_activation": None,
-        "summary_proj_to_labels": True, "summary_first_dropout": 0.1,
-    }
+    hf = dict(  # the fields of OpenAI GPT-2's config.json on the hub
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+        initializer_range=0.02, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        scale_attn_weights=True, use_cache=True, tie_word_embeddings=True, bos_token_id=50256,
+        eos_token_id=50256, summary_type="cls_index", summary_use_proj=True, summary_activation=None,
+        summary_proj_to_labels=True, summary_first_dropout=0.1)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     save_safetensors(gpt2_hub_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
