@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from train import NonFiniteLoss
+from data import pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from train import (MetricsLog, NonFiniteLoss, check_compatible, load_checkpoint, load_model, model_checkpoint,
+                   pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
 @dataclass
@@ -264,10 +266,12 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             lengths = response_mask.sum(1)                                                # (B,)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, lengths.tolist())]
-            scores = reward_fn(q_list, r_list).float()                                    # (B,)
+            pm_scores = reward_fn(q_list, r_list).float()                                 # (B,)
         ended = responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == eos_id  # (B,)
         if cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
-            scores = torch.where(ended, scores, torch.full_like(scores, cfg.no_eos_penalty))
+            scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, cfg.no_eos_penalty))
+        else:
+            scores = pm_scores
         # 3. per-token KL penalty, plus the score on the last real token
         rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)      # (B, N) each
         if cfg.whiten_rewards:
@@ -306,12 +310,150 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     kl_sum = kl.sum(1)                                                                    # (B,) nats per reply
     stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
     stats.update({
-        "score": scores.mean().item(), "kl": kl_sum.mean().item(), "kl_coef": kl_coef,
+        "score": scores.mean().item(), "pm_a": pm_scores.mean().item(), "kl": kl_sum.mean().item(), "kl_coef": kl_coef,
         "non_score_reward": (-kl_coef * kl_sum).mean().item(), "entropy": entropy.item(),
         "explained_var": explained_variance(values, returns, mask), "reply_len": lengths.float().mean().item(),
         "eos_rate": ended.float().mean().item(), "returns": masked_mean(returns, mask).item(),
         "values": masked_mean(values, mask).item(), "minibatches": len(mb_stats), "early_stop": float(stop),
     })
     rollout = {"query_response": query_response, "responses": responses, "response_mask": response_mask,
-               "q_list": q_list, "r_list": r_list, "scores": scores, "kl": kl_sum, "mb_stats": mb_stats}
+               "q_list": q_list, "r_list": r_list, "scores": scores, "pm_scores": pm_scores, "kl": kl_sum, "mb_stats": mb_stats}
     return stats, rollout
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
+
+def disable_dropout(model):
+    """PPO needs the sampling and training passes to be the same function (lm-hp sets dropout 0)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def load_pm(path, device):
+    """A preference-model checkpoint (reward.py) -> dict(gpt, head_weight (C,), head_bias (1,), gain, bias):
+    the GPT trunk, the scalar head read at the final EOS, and the output normalisation."""
+    gpt, _, ckpt = load_model(path, device)
+    head = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
+    return {"gpt": disable_dropout(gpt.requires_grad_(False)).eval(), "head_weight": head["weight"].reshape(-1).to(device),
+            "head_bias": head["bias"].reshape(1).to(device), "gain": float(ckpt.get("reward_gain", 1.0)),
+            "bias": float(ckpt.get("reward_bias", 0.0))}
+
+
+def pm_reward_fn(pm, tok, max_reply_tokens):
+    """reward_fn for ppo_step: the PM's normalised score of query + reply + EOS, read at that EOS, the
+    input the PM was trained on (data.pm_example). A reply's own EOS is dropped first (pm_example adds
+    it back), so an unfinished reply is scored as if it had ended there: the truncated reply."""
+    block_size = pm["gpt"].config.block_size
+
+    def reward_fn(queries, responses):
+        seqs = [pm_example(q, [t for t in r if t != tok.eos_id], tok, block_size, max_reply_tokens)
+                for q, r in zip(queries, responses)]
+        ids, mask = pad_right(seqs, tok.eos_id)                                          # (B, T) each
+        device = pm["head_weight"].device
+        hidden = pm["gpt"].hidden_states(ids.to(device), mask.to(device))                # (B, T, C)
+        last = hidden[torch.arange(len(seqs)), mask.sum(1).to(device) - 1]              # (B, C)
+        return pm["gain"] * (last @ pm["head_weight"] + pm["head_bias"]) + pm["bias"]  # (B,)
+    return reward_fn
+
+
+def rl_prompts(cfg, split, tok, max_prompt_tokens):
+    """Unique prompts of a split as (text, left-truncated ids): train for RL, test for evaluation."""
+    pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), split, cfg.data)
+    if split == "train":
+        pairs, _ = split_train_val(pairs, cfg.data.val_frac)
+    texts = list(dict.fromkeys(p.prompt for p in pairs))  # unique, in file order
+    return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]
+
+
+def prompt_batch(prompts, index, batch_size, seed, pad_id):
+    """Batch `index` of a seeded per-epoch shuffle, a pure function of (index, seed) so resuming needs
+    no loader state. Returns left-padded queries (B, T) and their mask (B, T)."""
+    per_epoch = max(1, len(prompts) // batch_size)
+    epoch, pos = divmod(index, per_epoch)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    rows = [prompts[i][1] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+    return pad_left(rows, pad_id)
+
+
+def train_ppo(cfg):
+    """Stage `ppo`: PPO on PM-A from the SFT policy -> out_dir/ppo.pt (skipped if done, resumed if not).
+
+    Logs every iteration to metrics.jsonl under ppo/ (PM-A score, PM-B score, KL to the reference,
+    sqrt KL, beta, entropy, clipfrac, approx_kl, vf_loss, explained variance, reply length, EOS rate)."""
+    pc, out = cfg.ppo, cfg.out_dir
+    path = os.path.join(out, "ppo.pt")
+    if os.path.exists(path) and cfg.force:
+        os.remove(path)
+    if os.path.exists(path) and load_checkpoint(path).get("done"):
+        print(f"[ppo] {path} is complete; skipping (use --force to retrain)")
+        return
+    assert pc.batch_size % pc.minibatch_size == 0, (
+        f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}")
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    sft_path = os.path.join(out, "sft.pt")
+    policy, tok, _ = load_model(sft_path, device)
+    ref_policy, _, _ = load_model(sft_path, device)
+    disable_dropout(policy)
+    disable_dropout(ref_policy.requires_grad_(False))
+    pm_a, pm_b = load_pm(os.path.join(out, "pm_a.pt"), device), load_pm(os.path.join(out, "pm_b.pt"), device)
+    max_prompt = min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens)
+    reward_a = pm_reward_fn(pm_a, tok, pc.max_new_tokens)
+    reward_b = pm_reward_fn(pm_b, tok, pc.max_new_tokens)
+    # the value model: a trainable copy of PM-A (trunk and head), or PM-A's head on the policy's trunk
+    trunk = None if pc.share_trunk else deepcopy(pm_a["gpt"]).requires_grad_(True)
+    critic = build_critic(trunk, pm_a["head_weight"], pm_a["head_bias"], pm_a["gain"], pm_a["bias"]).to(device)
+    params = list(policy.parameters()) + list(critic.parameters())
+    optimizer = torch.optim.Adam(params, lr=pc.lr, eps=pc.adam_eps)
+    start, kl_coef = 0, pc.kl_coef
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path)
+        check_compatible(path, ckpt, policy)
+        policy.load_state_dict(ckpt["model"])
+        critic.load_state_dict(ckpt["critic"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start, kl_coef = ckpt["iteration"], ckpt["kl_coef"]
+        print(f"[ppo] resuming from {path} at iteration {start}/{pc.iterations}, beta {kl_coef:.4f}")
+    prompts = rl_prompts(cfg, "train", tok, max_prompt)
+    print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
+          f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}")
+    log = MetricsLog(out)
+
+    def checkpoint(iteration, done):
+        save_checkpoint(path, model_checkpoint(
+            policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+            kl_coef=kl_coef, rng=rng_state(), seed=cfg.seed, stage="ppo", config=asdict(pc), done=done))
+
+    for it in range(start, pc.iterations):
+        t0 = time.time()
+        queries, query_mask = (t.to(device) for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
+        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+        try:
+            stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
+                                      pc, kl_coef, tok.eos_id, generator)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
+                                f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
+        if pc.adaptive_kl:
+            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
+        stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
+        if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
+            with torch.inference_mode():
+                stats["pm_b"] = reward_b(rollout["q_list"], rollout["r_list"]).float().mean().item()
+        stats["time"] = time.time() - t0
+        log.log("ppo", it, **stats)
+        print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', float('nan')):+.3f} "
+              f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
+              f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
+              f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
+        if pc.sample_every and it % pc.sample_every == 0:
+            for q, r, sc in list(zip(rollout["q_list"], rollout["r_list"], rollout["scores"].tolist()))[:2]:
+                print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
+        if pc.save_every and (it + 1) % pc.save_every == 0:
+            checkpoint(it + 1, done=False)
+    checkpoint(pc.iterations, done=True)
+    print(f"[ppo] done | checkpoint {path}")
