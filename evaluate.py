@@ -189,8 +189,9 @@ def _stage_done(path, force, name):
 
 def run_rs(cfg):
     """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
-    (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Only replies that ended with EOS are
-    candidates, so the fine-tune never teaches the policy to stop mid-sentence. The winners are cached
+    (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended with EOS are the
+    candidates where a prompt has one; a cut winner is trained without EOS, so the fine-tune never
+    teaches the policy to stop mid-sentence. The winners are cached
     in out_dir/rs_data.pt, so a resumed run trains on the same examples."""
     rc, out = cfg.rs, cfg.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
@@ -214,23 +215,24 @@ def run_rs(cfg):
         replies = sample_replies(policy, queries, rc.n, rc.max_new_tokens, rc.sample_batch_size, tok.eos_id, gen)
         rep_queries = [q for q in queries for _ in range(rc.n)]
         scores = score(pm_reward_fn(pm_a, tok, rc.max_new_tokens), rep_queries, replies, rc.sample_batch_size)
-        ended = torch.tensor([len(r) > 0 and r[-1] == tok.eos_id for r in replies])
-        scores = torch.where(ended, scores, torch.full_like(scores, -float("inf"))).view(-1, rc.n)  # (P, n)
-        best = best_of_n(scores)                                                                    # (P,)
-        examples, kept = [], []
+        scores = scores.view(-1, rc.n)                                                             # (P, n)
+        ended = torch.tensor([r[-1] == tok.eos_id for r in replies]).view(-1, rc.n)               # (P, n)
+        # the best finished reply; only where none finished, the best cut one (trained without EOS)
+        best = best_of_n(torch.where(ended, scores, scores - 1e9))                                # (P,)
+        examples, kept, n_cut = [], [], 0
         for p, j in enumerate(best.tolist()):
-            if math.isfinite(scores[p, j].item()):
-                reply = replies[p * rc.n + j][:-1]  # sft_example appends the EOS again
-                examples.append(sft_example(queries[p], reply, tok, block_size, rc.max_new_tokens))
-                kept.append(scores[p, j].item())
-        if len(examples) < 2:
-            raise ValueError(f"[rs] only {len(examples)} prompts had a reply that ended with EOS; "
-                             "raise --rs.max_new_tokens or train SFT longer")
-        data = {"examples": examples, "mean_score": sum(kept) / len(kept),
-                "mean_score_all": scores[torch.isfinite(scores)].mean().item()}
+            reply = replies[p * rc.n + j]
+            if ended[p, j]:  # sft_example appends the EOS again, since the reply fits
+                examples.append(sft_example(queries[p], reply[:-1], tok, block_size, len(reply)))
+            else:            # a cut reply gets no EOS: the policy must not learn to stop there
+                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply) - 1))
+                n_cut += 1
+            kept.append(scores[p, j].item())
+        data = {"examples": examples, "mean_score": sum(kept) / len(kept), "mean_score_all": scores.mean().item(),
+                "eos_rate": ended.float().mean().item(), "cut": n_cut}
         save_checkpoint(data_path, data)
-        print(f"[rs] kept {len(examples)}/{len(queries)} prompts | PM-A of winners {data['mean_score']:+.3f} "
-              f"vs {data['mean_score_all']:+.3f} for all ended samples")
+        print(f"[rs] PM-A of the winners {data['mean_score']:+.3f} vs {data['mean_score_all']:+.3f} for all samples "
+              f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
     examples = [tuple(e) for e in data["examples"]]
     n_val = max(1, len(examples) // 10)
     supervised_train(cfg, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))

@@ -65,3 +65,84 @@ def test_frontier_fits_recover_parameters():
     rng = np.random.default_rng(0)
     lin = fit_linear(d, 0.5 + 0.7 * d + 0.01 * rng.standard_normal(len(d)))
     assert lin["a"] == pytest.approx(0.5, abs=0.03) and lin["b"] == pytest.approx(0.7, abs=0.03)
+
+
+# ----------------------------------------------------------------------------------------------
+# the stages, on tiny checkpoints written here (sft.pt, and PMs in reward.py's checkpoint layout)
+
+import json  # noqa: E402
+import os  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from evaluate import EvalConfig, RSConfig, run_eval, run_rs  # noqa: E402
+from ppo import PPOConfig, train_ppo  # noqa: E402
+from data import DataConfig, Tokenizer, read_pairs  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train import load_checkpoint, model_checkpoint, save_checkpoint  # noqa: E402
+
+
+@dataclass
+class RunConfig:  # the fields of rlhf.py's Config that the stages read
+    out_dir: str = ""
+    data_dir: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    compile: bool = False
+    force: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(vocab="trimmed"))
+    rs: RSConfig = field(default_factory=lambda: RSConfig(
+        n=4, num_prompts=8, max_new_tokens=6, sample_batch_size=16, max_steps=4, batch_size=4, eval_interval=2,
+        eval_batches=1, log_interval=1, warmup_steps=1))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        iterations=3, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, save_every=2, sample_every=2))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(
+        num_prompts=6, n=4, max_new_tokens=6, policy_samples=2, batch_size=16, num_examples=2))
+
+
+def write_tiny_run(hh_dir, out):
+    """sft.pt and pm_{a,b}.pt for a 1-layer GPT over the test data's trimmed vocabulary."""
+    os.makedirs(out, exist_ok=True)
+    pairs, _ = read_pairs(hh_dir, "train", DataConfig())
+    tok = Tokenizer.trimmed([p.prompt + p.chosen + p.rejected for p in pairs])
+    gcfg = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16, dropout=0.1)
+    torch.manual_seed(0)
+    save_checkpoint(os.path.join(out, "sft.pt"), model_checkpoint(GPT(gcfg), tok, done=True))
+    for name in ("pm_a", "pm_b"):
+        state = GPT(gcfg).state_dict()
+        state.update({"head.weight": 0.1 * torch.randn(1, 16), "head.bias": torch.zeros(1)})
+        save_checkpoint(os.path.join(out, f"{name}.pt"), {"model": state, "model_args": gcfg.__dict__,
+                        "tokenizer": tok.state_dict(), "reward_gain": 2.0, "reward_bias": -0.5, "done": True})
+    return tok
+
+
+def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
+    out = str(tmp_path / "out")
+    write_tiny_run(hh_dir, out)
+    json.dump({"pm": {"accuracy": 0.6}}, open(os.path.join(out, "eval.json"), "w"))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    run_rs(cfg)
+    assert load_checkpoint(os.path.join(out, "rs.pt"))["done"]
+    train_ppo(cfg)
+    ck = load_checkpoint(os.path.join(out, "ppo.pt"))
+    assert ck["done"] and ck["iteration"] == 3 and "critic" in ck and "optimizer" in ck and "rng" in ck
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    ppo_rows = [r for r in rows if r["stage"] == "ppo"]
+    assert [r["step"] for r in ppo_rows] == [0, 1, 2]
+    assert {"ppo/pm_a", "ppo/pm_b", "ppo/kl", "ppo/sqrt_kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
+            "ppo/approx_kl", "ppo/vf_loss", "ppo/explained_var", "ppo/reply_len", "ppo/eos_rate"} <= set(ppo_rows[0])
+    assert ppo_rows[0]["ppo/kl"] == pytest.approx(0, abs=1e-4)
+    ev = run_eval(cfg)
+    saved = json.load(open(os.path.join(out, "eval.json")))
+    assert saved["pm"] == {"accuracy": 0.6} and set(saved["policies"]) == {"sft", "bon", "rs", "ppo"}
+    for p in saved["policies"].values():
+        assert {"pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "mean_reply_tokens"} <= set(p)
+    assert saved["policies"]["bon"]["n"] == 4 and saved["policies"]["bon"]["kl_analytic"] == pytest.approx(bon_kl(4))
+    assert saved["policies"]["sft"]["kl"] == 0 and ev["policies"] == saved["policies"]
+    frontier = [json.loads(line) for line in open(os.path.join(out, "frontier.jsonl"))]
+    assert {"bon", "ppo"} <= {p["method"] for p in frontier}
+    assert all({"method", "kl", "sqrt_kl", "pm_a", "pm_b"} <= set(p) for p in frontier)
+    assert "| ppo |" in open(os.path.join(out, "report.md")).read()
+    # done stages are skipped; --force reruns
+    mtime = os.path.getmtime(os.path.join(out, "ppo.pt"))
+    train_ppo(cfg)
+    assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
