@@ -115,12 +115,16 @@ def download_file(url, dest, sha256=None, size=None, timeout=30.0):
                     f.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
-        if not (e.code == 416 and have):  # 416 on a resume = nothing left to fetch, .part is complete
+        if not (e.code == 416 and have):
             raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
+        # 416 on a resume: nothing after byte `have`. Complete if the server's size (bytes */N) agrees.
+        total = e.headers.get("Content-Range", "").rpartition("/")[2]
+        if total != str(have):
+            part.unlink()  # longer than the file, or unknown: start again from zero
+            return download_file(url, dest, sha256, size, timeout)
         total = have
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-        raise DataError(f"downloading {url} failed ({getattr(e, 'reason', e)}); "
-                        f"rerun to resume, or {HOW_TO_FIX}") from None
+        raise DataError(f"downloading {url} failed ({getattr(e, 'reason', e)}); rerun to resume") from None
     got = part.stat().st_size
     if total is not None and got != total:  # connection dropped: http.client returns b"" silently
         raise DataError(f"downloading {url} stopped at {got} of {total} bytes; rerun to resume")
@@ -163,8 +167,8 @@ def resolve_data_dir(data_dir=None, base_url=BASE_URL, cache_dir=None, timeout=3
             try:
                 download_file(f"{base_url}/{rel}", cache / rel, sha256, size, timeout)
             except DataError as e:
-                raise DataError(f"could not get hh-rlhf ({e}). Offline? {HOW_TO_FIX}. "
-                                f"Files already downloaded are in {cache}.") from None
+                raise DataError(f"could not get hh-rlhf: {e}. Offline? {HOW_TO_FIX} "
+                                f"(files downloaded so far are in {cache})") from None
     return cache
 
 
@@ -193,6 +197,8 @@ def _parse_row(raw):
         raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # e.g. a 5000-digit number, "[[[[..." nested too deep
+        raise ValueError(f"bad JSON ({str(e)[:80]})") from None
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     for key in ("chosen", "rejected"):
@@ -200,6 +206,11 @@ def _parse_row(raw):
             raise ValueError(f"missing key {key!r}")
         if not isinstance(row[key], str):
             raise ValueError(f"{key!r} is {type(row[key]).__name__}, expected a string")
+        if b"\\u" in raw:  # a JSON escape like "\ud800" can smuggle a lone surrogate, which no tokenizer or file takes
+            try:
+                row[key].encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{key!r} holds invalid unicode (a lone surrogate escape)") from None
     prompt, chosen, n_turns = split_dialogue(row["chosen"])
     prompt_r, rejected, _ = split_dialogue(row["rejected"])
     return prompt, chosen, rejected, n_turns, prompt_r
@@ -269,11 +280,15 @@ def read_pairs(data_dir, split, cfg):
                     stats["dropped_same_reply"] += 1
                 else:
                     pairs.append(Pair(prompt, chosen, rejected, subset, n_turns))
-        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt or truncated gzip file ({e}); delete it and "
                             f"download again") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e})") from None
         if stats["read"] == n_before:
             raise DataError(f"{path}: empty file (no rows)")
+    if not pairs:
+        raise DataError(f"{data_dir}: no usable {split} pairs ({format_stats(stats)})")
     if cfg.max_pairs and len(pairs) > cfg.max_pairs:  # the same subset every run, mixed across subsets
         keep = set(sorted(range(len(pairs)), key=lambda i: _stable_hash01(pairs[i].prompt, "cap"))[:cfg.max_pairs])
         stats["dropped_max_pairs"] = len(pairs) - cfg.max_pairs
@@ -409,6 +424,13 @@ def lm_tokens(pairs, tok, chunk=4096):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
+def encode_pairs(pairs, tok):
+    """[(prompt_ids, chosen_ids, rejected_ids)] for all pairs in one batched pass: encode once, then
+    build examples from ids every epoch (sft_example, pm_example and prompt_ids accept ids)."""
+    flat = tok.encode_batch([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
 def _ids(x, tok):
     return tok.encode(x) if isinstance(x, str) else list(x)  # text, or ids encoded earlier
 
@@ -420,6 +442,7 @@ def sft_example(prompt, reply, tok, block_size, max_reply_tokens):
     is cut and gets no EOS (the model must not learn to stop mid-reply). The prompt is truncated from
     the LEFT, keeping its last turns, so that everything fits in block_size.
     prompt and reply may be strings or ids already encoded by tok."""
+    assert block_size >= 2, "need room for a prompt token and a reply token"
     reply_ids = _ids(reply, tok)
     r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if len(reply_ids) <= max_reply_tokens else [])
     r = r[:block_size - 1]  # keep at least one prompt token to condition on
@@ -431,6 +454,7 @@ def pm_example(prompt, reply, tok, block_size, max_reply_tokens):
     """ids of prompt + reply + EOS for the preference model, which reads its score at the final EOS
     (Bai et al. Sec. 3 append an end-of-context token). EOS is appended even to a cut reply, so the
     score is always read at the same kind of token; the prompt is left-truncated to fit block_size."""
+    assert block_size >= 2, "need room for a prompt token and the EOS"
     r = _ids(reply, tok)[:min(max_reply_tokens, block_size - 2)] + [tok.eos_id]
     return _ids(prompt, tok)[-(block_size - len(r)):] + r
 
@@ -448,7 +472,7 @@ def pad_right(seqs, pad_id):
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         mask[i, :len(s)] = 1
     return ids, mask
 
@@ -461,6 +485,6 @@ def pad_left(seqs, pad_id):
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, T - len(s):] = torch.as_tensor(list(s), dtype=torch.long)
+            ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
             mask[i, T - len(s):] = 1
     return ids, mask

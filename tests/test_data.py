@@ -7,7 +7,6 @@ import http.server
 import json
 import os
 import socket
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -16,12 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import (DataConfig, DataError, Pair, Tokenizer, download_file, format_stats, lm_tokens,  # noqa: E402
-                  pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
+from data import (DataConfig, DataError, Pair, Tokenizer, download_file, encode_pairs, format_stats,
+                  lm_tokens, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
                   sft_example, split_halves, split_train_val)
-
-torch.set_num_threads(1)
 
 
 def dialogue(*turns):
@@ -95,6 +91,9 @@ HOSTILE = {  # name: the bad third line of a file
     "non-string field": json.dumps({"chosen": dialogue("hi", " a"), "rejected": 7}).encode(),
     "no assistant turn": json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}).encode(),
     "enormous line": json.dumps(row(["hi"], " " + "a" * (1 << 20), " b")).encode(),
+    "json nested too deep": b"[" * 100_000,
+    "5000-digit number": b'{"chosen": ' + b"9" * 5000 + b"}",
+    "lone surrogate": json.dumps(row(["hi"], " \ud800", " b")).encode(),
 }
 
 
@@ -115,6 +114,12 @@ def test_broken_file_is_always_an_error(tmp_path, name):
     path.write_bytes({"truncated gzip": data[:len(data) // 2], "not gzip": b"chosen,rejected\n" * 10,
                       "empty file": b"", "no rows": gzip.compress(b"\n")}[name])
     with pytest.raises(DataError, match=str(path)):
+        read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
+
+
+def test_no_usable_pairs_is_an_error(tmp_path):
+    write_jsonl_gz(tmp_path / "harmless-base" / "train.jsonl.gz", [b"junk", row(["hi"], " a", " a")])
+    with pytest.raises(DataError, match="no usable train pairs"):
         read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
 
 
@@ -192,11 +197,19 @@ def test_prompt_truncation_keeps_the_end(tok):
     assert len(ids) == 16 and ids[-1] == tok.eos_id and ids[:7] == tok.encode(prompt)[-7:]
 
 
+def test_encode_pairs_matches_encode(tok):
+    pairs = [Pair(dialogue("hi", ""), " a", " b", "x", 1), Pair(dialogue("yo 🤗", ""), " c", " d", "x", 1)]
+    enc = encode_pairs(pairs, tok)
+    assert enc[1] == (tok.encode(pairs[1].prompt), tok.encode(" c"), tok.encode(" d"))
+    assert sft_example(*enc[0][:2], tok, 32, 8) == sft_example(pairs[0].prompt, " a", tok, 32, 8)
+
+
 def test_lm_tokens_whole_dialogues_eos_separated(tok):
     pairs = [Pair(dialogue("hi", ""), " a", " b", "x", 1), Pair(dialogue("yo", ""), " c", " d", "x", 1)]
     arr = lm_tokens(pairs, tok)
     assert arr.dtype == np.uint16 and (arr == tok.eos_id).sum() == 4 and arr[-1] == tok.eos_id
-    assert tok.decode(arr.tolist()) == "<|endoftext|>".join(p.prompt + r for p in pairs for r in (p.chosen, p.rejected)) + "<|endoftext|>"
+    dialogues = [p.prompt + r for p in pairs for r in (p.chosen, p.rejected)]
+    assert tok.decode(arr.tolist()) == "".join(d + "<|endoftext|>" for d in dialogues)
 
 
 def test_pad_left_and_right():
@@ -218,6 +231,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         rng = self.headers.get("Range")
         Handler.ranges.append(rng)
         start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        if start >= len(self.body) and rng:  # what servers answer when the .part already holds it all
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         self.send_response(206 if rng else 200)
         self.send_header("Content-Length", str(len(self.body) - start))
         if rng:
@@ -265,6 +284,13 @@ def test_dropped_download_is_not_complete_and_resumes(server, tmp_path):
     assert not dest.exists() and (tmp_path / "train.jsonl.gz.part").stat().st_size == len(Handler.body) // 3
     download_file(url, dest, sha256=sha, timeout=5)
     assert Handler.ranges[-1] == f"bytes={len(Handler.body) // 3}-" and dest.read_bytes() == Handler.body
+
+
+@pytest.mark.parametrize("extra", [b"", b"junk"])
+def test_leftover_part_complete_or_too_long(server, tmp_path, extra):
+    (tmp_path / "train.jsonl.gz.part").write_bytes(Handler.body + extra)  # a run that died before rename
+    dest = download_file(f"{server}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
+    assert dest.read_bytes() == Handler.body
 
 
 def test_resolve_downloads_all_files_and_mismatch_warns(server, tmp_path, monkeypatch):
