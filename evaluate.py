@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from data import pad_left, sft_example
-from ppo import disable_dropout, forward_policy, load_pm, logprobs_from_logits, pm_reward_fn, rl_prompts
+from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
+from reward import load_reward_model
 from train import (LMTrainConfig, MetricsLog, load_checkpoint, load_model, pick_device, save_checkpoint,
                    set_seed, supervised_train)
 
@@ -133,17 +134,17 @@ class EvalConfig:
 # sampling and scoring
 
 @torch.no_grad()
-def sample_replies(policy, queries, n, max_new_tokens, batch_size, eos_id, generator):
+def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator):
     """n replies per query at temperature 1 with no top-k/top-p (so best-of-n's KL is the analytic
-    one and a sampled KL estimate is unbiased). queries: list of P id lists.
-    Returns P*n reply id lists (query-major, EOS included when produced) and their logprobs sums."""
+    one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
+    queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
     device = next(policy.parameters()).device
     rows = [q for q in queries for _ in range(n)]
     replies = []
     for start in range(0, len(rows), batch_size):
-        idx, mask = pad_left(rows[start:start + batch_size], eos_id)
+        idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
         tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                          temperature=1.0, eos_id=eos_id, generator=generator)
+                                          temperature=1.0, eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=generator)
         replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
     return replies
 
@@ -165,6 +166,16 @@ def reply_logprobs(model, queries, replies, batch_size, pad_id):
         lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
         out.append(lp.sum(1).cpu())
     return torch.cat(out)
+
+
+def strip_end(reply, tok):
+    """A reply without its final EOS or "\n\nHuman:" stop sequence: the text a reader sees."""
+    if reply[-1:] == [tok.eos_id]:
+        return reply[:-1]
+    for stop in tok.stop_ids:
+        if len(stop) and reply[-len(stop):] == list(stop):
+            return reply[:-len(stop)]
+    return reply
 
 
 def score(reward_fn, queries, replies, batch_size):
@@ -205,25 +216,26 @@ def run_rs(cfg):
         data = load_checkpoint(data_path)
     else:
         disable_dropout(policy).eval()
-        pm_a = load_pm(os.path.join(out, "pm_a.pt"), device)
+        pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
         prompts = rl_prompts(cfg, "train", tok, block_size - rc.max_new_tokens)
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
         queries = [prompts[i][1] for i in order]
         print(f"[rs] best-of-{rc.n} on {len(queries)} train prompts ({len(queries) * rc.n} samples)")
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        replies = sample_replies(policy, queries, rc.n, rc.max_new_tokens, rc.sample_batch_size, tok.eos_id, gen)
+        replies = sample_replies(policy, queries, rc.n, rc.max_new_tokens, rc.sample_batch_size, tok, gen)
         rep_queries = [q for q in queries for _ in range(rc.n)]
-        scores = score(pm_reward_fn(pm_a, tok, rc.max_new_tokens), rep_queries, replies, rc.sample_batch_size)
+        scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size), rep_queries, replies, rc.sample_batch_size)
         scores = scores.view(-1, rc.n)                                                             # (P, n)
-        ended = torch.tensor([r[-1] == tok.eos_id for r in replies]).view(-1, rc.n)               # (P, n)
+        ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rc.n)
         # the best finished reply; only where none finished, the best cut one (trained without EOS)
         best = best_of_n(torch.where(ended, scores, scores - 1e9))                                # (P,)
         examples, kept, n_cut = [], [], 0
         for p, j in enumerate(best.tolist()):
             reply = replies[p * rc.n + j]
-            if ended[p, j]:  # sft_example appends the EOS again, since the reply fits
-                examples.append(sft_example(queries[p], reply[:-1], tok, block_size, len(reply)))
+            if ended[p, j]:  # drop the EOS or stop sequence; sft_example appends one EOS, since the reply fits
+                reply = strip_end(reply, tok)
+                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply)))
             else:            # a cut reply gets no EOS: the policy must not learn to stop there
                 examples.append(sft_example(queries[p], reply, tok, block_size, len(reply) - 1))
                 n_cut += 1
@@ -328,16 +340,16 @@ def run_eval(cfg):
     set_seed(cfg.seed)
     sft, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
     disable_dropout(sft).eval()
-    pm_a, pm_b = load_pm(os.path.join(out, "pm_a.pt"), device), load_pm(os.path.join(out, "pm_b.pt"), device)
-    reward_a = pm_reward_fn(pm_a, tok, ec.max_new_tokens)
-    reward_b = pm_reward_fn(pm_b, tok, ec.max_new_tokens)
+    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
+    reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size), pm_reward_fn(pm_b, tok, ec.batch_size)
     prompts = rl_prompts(cfg, "test", tok, sft.config.block_size - ec.max_new_tokens)[:ec.num_prompts or None]
     queries, P, n, bs = [q for _, q in prompts], len(prompts), ec.n, ec.batch_size
     print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{ec.policy_samples}")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
 
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, ec.max_new_tokens, bs, tok.eos_id, gen)}
+    replies = {"sft": sample_replies(sft, queries, n, ec.max_new_tokens, bs, tok, gen)}
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
@@ -367,7 +379,7 @@ def run_eval(cfg):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, ec.max_new_tokens, bs, tok.eos_id, gen)
+        replies[name] = sample_replies(policy, queries, k, ec.max_new_tokens, bs, tok, gen)
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
         lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)
@@ -404,7 +416,7 @@ def run_eval(cfg):
         human = prompts[p][0].rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
         col = {"sft": p * n, "bon": p, "rs": p * k, "ppo": p * k}
         examples.append({"human": human, "replies": {
-            m: (tok.decode([t for t in replies[m][col[m]] if t != tok.eos_id]).strip(),
+            m: (tok.decode(strip_end(replies[m][col[m]], tok)).strip(),
                 a[m].view(-1)[col[m]].item(), b[m].view(-1)[col[m]].item()) for m in replies}})
     write_report(os.path.join(out, "report.md"), ev, examples)
     print(f"[eval] {'policy':6s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'tokens':>6s}")

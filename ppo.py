@@ -28,7 +28,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from data import pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from reward import load_reward_model, score_replies
 from train import (MetricsLog, NonFiniteLoss, check_compatible, load_checkpoint, load_model, model_checkpoint,
                    pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
@@ -233,22 +234,25 @@ def forward_policy(policy, critic, query_response, attention_mask, context_lengt
 # ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
 
-def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator):
+def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
+             stop_ids=()):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps.
 
     queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
     lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
-    function a test defines. Returns (stats dict, rollout dict); the caller owns beta's update.
+    function a test defines. A reply ends at eos_id or at one of stop_ids (a new "\n\nHuman:" turn:
+    the model handing the dialogue back), or is cut at cfg.max_new_tokens.
+    Returns (stats dict, rollout dict); the caller owns beta's update.
     """
     B, Tq = queries.shape
     # ---- rollout: no gradients; the frozen models under inference_mode ----
     for m in (policy, critic, ref_policy):
         m.eval()  # dropout off (it is 0 in PPO models anyway): the ratio must be exactly 1 at first
     with torch.no_grad():
-        # 1. sample responses with the batched KV-cache sampler, until EOS or max_new_tokens
+        # 1. sample responses with the batched KV-cache sampler, until EOS (or a stop sequence) or max length
         responses, _, response_mask = policy.generate(
             queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-            eos_id=eos_id, generator=generator)                                          # (B, N) each
+            eos_id=eos_id, stop_ids=list(stop_ids), generator=generator)                  # (B, N) each
         N = responses.size(1)
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
@@ -266,8 +270,8 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             lengths = response_mask.sum(1)                                                # (B,)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, lengths.tolist())]
-            pm_scores = reward_fn(q_list, r_list).float()                                 # (B,)
-        ended = responses.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1) == eos_id  # (B,)
+            pm_scores = reward_fn(q_list, r_list).float().to(queries.device)              # (B,)
+        ended = torch.tensor([reply_ended(r, eos_id, stop_ids) for r in r_list], device=queries.device)  # (B,)
         if cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
             scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, cfg.no_eos_penalty))
         else:
@@ -332,31 +336,16 @@ def disable_dropout(model):
     return model
 
 
-def load_pm(path, device):
-    """A preference-model checkpoint (reward.py) -> dict(gpt, head_weight (C,), head_bias (1,), gain, bias):
-    the GPT trunk, the scalar head read at the final EOS, and the output normalisation."""
-    gpt, _, ckpt = load_model(path, device)
-    head = {k[len("head."):]: v for k, v in ckpt["model"].items() if k.startswith("head.")}
-    return {"gpt": disable_dropout(gpt.requires_grad_(False)).eval(), "head_weight": head["weight"].reshape(-1).to(device),
-            "head_bias": head["bias"].reshape(1).to(device), "gain": float(ckpt.get("reward_gain", 1.0)),
-            "bias": float(ckpt.get("reward_bias", 0.0))}
+def pm_reward_fn(reward_model, tok, batch_size=64):
+    """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
+    of query + reply + EOS read at that EOS (the input it was trained on). A trailing EOS or stop
+    sequence is replaced by one EOS, so an unfinished reply is scored as it stands: the truncated reply."""
+    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size)
 
 
-def pm_reward_fn(pm, tok, max_reply_tokens):
-    """reward_fn for ppo_step: the PM's normalised score of query + reply + EOS, read at that EOS, the
-    input the PM was trained on (data.pm_example). A reply's own EOS is dropped first (pm_example adds
-    it back), so an unfinished reply is scored as if it had ended there: the truncated reply."""
-    block_size = pm["gpt"].config.block_size
-
-    def reward_fn(queries, responses):
-        seqs = [pm_example(q, [t for t in r if t != tok.eos_id], tok, block_size, max_reply_tokens)
-                for q, r in zip(queries, responses)]
-        ids, mask = pad_right(seqs, tok.eos_id)                                          # (B, T) each
-        device = pm["head_weight"].device
-        hidden = pm["gpt"].hidden_states(ids.to(device), mask.to(device))                # (B, T, C)
-        last = hidden[torch.arange(len(seqs)), mask.sum(1).to(device) - 1]              # (B, C)
-        return pm["gain"] * (last @ pm["head_weight"] + pm["head_bias"]) + pm["bias"]  # (B,)
-    return reward_fn
+def reply_ended(reply, eos_id, stop_ids):
+    """True if a sampled reply (id list) finished by itself: EOS, or a new "\n\nHuman:" turn."""
+    return reply[-1:] == [eos_id] or any(len(s) and reply[-len(s):] == list(s) for s in stop_ids)
 
 
 def rl_prompts(cfg, split, tok, max_prompt_tokens):
@@ -399,13 +388,13 @@ def train_ppo(cfg):
     ref_policy, _, _ = load_model(sft_path, device)
     disable_dropout(policy)
     disable_dropout(ref_policy.requires_grad_(False))
-    pm_a, pm_b = load_pm(os.path.join(out, "pm_a.pt"), device), load_pm(os.path.join(out, "pm_b.pt"), device)
+    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)   # frozen: the training signal
+    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)   # frozen: the held-out judge
+    reward_a, reward_b = pm_reward_fn(pm_a, tok), pm_reward_fn(pm_b, tok)
     max_prompt = min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens)
-    reward_a = pm_reward_fn(pm_a, tok, pc.max_new_tokens)
-    reward_b = pm_reward_fn(pm_b, tok, pc.max_new_tokens)
     # the value model: a trainable copy of PM-A (trunk and head), or PM-A's head on the policy's trunk
-    trunk = None if pc.share_trunk else deepcopy(pm_a["gpt"]).requires_grad_(True)
-    critic = build_critic(trunk, pm_a["head_weight"], pm_a["head_bias"], pm_a["gain"], pm_a["bias"]).to(device)
+    trunk = None if pc.share_trunk else disable_dropout(load_model(os.path.join(out, "pm_a.pt"), device)[0])
+    critic = build_critic(trunk, pm_a.head.weight, pm_a.head.bias, pm_a.reward_gain, pm_a.reward_bias).to(device)
     params = list(policy.parameters()) + list(critic.parameters())
     optimizer = torch.optim.Adam(params, lr=pc.lr, eps=pc.adam_eps)
     start, kl_coef = 0, pc.kl_coef
@@ -434,7 +423,7 @@ def train_ppo(cfg):
         generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
         try:
             stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                      pc, kl_coef, tok.eos_id, generator)
+                                      pc, kl_coef, tok.eos_id, generator, tok.stop_ids)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                 f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
