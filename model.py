@@ -18,6 +18,7 @@ References:
   nucleus sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"
 """
 
+import http.client
 import json
 import math
 import os
@@ -501,7 +502,7 @@ def _download_gpt2(name, cache_dir=None):
                 raise OSError(f"got {f.tell()} of {total} bytes")
             f.flush()
             os.fsync(f.fileno())
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # offline, HTTP error, cut off
         part.unlink(missing_ok=True)
         raise RuntimeError(f"could not download {url} ({e}). Download that file yourself and pass its "
                            f"local path: GPT.from_pretrained('/path/to/model.safetensors')") from None
