@@ -231,6 +231,18 @@ def forward_policy(policy, critic, query_response, attention_mask, context_lengt
     return logits, values
 
 
+def rollout_forward(policy, critic, query_response, attention_mask, responses, context_length, temperature, chunk):
+    """forward_policy over a rollout batch in chunks of `chunk` rows (the memory of one minibatch),
+    keeping only what PPO stores: logprobs (B, N), values (B, N) or None, and entropy (B, N)."""
+    out = []
+    for s in range(0, len(responses), chunk):
+        logits, values = forward_policy(policy, critic, query_response[s:s + chunk], attention_mask[s:s + chunk],
+                                        context_length, temperature)                          # (b, N, V), (b, N)
+        out.append((logprobs_from_logits(logits, responses[s:s + chunk]), values, entropy_from_logits(logits)))
+    logprobs, values, entropy = zip(*out)
+    return torch.cat(logprobs), None if critic is None else torch.cat(values), torch.cat(entropy)
+
+
 # ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
 
@@ -253,19 +265,15 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
         responses, _, response_mask = policy.generate(
             queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
             eos_id=eos_id, stop_ids=list(stop_ids), generator=generator)                  # (B, N) each
-        N = responses.size(1)
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
         mask = response_mask.float()                                                      # (B, N)
         # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
-        logits, values = forward_policy(policy, critic, query_response, attention_mask, Tq, cfg.temperature)
-        logprobs = logprobs_from_logits(logits, responses)                                # (B, N)
-        entropy = masked_mean(entropy_from_logits(logits), mask)
-        del logits
+        logprobs, values, entropy = rollout_forward(policy, critic, query_response, attention_mask, responses,
+                                                    Tq, cfg.temperature, cfg.minibatch_size)  # (B, N) each
         with torch.inference_mode():
-            ref_logits, _ = forward_policy(ref_policy, None, query_response, attention_mask, Tq, cfg.temperature)
-            ref_logprobs = logprobs_from_logits(ref_logits, responses)                    # (B, N)
-            del ref_logits
+            ref_logprobs, _, _ = rollout_forward(ref_policy, None, query_response, attention_mask, responses,
+                                                 Tq, cfg.temperature, cfg.minibatch_size)    # (B, N)
             # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
             lengths = response_mask.sum(1)                                                # (B,)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
@@ -315,7 +323,7 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
     stats.update({
         "score": scores.mean().item(), "pm_a": pm_scores.mean().item(), "kl": kl_sum.mean().item(), "kl_coef": kl_coef,
-        "non_score_reward": (-kl_coef * kl_sum).mean().item(), "entropy": entropy.item(),
+        "non_score_reward": (-kl_coef * kl_sum).mean().item(), "entropy": masked_mean(entropy, mask).item(),
         "explained_var": explained_variance(values, returns, mask), "reply_len": lengths.float().mean().item(),
         "eos_rate": ended.float().mean().item(), "returns": masked_mean(returns, mask).item(),
         "values": masked_mean(values, mask).item(), "minibatches": len(mb_stats), "early_stop": float(stop),
@@ -417,32 +425,39 @@ def train_ppo(cfg):
             policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
             kl_coef=kl_coef, rng=rng_state(), seed=cfg.seed, stage="ppo", config=asdict(pc), done=done))
 
-    for it in range(start, pc.iterations):
-        t0 = time.time()
-        queries, query_mask = (t.to(device) for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
-        generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
-        try:
-            stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                      pc, kl_coef, tok.eos_id, generator, tok.stop_ids)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
-                                f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
-        if pc.adaptive_kl:
-            kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
-        stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
-        if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
-            with torch.inference_mode():
-                stats["pm_b"] = reward_b(rollout["q_list"], rollout["r_list"]).float().mean().item()
-        stats["time"] = time.time() - t0
-        log.log("ppo", it, **stats)
-        print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', float('nan')):+.3f} "
-              f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
-              f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
-              f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
-        if pc.sample_every and it % pc.sample_every == 0:
-            for q, r, sc in list(zip(rollout["q_list"], rollout["r_list"], rollout["scores"].tolist()))[:2]:
-                print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
-        if pc.save_every and (it + 1) % pc.save_every == 0:
-            checkpoint(it + 1, done=False)
+    it = start
+    try:
+        for it in range(start, pc.iterations):
+            t0 = time.time()
+            queries, query_mask = (t.to(device) for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+            try:
+                stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
+                                          pc, kl_coef, tok.eos_id, generator, tok.stop_ids)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
+                                    f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
+            if pc.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
+            stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
+            if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
+                with torch.inference_mode():
+                    stats["pm_b"] = reward_b(rollout["q_list"], rollout["r_list"]).float().mean().item()
+            stats["time"] = time.time() - t0
+            log.log("ppo", it, **stats)
+            print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
+                  f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
+                  f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
+                  f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
+            if pc.sample_every and it % pc.sample_every == 0:
+                for q, r, sc in list(zip(rollout["q_list"], rollout["r_list"], rollout["scores"].tolist()))[:2]:
+                    print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
+            if pc.save_every and (it + 1) % pc.save_every == 0:
+                checkpoint(it + 1, done=False)
+    except KeyboardInterrupt:  # mid-update weights are half an iteration: keep the last whole checkpoint
+        saved = load_checkpoint(path)["iteration"] if os.path.exists(path) else 0
+        print(f"\n[ppo] interrupted at iteration {it}; {path} holds iteration {saved} "
+              f"(saved every {pc.save_every}); rerun the same command to resume from there")
+        raise SystemExit(130)
     checkpoint(pc.iterations, done=True)
     print(f"[ppo] done | checkpoint {path}")

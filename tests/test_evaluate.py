@@ -146,3 +146,33 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     mtime = os.path.getmtime(os.path.join(out, "ppo.pt"))
     train_ppo(cfg)
     assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
+
+
+def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
+    """A run stopped after its iteration-2 checkpoint and resumed ends with the same weights as a
+    straight run: rollouts and minibatch order are pure functions of (seed, iteration)."""
+    import ppo
+    finals = []
+    for name, crash in (("straight", False), ("resumed", True)):
+        out = str(tmp_path / name)
+        write_tiny_run(hh_dir, out)
+        cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+        cfg.ppo.iterations, cfg.ppo.save_every, cfg.ppo.judge_every = 3, 2, 0
+        if crash:
+            real, calls = ppo.ppo_step, []
+
+            def crashing(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+            monkeypatch.setattr(ppo, "ppo_step", crashing)
+            with pytest.raises(SystemExit):
+                train_ppo(cfg)
+            assert load_checkpoint(os.path.join(out, "ppo.pt"))["iteration"] == 2
+            monkeypatch.setattr(ppo, "ppo_step", real)
+        train_ppo(cfg)
+        finals.append(load_checkpoint(os.path.join(out, "ppo.pt")))
+    for key in ("model", "critic"):
+        assert all(torch.equal(finals[0][key][k], finals[1][key][k]) for k in finals[0][key])
+    assert finals[1]["iteration"] == 3 and finals[1]["done"]

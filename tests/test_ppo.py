@@ -156,8 +156,13 @@ def tiny_queries(g, B=32, T=4):
     return torch.where(mask.bool(), queries, torch.full_like(queries, EOS)), mask
 
 
-def test_first_minibatch_ratio_one_and_zero_kl():
-    policy, ref, critic, cfg, opt = tiny_setup()
+@pytest.mark.parametrize("share_trunk", [False, True])
+def test_first_minibatch_ratio_one_and_zero_kl(share_trunk):
+    # temperature != 1: the training pass must divide the logits by it too, or the ratio is not 1
+    policy, ref, critic, cfg, opt = tiny_setup(temperature=0.7)
+    if share_trunk:  # the value head on the policy's own trunk: one forward for logprobs and values
+        critic = ppo.build_critic(None, torch.randn(32), torch.zeros(1))
+        opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
     q, qm = tiny_queries(g)
     stats, rollout = ppo.ppo_step(policy, ref, critic, opt, count_target, q, qm, cfg, cfg.kl_coef, EOS, g)
@@ -166,6 +171,29 @@ def test_first_minibatch_ratio_one_and_zero_kl():
     assert first["approx_kl"] == pytest.approx(0.0, abs=1e-6)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)      # policy == reference at the start
     assert stats["minibatches"] == cfg.ppo_epochs * cfg.batch_size // cfg.minibatch_size
+    assert rollout["mb_stats"][-1]["approx_kl"] > 0         # later minibatches see a moved policy
+
+
+def test_approx_kl_early_stop_and_non_finite_loss():
+    policy, ref, critic, cfg, opt = tiny_setup(max_approx_kl=1e-9)
+    g = torch.Generator().manual_seed(3)
+    q, qm = tiny_queries(g)
+    stats, _ = ppo.ppo_step(policy, ref, critic, opt, count_target, q, qm, cfg, cfg.kl_coef, EOS, g)
+    assert stats["minibatches"] == 2 and stats["early_stop"] == 1   # the first has approx_kl 0, the second > limit
+    nan_reward = lambda queries, responses: torch.full((len(responses),), float("nan"))  # noqa: E731
+    with pytest.raises(ppo.NonFiniteLoss, match="non-finite PPO loss"):
+        ppo.ppo_step(policy, ref, critic, opt, nan_reward, q, qm, cfg, cfg.kl_coef, EOS, g)
+
+
+def test_no_eos_penalty_replaces_the_score():
+    policy, ref, critic, cfg, opt = tiny_setup(penalize_no_eos=True, no_eos_penalty=-3.0, ppo_epochs=1)
+    g = torch.Generator().manual_seed(4)
+    q, qm = tiny_queries(g)
+    _, rollout = ppo.ppo_step(policy, ref, critic, opt, count_target, q, qm, cfg, cfg.kl_coef, EOS, g)
+    ended = torch.tensor([r[-1] == EOS for r in rollout["r_list"]])
+    assert 0 < ended.sum() < len(ended)  # both kinds in the batch
+    assert torch.equal(rollout["scores"][ended], rollout["pm_scores"][ended])
+    assert (rollout["scores"][~ended] == -3.0).all()
 
 
 def test_forward_policy_ignores_padding():
