@@ -221,9 +221,9 @@ def evaluate_loss(model, data, sc, block_size, pad_id, device):
     losses = []
     n_batches = sc.eval_batches if isinstance(data, np.ndarray) else min(sc.eval_batches, max(1, len(data) // sc.batch_size))
     for i in range(n_batches):
-        idx, targets, loss_mask, attn = (t.to(device) for t in get_batch(data, i, sc.batch_size, block_size, 0, pad_id))
+        idx, targets, loss_mask, _ = (t.to(device) for t in get_batch(data, i, sc.batch_size, block_size, 0, pad_id))
         with autocast(device):
-            _, loss = model(idx, targets, loss_mask=loss_mask, attention_mask=attn)
+            _, loss = model(idx, targets, loss_mask=loss_mask)  # right padding: see supervised_train
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
@@ -280,7 +280,9 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 batch = get_batch(train_data, step * sc.grad_accum + micro, sc.batch_size, block_size, cfg.seed, tok.eos_id)
                 idx, targets, loss_mask, attn = (t.to(device) for t in batch)
                 with autocast(device):
-                    _, loss = model(idx, targets, loss_mask=loss_mask, attention_mask=attn)
+                    # batches are right-padded, so under causal attention no real token ever sees a pad:
+                    # no attention mask is needed, and SDPA can take its fast is_causal path
+                    _, loss = model(idx, targets, loss_mask=loss_mask)
                 # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
                 (loss / sc.grad_accum).backward()
                 loss_sum += loss.item() / sc.grad_accum
