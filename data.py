@@ -23,6 +23,7 @@ References:
 import gzip
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import urllib.error
@@ -332,17 +333,18 @@ class Tokenizer:
     def __init__(self, keep=None):
         self.enc = tiktoken.get_encoding("gpt2")
         self.keep = None if keep is None else sorted(int(i) for i in keep)
-        byte_ids = [self.enc.encode_single_token(bytes([b])) for b in range(256)]
-        if self.keep is None:
-            self.vocab_size, self.to_new, self.to_old = self.enc.n_vocab, None, None
+        gpt2_bytes = [self.enc.encode_single_token(bytes([b])) for b in range(256)]
+        if self.keep is None:  # identity maps
+            self.to_old = self.to_new = list(range(self.enc.n_vocab))
         else:
-            self.to_old = np.array(self.keep, dtype=np.int64)
-            self.to_new = np.full(self.enc.n_vocab, -1, dtype=np.int64)
-            self.to_new[self.to_old] = np.arange(len(self.keep))
-            assert (self.to_new[byte_ids] >= 0).all() and self.to_new[self.enc.eot_token] >= 0, "keep bytes + EOS"
-            self.vocab_size = len(self.keep)
-        self.byte_ids = byte_ids if self.keep is None else self.to_new[byte_ids].tolist()
-        self.eos_id = self._remap([self.enc.eot_token])[0]
+            self.to_old, self.to_new = self.keep, [-1] * self.enc.n_vocab
+            for new, old in enumerate(self.keep):
+                self.to_new[old] = new
+            if min(self.to_new[i] for i in gpt2_bytes + [self.enc.eot_token]) < 0:
+                raise ValueError("a trimmed vocab must keep the 256 single-byte tokens and EOS")
+        self.vocab_size = len(self.to_old)
+        self.byte_ids = [self.to_new[i] for i in gpt2_bytes]  # our id of each byte value 0..255
+        self.eos_id = self.to_new[self.enc.eot_token]
         self.stop_ids = [self.encode(HUMAN)]  # the model starting a new human turn = end of its reply
 
     @classmethod
@@ -353,10 +355,12 @@ class Tokenizer:
     def trimmed(cls, texts, min_count=1, max_size=0):
         """Keep the 256 byte tokens, EOS, and every GPT-2 token seen >= min_count times in texts
         (at most max_size tokens in all, most frequent first)."""
-        base = cls()
-        counts = np.zeros(base.vocab_size, dtype=np.int64)
-        for ids in base.encode_batch(list(texts)):
-            counts += np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(counts))
+        base, texts = cls(), list(texts)
+        counts = np.zeros(base.vocab_size, dtype=np.int64)  # how often each GPT-2 token occurs
+        for start in range(0, len(texts), 4096):  # in chunks: the full data as Python ints would be GBs
+            ids = base.encode_batch(texts[start:start + 4096])
+            counts += np.bincount(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64),
+                                  minlength=len(counts))
         must = set(base.byte_ids) | {base.eos_id}
         seen = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] >= max(min_count, 1) and i not in must]
         if max_size:
@@ -365,13 +369,11 @@ class Tokenizer:
 
     def _remap(self, gpt2_ids):
         """GPT-2 ids -> our ids; a token outside the kept set becomes its bytes' single-byte tokens."""
-        if self.keep is None:
-            return list(gpt2_ids)
-        new = self.to_new[np.asarray(gpt2_ids, dtype=np.int64)]
-        if (new >= 0).all():
-            return new.tolist()
+        new = list(map(self.to_new.__getitem__, gpt2_ids))
+        if self.keep is None or -1 not in new:
+            return new
         out = []
-        for old, n in zip(gpt2_ids, new.tolist()):
+        for old, n in zip(gpt2_ids, new):
             out.extend([n] if n >= 0 else [self.byte_ids[b] for b in self.enc.decode_single_token_bytes(old)])
         return out
 
@@ -385,8 +387,9 @@ class Tokenizer:
         return [self._remap(ids) for ids in self.enc.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)]
 
     def decode(self, ids):
-        ids = [int(i) for i in ids]
-        gpt2_ids = ids if self.keep is None else self.to_old[np.asarray(ids, dtype=np.int64)].tolist()
+        """ids (a list, array or tensor) -> text; bytes that are not valid UTF-8 (a cut character)
+        become U+FFFD instead of raising."""
+        gpt2_ids = [self.to_old[int(i)] for i in ids]
         return self.enc.decode_bytes(gpt2_ids).decode("utf-8", errors="replace")
 
     def state_dict(self):

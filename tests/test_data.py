@@ -173,6 +173,8 @@ def test_trimmed_tokenizer_is_lossless_and_saves(tmp_path):
     assert t2.encode(s) == tt.encode(s) and t2.vocab_size == tt.vocab_size
     small = Tokenizer.trimmed(["a b c d e f g h"] * 3, min_count=2, max_size=260)
     assert small.vocab_size == 260
+    with pytest.raises(ValueError, match="single-byte"):
+        Tokenizer.from_state_dict({"encoding": "gpt2", "keep": [1, 2, 3]})
 
 
 # --- examples and collation ----------------------------------------------------------------------
