@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data import pad_left, sft_example
+from data import pad_left, pad_right, sft_example
 from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
 from reward import load_reward_model
 from train import (LMTrainConfig, MetricsLog, load_checkpoint, load_model, pick_device, save_checkpoint,
@@ -109,7 +109,7 @@ class RSConfig(LMTrainConfig):
     The LMTrainConfig fields (max_steps, batch_size, lr, ...) configure the fine-tune."""
     n: int = 16                  # samples per prompt; the best under PM-A is kept
     num_prompts: int = 256       # train prompts to sample (0 = all)
-    max_new_tokens: int = 64     # reply length cap while sampling
+    max_new_tokens: int = 0      # reply length cap while sampling (0 = ppo.max_new_tokens)
     sample_batch_size: int = 64  # sequences per generate call
     max_steps: int = 200         # fine-tuning steps on the winners
     lr: float = 5e-5             # fine-tuning lr (a small step from SFT)
@@ -122,7 +122,7 @@ class EvalConfig:
     """The final evaluation of sft / bon / rs / ppo on held-out test prompts."""
     num_prompts: int = 64        # test prompts (0 = all)
     n: int = 16                  # SFT samples per prompt: best-of-n up to n, and the SFT baseline
-    max_new_tokens: int = 64     # reply length cap (use the length PPO trained with)
+    max_new_tokens: int = 0      # reply length cap (0 = ppo.max_new_tokens, the length PPO trained with)
     policy_samples: int = 4      # samples per prompt for rs and ppo (SFT and best-of-n use n)
     batch_size: int = 64         # sequences per generate / scoring call
     num_examples: int = 3        # prompts shown side by side in report.md
@@ -158,9 +158,7 @@ def reply_logprobs(model, queries, replies, batch_size, pad_id):
     for start in range(0, len(replies), batch_size):
         q, r = queries[start:start + batch_size], replies[start:start + batch_size]
         q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
-        N = max(len(x) for x in r)
-        r_ids = torch.tensor([x + [pad_id] * (N - len(x)) for x in r])             # (b, N)
-        r_mask = torch.tensor([[1] * len(x) + [0] * (N - len(x)) for x in r])     # (b, N)
+        r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
         logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
                                    torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), 1.0)
         lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
@@ -211,19 +209,19 @@ def run_rs(cfg):
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     policy, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
-    block_size = policy.config.block_size
+    block_size, max_new = policy.config.block_size, rc.max_new_tokens or cfg.ppo.max_new_tokens
     if os.path.exists(data_path) and not cfg.force:
         data = load_checkpoint(data_path)
     else:
         disable_dropout(policy).eval()
         pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
-        prompts = rl_prompts(cfg, "train", tok, block_size - rc.max_new_tokens)
+        prompts = rl_prompts(cfg, "train", tok, min(cfg.ppo.max_prompt_tokens, block_size - max_new))
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
         queries = [prompts[i][1] for i in order]
         print(f"[rs] best-of-{rc.n} on {len(queries)} train prompts ({len(queries) * rc.n} samples)")
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-        replies = sample_replies(policy, queries, rc.n, rc.max_new_tokens, rc.sample_batch_size, tok, gen)
+        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen)
         rep_queries = [q for q in queries for _ in range(rc.n)]
         scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size), rep_queries, replies, rc.sample_batch_size)
         scores = scores.view(-1, rc.n)                                                             # (P, n)
@@ -343,19 +341,21 @@ def run_eval(cfg):
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
     reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size), pm_reward_fn(pm_b, tok, ec.batch_size)
-    prompts = rl_prompts(cfg, "test", tok, sft.config.block_size - ec.max_new_tokens)[:ec.num_prompts or None]
+    max_new = ec.max_new_tokens or cfg.ppo.max_new_tokens
+    max_prompt = min(cfg.ppo.max_prompt_tokens, sft.config.block_size - max_new)
+    prompts = rl_prompts(cfg, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, bs = [q for _, q in prompts], len(prompts), ec.n, ec.batch_size
     print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{ec.policy_samples}")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
 
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, ec.max_new_tokens, bs, tok, gen)}
+    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen)}
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     lengths = {"sft": torch.tensor([len(r) for r in replies["sft"]], dtype=torch.float).view(P, n)}
     kl = {"sft": 0.0}
-    notes = [f"{P} test prompts, temperature 1, replies up to {ec.max_new_tokens} tokens; SFT and best-of-n "
+    notes = [f"{P} test prompts, temperature 1, replies up to {max_new} tokens; SFT and best-of-n "
              f"from {n} SFT samples per prompt, rs/ppo from {ec.policy_samples} samples per prompt."]
 
     # 2. best-of-n: PM-A picks among the SFT samples; the unbiased estimator gives every n <= N
@@ -379,7 +379,7 @@ def run_eval(cfg):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, ec.max_new_tokens, bs, tok, gen)
+        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen)
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
         lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)
