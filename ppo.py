@@ -23,7 +23,6 @@ References
 import math
 import os
 import time
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 
 import torch
