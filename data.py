@@ -10,10 +10,12 @@ every row into one shared prompt and two replies (a `Pair`), and build from pair
   - PPO prompts       (prompt_ids):  the prompt alone, left-truncated, for the policy to continue
 
 Use it:
-    from data import DataConfig, Tokenizer, resolve_data_dir, read_pairs
-    data_dir = resolve_data_dir(None)               # $HH_RLHF_DIR, else download into the cache
+    python data.py [--data_dir DIR]     # download (if needed), parse, and print what was read
+
+    from data import DataConfig, build_tokenizer, format_stats, read_pairs, resolve_data_dir
+    data_dir = resolve_data_dir(None)   # --data_dir > $HH_RLHF_DIR > download into the cache
     pairs, stats = read_pairs(data_dir, "train", DataConfig())
-    print(format_stats(stats))
+    print(format_stats(stats)); tok = build_tokenizer(DataConfig(), pairs)
 
 References:
   - Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning from
@@ -26,6 +28,7 @@ import http.client
 import itertools
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 import warnings
@@ -87,14 +90,6 @@ class Pair:
 # -----------------------------------------------------------------------------
 # Download: resumable, checked, and never leaving a half file that looks complete
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_file(url, dest, sha256=None, size=None, timeout=30.0):
     """Download url to dest. Bytes go to dest.part; a rerun continues it with an HTTP Range request, and
     dest appears (by atomic rename) only once every byte the server announced has arrived. A size or
@@ -131,10 +126,15 @@ def download_file(url, dest, sha256=None, size=None, timeout=30.0):
         raise DataError(f"downloading {url} stopped at {got} of {total} bytes; rerun to resume")
     if size is not None and got != size:
         warnings.warn(f"{dest}: {got} bytes, expected {size}; using it anyway", stacklevel=2)
-    elif sha256 is not None and (digest := sha256_of(part)) != sha256:
+    elif sha256 is not None and (digest := _sha256(part)) != sha256:
         warnings.warn(f"{dest}: sha256 {digest}, expected {sha256}; using it anyway", stacklevel=2)
     os.replace(part, dest)
     return dest
+
+
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def default_cache_dir():
@@ -145,9 +145,9 @@ def default_cache_dir():
 
 def subsets_present(data_dir, split=None):
     """Subset directories of data_dir holding SPLIT.jsonl.gz (any split if split is None)."""
-    splits = SPLITS if split is None else (split,)
-    return sorted(d.name for d in Path(data_dir).iterdir()
-                  if d.is_dir() and any((d / f"{s}.jsonl.gz").is_file() for s in splits))
+    splits, data_dir = SPLITS if split is None else (split,), Path(data_dir)
+    return sorted(d.name for d in data_dir.iterdir() if d.is_dir() and
+                  any((d / f"{s}.jsonl.gz").is_file() for s in splits)) if data_dir.is_dir() else []
 
 
 def resolve_data_dir(data_dir=None, base_url=BASE_URL, cache_dir=None, timeout=30.0):
@@ -188,8 +188,8 @@ def split_dialogue(text):
 
 
 def _parse_row(raw):
-    """One jsonl line (bytes) -> (prompt, chosen, rejected, n_turns, rejected's prompt); a ValueError
-    says what is wrong with it."""
+    """One jsonl line (bytes) -> (split_dialogue(chosen), split_dialogue(rejected)); a ValueError
+    says what is wrong with the line."""
     if len(raw) > MAX_LINE_BYTES:
         raise ValueError(f"line longer than {MAX_LINE_BYTES} bytes")
     try:
@@ -207,14 +207,12 @@ def _parse_row(raw):
             raise ValueError(f"missing key {key!r}")
         if not isinstance(row[key], str):
             raise ValueError(f"{key!r} is {type(row[key]).__name__}, expected a string")
-        if b"\\u" in raw:  # a JSON escape like "\ud800" can smuggle a lone surrogate, which no tokenizer or file takes
-            try:
-                row[key].encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"{key!r} holds invalid unicode (a lone surrogate escape)") from None
-    prompt, chosen, n_turns = split_dialogue(row["chosen"])
-    prompt_r, rejected, _ = split_dialogue(row["rejected"])
-    return prompt, chosen, rejected, n_turns, prompt_r
+    if b"\\u" in raw:  # an escape like "\ud800" can smuggle in a lone surrogate, which is not text:
+        try:            # no tokenizer or UTF-8 file would take it
+            (row["chosen"] + row["rejected"]).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid unicode (a lone surrogate escape)") from None
+    return split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
 
 
 def _lines(path):
@@ -266,7 +264,7 @@ def read_pairs(data_dir, split, cfg):
                     continue  # blank lines (e.g. a trailing newline) are not rows
                 stats["read"] += 1
                 try:
-                    prompt, chosen, rejected, n_turns, prompt_r = _parse_row(raw)
+                    (prompt, chosen, n_turns), (prompt_r, rejected, _) = _parse_row(raw)
                 except ValueError as e:
                     if not cfg.skip_bad_rows:
                         raise DataError(f"{path}:{line_no}: {e} (--data.skip_bad_rows=True to skip "
@@ -300,11 +298,11 @@ def read_pairs(data_dir, split, cfg):
 
 def format_stats(stats, name=""):
     """One human line for a read_pairs stats dict, e.g. for the log."""
-    dropped = ", ".join(f"{v} {k[len('dropped_'):].replace('_', ' ')}" for k, v in stats.items()
-                        if k.startswith("dropped_") and v)
-    return (f"{name + ': ' if name else ''}read {stats['read']} rows, kept {stats['kept']} pairs"
-            f"{'; dropped ' + dropped if dropped else ''}"
-            f"{'; skipped ' + str(stats['skipped_bad']) + ' bad rows' if stats['skipped_bad'] else ''}")
+    parts = [f"read {stats['read']} rows", f"kept {stats['kept']} pairs"]
+    parts += [f"dropped {v} ({k[len('dropped_'):].replace('_', ' ')})" for k, v in stats.items()
+              if k.startswith("dropped_") and v]
+    parts += [f"skipped {stats['skipped_bad']} bad rows"] if stats["skipped_bad"] else []
+    return (f"{name}: " if name else "") + ", ".join(parts)
 
 
 def split_train_val(pairs, val_frac):
@@ -328,7 +326,8 @@ class Tokenizer:
     """GPT-2 BPE (tiktoken). With keep=None, ids are GPT-2's own (vocab 50257). With keep = a sorted
     list of GPT-2 ids (always including the 256 single-byte tokens and EOS), ids are remapped to
     0..len(keep)-1 and a GPT-2 token outside keep is spelled as its bytes' single-byte tokens, so
-    encoding stays lossless while the embedding table shrinks (~10x for a small model)."""
+    encoding stays lossless while the embedding table, most of a small model's weights, shrinks
+    (1,500 harmless-base rows use ~12.8k of GPT-2's 50,257 tokens)."""
 
     def __init__(self, keep=None):
         self.enc = tiktoken.get_encoding("gpt2")
@@ -487,7 +486,23 @@ def pad_left(seqs, pad_id):
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, T - len(s):] = 1
+        ids[i, T - len(s):] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, T - len(s):] = 1
     return ids, mask
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Download (if needed) and check the hh-rlhf data.")
+    parser.add_argument("--data_dir", default=None, help="a dir in the dataset's layout (default: cache)")
+    args, cfg = parser.parse_args(), DataConfig()
+    try:
+        data_dir = resolve_data_dir(args.data_dir)
+        splits = {split: read_pairs(data_dir, split, cfg) for split in SPLITS}
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    for split, (pairs, stats) in splits.items():
+        print(format_stats(stats, f"{data_dir} {split}"))
+    tok = build_tokenizer(DataConfig(vocab="trimmed"), splits["train"][0])
+    print(f"a trimmed vocab of the train split has {tok.vocab_size} tokens (GPT-2: 50257)")

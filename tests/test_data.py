@@ -67,7 +67,7 @@ def test_parse_multiturn_unicode_and_drops(tmp_path):
     assert p.prompt.endswith("\n\nHuman: Tell me a joke\n\nAssistant:") and p.n_turns == 2
     assert p.prompt + p.chosen == rows[0]["chosen"] and p.prompt + p.rejected == rows[0]["rejected"]
     assert pairs[1].chosen == " Très bien 🙂" and pairs[1].subset == "helpful-base"
-    assert "kept 3 pairs" in format_stats(stats) and "1 prompt mismatch" in format_stats(stats)
+    assert "kept 3 pairs" in format_stats(stats) and "dropped 1 (prompt mismatch)" in format_stats(stats)
 
 
 def test_subsets_all_present_or_named(tmp_path):
