@@ -19,15 +19,23 @@ References:
 - Ziegler et al. 2019 / OpenAI lm-human-preferences (reward normalisation to mean 0, std 1 on
   policy samples; head init N(0, 1/sqrt(d+1))), and Stiennon et al. 2020 (ranking loss).
 """
+import copy
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data import (Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
+                  sft_example, split_halves, split_train_val)
+from model import GPT, GPTConfig
+from train import (CheckpointError, MetricsLog, load_checkpoint, load_model, lr_at, model_checkpoint,
+                   pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
 @dataclass
@@ -35,25 +43,25 @@ class RMConfig:
     objective: str = "ranking"   # "ranking" (-log sigmoid(r_c - r_r)), "binary" (BCE per reply), "lm" (SFT mean log-prob)
     init: str = "sft"            # trunk initialisation: "sft" (out_dir/sft.pt) or "base" (out_dir/base.pt)
     lr: float = 3e-5             # peak AdamW learning rate (linear warmup + cosine)
+    min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 20       # linear LR warmup (per phase: PMP, then human pairs)
     weight_decay: float = 0.0    # AdamW weight decay on matrices
     batch_size: int = 8          # comparisons per step (2x sequences)
     epochs: int = 2              # passes over the PM's half of the train pairs
-    max_steps: int = 0           # >0 caps the number of steps (overrides epochs)
-    warmup_steps: int = 20       # linear LR warmup
+    max_steps: int = 0           # >0: exactly this many steps on human pairs (overrides epochs)
     grad_clip: float = 1.0       # clip the global grad norm (0 = off)
     margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
     center_coef: float = 0.0     # ranking: + coef * mean((r_c + r_r)^2), keeps scores centred at 0
-    max_reply_tokens: int = 128  # replies are cut to this many tokens (prompt is left-truncated to fit)
-    split_halves: bool = True    # train PM-A / PM-B on disjoint halves (False: both see all pairs)
+    split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    eval_interval: int = 50      # steps between validation evaluations (early stopping keeps the best)
+    eval_interval: int = 50      # steps between validation passes; the lowest val loss is kept (early stopping)
     eval_batch_size: int = 32    # sequences per scoring forward pass
-    normalize: str = "scale"     # "scale": gain and bias so SFT samples score mean 0 std 1; "shift": bias only; "none"
+    normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 64  # SFT samples (on train prompts) used to fit gain and bias
-    max_new_tokens: int = 64     # length of those SFT samples
-    ablation: bool = False       # also train and compare ranking / binary / lm (one table)
-    pmp_study: bool = False      # accuracy vs 25/50/100% of half A, with and without PMP (one table)
+    normalize_tokens: int = 64   # max length of those samples
+    ablation: bool = False       # also train binary and score lm on half A: one table of objectives
+    pmp_study: bool = False      # accuracy with 25/50/100% of half A, with and without PMP: one table
 
 
 # -----------------------------------------------------------------------------
@@ -180,3 +188,482 @@ def fit_normalization(raw_scores, scale=True):
     x = np.asarray(raw_scores, dtype=np.float64)
     gain = 1.0 / (x.std() + 1e-8) if scale else 1.0
     return float(gain), float(-gain * x.mean())
+
+
+# -----------------------------------------------------------------------------
+# the model: GPT trunk + scalar head read at the final EOS
+
+class RewardModel(GPT):
+    """A GPT whose output is one scalar per sequence: the head applied to the hidden state of the
+    last real token, the EOS that pm_example appends (Bai et al. 2022 sec 3: "end-of-context
+    token"). It subclasses GPT so its state dict is the GPT's keys plus `head.*`, and
+    train.load_model can still read the trunk of a PM checkpoint.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = nn.Linear(config.n_embd, 1)
+        # lm-human-preferences: std 1/sqrt(d+1) gives initial scores of std ~1 on unit-variance features
+        nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
+        nn.init.zeros_(self.head.bias)
+        self.reward_gain, self.reward_bias = 1.0, 0.0  # normalised score = gain * raw + bias (set after training)
+
+    def forward(self, idx, attention_mask=None, labels=None, objective="ranking", margin=0.0, center_coef=0.0):
+        """Raw scores (B,) and, given labels (B,) (1 = chosen/good, 0 = rejected/bad), the loss.
+
+        idx, attention_mask (B, T), any padding side. For "ranking" the k-th label-1 row is compared
+        with the k-th label-0 row, so a batch is cat([chosen, rejected]); "binary" scores each row alone.
+        """
+        B, T = idx.size()
+        h = self.hidden_states(idx, attention_mask)  # (B, T, C)
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, device=idx.device)
+        else:  # index of the last real token: the largest position whose mask is 1
+            last = (torch.arange(T, device=idx.device) * attention_mask.long()).argmax(1)  # (B,)
+        rewards = self.head(h[torch.arange(B, device=idx.device), last]).squeeze(-1).float()  # (B,)
+        if labels is None:
+            return rewards, None
+        if objective == "binary":
+            return rewards, binary_loss(rewards, labels)
+        return rewards, ranking_loss(rewards[labels == 1], rewards[labels == 0], margin, center_coef)
+
+
+@torch.no_grad()
+def lm_scores(gpt, idx, attention_mask, reply_mask):
+    """The "lm" baseline's score: mean log-prob of the reply tokens under a language model.
+
+    Askell et al. 2021 compare PMs to scoring by the likelihood of an imitation-trained LM: here
+    the SFT model, trained on chosen replies. idx, attention_mask, reply_mask (B, T) -> (B,).
+    """
+    logits, _ = gpt(idx, attention_mask=attention_mask)                                 # (B, T, V)
+    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(2, idx[:, 1:, None])[..., 0]  # (B, T-1)
+    m = reply_mask[:, 1:].float()                    # position t predicts token t+1
+    return (logp * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def load_reward_model(path, device="cpu"):
+    """Rebuild a PM from pm_a.pt / pm_b.pt -> (RewardModel in eval mode, Tokenizer, ckpt).
+    The model carries its normalisation (reward_gain, reward_bias) for score_replies."""
+    ckpt = load_checkpoint(path)
+    if "head.weight" not in ckpt.get("model", {}):
+        raise CheckpointError(f"{path}: not a preference-model checkpoint (no scalar head)")
+    model = RewardModel(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    model.reward_gain, model.reward_bias = ckpt.get("reward_gain", 1.0), ckpt.get("reward_bias", 0.0)
+    return model.to(device).eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
+
+
+# -----------------------------------------------------------------------------
+# data: token ids of comparisons, batches, scoring in batches
+
+def pm_block(model, cfg):
+    """Longest PM sequence: prompt (left-truncated) + reply + EOS, within the model's context."""
+    return min(model.config.block_size, cfg.data.max_prompt_tokens + cfg.data.max_reply_tokens + 1)
+
+
+def encode_pairs(pairs, tok, block_size, max_reply_tokens):
+    """[(chosen_ids, rejected_ids)] of prompt + reply + EOS, one per Pair."""
+    texts = tok.encode_batch([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
+    return [(pm_example(texts[3 * i], texts[3 * i + 1], tok, block_size, max_reply_tokens),
+             pm_example(texts[3 * i], texts[3 * i + 2], tok, block_size, max_reply_tokens)) for i in range(len(pairs))]
+
+
+def pmp_pairs(pairs, seed):
+    """Comparisons built from dialogue text alone, for preference-model pretraining (PMP).
+
+    Askell et al. 2021 sec 5 pretrain PMs on comparisons mined from the web before the human
+    data. With no such corpus here, every real reply (chosen and rejected alike: no human label
+    is used) is preferred to a corrupted one, drawn at random: a reply from another dialogue
+    (tests relevance), the same words shuffled (fluency), or the reply cut to 20-60% (completeness).
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, p in enumerate(pairs):
+        for reply in (p.chosen, p.rejected):
+            kind, words = rng.integers(3), reply.split(" ")
+            if kind == 0:
+                other = pairs[(i + 1 + rng.integers(len(pairs) - 1)) % len(pairs)] if len(pairs) > 1 else p
+                bad = other.chosen if rng.random() < 0.5 else other.rejected
+            elif kind == 1:
+                bad = " ".join(rng.permutation(words).tolist())
+            else:
+                bad = " ".join(words[:max(1, int(len(words) * rng.uniform(0.2, 0.6)))])
+            if bad != reply:
+                out.append(type(p)(p.prompt, reply, bad, "pmp", p.n_turns))
+    return out
+
+
+def pair_batch(examples, index, batch_size, seed, pad_id):
+    """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a
+    resumed run sees the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]),
+    and labels (2B,)."""
+    per_epoch = max(1, len(examples) // batch_size)
+    epoch, pos = divmod(index, per_epoch)
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    batch = [examples[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+    idx, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)   # (2B, T)
+    labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])          # (2B,)
+    return idx, mask, labels
+
+
+@torch.no_grad()
+def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None):
+    """Raw scores (N,) numpy of token sequences, batched by similar length to waste little padding.
+    model is a RewardModel, or a GPT with reply_masks (the "lm" objective)."""
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = np.zeros(len(seqs))
+    for s in range(0, len(seqs), batch_size):
+        rows = order[s:s + batch_size]
+        idx, mask = pad_right([seqs[i] for i in rows], pad_id)                         # (b, T)
+        if reply_masks is None:
+            scores = model(idx.to(device), mask.to(device))[0]
+        else:
+            rmask, _ = pad_right([reply_masks[i] for i in rows], 0)
+            scores = lm_scores(model, idx.to(device), mask.to(device), rmask.to(device))
+        out[rows] = scores.float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def score_pairs(model, examples, pad_id, batch_size):
+    """(r_chosen, r_rejected) numpy arrays for [(chosen_ids, rejected_ids)]."""
+    scores = score_sequences(model, [c for c, _ in examples] + [r for _, r in examples], pad_id, batch_size)
+    return scores[:len(examples)], scores[len(examples):]
+
+
+@torch.no_grad()
+def score_replies(reward_model, tok, prompts, replies, batch_size=32):
+    """Normalised PM scores (N,) float tensor on the model's device, for PPO and best-of-n.
+
+    prompts, replies: lists of token-id lists (a reply as the policy sampled it, without padding).
+    A trailing EOS or "\\n\\nHuman:" stop sequence is dropped and exactly one EOS appended, so the
+    score is read at an EOS as in training; the prompt is left-truncated to fit the context.
+    """
+    seqs = []
+    for p, r in zip(prompts, replies):
+        r = list(r)
+        while r and r[-1] == tok.eos_id:
+            r = r[:-1]
+        for stop in tok.stop_ids:
+            if len(stop) and r[-len(stop):] == list(stop):
+                r = r[:-len(stop)]
+        seqs.append(pm_example(list(p), r, tok, reward_model.config.block_size, reward_model.config.block_size))
+    raw = torch.as_tensor(score_sequences(reward_model, seqs, tok.eos_id, batch_size), dtype=torch.float32)
+    return (reward_model.reward_gain * raw + reward_model.reward_bias).to(next(reward_model.parameters()).device)
+
+
+def score_texts(reward_model, tok, prompts, replies, batch_size=32):
+    """score_replies for strings (e.g. `rlhf.py chat`), -> list of floats."""
+    return score_replies(reward_model, tok, [tok.encode(p) for p in prompts],
+                         [tok.encode(r) for r in replies], batch_size).tolist()
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def init_reward_model(path, device):
+    """A RewardModel whose trunk is the GPT stored in `path` (sft.pt or base.pt), with a fresh head
+    and dropout off (dropout would make the two scores of a comparison noisy in different ways)."""
+    gpt, tok, ckpt = load_model(path, "cpu")
+    model = RewardModel(GPTConfig(**dict(ckpt["model_args"], dropout=0.0)))
+    missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
+    assert set(missing) == {"head.weight", "head.bias"} and not unexpected, (missing, unexpected)
+    return model.to(device), tok
+
+
+def validate(model, examples, pad_id, batch_size):
+    """(accuracy, loss) on comparisons; loss = mean -log sigmoid(r_c - r_r), the early-stopping signal
+    (smoother than accuracy on a few dozen validation pairs)."""
+    r_c, r_r = score_pairs(model, examples, pad_id, batch_size)
+    return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
+
+
+def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
+    """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
+    given, and end with the weights of the lowest validation loss (early stopping). With ckpt_path,
+    an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
+    Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}."""
+    rc, device = cfg.rm, next(model.parameters()).device
+    n_pmp = rc.pmp_steps if pmp_ex else 0
+    n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
+    optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
+    start, wall, best = 0, 0.0, {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
+    if ckpt_path and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start, wall, best = ckpt["step"], ckpt["wall_s"], ckpt["best"]
+        print(f"[rm] {name}: resuming from {ckpt_path} at step {start}/{n_pmp + n_human}")
+
+    def save(step):
+        save_checkpoint(ckpt_path, model_checkpoint(
+            model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=cfg.seed,
+            rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
+
+    t0 = time.time()
+    model.train()
+    for step in range(start, n_pmp + n_human):
+        pmp = step < n_pmp  # phase 1: PMP (always the ranking loss), phase 2: human comparisons
+        data, i, n = (pmp_ex, step, n_pmp) if pmp else (train_ex, step - n_pmp, n_human)
+        lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx, mask, labels = (t.to(device) for t in pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id))
+        _, loss = model(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase = "pmp" if pmp else "train"
+        if log and step % 10 == 0:
+            log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
+        if not pmp and val_ex and ((i + 1) % rc.eval_interval == 0 or i + 1 == n):
+            acc, vloss = validate(model, val_ex, tok.eos_id, rc.eval_batch_size)
+            if vloss < best["val_loss"]:
+                best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            print(f"[rm] {name} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | val loss {vloss:.3f} "
+                  f"| val acc {acc:.3f} | lr {lr:.1e} | {time.time() - t0 + wall:.0f}s")
+            if log:
+                log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
+            if ckpt_path:
+                save(step + 1)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return {"steps": n_pmp + n_human, "best_step": best["step"], "val_accuracy": best["val_accuracy"],
+            "val_loss": best["val_loss"], "wall_s": wall + time.time() - t0}
+
+
+@torch.no_grad()
+def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size):
+    """n (prompt_ids, reply_ids) sampled at temperature 1 from `policy` on seeded-random prompts of
+    `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1."""
+    device = next(policy.parameters()).device
+    rows = np.random.default_rng(seed).permutation(len(pairs))[:n]
+    max_prompt = min(max_prompt_tokens, policy.config.block_size - max_new_tokens)
+    prompts = [prompt_ids(pairs[i].prompt, tok, max_prompt) for i in rows]
+    gen, replies = torch.Generator(device=device).manual_seed(seed), []
+    policy.eval()
+    for s in range(0, len(prompts), batch_size):
+        idx, mask = pad_left(prompts[s:s + batch_size], tok.eos_id)  # (b, T)
+        tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=1.0,
+                                          eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=gen)  # (b, N)
+        replies += [[t for t, k in zip(row, m) if k] for row, m in zip(tokens.tolist(), keep.tolist())]
+    return prompts, replies
+
+
+def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size):
+    """Set the PM's gain and bias from its raw scores on the reference (SFT-sampled) replies."""
+    if mode not in ("scale", "shift", "none"):
+        raise ValueError(f"--rm.normalize must be scale, shift or none, got {mode!r}")
+    model.reward_gain, model.reward_bias = 1.0, 0.0
+    if mode != "none":
+        raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size).cpu().numpy()
+        model.reward_gain, model.reward_bias = fit_normalization(raw, scale=mode == "scale")
+
+
+# -----------------------------------------------------------------------------
+# evaluation: accuracy with CIs, length baseline, turns, calibration, A-vs-B robustness
+
+def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
+    """Every PM metric of the eval.json "pm" section, from test-pair scores of PM-A and PM-B (raw)
+    and the reply lengths (tokens) and human-turn counts of the same pairs."""
+    n = len(a_c)
+
+    def acc_ci(c, r):
+        acc = pair_accuracy(c, r)
+        return acc, list(wilson_interval(acc * n, n))
+
+    def calib(c, r):  # each pair in both orders, so both labels occur (Bai et al. 2022 fig 9)
+        p = 1 / (1 + np.exp(-(np.asarray(c) - np.asarray(r))))
+        return calibration(np.concatenate([p, 1 - p]), np.concatenate([np.ones(n), np.zeros(n)]), n_bins)
+
+    length = (-np.asarray(len_c), -np.asarray(len_r))  # the shorter reply wins
+    out = {"test_pairs": n}
+    out["accuracy"], out["accuracy_ci"] = acc_ci(a_c, a_r)
+    out["heldout_pm_accuracy"], out["heldout_pm_accuracy_ci"] = acc_ci(b_c, b_r)
+    out["length_baseline_accuracy"], out["length_baseline_accuracy_ci"] = acc_ci(*length)
+    turns = np.minimum(np.asarray(n_turns), 4)
+    out["accuracy_by_turns"] = {
+        (f"{t}" if t < 4 else "4+"): {"n": int((turns == t).sum()), "accuracy": pair_accuracy(a_c[turns == t], a_r[turns == t]),
+                                     "heldout_pm_accuracy": pair_accuracy(b_c[turns == t], b_r[turns == t]),
+                                     "length_baseline": pair_accuracy(length[0][turns == t], length[1][turns == t])}
+        for t in sorted(set(turns.tolist()))}
+    out["calibration"], out["ece"] = calib(a_c, a_r)
+    out["heldout_pm_calibration"], out["heldout_pm_ece"] = calib(b_c, b_r)
+    out["score_kl_a_b"] = score_kl(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))
+    out["score_corr_a_b"] = float(np.corrcoef(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))[0, 1])
+    out["agreement_a_b"] = float(np.mean(np.sign(a_c - a_r) == np.sign(b_c - b_r)))
+    out["agreement_by_decile"] = decile_agreement(a_c, a_r, b_c, b_r)
+    return out
+
+
+def update_eval_json(out_dir, pm):
+    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", earlier pm tables)."""
+    path = os.path.join(out_dir, "eval.json")
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc["pm"] = {**doc.get("pm", {}), **pm}
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def ci_str(acc, ci):
+    return f"{100 * acc:5.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def evaluate_pms(cfg, data_dir=None):
+    """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
+    print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
+    directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
+    device = pick_device(cfg.device)
+    data_dir = resolve_data_dir(data_dir or cfg.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "test", cfg.data)
+    pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
+    ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
+    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size)
+    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size)
+    lens = [len(ids) for ids in tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])]
+    pm = pm_report([p.n_turns for p in pairs], lens[0::2], lens[1::2], a_c, a_r, b_c, b_r)
+    pm["data_dir"] = str(data_dir)
+    update_eval_json(cfg.out_dir, pm)
+    print(f"[rm] test pairs {pm['test_pairs']} ({data_dir})\n"
+          f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
+          f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
+          f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}\n"
+          f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
+          f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
+          + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"]))
+    return pm
+
+
+# -----------------------------------------------------------------------------
+# the stage: PM-A and PM-B, then the optional objective and PMP tables
+
+def print_table(title, header, rows):
+    """Print a markdown table (easy to paste into report.md)."""
+    print("\n".join([f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                    + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
+
+
+def test_row(name, r_c, r_r, wall_s, **extra):
+    acc = pair_accuracy(r_c, r_r)
+    return {"name": name, "accuracy": acc, "accuracy_ci": list(wilson_interval(acc * len(r_c), len(r_c))),
+            "wall_s": round(wall_s, 1), **extra}
+
+
+def objective_ablation(cfg, init, policy, tok, pairs_a, val_ex, test_pairs):
+    """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021 sec 4, fig 7),
+    each judged by test accuracy. LM is not trained: it scores with the SFT policy's log-probs."""
+    rc, device, rows = cfg.rm, next(policy.parameters()).device, []
+    block = pm_block(policy, cfg)
+    train_ex, test_ex = (encode_pairs(ps, tok, block, cfg.data.max_reply_tokens) for ps in (pairs_a, test_pairs))
+    for objective in ("ranking", "binary", "lm"):
+        t0 = time.time()
+        if objective == "lm":
+            ex = [sft_example(p.prompt, r, tok, block, cfg.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
+            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex])
+            rows.append(test_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
+            continue
+        set_seed(cfg.seed)
+        model, _ = init_reward_model(init, device)
+        info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
+        rows.append(test_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), time.time() - t0,
+                             steps=info["steps"], best_step=info["best_step"]))
+    print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
+                ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
+    return rows
+
+
+def pmp_study(cfg, init, tok, pairs_a, train_pairs, val_ex, test_pairs):
+    """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
+    et al. 2021 fig 12: PMP helps most when human data is scarce). The PMP phase runs once and
+    its weights start every "with PMP" run."""
+    rc, device, rows = cfg.rm, pick_device(cfg.device), []
+    block = pm_block(load_model(init, "cpu")[0], cfg)
+    enc = lambda ps: encode_pairs(ps, tok, block, cfg.data.max_reply_tokens)
+    train_ex, test_ex = enc(pairs_a), enc(test_pairs)
+    t0 = time.time()
+    set_seed(cfg.seed)
+    trunk, _ = init_reward_model(init, device)
+    train_pm(cfg, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, cfg.seed)), name="pmp")
+    pmp_state, pmp_wall = copy.deepcopy(trunk.state_dict()), time.time() - t0
+    order = np.random.default_rng(cfg.seed).permutation(len(train_ex))
+    for use_pmp in (False, True):
+        for frac in (0.25, 0.5, 1.0):
+            t0 = time.time()
+            subset = [train_ex[i] for i in order[:int(frac * len(train_ex))]]
+            set_seed(cfg.seed)
+            model, _ = init_reward_model(init, device)
+            if use_pmp:
+                model.load_state_dict(pmp_state)
+            info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
+            rows.append(test_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size),
+                                 time.time() - t0, pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
+    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, not counted below), {len(test_ex)} test pairs",
+                ["human pairs", "no PMP", "with PMP"],
+                [[r["pairs"], ci_str(r["accuracy"], r["accuracy_ci"]), ci_str(p["accuracy"], p["accuracy_ci"])]
+                 for r, p in zip(rows[:3], rows[3:])])
+    return {"pmp_steps": rc.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
+
+
+def train_reward_models(cfg):
+    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022 sec 4.3), each
+    normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
+    the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force."""
+    rc = cfg.rm
+    if rc.objective not in ("ranking", "binary"):
+        raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
+                         "(lm has no head to train; it is one row of --rm.ablation=true)")
+    if rc.init not in ("sft", "base"):
+        raise ValueError(f"--rm.init must be sft or base, got {rc.init!r}")
+    device = pick_device(cfg.device)
+    init = os.path.join(cfg.out_dir, f"{rc.init}.pt")
+    sft_path = os.path.join(cfg.out_dir, "sft.pt")
+    policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
+    data_dir = resolve_data_dir(cfg.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "train", cfg.data)
+    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
+    halves = split_halves(train_pairs) if rc.split_halves else (train_pairs, train_pairs)
+    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, cfg), cfg.data.max_reply_tokens)
+    val_ex = enc(val_pairs)
+    print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
+          f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
+    ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
+                         cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
+    log = MetricsLog(cfg.out_dir)
+    for name, half in zip(("pm_a", "pm_b"), halves):
+        path = os.path.join(cfg.out_dir, f"{name}.pt")
+        if os.path.exists(path) and cfg.force:
+            os.remove(path)
+        if os.path.exists(path) and load_checkpoint(path).get("done"):
+            print(f"[rm] {path} is complete; skipping (use --force to retrain)")
+            continue
+        set_seed(cfg.seed + (name == "pm_b"))
+        model, _ = init_reward_model(init, device)
+        pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
+        info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
+        normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
+        save_checkpoint(path, model_checkpoint(
+            model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
+            reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
+        print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
+              f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
+              f"{info['wall_s']:.0f}s -> {path}")
+    extra = {}
+    if rc.ablation or rc.pmp_study:
+        test_pairs, _ = read_pairs(data_dir, "test", cfg.data)
+        if rc.ablation:
+            extra["objectives"] = objective_ablation(cfg, init, policy, tok, halves[0], val_ex, test_pairs)
+        if rc.pmp_study:
+            extra["pmp_study"] = pmp_study(cfg, init, tok, halves[0], train_pairs, val_ex, test_pairs)
+        update_eval_json(cfg.out_dir, extra)
+    evaluate_pms(cfg)

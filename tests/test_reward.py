@@ -1,5 +1,9 @@
 """Tests for reward.py: loss math vs loops, metrics on hand-made inputs, PM behaviour on tiny data."""
+import gzip
+import json
 import math
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -73,3 +77,107 @@ def test_normalization_gives_mean0_std1():
     assert z.mean() == pytest.approx(0.0, abs=1e-9) and z.std() == pytest.approx(1.0, abs=1e-6)
     gain, bias = reward.fit_normalization(raw, scale=False)
     assert gain == 1.0 and (raw + bias).mean() == pytest.approx(0.0, abs=1e-9)
+
+
+# --- the model ------------------------------------------------------------------
+
+def tiny_pm(seed=0, vocab=50, block=32):
+    torch.manual_seed(seed)
+    return reward.RewardModel(reward.GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16)).eval()
+
+
+def test_score_read_at_eos_and_unchanged_by_padding():
+    pm = tiny_pm()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(1, 50, (n,), generator=g).tolist() + [0] for n in (5, 9, 13)]  # 0 plays EOS
+    alone = torch.stack([pm(torch.tensor([s]))[0][0] for s in seqs])                    # no padding at all
+    right, mask_r = reward.pad_right(seqs + [[7] * 20], pad_id=0)                        # extra long row: more padding
+    left, mask_l = reward.pad_left(seqs + [[7] * 20], pad_id=0)
+    torch.testing.assert_close(pm(right, mask_r)[0][:3], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pm(left, mask_l)[0][:3], alone, atol=1e-5, rtol=0)
+    # the score is the head applied to the EOS hidden state, not to padding after it
+    h = pm.hidden_states(torch.tensor([seqs[0]]))[0, -1]
+    assert pm.head(h).item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
+def test_forward_ranking_pairs_kth_chosen_with_kth_rejected():
+    pm = tiny_pm()
+    idx = torch.randint(1, 50, (6, 8), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1.0, 1, 1, 0, 0, 0])
+    rewards, loss = pm(idx, labels=labels)
+    assert loss.item() == pytest.approx(reward.ranking_loss(rewards[:3], rewards[3:]).item(), rel=1e-6)
+
+
+def test_normalization_gives_mean0_std1_on_reference_replies():
+    pm, tok = tiny_pm(), SimpleNamespace(eos_id=0, stop_ids=[[3, 4]])
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(5, 50, (6,), generator=g).tolist() for _ in range(20)]
+    replies = [torch.randint(5, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 8, (20,), generator=g)]
+    reward.normalize_pm(pm, tok, prompts, replies, "scale", batch_size=7)
+    z = reward.score_replies(pm, tok, prompts, replies, batch_size=5).numpy()
+    assert z.mean() == pytest.approx(0.0, abs=1e-5) and z.std() == pytest.approx(1.0, abs=1e-4)
+    # a trailing stop sequence / EOS is not part of the reply the PM scores
+    again = reward.score_replies(pm, tok, prompts[:2], [r + [3, 4] for r in replies[:2]])
+    torch.testing.assert_close(again, torch.as_tensor(z[:2]), atol=1e-5, rtol=0)
+
+
+# --- data and the whole stage -----------------------------------------------------
+
+def marker_dir(root, n_train=200, n_test=60, seed=0):
+    """hh-layout data where the chosen reply contains "please" and the rejected one does not;
+    reply lengths are drawn independently, so length says nothing."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "runs", "blue", "tree", "sky", "dog", "jumps"]
+
+    def reply(marker):
+        w = rng.choice(words, size=rng.integers(3, 9)).tolist()
+        if marker:
+            w[rng.integers(len(w))] = "please"
+        return " ".join(w)
+
+    (root / "harmless-base").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        with gzip.open(root / "harmless-base" / f"{split}.jsonl.gz", "wt") as f:
+            for i in range(n):
+                prompt = f"\n\nHuman: {split} question {i}?\n\nAssistant:"
+                f.write(json.dumps({"chosen": prompt + " " + reply(True), "rejected": prompt + " " + reply(False)}) + "\n")
+    return str(root)
+
+
+def test_halves_disjoint_and_deterministic(tmp_path):
+    from data import DataConfig, read_pairs, split_halves
+    pairs, _ = read_pairs(marker_dir(tmp_path), "train", DataConfig())
+    a, b = split_halves(pairs)
+    prompts_a, prompts_b = {p.prompt for p in a}, {p.prompt for p in b}
+    assert not prompts_a & prompts_b and len(a) + len(b) == len(pairs)
+    assert 0.35 < len(a) / len(pairs) < 0.65
+    a2, _ = split_halves(list(reversed(pairs)))                  # order does not matter: a hash of the prompt
+    assert {p.prompt for p in a2} == prompts_a
+
+
+def stage_cfg(tmp_path, data_dir):
+    from data import DataConfig, Tokenizer
+    from train import model_checkpoint, save_checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    data = DataConfig(vocab="trimmed", max_prompt_tokens=24, max_reply_tokens=16, val_frac=0.1)
+    tok = Tokenizer.trimmed(["the cat runs blue tree sky dog jumps please question train test Human Assistant ?"])
+    torch.manual_seed(0)  # a random "SFT" trunk: the rule is simple enough to learn from scratch
+    gpt = reward.GPT(reward.GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
+    save_checkpoint(str(out / "sft.pt"), model_checkpoint(gpt, tok, step=0, done=True))
+    rm = reward.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
+                         normalize_samples=16, normalize_tokens=8, pmp_steps=10)
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rm)
+
+
+def test_pm_learns_marker_rule_end_to_end(tmp_path):
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
+    reward.train_reward_models(cfg)
+    pm = json.load(open(tmp_path / "out" / "eval.json"))["pm"]
+    assert pm["accuracy"] >= 0.9 and pm["heldout_pm_accuracy"] >= 0.9, pm
+    assert pm["test_pairs"] == 60 and 0 <= pm["ece"] <= 1 and pm["score_kl_a_b"] >= 0
+    model, tok, ckpt = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
+    assert ckpt["done"] and {"reward_gain", "reward_bias", "model_args", "tokenizer"} <= set(ckpt)
+    mtime = os.path.getmtime(tmp_path / "out" / "pm_a.pt")
+    reward.train_reward_models(cfg)                             # finished PMs are skipped, not retrained
+    assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
