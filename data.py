@@ -344,7 +344,10 @@ class Tokenizer:
         self.vocab_size = len(self.to_old)
         self.byte_ids = [self.to_new[i] for i in gpt2_bytes]  # our id of each byte value 0..255
         self.eos_id = self.to_new[self.enc.eot_token]
-        self.stop_ids = [self.encode(HUMAN)]  # the model starting a new human turn = end of its reply
+        # The model starting a new human turn ends its reply. In the data "\n\nHuman:" is always
+        # [198, 198, 20490, 25], but a sampled "\n\n" may also come as the one token 628.
+        stops = [self.encode(HUMAN), self.encode("\n\n") + self.encode(HUMAN[2:])]
+        self.stop_ids = [s for i, s in enumerate(stops) if s not in stops[:i]]
 
     @classmethod
     def gpt2(cls):
