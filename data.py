@@ -111,14 +111,10 @@ def download_file(url, dest, sha256=None, size=None, timeout=30.0):
                     f.write(chunk)
                     bar.update(len(chunk))
     except urllib.error.HTTPError as e:
-        if not (e.code == 416 and have):
-            raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
-        # 416 on a resume: nothing after byte `have`. Complete if the server's size (bytes */N) agrees.
-        total = e.headers.get("Content-Range", "").rpartition("/")[2]
-        if total != str(have):
-            part.unlink()  # longer than the file, or unknown: start again from zero
+        if e.code == 416 and have:  # nothing after byte `have`: the .part is as long as the file or
+            part.unlink()           # longer (the file changed); we can't tell which, so start over
             return download_file(url, dest, sha256, size, timeout)
-        total = have
+        raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise DataError(f"downloading {url} failed ({getattr(e, 'reason', e)}); rerun to resume") from None
     got = part.stat().st_size
@@ -145,9 +141,10 @@ def default_cache_dir():
 
 def subsets_present(data_dir, split=None):
     """Subset directories of data_dir holding SPLIT.jsonl.gz (any split if split is None)."""
-    splits, data_dir = SPLITS if split is None else (split,), Path(data_dir)
-    return sorted(d.name for d in data_dir.iterdir() if d.is_dir() and
-                  any((d / f"{s}.jsonl.gz").is_file() for s in splits)) if data_dir.is_dir() else []
+    data_dir, splits = Path(data_dir), SPLITS if split is None else (split,)
+    if not data_dir.is_dir():
+        return []
+    return sorted(d.name for d in data_dir.iterdir() if any((d / f"{s}.jsonl.gz").is_file() for s in splits))
 
 
 def resolve_data_dir(data_dir=None, base_url=BASE_URL, cache_dir=None, timeout=30.0):

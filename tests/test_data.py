@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import socket
 import threading
 import warnings
@@ -21,8 +22,8 @@ from data import (DataConfig, DataError, Pair, Tokenizer, download_file, encode_
 
 
 def dialogue(*turns):
-    """dialogue("hi", "hello", "how?", " fine") -> "\n\nHuman: hi\n\nAssistant: hello..." (replies keep
-    their own leading space so the last one can be tested exactly)."""
+    """dialogue("hi", " hello", "how?", " fine") -> "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how?..."
+    (assistant turns bring their own leading space, so the last reply can be checked exactly)."""
     roles = ["\n\nHuman: ", "\n\nAssistant:"]
     return "".join(roles[i % 2] + t for i, t in enumerate(turns))
 
@@ -100,7 +101,7 @@ HOSTILE = {  # name: the bad third line of a file
 @pytest.mark.parametrize("name", HOSTILE)
 def test_hostile_row_names_file_and_line_or_is_skipped(tmp_path, name):
     path = write_jsonl_gz(tmp_path / "harmless-base" / "train.jsonl.gz", GOOD[:2] + [HOSTILE[name]] + GOOD[2:])
-    with pytest.raises(DataError, match=f"{path}:3: "):
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: ")):
         read_pairs(tmp_path, "train", DataConfig())
     pairs, stats = read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
     assert (stats["read"], stats["skipped_bad"], len(pairs)) == (4, 1, 3)
@@ -113,7 +114,7 @@ def test_broken_file_is_always_an_error(tmp_path, name):
     data = path.read_bytes()
     path.write_bytes({"truncated gzip": data[:len(data) // 2], "not gzip": b"chosen,rejected\n" * 10,
                       "empty file": b"", "no rows": gzip.compress(b"\n")}[name])
-    with pytest.raises(DataError, match=str(path)):
+    with pytest.raises(DataError, match=re.escape(str(path))):
         read_pairs(tmp_path, "train", DataConfig(skip_bad_rows=True))
 
 
@@ -226,13 +227,14 @@ def test_pad_left_and_right():
 # --- downloads against a local server ------------------------------------------------------------
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves Handler.body for every path, honours "Range: bytes=K-", and on the first request drops
-    the connection after Handler.drop_after bytes (if set). Records the Range headers it saw."""
-    body, drop_after, ranges, timeout = b"", None, [], 5
+    """Serves Handler.body for every path, honours "Range: bytes=K-" (unless honour_range is False),
+    and drops the connection after drop_after bytes once (if set). Records the Range headers it saw."""
+    body, drop_after, ranges, honour_range, timeout = b"", None, [], True, 5
 
     def do_GET(self):
         rng = self.headers.get("Range")
         Handler.ranges.append(rng)
+        rng = rng if Handler.honour_range else None
         start = int(rng.split("=")[1].rstrip("-")) if rng else 0
         if start >= len(self.body) and rng:  # what servers answer when the .part already holds it all
             self.send_response(416)
@@ -258,7 +260,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Handler.body = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 300))
-    Handler.drop_after, Handler.ranges = None, []
+    Handler.drop_after, Handler.ranges, Handler.honour_range = None, [], True
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -290,10 +292,17 @@ def test_dropped_download_is_not_complete_and_resumes(server, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [b"", b"junk"])
-def test_leftover_part_complete_or_too_long(server, tmp_path, extra):
+def test_leftover_part_complete_or_too_long_restarts(server, tmp_path, extra):
     (tmp_path / "train.jsonl.gz.part").write_bytes(Handler.body + extra)  # a run that died before rename
     dest = download_file(f"{server}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
-    assert dest.read_bytes() == Handler.body
+    assert dest.read_bytes() == Handler.body and Handler.ranges == [f"bytes={len(Handler.body + extra)}-", None]
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    (tmp_path / "train.jsonl.gz.part").write_bytes(b"stale bytes")
+    Handler.honour_range = False
+    dest = download_file(f"{server}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
+    assert dest.read_bytes() == Handler.body and Handler.ranges == ["bytes=11-"]
 
 
 def test_resolve_downloads_all_files_and_mismatch_warns(server, tmp_path, monkeypatch):
