@@ -1,0 +1,200 @@
+"""
+bench.py: how fast each part of the RLHF flow runs on this machine, as one JSON object.
+
+    python bench.py --preset cpu --data_dir ../shared/hh-rlhf-sample
+    python bench.py --preset cpu --model.n_embd=384 --pretrain.batch_size=32   # try another shape
+
+It takes rlhf.py's flags (same parser, same presets), so a shape measured here is the shape a stage runs.
+Every figure comes from this one run, so ratios between them are fair even on a busy machine:
+
+  matmul_peak_gflops  the best fp32 (CPU) / bf16 (CUDA) square-matmul rate reached right now, measured
+                      first; on CUDA, peak_gflops is the device's datasheet peak when the name is known
+  train_*             the preset's model at pretrain's batch shape (batch_size x block_size), one
+                      optimizer step = forward + backward + clip + AdamW, as supervised_train does it:
+                      tokens_per_s; gflops = flops_per_token * tokens_per_s, where flops_per_token is
+                      6N + 12*L*H*Q*T (PaLM appendix B, nanoGPT's estimate_mfu); mfu = gflops / peak
+  gen_*               GPT.generate at the PPO rollout shape (ppo.batch_size real prompts, left-padded to
+                      at most ppo.max_prompt_tokens, ppo.max_new_tokens new tokens, no early stop):
+                      new tokens per second with the KV cache and without it (use_cache=False)
+  ppo_*               one ppo.ppo_step at the preset's PPO shape, split into rollout (generate), scoring
+                      (policy+value, reference and PM forwards) and update (ppo_epochs of minibatch steps)
+  peak_mem_mb         peak resident memory of this process (CPU) / max allocated (CUDA)
+
+References: nanoGPT's bench.py and model.py estimate_mfu (https://github.com/karpathy/nanoGPT);
+PaLM (Chowdhery et al. 2022) appendix B for the FLOPs per token.
+"""
+
+import copy
+import json
+import resource
+import sys
+import time
+
+import torch
+
+import ppo
+import rlhf
+from data import lm_tokens, pad_left
+from model import GPT
+from reward import RewardModel
+from train import autocast, get_batch, pick_device, set_seed
+
+# dense bf16 tensor-core peaks (TFLOP/s) from the datasheets, matched against torch.cuda.get_device_name
+CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A10G": 70, "A10": 125, "L40S": 362, "L4": 121,
+                    "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65}
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()  # CUDA calls are asynchronous: wait before reading the clock
+
+
+def best_time(fn, device, repeats):
+    """Fastest of `repeats` runs: other processes only ever slow a run down, so the minimum is the
+    closest to what the code itself costs."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(device, repeats):
+    """GFLOP/s of the best of a few square matmul sizes: the ceiling every other figure is held to."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    best = 0.0
+    for n in ((1024, 2048, 4096, 8192) if device == "cuda" else (512, 1024, 2048)):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up: the first call allocates and picks a kernel
+        best = max(best, 2 * n ** 3 / best_time(lambda: a @ b, device, repeats) / 1e9)
+    return best
+
+
+def main(argv):
+    repeats = 3
+    _, cfg = rlhf.parse_args(["all"] + argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    out = {"preset": cfg.preset, "device": torch.cuda.get_device_name() if device == "cuda" else device,
+           "threads": torch.get_num_threads()}
+
+    # ---- 0. the machine's matmul ceiling, first, before anything else heats or fills memory ----
+    out["matmul_peak_gflops"] = round(matmul_peak(device, repeats), 1)
+    peak = out["matmul_peak_gflops"]
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        table = [v for k, v in CUDA_PEAK_TFLOPS.items() if k in name]
+        peak = table[0] * 1000.0 if table else peak
+    out["peak_gflops"] = peak
+
+    # the real tokenizer (the trimmed vocabulary sets the LM head's size) and real prompts
+    tok, train_pairs, _ = rlhf.load_data(cfg)
+    cfg.model.vocab_size = tok.vocab_size
+    set_seed(cfg.seed)
+    model = GPT(cfg.model).to(device)
+    out["params_m"] = round(model.num_params() / 1e6, 2)
+    out["vocab_size"] = tok.vocab_size
+
+    # ---- 1. training: one optimizer step at pretrain's shape, as supervised_train runs it ----
+    sc, T = cfg.pretrain, cfg.model.block_size
+    stream = lm_tokens(train_pairs, tok)
+    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    train_model = torch.compile(model) if cfg.compile else model
+    step_no = [0]
+
+    def train_step():
+        for _ in range(sc.grad_accum):
+            batch = get_batch(stream, step_no[0], sc.batch_size, T, cfg.seed, tok.eos_id)
+            idx, targets = (t.to(device, non_blocking=True) for t in batch[:2])
+            with autocast(device):
+                _, loss = train_model(idx, targets)
+            (loss / sc.grad_accum).backward()
+            step_no[0] += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_step()  # warm-up (and compile)
+    dt = best_time(train_step, device, repeats + 2)
+    tokens = sc.batch_size * sc.grad_accum * T
+    out["train_batch"] = [sc.batch_size * sc.grad_accum, T]
+    out["train_step_s"] = round(dt, 4)
+    out["train_tokens_per_s"] = round(tokens / dt, 1)
+    out["train_gflops"] = round(model.flops_per_token() * tokens / dt / 1e9, 1)
+    out["train_mfu"] = round(out["train_gflops"] / peak, 3)
+    del optimizer
+
+    # ---- 2. generation at the rollout shape: KV cache vs full recompute ----
+    pc = cfg.ppo
+    max_prompt = min(pc.max_prompt_tokens, T - pc.max_new_tokens)
+    prompts = ppo.rl_prompts(cfg, "train", tok, max_prompt)
+    queries, query_mask = (t.to(device) for t in ppo.prompt_batch(prompts, 0, pc.batch_size, cfg.seed, tok.eos_id))
+    model.eval()
+    out["gen_shape"] = [pc.batch_size, queries.size(1), pc.max_new_tokens]
+    for use_cache in (True, False):
+        def sample():  # eos_id=None: every row runs to max_new_tokens, so every run does the same work
+            with autocast(device):
+                model.generate(queries, query_mask, pc.max_new_tokens, temperature=1.0, use_cache=use_cache,
+                               generator=torch.Generator(device=device).manual_seed(0))
+        dt = best_time(sample, device, repeats if use_cache else 1)
+        out["gen_tokens_per_s_" + ("cache" if use_cache else "nocache")] = round(pc.batch_size * pc.max_new_tokens / dt, 1)
+    out["gen_cache_speedup"] = round(out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"], 2)
+
+    # ---- 3. one PPO iteration: policy, frozen reference, critic (PM copy), PM reward, as train_ppo builds them ----
+    policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
+    pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
+    trunk = None if pc.share_trunk else copy.deepcopy(model)
+    critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
+    # the reward function) with a timer. The update is what is left.
+    split = {"rollout": 0.0, "policy_value": 0.0, "ref": 0.0, "pm": 0.0}
+
+    def timed(fn, key_of):
+        def wrapper(*args, **kwargs):
+            sync(device)
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync(device)
+            split[key_of(args)] += time.perf_counter() - t0
+            return result
+        return wrapper
+
+    policy.generate = timed(policy.generate, lambda a: "rollout")
+    rollout_forward = ppo.rollout_forward
+    ppo.rollout_forward = timed(rollout_forward, lambda a: "ref" if a[1] is None else "policy_value")
+    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size), lambda a: "pm")
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device):
+            ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
+                         None, torch.Generator(device=device).manual_seed(0))
+        sync(device)
+        total = time.perf_counter() - t0
+    finally:
+        ppo.rollout_forward = rollout_forward
+        del policy.generate
+    out["ppo_shape"] = {"batch": pc.batch_size, "minibatch": pc.minibatch_size, "epochs": pc.ppo_epochs,
+                        "new_tokens": pc.max_new_tokens}
+    out["ppo_s"] = round(total, 2)
+    out["ppo_rollout_s"] = round(split["rollout"], 2)
+    out["ppo_scoring_s"] = {k: round(split[k], 2) for k in ("policy_value", "ref", "pm")}
+    out["ppo_update_s"] = round(total - sum(split.values()), 2)
+
+    # ---- 4. memory ----
+    if device == "cuda":
+        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    else:  # ru_maxrss is in KiB on Linux (bytes on macOS)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["peak_mem_mb"] = round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
