@@ -158,8 +158,14 @@ def _sample(logits, temperature, top_k, top_p, generator):
         probs = F.softmax(sorted_logits, -1)
         drop = probs.cumsum(-1) - probs > top_p  # mass before this token already >= top_p; top-1 kept
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = F.softmax(logits, -1)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+    # inverse-CDF sampling: one uniform number per row, then a binary search in the cumulative
+    # probabilities. torch.multinomial draws an exponential for every vocabulary entry (B * V random
+    # numbers, ~25x slower on CPU: 16 ms vs 0.6 ms per step at B=64, V=12.5k, a third of a decode step).
+    # right=True picks the first token whose cdf exceeds u, so a zero-probability (filtered) token,
+    # whose cdf equals its predecessor's, is never chosen.
+    cdf = F.softmax(logits, -1).cumsum(-1)  # (B, V)
+    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # (B, 1)
+    tok = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.size(-1) - 1).squeeze(1)  # (B,)
     return tok, logp.gather(1, tok[:, None]).squeeze(1)
 
 
