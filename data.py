@@ -327,7 +327,12 @@ class Tokenizer:
     (1,500 harmless-base rows use ~12.8k of GPT-2's 50,257 tokens)."""
 
     def __init__(self, keep=None):
-        self.enc = tiktoken.get_encoding("gpt2")
+        try:  # tiktoken fetches GPT-2's BPE files once, then reads them from its cache
+            self.enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline, a proxy, a broken cache: say what to do, not where it broke
+            raise DataError(f"could not load tiktoken's gpt2 encoding ({type(e).__name__}); it downloads "
+                            "two files once, so connect to the internet once, or point TIKTOKEN_CACHE_DIR "
+                            "at a directory holding them") from None
         self.keep = None if keep is None else sorted(int(i) for i in keep)
         gpt2_bytes = [self.enc.encode_single_token(bytes([b])) for b in range(256)]
         if self.keep is None:  # identity maps

@@ -81,6 +81,12 @@ PRESETS = {
         "pretrain.eval_batches": 2, "pretrain.log_interval": 5, "pretrain.warmup_steps": 5,
         "sft.max_steps": 20, "sft.batch_size": 8, "sft.eval_interval": 10, "sft.eval_batches": 2,
         "sft.log_interval": 5, "sft.warmup_steps": 2,
+        "rm.max_steps": 20, "rm.eval_interval": 10, "rm.normalize_samples": 16, "rm.normalize_tokens": 24,
+        "rs.n": 4, "rs.num_prompts": 16, "rs.max_steps": 8, "rs.batch_size": 8, "rs.eval_interval": 4,
+        "rs.eval_batches": 2, "rs.log_interval": 2, "rs.warmup_steps": 2,
+        "ppo.iterations": 3, "ppo.batch_size": 8, "ppo.minibatch_size": 4, "ppo.ppo_epochs": 2,
+        "ppo.max_prompt_tokens": 96, "ppo.max_new_tokens": 24, "ppo.sample_every": 2, "ppo.save_every": 2,
+        "eval.num_prompts": 8, "eval.n": 4, "eval.policy_samples": 2, "eval.num_examples": 2,
     },
     # the default without CUDA: minutes on a laptop, the numbers in the README
     "cpu": {
