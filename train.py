@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import Tokenizer, pad_right
@@ -52,12 +54,46 @@ def pick_device(name="auto"):
     return "cpu"
 
 
-def autocast(device):
-    """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range);
-    full fp32 elsewhere, where bf16 matmuls are slower than fp32 on most CPUs."""
+def autocast(device, dtype="auto"):
+    """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range); full fp32
+    elsewhere by default, because bf16 matmuls are slower than fp32 on most CPUs. dtype="bfloat16"
+    opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python bench.py --dtype=bfloat16`
+    shows it) a training step runs ~2x faster. dtype="float32" turns autocast off everywhere."""
+    if dtype == "float32" or (dtype == "auto" and not device.startswith("cuda")):
+        return nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+def to_device(tensors, device):
+    """Copy a batch to the device. On CUDA the batch is first pinned (page-locked), so the copy can
+    be asynchronous (non_blocking) and overlap with the GPU still running the previous step."""
     if device.startswith("cuda"):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+    return [t.to(device) for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------
+# data parallel: torchrun starts one process per GPU (or CPU worker); each takes a share of every batch
+
+def init_distributed():
+    """(rank, world_size, local_rank) from the env vars torchrun sets, initialising the process group
+    once: NCCL between GPUs, gloo between CPU processes. A plain `python rlhf.py` is rank 0 of 1.
+
+        torchrun --standalone --nproc_per_node=2 rlhf.py pretrain --preset cpu
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world_size, local_rank
+
+
+def dist_info():
+    """(rank, world_size) of this process: (0, 1) unless init_distributed started a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,14 +251,15 @@ def get_batch(data, index, batch_size, block_size, seed, pad_id):
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, sc, block_size, pad_id, device):
-    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every time)."""
+def evaluate_loss(model, data, sc, block_size, pad_id, device, dtype="auto"):
+    """Mean loss over the first `eval_batches` validation micro-batches (the same ones every time).
+    Every rank computes the same full value, so no collective is needed."""
     model.eval()
     losses = []
     n_batches = sc.eval_batches if isinstance(data, np.ndarray) else min(sc.eval_batches, max(1, len(data) // sc.batch_size))
     for i in range(n_batches):
-        idx, targets, loss_mask, _ = (t.to(device) for t in get_batch(data, i, sc.batch_size, block_size, 0, pad_id))
-        with autocast(device):
+        idx, targets, loss_mask = to_device(get_batch(data, i, sc.batch_size, block_size, 0, pad_id)[:3], device)
+        with autocast(device, dtype):
             _, loss = model(idx, targets, loss_mask=loss_mask)  # right padding: see supervised_train
         losses.append(loss.item())
     model.train()
@@ -238,8 +275,15 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
 
     Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation
     loss before and after. Ctrl-C writes a checkpoint and exits; a non-finite loss stops the stage
-    and keeps the last good checkpoint (`NonFiniteLoss`)."""
+    and keeps the last good checkpoint (`NonFiniteLoss`).
+    Under torchrun (after init_distributed) every rank takes rows rank::world_size of each global
+    micro-batch and DistributedDataParallel averages the gradients, so N processes take the same
+    steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
     device = next(model.parameters()).device.type
+    dtype = getattr(cfg, "dtype", "auto")
+    rank, world_size = dist_info()
+    assert sc.batch_size % world_size == 0, (
+        f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
     raw = model
     optimizer = raw.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
     start, val_before = 0, None
@@ -250,21 +294,30 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start, val_before = ckpt["step"], ckpt.get("val_loss_before")
-        print(f"[{stage}] resuming from {ckpt_path} at step {start}/{sc.max_steps}")
+        if rank == 0:
+            print(f"[{stage}] resuming from {ckpt_path} at step {start}/{sc.max_steps}")
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model  # validation runs on each rank's own copy, outside DDP (no gradients to sync)
+    if world_size > 1:
+        # DDP all-reduces (averages) the gradients during backward, bucket by bucket, overlapping
+        # the communication with the rest of the backward pass
+        model = DDP(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     block_size = raw.config.block_size
     if val_before is None:
-        val_before = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
-        print(f"[{stage}] step 0 | val loss {val_before:.4f}")
+        val_before = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+        if rank == 0:
+            print(f"[{stage}] step 0 | val loss {val_before:.4f}")
 
     def checkpoint(step, done, val_loss=None):
-        save_checkpoint(ckpt_path, model_checkpoint(
-            raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
-            seed=cfg.seed, rng=rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss))
+        if rank == 0:  # every rank holds the same weights: one writer
+            save_checkpoint(ckpt_path, model_checkpoint(
+                raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
+                seed=cfg.seed, rng=rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss))
 
     model.train()
-    bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True)
+    bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
+               disable=rank != 0)
     step, t0, tokens = start, time.time(), 0
     try:
         for step in bar:
@@ -272,21 +325,33 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if step > start and step % sc.eval_interval == 0:
-                val_loss = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
-                log.log(stage, step, val_loss=val_loss)
+                val_loss = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+                if rank == 0:
+                    log.log(stage, step, val_loss=val_loss)
                 checkpoint(step, done=False, val_loss=val_loss)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for micro in range(sc.grad_accum):
                 batch = get_batch(train_data, step * sc.grad_accum + micro, sc.batch_size, block_size, cfg.seed, tok.eos_id)
-                idx, targets, loss_mask, attn = (t.to(device) for t in batch)
-                with autocast(device):
+                tokens += int(batch[3].sum())  # real tokens of the global batch, all ranks together
+                # this rank's rows of the global micro-batch; ranks' means are reweighted by their share of
+                # the loss tokens, so DDP's average of the gradients is the gradient of the global mean
+                idx, targets, loss_mask = to_device([t[rank::world_size] for t in batch[:3]], device)
+                share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
+                # DDP syncs gradients on every backward; with accumulation only the last one needs to
+                sync = world_size == 1 or micro == sc.grad_accum - 1
+                with (nullcontext() if sync else model.no_sync()), autocast(device, dtype):
                     # batches are right-padded, so under causal attention no real token ever sees a pad:
                     # no attention mask is needed, and SDPA can take its fast is_causal path
                     _, loss = model(idx, targets, loss_mask=loss_mask)
-                # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
-                (loss / sc.grad_accum).backward()
-                loss_sum += loss.item() / sc.grad_accum
-                tokens += int(attn.sum())
+                    if world_size > 1:
+                        loss = loss * share.to(loss.device)
+                    # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
+                    (loss / sc.grad_accum).backward()
+                loss_sum += loss.detach() / sc.grad_accum
+            if world_size > 1:  # the global loss for the log, and the same NaN verdict on every rank
+                dist.all_reduce(loss_sum)
+                loss_sum /= world_size
+            loss_sum = loss_sum.item()
             if not math.isfinite(loss_sum):
                 raise NonFiniteLoss(f"[{stage}] non-finite loss ({loss_sum}) at step {step}; "
                                     f"the last good checkpoint is kept in {ckpt_path}")
@@ -294,18 +359,23 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
-            if step % sc.log_interval == 0:
+            if step % sc.log_interval == 0 and rank == 0:
                 dt = time.time() - t0
                 log.log(stage, step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9))
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
         checkpoint(step, done=False)  # `step` has not been applied yet: the rerun redoes it
-        print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
+        if rank == 0:
+            print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
         raise SystemExit(130)
     bar.close()
-    val_after = evaluate_loss(model, val_data, sc, block_size, tok.eos_id, device)
-    log.log(stage, sc.max_steps, val_loss=val_after)
+    val_after = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+    if rank == 0:
+        log.log(stage, sc.max_steps, val_loss=val_after)
     checkpoint(sc.max_steps, done=True, val_loss=val_after)
-    print(f"[{stage}] done | val loss {val_before:.4f} -> {val_after:.4f} | checkpoint {ckpt_path}")
+    if world_size > 1:
+        dist.barrier()  # the next stage reads this checkpoint: no rank moves on before rank 0 wrote it
+    if rank == 0:
+        print(f"[{stage}] done | val loss {val_before:.4f} -> {val_after:.4f} | checkpoint {ckpt_path}")
     return val_before, val_after
