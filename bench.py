@@ -15,10 +15,14 @@ Every figure comes from this one run, so ratios between them are fair even on a 
                       6N + 12*L*H*Q*T (PaLM appendix B, nanoGPT's estimate_mfu); mfu = gflops / peak
   gen_*               GPT.generate at the PPO rollout shape (ppo.batch_size real prompts, left-padded to
                       at most ppo.max_prompt_tokens, ppo.max_new_tokens new tokens, no early stop):
-                      new tokens per second with the KV cache and without it (use_cache=False)
+                      new tokens per second with the KV cache; without it (use_cache=False, which
+                      recomputes the whole sequence every token) on the first gen_nocache_rows rows
+                      only, to keep the run short; gen_cache_speedup compares the two on those rows
   ppo_*               one ppo.ppo_step at the preset's PPO shape, split into rollout (generate), scoring
                       (policy+value, reference and PM forwards) and update (ppo_epochs of minibatch steps)
   peak_mem_mb         peak resident memory of this process (CPU) / max allocated (CUDA)
+  load_avg            the 1-minute load average at the start: above the core count, other processes
+                      share the cores and every rate above is lower than on an idle machine
 
 References: nanoGPT's bench.py and model.py estimate_mfu (https://github.com/karpathy/nanoGPT);
 PaLM (Chowdhery et al. 2022) appendix B for the FLOPs per token.
@@ -26,6 +30,7 @@ PaLM (Chowdhery et al. 2022) appendix B for the FLOPs per token.
 
 import copy
 import json
+import os
 import resource
 import sys
 import time
@@ -37,7 +42,7 @@ import rlhf
 from data import lm_tokens, pad_left
 from model import GPT
 from reward import RewardModel
-from train import autocast, get_batch, pick_device, set_seed
+from train import autocast, get_batch, pick_device, set_seed, to_device
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the datasheets, matched against torch.cuda.get_device_name
 CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A10G": 70, "A10": 125, "L40S": 362, "L4": 121,
@@ -62,9 +67,10 @@ def best_time(fn, device, repeats):
     return best
 
 
-def matmul_peak(device, repeats):
-    """GFLOP/s of the best of a few square matmul sizes: the ceiling every other figure is held to."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def matmul_peak(device, dtype, repeats):
+    """GFLOP/s of the best of a few square matmul sizes: the ceiling every other figure is held to.
+    bf16 on CUDA (tensor cores), fp32 on CPU unless training runs under bf16 autocast there too."""
+    dtype = torch.bfloat16 if device == "cuda" or dtype == "bfloat16" else torch.float32
     best = 0.0
     for n in ((1024, 2048, 4096, 8192) if device == "cuda" else (512, 1024, 2048)):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -78,12 +84,12 @@ def main(argv):
     _, cfg = rlhf.parse_args(["all"] + argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device, dtype = pick_device(cfg.device), getattr(cfg, "dtype", "auto")
     out = {"preset": cfg.preset, "device": torch.cuda.get_device_name() if device == "cuda" else device,
-           "threads": torch.get_num_threads()}
+           "dtype": dtype, "threads": torch.get_num_threads(), "load_avg": round(os.getloadavg()[0], 2)}
 
     # ---- 0. the machine's matmul ceiling, first, before anything else heats or fills memory ----
-    out["matmul_peak_gflops"] = round(matmul_peak(device, repeats), 1)
+    out["matmul_peak_gflops"] = round(matmul_peak(device, dtype, repeats), 1)
     peak = out["matmul_peak_gflops"]
     if device == "cuda":
         name = torch.cuda.get_device_name()
@@ -109,8 +115,8 @@ def main(argv):
     def train_step():
         for _ in range(sc.grad_accum):
             batch = get_batch(stream, step_no[0], sc.batch_size, T, cfg.seed, tok.eos_id)
-            idx, targets = (t.to(device, non_blocking=True) for t in batch[:2])
-            with autocast(device):
+            idx, targets = to_device(batch[:2], device)  # pinned + non_blocking on CUDA
+            with autocast(device, dtype):
                 _, loss = train_model(idx, targets)
             (loss / sc.grad_accum).backward()
             step_no[0] += 1
@@ -135,14 +141,19 @@ def main(argv):
     queries, query_mask = (t.to(device) for t in ppo.prompt_batch(prompts, 0, pc.batch_size, cfg.seed, tok.eos_id))
     model.eval()
     out["gen_shape"] = [pc.batch_size, queries.size(1), pc.max_new_tokens]
-    for use_cache in (True, False):
+
+    def sample_rate(rows, use_cache, repeats):
         def sample():  # eos_id=None: every row runs to max_new_tokens, so every run does the same work
-            with autocast(device):
-                model.generate(queries, query_mask, pc.max_new_tokens, temperature=1.0, use_cache=use_cache,
-                               generator=torch.Generator(device=device).manual_seed(0))
-        dt = best_time(sample, device, repeats if use_cache else 1)
-        out["gen_tokens_per_s_" + ("cache" if use_cache else "nocache")] = round(pc.batch_size * pc.max_new_tokens / dt, 1)
-    out["gen_cache_speedup"] = round(out["gen_tokens_per_s_cache"] / out["gen_tokens_per_s_nocache"], 2)
+            with autocast(device, dtype):
+                model.generate(queries[:rows], query_mask[:rows], pc.max_new_tokens, temperature=1.0,
+                               use_cache=use_cache, generator=torch.Generator(device=device).manual_seed(0))
+        return rows * pc.max_new_tokens / best_time(sample, device, repeats)
+
+    out["gen_tokens_per_s_cache"] = round(sample_rate(pc.batch_size, True, repeats), 1)
+    rows = min(pc.batch_size, 16)  # without the cache a step costs a whole forward: time fewer rows
+    out["gen_nocache_rows"] = rows
+    out["gen_tokens_per_s_nocache"] = round(sample_rate(rows, False, 1), 1)
+    out["gen_cache_speedup"] = round(sample_rate(rows, True, repeats) / out["gen_tokens_per_s_nocache"], 2)
 
     # ---- 3. one PPO iteration: policy, frozen reference, critic (PM copy), PM reward, as train_ppo builds them ----
     policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
@@ -171,7 +182,7 @@ def main(argv):
     try:
         sync(device)
         t0 = time.perf_counter()
-        with autocast(device):
+        with autocast(device, dtype):
             ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
                          None, torch.Generator(device=device).manual_seed(0))
         sync(device)
