@@ -21,16 +21,19 @@ def make_dialogue(i, reply):
             f"\n\nHuman: please answer {i}\n\nAssistant: {reply}")
 
 
-@pytest.fixture
-def hh_dir(tmp_path):
+def write_hh_dir(root, n_train=240, n_test=40):
     """A small hh-rlhf-layout directory (harmless-base/{train,test}.jsonl.gz) where the chosen reply is
     polite and the rejected one rude, so any stage has something learnable, in a couple of seconds."""
-    root = tmp_path / "hh"
     (root / "harmless-base").mkdir(parents=True)
-    for split, n in (("train", 240), ("test", 40)):
+    for split, n in (("train", n_train), ("test", n_test)):
         with gzip.open(root / "harmless-base" / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
             for i in range(n):
                 chosen = make_dialogue(i, f"I'm sorry, I can help with {i} safely and kindly.")
                 rejected = make_dialogue(i, f"No. Go away, {i} is stupid.")
                 f.write(json.dumps({"chosen": chosen, "rejected": rejected}) + "\n")
     return str(root)
+
+
+@pytest.fixture
+def hh_dir(tmp_path):
+    return write_hh_dir(tmp_path / "hh")
