@@ -12,7 +12,8 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
   eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
-and tools: sample (completions from any checkpoint), chat (talk to a policy).
+and tools: sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
+export (a Hugging Face GPT-2 folder: `export --policy ppo --to DIR`).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
 from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
@@ -28,7 +29,7 @@ import torch
 from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, pad_left,
                   prompt_ids, read_pairs, resolve_data_dir, sft_example, split_train_val)
 from evaluate import EvalConfig, RSConfig, run_eval, run_rs
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, export_hf, save_safetensors
 from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
 from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, load_checkpoint, load_model,
@@ -47,6 +48,13 @@ class SampleConfig:
     top_k: int = 0               # 0 = off
     top_p: float = 0.95          # nucleus sampling (1.0 = off)
     show_score: bool = False     # chat: print the held-out PM-B's score of each reply
+
+
+@dataclass
+class ExportConfig:
+    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
+    policy: str = "ppo"          # base | sft | rs | ppo | pm_a | pm_b, or a checkpoint path
+    to: str = ""                 # output folder ("" = out_dir/hf/<policy>)
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
@@ -112,7 +121,9 @@ PRESETS = {
     },
 }
 
-STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "sample", "chat"]
+STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "sample", "chat", "plot", "export"]
+# short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
+ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +189,8 @@ def parse_args(argv):
         if key == "preset":
             preset = value
         else:
-            overrides.append((key, value))
+            alias = "export.policy" if (stage, key) == ("export", "policy") else ALIASES.get(key, key)
+            overrides.append((alias, value))
         i += 1
     preset = preset or ("gpu" if torch.cuda.is_available() else "cpu")
     if preset not in PRESETS:
@@ -354,6 +366,45 @@ def stage_chat(cfg):
         dialogue += " " + reply
 
 
+def to_gpt2_vocab(model, tok):
+    """A copy of `model` over GPT-2's own 50,257 token ids, so standard GPT-2 tokenizers and tools
+    apply. A trimmed-vocabulary model's rows move to their GPT-2 ids; the tokens it never kept get
+    zero rows (it saw them spelled as bytes), so for export-first work prefer --data.vocab=gpt2."""
+    if tok.keep is None:
+        return model
+    config = GPTConfig(**{**model.config.__dict__, "vocab_size": 50257})
+    full = GPT(config)
+    state = {k: v for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")}
+    full.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        full.transformer.wte.weight.zero_()
+        full.transformer.wte.weight[torch.tensor(tok.to_old)] = model.transformer.wte.weight  # tied to lm_head
+    return full
+
+
+def stage_export(cfg):
+    """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
+    ec = cfg.export
+    path = ec.policy if ec.policy.endswith(".pt") else ckpt_path(cfg, ec.policy)
+    model, tok, ckpt = load_model(path)
+    to = ec.to or os.path.join(cfg.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
+    export_hf(to_gpt2_vocab(model, tok), to)
+    if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
+        head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
+        save_safetensors(head, os.path.join(to, "reward_head.safetensors"),
+                         metadata={"gain": str(ckpt.get("reward_gain", 1.0)), "bias": str(ckpt.get("reward_bias", 0.0)),
+                                   "read_at": "final hidden state (after ln_f) of the EOS token appended to the reply"})
+    print(f"[export] {path} -> {to} (config.json, model.safetensors"
+          f"{', reward_head.safetensors' if 'head.weight' in ckpt['model'] else ''})")
+
+
+def stage_plot(cfg):
+    """Figures from metrics.jsonl, eval.json and frontier.jsonl (needs matplotlib, an optional extra)."""
+    from plot import make_plots  # optional: nothing else imports matplotlib
+    for path in make_plots(cfg.out_dir):
+        print(f"[plot] {path}")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
@@ -371,6 +422,8 @@ def run(stage, cfg):
         "eval": lambda: evaluate_pms(cfg) if cfg.eval.pm_only else run_eval(cfg),
         "sample": lambda: stage_sample(cfg),
         "chat": lambda: stage_chat(cfg),
+        "plot": lambda: stage_plot(cfg),
+        "export": lambda: stage_export(cfg),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     for name in order:
