@@ -12,10 +12,10 @@ rejection sampling and PPO, PM-B is a held-out judge of the policies PM-A traine
     python rlhf.py rm --preset=cpu --rm.pmp_study=true # accuracy vs #pairs, with/without PMP
 
 References:
-- Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", sec 3 (PMs, calibration
-  fig 9, PM-A/PM-B robustness sec 4.3 fig 14-15), arXiv:2204.05862.
-- Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", sec 4-5
-  (ranking vs binary vs LM, preference-model pretraining), arXiv:2112.00861.
+- Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", arXiv:2204.05862: the PM
+  and its EOS token, PM calibration, and the robustness study with two PMs on halves of the data.
+- Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", arXiv:2112.00861:
+  ranked vs binary preference modeling vs imitation (LM), and preference-model pretraining (PMP).
 - Ziegler et al. 2019 / OpenAI lm-human-preferences (reward normalisation to mean 0, std 1 on
   policy samples; head init N(0, 1/sqrt(d+1))), and Stiennon et al. 2020 (ranking loss).
 """
@@ -42,12 +42,12 @@ from train import (CheckpointError, MetricsLog, load_checkpoint, load_model, lr_
 class RMConfig:
     objective: str = "ranking"   # "ranking" (-log sigmoid(r_c - r_r)), "binary" (BCE per reply), "lm" (SFT mean log-prob)
     init: str = "sft"            # trunk initialisation: "sft" (out_dir/sft.pt) or "base" (out_dir/base.pt)
-    lr: float = 3e-5             # peak AdamW learning rate (linear warmup + cosine)
+    lr: float = 1e-4             # peak AdamW learning rate (linear warmup + cosine)
     min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
     warmup_steps: int = 20       # linear LR warmup (per phase: PMP, then human pairs)
     weight_decay: float = 0.0    # AdamW weight decay on matrices
     batch_size: int = 8          # comparisons per step (2x sequences)
-    epochs: int = 2              # passes over the PM's half of the train pairs
+    epochs: int = 1              # passes over the PM's half (val loss bottoms out within one on the sample)
     max_steps: int = 0           # >0: exactly this many steps on human pairs (overrides epochs)
     grad_clip: float = 1.0       # clip the global grad norm (0 = off)
     margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
@@ -55,7 +55,7 @@ class RMConfig:
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    eval_interval: int = 50      # steps between validation passes; the lowest val loss is kept (early stopping)
+    eval_interval: int = 25      # steps between validation passes; the lowest val loss is kept (early stopping)
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 64  # SFT samples (on train prompts) used to fit gain and bias
@@ -70,7 +70,7 @@ class RMConfig:
 def ranking_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
     """Pairwise ranking loss -log sigmoid(r_c - r_r - margin), mean over pairs.
 
-    The Bradley-Terry loss of Bai et al. 2022 eq (2.1) / Askell et al. 2021 sec 4. Only score
+    The Bradley-Terry loss of Bai et al. 2022 and Askell et al. 2021. Only score
     differences matter, so it cannot fix the scale's origin; the optional centering term
     coef * (r_c + r_r)^2 pins it near 0 (as in Eisenstein et al. 2023 "reward centering").
     r_chosen, r_rejected: (B,) raw scores.
@@ -84,7 +84,7 @@ def ranking_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
 def binary_loss(scores, labels):
     """Binary discrimination: each reply alone is labelled good (1) or bad (0), BCE on its score.
 
-    The "binary" baseline of Askell et al. 2021 sec 4.1: it throws away the pairing, so the
+    The "binary" baseline of Askell et al. 2021: it throws away the pairing, so the
     model must learn an absolute notion of good. scores, labels: (B,).
     """
     return F.binary_cross_entropy_with_logits(scores, labels.float())
@@ -120,7 +120,7 @@ def calibration(probs, labels, n_bins=10):
     Bins predicted probabilities into n_bins equal-width bins on [0, 1]; each bin reports the
     mean prediction and the observed frequency of label 1. ECE = sum_b n_b/N |conf_b - freq_b|
     (Guo et al. 2017). For a PM, pass each test pair in both orders: p = sigmoid(r_c - r_r)
-    with label 1 and 1 - p with label 0 (Bai et al. 2022 fig 9), otherwise every label is 1.
+    with label 1 and 1 - p with label 0 (as Bai et al. 2022 plot it), otherwise every label is 1.
     Returns (bins: list of {lo, hi, n, conf, freq}, ece).
     """
     probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64)
@@ -161,8 +161,8 @@ def score_kl(scores_a, scores_b, n_bins=20, lim=4.0, alpha=1.0):
 def decile_agreement(a_chosen, a_rejected, b_chosen, b_rejected, n_bins=10):
     """How often PM-A and PM-B agree on which reply of a pair is better, by score decile.
 
-    Pairs are binned by deciles of their mean standardised PM-A score. Bai et al. 2022 sec 4.3
-    (fig 15) find the two PMs agree less at high scores: the region RL pushes the policy into,
+    Pairs are binned by deciles of their mean standardised PM-A score. Bai et al. 2022
+    (robustness study) find the two PMs agree less at high scores: the region RL pushes the policy into,
     where the reward is least trustworthy. Returns a list of {decile, n, mean_score, agreement}.
     """
     a_c, a_r, b_c, b_r = (np.asarray(x, dtype=np.float64) for x in (a_chosen, a_rejected, b_chosen, b_rejected))
@@ -195,8 +195,8 @@ def fit_normalization(raw_scores, scale=True):
 
 class RewardModel(GPT):
     """A GPT whose output is one scalar per sequence: the head applied to the hidden state of the
-    last real token, the EOS that pm_example appends (Bai et al. 2022 sec 3: "end-of-context
-    token"). It subclasses GPT so its state dict is the GPT's keys plus `head.*`, and
+    last real token, the EOS that pm_example appends (Bai et al. 2022 append an "end-of-context"
+    token). It subclasses GPT so its state dict is the GPT's keys plus `head.*`, and
     train.load_model can still read the trunk of a PM checkpoint.
     """
 
@@ -271,7 +271,7 @@ def encode_pairs(pairs, tok, block_size, max_reply_tokens):
 def pmp_pairs(pairs, seed):
     """Comparisons built from dialogue text alone, for preference-model pretraining (PMP).
 
-    Askell et al. 2021 sec 5 pretrain PMs on comparisons mined from the web before the human
+    Askell et al. 2021 pretrain PMs on comparisons mined from the web before the human
     data. With no such corpus here, every real reply (chosen and rejected alike: no human label
     is used) is preferred to a corrupted one, drawn at random: a reply from another dialogue
     (tests relevance), the same words shuffled (fluency), or the reply cut to 20-60% (completeness).
@@ -478,7 +478,7 @@ def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
         acc = pair_accuracy(c, r)
         return acc, list(wilson_interval(acc * n, n))
 
-    def calib(c, r):  # each pair in both orders, so both labels occur (Bai et al. 2022 fig 9)
+    def calib(c, r):  # each pair in both orders, so both labels occur
         p = 1 / (1 + np.exp(-(np.asarray(c) - np.asarray(r))))
         return calibration(np.concatenate([p, 1 - p]), np.concatenate([np.ones(n), np.zeros(n)]), n_bins)
 
@@ -560,12 +560,12 @@ def test_row(name, r_c, r_r, wall_s, **extra):
             "wall_s": round(wall_s, 1), **extra}
 
 
-def objective_ablation(cfg, init, policy, tok, pairs_a, val_ex, test_pairs):
-    """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021 sec 4, fig 7),
-    each judged by test accuracy. LM is not trained: it scores with the SFT policy's log-probs."""
+def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs):
+    """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
+    accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
+    time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
     rc, device, rows = cfg.rm, next(policy.parameters()).device, []
-    block = pm_block(policy, cfg)
-    train_ex, test_ex = (encode_pairs(ps, tok, block, cfg.data.max_reply_tokens) for ps in (pairs_a, test_pairs))
+    train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, cfg)
     for objective in ("ranking", "binary", "lm"):
         t0 = time.time()
         if objective == "lm":
@@ -573,33 +573,32 @@ def objective_ablation(cfg, init, policy, tok, pairs_a, val_ex, test_pairs):
             s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex])
             rows.append(test_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
-        set_seed(cfg.seed)
-        model, _ = init_reward_model(init, device)
-        info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
-        rows.append(test_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), time.time() - t0,
+        if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
+            model, _, info = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
+        else:
+            set_seed(cfg.seed)
+            model, _ = init_reward_model(init, device)
+            info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
+        rows.append(test_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), info["wall_s"],
                              steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
                 ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
     return rows
 
 
-def pmp_study(cfg, init, tok, pairs_a, train_pairs, val_ex, test_pairs):
+def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
     """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
-    et al. 2021 fig 12: PMP helps most when human data is scarce). The PMP phase runs once and
-    its weights start every "with PMP" run."""
+    et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
+    start every "with PMP" run; "wall s" is the human-pair phase only."""
     rc, device, rows = cfg.rm, pick_device(cfg.device), []
-    block = pm_block(load_model(init, "cpu")[0], cfg)
-    enc = lambda ps: encode_pairs(ps, tok, block, cfg.data.max_reply_tokens)
     train_ex, test_ex = enc(pairs_a), enc(test_pairs)
-    t0 = time.time()
     set_seed(cfg.seed)
     trunk, _ = init_reward_model(init, device)
-    train_pm(cfg, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, cfg.seed)), name="pmp")
-    pmp_state, pmp_wall = copy.deepcopy(trunk.state_dict()), time.time() - t0
-    order = np.random.default_rng(cfg.seed).permutation(len(train_ex))
+    pmp_wall = train_pm(cfg, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, cfg.seed)), name="pmp")["wall_s"]
+    pmp_state = copy.deepcopy(trunk.state_dict())
+    order = np.random.default_rng(cfg.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
     for use_pmp in (False, True):
         for frac in (0.25, 0.5, 1.0):
-            t0 = time.time()
             subset = [train_ex[i] for i in order[:int(frac * len(train_ex))]]
             set_seed(cfg.seed)
             model, _ = init_reward_model(init, device)
@@ -607,16 +606,16 @@ def pmp_study(cfg, init, tok, pairs_a, train_pairs, val_ex, test_pairs):
                 model.load_state_dict(pmp_state)
             info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
             rows.append(test_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size),
-                                 time.time() - t0, pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
-    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, not counted below), {len(test_ex)} test pairs",
+                                 info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
+    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
                 ["human pairs", "no PMP", "with PMP"],
-                [[r["pairs"], ci_str(r["accuracy"], r["accuracy_ci"]), ci_str(p["accuracy"], p["accuracy_ci"])]
-                 for r, p in zip(rows[:3], rows[3:])])
+                [[r["pairs"], f"{ci_str(r['accuracy'], r['accuracy_ci'])} ({r['wall_s']:.0f}s)",
+                  f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"] for r, p in zip(rows[:3], rows[3:])])
     return {"pmp_steps": rc.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
 
 
 def train_reward_models(cfg):
-    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022 sec 4.3), each
+    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
     normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
     the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force."""
     rc = cfg.rm
@@ -662,8 +661,8 @@ def train_reward_models(cfg):
     if rc.ablation or rc.pmp_study:
         test_pairs, _ = read_pairs(data_dir, "test", cfg.data)
         if rc.ablation:
-            extra["objectives"] = objective_ablation(cfg, init, policy, tok, halves[0], val_ex, test_pairs)
+            extra["objectives"] = objective_ablation(cfg, init, policy, tok, enc, halves[0], val_ex, test_pairs)
         if rc.pmp_study:
-            extra["pmp_study"] = pmp_study(cfg, init, tok, halves[0], train_pairs, val_ex, test_pairs)
+            extra["pmp_study"] = pmp_study(cfg, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
         update_eval_json(cfg.out_dir, extra)
     evaluate_pms(cfg)
