@@ -198,10 +198,10 @@ def _stage_done(path, force, name):
 
 def run_rs(cfg):
     """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
-    (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended with EOS are the
-    candidates where a prompt has one; a cut winner is trained without EOS, so the fine-tune never
-    teaches the policy to stop mid-sentence. The winners are cached
-    in out_dir/rs_data.pt, so a resumed run trains on the same examples."""
+    (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
+    turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
+    fine-tune never teaches the policy to stop mid-sentence. The winners are cached in
+    out_dir/rs_data.pt, so a resumed run trains on the same examples."""
     rc, out = cfg.rs, cfg.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
     if _stage_done(path, cfg.force, "rs"):

@@ -1,7 +1,9 @@
 """Tests for evaluate.py: best-of-n selection and its KL, the unbiased estimator, the frontier fits."""
 
 import itertools
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -67,11 +69,29 @@ def test_frontier_fits_recover_parameters():
     assert lin["a"] == pytest.approx(0.5, abs=0.03) and lin["b"] == pytest.approx(0.7, abs=0.03)
 
 
+def test_win_rate_counts_ties_half():
+    from evaluate import win_rate
+    policy = torch.tensor([[1.0, 3.0]])            # (P=1, k=2)
+    sft = torch.tensor([[0.0, 1.0, 2.0, 5.0]])      # (P=1, n=4)
+    assert win_rate(policy, sft) == pytest.approx((1.5 + 3) / 8)
+
+
+def test_ppo_frontier_reads_the_last_run(tmp_path):
+    from evaluate import ppo_frontier
+    rows = [{"stage": "ppo", "step": s, "ppo/kl": 9.0, "ppo/pm_a": 9.0, "ppo/pm_b": 9.0} for s in range(3)]  # old run
+    rows += [{"stage": "ppo", "step": s, "ppo/kl": float(s), "ppo/pm_a": 0.1 * s, "ppo/pm_b": 0.05 * s}
+             for s in range(6)] + [{"stage": "rm", "step": 1}]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    points = ppo_frontier(str(tmp_path), windows=3)
+    assert [p["method"] for p in points] == ["sft", "ppo", "ppo", "ppo"]
+    assert [p["step"] for p in points] == [0, 1, 3, 5]
+    assert [p["kl"] for p in points] == [0.0, 0.5, 2.5, 4.5]
+
+
 # ----------------------------------------------------------------------------------------------
 # the stages, on tiny checkpoints written here (sft.pt, and PMs in reward.py's checkpoint layout)
 
-import json  # noqa: E402
-import os  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 from evaluate import EvalConfig, RSConfig, run_eval, run_rs  # noqa: E402
