@@ -5,14 +5,17 @@ plot.py: the figures of a run, drawn from the files the stages already write (no
 
   curves.png          learning curves from metrics.jsonl: pretrain / sft / rs loss, PM loss and accuracy,
                       PPO rewards (PM-A proxy, PM-B held-out judge), KL and beta, entropy and clipfrac
-  pm_calibration.png  PM-A and PM-B reliability diagrams with their ECE (eval.json "pm", Bai et al. 2022 fig 9)
-  pm_agreement.png    how often PM-A and PM-B agree, by PM-A score decile (eval.json "pm", Bai et al. fig 15)
+  pm_calibration.png  PM-A and PM-B reliability diagrams with their ECE (eval.json "pm")
+  pm_agreement.png    how often PM-A and PM-B agree, by PM-A score decile (eval.json "pm")
   frontier.png        reward vs sqrt(KL) for best-of-n and PPO with the fitted curves (frontier.jsonl and
-                      eval.json "frontier_fits"; Gao et al. 2022 eq. 1-2, Bai et al. sec 4.3)
+                      eval.json "frontier_fits")
   policies.png        PM-A / PM-B reward and win rate vs SFT of sft, bon, rs, ppo (eval.json "policies")
 
 A figure whose data is missing is skipped with a note, so any partial out_dir works. matplotlib is an
 optional extra (`pip install matplotlib`), imported only when make_plots runs.
+References: Bai et al. 2022 (arXiv:2204.05862) for PM calibration, the PM-A/PM-B robustness study and
+reward linear in sqrt(KL); Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"
+(arXiv:2210.10760) for the best-of-n and RL forms of reward vs sqrt(KL).
 """
 
 import argparse
@@ -92,7 +95,8 @@ def save_png(fig, path):
 # one panel each: (title, x label, [(key, label, matplotlib format, y axis)]); "right" is a twin y axis.
 # PM-A is blue and PM-B orange everywhere; train lines are solid, validation / held-out ones dashed.
 CURVE_PANELS = [
-    ("pretrain loss", "step", [("pretrain/loss", "train", "C0-", "left"), ("pretrain/val_loss", "val", "C1--", "left")]),
+    ("pretrain loss", "step", [("pretrain/loss", "train", "C0-", "left"),
+                               ("pretrain/val_loss", "val", "C1--", "left")]),
     ("sft loss", "step", [("sft/loss", "train", "C0-", "left"), ("sft/val_loss", "val", "C1--", "left")]),
     ("rs fine-tune loss", "step", [("rs/loss", "train", "C0-", "left"), ("rs/val_loss", "val", "C1--", "left")]),
     ("PM loss", "step", [(f"rm/{pm}/{kind}_loss", f"{name} {kind}", fmt, "left")
@@ -289,7 +293,6 @@ def make_plots(out_dir, fig_dir=None):
             drawn = draw(path)
         if drawn:
             written.append(path)
-            print(f"[plot] {path}")
         else:
             print(f"[plot] skipped {name}: no data in {source} of {out_dir}")
     return written
@@ -301,6 +304,7 @@ if __name__ == "__main__":
     parser.add_argument("--fig_dir", default=None, help="where the PNGs go (default OUT_DIR/figures)")
     args = parser.parse_args()
     try:
-        make_plots(args.out_dir, args.fig_dir)
+        for path in make_plots(args.out_dir, args.fig_dir):
+            print(f"[plot] {path}")
     except (RuntimeError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
