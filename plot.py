@@ -112,6 +112,14 @@ CURVE_PANELS = [
 ]
 
 
+def moving_mean(values, window):
+    """Centred moving mean (shorter windows at the ends): the trend of a noisy per-step curve."""
+    n, h, cum = len(values), window // 2, [0.0]
+    for v in values:
+        cum.append(cum[-1] + v)  # prefix sums: each window's mean in O(1)
+    return [(cum[min(n, i + h + 1)] - cum[max(0, i - h)]) / (min(n, i + h + 1) - max(0, i - h)) for i in range(n)]
+
+
 def plot_curves(series, path):
     """A grid of the CURVE_PANELS that have data, three to a row."""
     panels = [p for p in CURVE_PANELS if any(k in series for k, _, _, _ in p[2])]
@@ -129,8 +137,11 @@ def plot_curves(series, path):
                 twin = ax.twinx()
                 twin.set_ylabel(label, fontsize=8)
             steps, values = series[key]
-            handles += (twin if side == "right" else ax).plot(
-                steps, values, fmt, marker="." if len(steps) < 20 else None, lw=1, label=label)
+            target = twin if side == "right" else ax
+            if len(steps) > 50:  # a noisy curve: the raw points faint, their moving mean on top
+                target.plot(steps, values, fmt, lw=0.5, alpha=0.3)
+                values = moving_mean(values, len(steps) // 25)
+            handles += target.plot(steps, values, fmt, marker="." if len(steps) < 20 else None, lw=1, label=label)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.legend(handles=handles, fontsize=7)
