@@ -38,15 +38,14 @@ def read_json(path):
 
 def read_jsonl(path):
     """The rows of a JSON-lines file; a line cut short by a crash is skipped. [] when missing."""
-    if not os.path.exists(path):
-        return []
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    pass
     return rows
 
 
@@ -135,19 +134,15 @@ def plot_curves(series, path):
                 continue
             if side == "right" and twin is None:
                 twin = ax.twinx()
-                twin.set_ylabel(label, fontsize=8)
+                twin.set_ylabel(label)
             steps, values = series[key]
             target = twin if side == "right" else ax
             if len(steps) > 50:  # a noisy curve: the raw points faint, their moving mean on top
                 target.plot(steps, values, fmt, lw=0.5, alpha=0.3)
                 values = moving_mean(values, len(steps) // 25)
             handles += target.plot(steps, values, fmt, marker="." if len(steps) < 20 else None, lw=1, label=label)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xlabel, fontsize=8)
-        ax.legend(handles=handles, fontsize=7)
-        for a in (ax, twin):
-            if a is not None:
-                a.tick_params(labelsize=7)
+        ax.set(title=title, xlabel=xlabel)
+        ax.legend(handles=handles)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     save_png(fig, path)
@@ -173,8 +168,7 @@ def plot_calibration(pm, path):
                 mfc="none" if i else None, label=f"{name}{ece_str}")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(chosen preferred)", ylabel="observed frequency",
            title=f"PM calibration ({pm.get('test_pairs', '?')} test pairs, both orders)")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(loc="upper left")
     save_png(fig, path)
     return True
 
@@ -188,15 +182,14 @@ def plot_agreement(pm, path):
     x = [d["decile"] + 1 for d in deciles]
     ax.bar(x, [d["agreement"] for d in deciles], color="C0", width=0.7)
     for xi, d in zip(x, deciles):
-        ax.text(xi, d["agreement"] + 0.02, f"n={d['n']}", ha="center", fontsize=7)
+        ax.text(xi, d["agreement"] + 0.02, f"n={d['n']}", ha="center")
     if "agreement_a_b" in pm:
         ax.axhline(pm["agreement_a_b"], color="C1", ls="--", label=f"all pairs {pm['agreement_a_b']:.2f}")
     ax.axhline(0.5, color="gray", ls=":", label="chance")
-    ax.set_xticks(x, [f"{xi}\n{d['mean_score']:+.1f}" for xi, d in zip(x, deciles)], fontsize=8)
+    ax.set_xticks(x, [f"{xi}\n{d['mean_score']:+.1f}" for xi, d in zip(x, deciles)])
     ax.set(ylim=(0, 1.25), xlabel="PM-A score decile, low to high (its mean standardised score)",
            ylabel="PM-A and PM-B agree", title="Do the two PMs pick the same reply of a test pair?")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=8, loc="upper left", ncol=2)
+    ax.legend(loc="upper left", ncol=2)
     save_png(fig, path)
     return True
 
@@ -231,12 +224,11 @@ def plot_frontier(points, fits, path):
         color, marker, label = style[name]
         for pm, hollow in (("pm_a", False), ("pm_b", True)):
             d = [math.sqrt(max(p["kl"], 0.0)) for p in pts]
-            ax.scatter(d, [p[pm] for p in pts], marker=marker, s=28, label=f"{label}, {pm.upper().replace('_', '-')}",
+            ax.scatter(d, [p[pm] for p in pts], marker=marker, s=28, label=f"{label}, {'PM-B' if hollow else 'PM-A'}",
                        facecolors="none" if hollow else color, edgecolors=color)
             if name == "final":
                 for x, p in zip(d, pts):
-                    ax.annotate(p["method"].replace("_final", ""), (x, p[pm]), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
+                    ax.annotate(p["method"][:-len("_final")], (x, p[pm]), xytext=(3, 3), textcoords="offset points")
             for suffix, ls_a, ls_b in (("", "-", "--"), ("_linear", (0, (1, 1)), (0, (1, 2)))):
                 fit = fits.get(f"{name}_{pm}{suffix}")
                 if fit:
@@ -245,8 +237,7 @@ def plot_frontier(points, fits, path):
                             color=color, lw=1.2 if suffix == "" else 0.8)
     ax.set(xlabel="d = sqrt(KL to SFT), sqrt(nats)", ylabel="reward (normalised PM score)",
            title="Reward vs sqrt(KL): lines = Gao et al. fits, dotted = linear")
-    ax.title.set_fontsize(10)
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    ax.legend(ncol=2)
     save_png(fig, path)
     return True
 
@@ -263,13 +254,11 @@ def plot_policies(policies, path):
              label="PM-B (held out)")
     ax_r.axhline(0, color="black", lw=0.6)
     ax_r.set(xticks=list(x), xticklabels=names, ylabel="mean reward", title="reward on test prompts")
-    ax_r.legend(fontsize=7)
+    ax_r.legend()
     ax_w.bar(list(x), [policies[n]["win_rate_vs_sft"] for n in names], 0.5, color="C1")
     ax_w.axhline(0.5, color="gray", ls=":")
     ax_w.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="P(PM-B prefers it to SFT)",
              title="win rate vs SFT (PM-B judge)")
-    for ax in (ax_r, ax_w):
-        ax.title.set_fontsize(10)
     save_png(fig, path)
     return True
 
@@ -297,10 +286,12 @@ def make_plots(out_dir, fig_dir=None):
             read_jsonl(os.path.join(out_dir, "frontier.jsonl")), ev.get("frontier_fits") or {}, p)),
         ("policies.png", 'eval.json "policies"', lambda p: plot_policies(policies, p)),
     ]
+    style = {"axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 9, "axes.labelsize": 8, "font.size": 7,
+             "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
     written = []
     for name, source, draw in jobs:
         path = os.path.join(fig_dir, name)
-        with matplotlib.rc_context({"axes.grid": True, "grid.alpha": 0.3}):
+        with matplotlib.rc_context(style):
             drawn = draw(path)
         if drawn:
             written.append(path)
