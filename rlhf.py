@@ -401,7 +401,11 @@ def stage_export(cfg):
 def stage_plot(cfg):
     """Figures from metrics.jsonl, eval.json and frontier.jsonl (needs matplotlib, an optional extra)."""
     from plot import make_plots  # optional: nothing else imports matplotlib
-    for path in make_plots(cfg.out_dir):
+    try:
+        paths = make_plots(cfg.out_dir)
+    except (RuntimeError, FileNotFoundError) as e:  # matplotlib not installed, or no such out_dir
+        raise ConfigError(str(e)) from None
+    for path in paths:
         print(f"[plot] {path}")
 
 
