@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from data import (Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
                   sft_example, split_halves, split_train_val)
 from model import GPT, GPTConfig
-from train import (CheckpointError, MetricsLog, load_checkpoint, load_model, lr_at, model_checkpoint,
+from train import (CheckpointError, MetricsLog, check_compatible, load_checkpoint, load_model, lr_at, model_checkpoint,
                    pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
@@ -392,6 +392,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     start, wall, best = 0, 0.0, {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
     if ckpt_path and os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
+        check_compatible(ckpt_path, ckpt, model)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])

@@ -11,6 +11,8 @@ import torch
 
 import reward
 
+torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared 2-core box
+
 
 # --- losses -------------------------------------------------------------------
 
@@ -181,3 +183,32 @@ def test_pm_learns_marker_rule_end_to_end(tmp_path):
     mtime = os.path.getmtime(tmp_path / "out" / "pm_a.pt")
     reward.train_reward_models(cfg)                             # finished PMs are skipped, not retrained
     assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=60, n_test=4))
+    cfg.rm = reward.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5)
+    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    from data import DataConfig, read_pairs
+    ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
+
+    def fit(path):
+        torch.manual_seed(0)
+        model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+        reward.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
+        return model.state_dict()
+
+    want = fit(None)
+    real_batch = reward.pair_batch
+    def crash_at_7(examples, index, *a):
+        if index == 7:
+            raise KeyboardInterrupt
+        return real_batch(examples, index, *a)
+    monkeypatch.setattr(reward, "pair_batch", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        fit(str(tmp_path / "pm.pt"))                        # dies after the checkpoint at step 5
+    assert reward.load_checkpoint(str(tmp_path / "pm.pt"))["step"] == 5
+    monkeypatch.setattr(reward, "pair_batch", real_batch)
+    got = fit(str(tmp_path / "pm.pt"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
