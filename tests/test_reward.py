@@ -185,6 +185,20 @@ def test_pm_learns_marker_rule_end_to_end(tmp_path):
     assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
 
 
+def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
+    cfg.rm.split_halves, cfg.rm.epochs = False, 2
+    reward.train_reward_models(cfg)
+    path = tmp_path / "out" / "eval.json"
+    doc = json.load(open(path))
+    doc["policies"] = {"sft": {"pm_a": 0.1}}
+    json.dump(doc, open(path, "w"))
+    other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
+    pm = reward.evaluate_pms(cfg, other)                          # no training: just score the other test split
+    doc = json.load(open(path))
+    assert pm["test_pairs"] == 30 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
+
+
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=60, n_test=4))
     cfg.rm = reward.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5)
