@@ -79,6 +79,51 @@ def matmul_peak(device, dtype, repeats):
     return best
 
 
+def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
+    """Seconds of one ppo.ppo_step with the models train_ppo builds: the policy, a frozen reference,
+    the critic (a trainable copy of the trunk, or the policy's own with ppo.share_trunk) and a PM."""
+    pc = cfg.ppo
+    policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
+    pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
+    trunk = None if pc.share_trunk else copy.deepcopy(model)
+    critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
+    # the reward function) with a timer. The update is what is left.
+    split = {"rollout": 0.0, "policy_value": 0.0, "ref": 0.0, "pm": 0.0}
+
+    def timed(fn, key_of):
+        def wrapper(*args, **kwargs):
+            sync(device)
+            t0 = time.perf_counter()
+            result = fn(*args, **kwargs)
+            sync(device)
+            split[key_of(args)] += time.perf_counter() - t0
+            return result
+        return wrapper
+
+    policy.generate = timed(policy.generate, lambda a: "rollout")
+    rollout_forward = ppo.rollout_forward
+    ppo.rollout_forward = timed(rollout_forward, lambda a: "ref" if a[1] is None else "policy_value")
+    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size), lambda a: "pm")
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        with autocast(device, dtype):
+            ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
+                         None, torch.Generator(device=device).manual_seed(0))
+        sync(device)
+        total = time.perf_counter() - t0
+    finally:
+        ppo.rollout_forward = rollout_forward
+        del policy.generate
+    return {"ppo_shape": {"batch": pc.batch_size, "minibatch": pc.minibatch_size, "epochs": pc.ppo_epochs,
+                          "query_tokens": queries.size(1), "new_tokens": pc.max_new_tokens, "share_trunk": pc.share_trunk},
+            "ppo_s": round(total, 2), "ppo_rollout_s": round(split["rollout"], 2),
+            "ppo_scoring_s": {k: round(split[k], 2) for k in ("policy_value", "ref", "pm")},
+            "ppo_update_s": round(total - sum(split.values()), 2)}
+
+
 def main(argv):
     repeats = 3
     _, cfg = rlhf.parse_args(["all"] + argv)
@@ -155,47 +200,8 @@ def main(argv):
     out["gen_tokens_per_s_nocache"] = round(sample_rate(rows, False, 1), 1)
     out["gen_cache_speedup"] = round(sample_rate(rows, True, repeats) / out["gen_tokens_per_s_nocache"], 2)
 
-    # ---- 3. one PPO iteration: policy, frozen reference, critic (PM copy), PM reward, as train_ppo builds them ----
-    policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
-    pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
-    trunk = None if pc.share_trunk else copy.deepcopy(model)
-    critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
-    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
-    # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
-    # the reward function) with a timer. The update is what is left.
-    split = {"rollout": 0.0, "policy_value": 0.0, "ref": 0.0, "pm": 0.0}
-
-    def timed(fn, key_of):
-        def wrapper(*args, **kwargs):
-            sync(device)
-            t0 = time.perf_counter()
-            result = fn(*args, **kwargs)
-            sync(device)
-            split[key_of(args)] += time.perf_counter() - t0
-            return result
-        return wrapper
-
-    policy.generate = timed(policy.generate, lambda a: "rollout")
-    rollout_forward = ppo.rollout_forward
-    ppo.rollout_forward = timed(rollout_forward, lambda a: "ref" if a[1] is None else "policy_value")
-    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size), lambda a: "pm")
-    try:
-        sync(device)
-        t0 = time.perf_counter()
-        with autocast(device, dtype):
-            ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
-                         None, torch.Generator(device=device).manual_seed(0))
-        sync(device)
-        total = time.perf_counter() - t0
-    finally:
-        ppo.rollout_forward = rollout_forward
-        del policy.generate
-    out["ppo_shape"] = {"batch": pc.batch_size, "minibatch": pc.minibatch_size, "epochs": pc.ppo_epochs,
-                        "new_tokens": pc.max_new_tokens}
-    out["ppo_s"] = round(total, 2)
-    out["ppo_rollout_s"] = round(split["rollout"], 2)
-    out["ppo_scoring_s"] = {k: round(split[k], 2) for k in ("policy_value", "ref", "pm")}
-    out["ppo_update_s"] = round(total - sum(split.values()), 2)
+    # ---- 3. one PPO iteration at the preset's PPO shape ----
+    out.update(ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype))
 
     # ---- 4. memory ----
     if device == "cuda":
