@@ -1,7 +1,7 @@
 """
 PPO against a frozen preference model, with a KL penalty to the SFT policy: the RL stage of RLHF.
 
-    python rlhf.py ppo --preset cpu          # needs out_dir/sft.pt and out_dir/pm_a.pt
+    python rlhf.py ppo --preset cpu          # needs out_dir/sft.pt, pm_a.pt and pm_b.pt
 
 The policy starts from the SFT model; the reference (the same SFT weights, frozen) anchors it with a
 per-token KL penalty; the value model starts from PM-A (the training-signal preference model), and
