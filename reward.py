@@ -421,15 +421,17 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         phase = "pmp" if pmp else "train"
         if log and step % 10 == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
-        if not pmp and val_ex and ((i + 1) % rc.eval_interval == 0 or i + 1 == n):
-            acc, vloss = validate(model, val_ex, tok.eos_id, rc.eval_batch_size)
-            if vloss < best["val_loss"]:
-                best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-            print(f"[rm] {name} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | val loss {vloss:.3f} "
-                  f"| val acc {acc:.3f} | lr {lr:.1e} | {time.time() - t0 + wall:.0f}s")
-            if log:
-                log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
+        if (i + 1) % rc.eval_interval == 0 or i + 1 == n:
+            line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
+            if not pmp and val_ex:
+                acc, vloss = validate(model, val_ex, tok.eos_id, rc.eval_batch_size)
+                if vloss < best["val_loss"]:
+                    best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
+                            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                line += f" | val loss {vloss:.3f} | val acc {acc:.3f}"
+                if log:
+                    log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
+            print(f"{line} | {time.time() - t0 + wall:.0f}s")
             if ckpt_path:
                 save(step + 1)
     if best["state"] is not None:
