@@ -490,6 +490,9 @@ def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
     out["accuracy"], out["accuracy_ci"] = acc_ci(a_c, a_r)
     out["heldout_pm_accuracy"], out["heldout_pm_accuracy_ci"] = acc_ci(b_c, b_r)
     out["length_baseline_accuracy"], out["length_baseline_accuracy_ci"] = acc_ci(*length)
+    longer = length[0] < length[1]  # pairs where "shorter wins" is wrong: did the PM learn more than length?
+    out["accuracy_chosen_longer"] = {"n": int(longer.sum()), "accuracy": pair_accuracy(a_c[longer], a_r[longer]),
+                                     "heldout_pm_accuracy": pair_accuracy(b_c[longer], b_r[longer])}
     turns = np.minimum(np.asarray(n_turns), 4)
     out["accuracy_by_turns"] = {
         (f"{t}" if t < 4 else "4+"): {"n": int((turns == t).sum()), "accuracy": pair_accuracy(a_c[turns == t], a_r[turns == t]),
@@ -541,10 +544,15 @@ def evaluate_pms(cfg, data_dir=None):
     print(f"[rm] test pairs {pm['test_pairs']} ({data_dir})\n"
           f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
           f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
-          f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}\n"
+          f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
+          f"{pm['accuracy_chosen_longer']['n']} pairs where the chosen reply is longer: PM-A "
+          f"{pm['accuracy_chosen_longer']['accuracy']:.3f}, PM-B {pm['accuracy_chosen_longer']['heldout_pm_accuracy']:.3f}\n"
           f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
           f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
-          + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"]))
+          + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
+          + "\n  by human turns (n, PM-A, PM-B, length): " + ", ".join(
+              f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
+              for t, d in pm["accuracy_by_turns"].items()))
     return pm
 
 
