@@ -439,7 +439,7 @@ def main(argv):
         stage, cfg = parse_args(argv)
         print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}")
         run(stage, cfg)
-    except (ConfigError, DataError, CheckpointError, NonFiniteLoss, ValueError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteLoss, ValueError, AssertionError) as e:
         if os.environ.get("RLHF_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)  # one line, no traceback (RLHF_DEBUG=1 shows it)
