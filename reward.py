@@ -565,7 +565,7 @@ def print_table(title, header, rows):
                     + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
 
 
-def test_row(name, r_c, r_r, wall_s, **extra):
+def accuracy_row(name, r_c, r_r, wall_s, **extra):
     acc = pair_accuracy(r_c, r_r)
     return {"name": name, "accuracy": acc, "accuracy_ci": list(wilson_interval(acc * len(r_c), len(r_c))),
             "wall_s": round(wall_s, 1), **extra}
@@ -582,7 +582,7 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
         if objective == "lm":
             ex = [sft_example(p.prompt, r, tok, block, cfg.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
             s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex])
-            rows.append(test_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
+            rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
         if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
             model, _, info = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
@@ -590,7 +590,7 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
             set_seed(cfg.seed)
             model, _ = init_reward_model(init, device)
             info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
-        rows.append(test_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), info["wall_s"],
+        rows.append(accuracy_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), info["wall_s"],
                              steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
                 ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
@@ -616,7 +616,7 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
             if use_pmp:
                 model.load_state_dict(pmp_state)
             info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
-            rows.append(test_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size),
+            rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size),
                                  info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
     print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
                 ["human pairs", "no PMP", "with PMP"],
@@ -647,9 +647,7 @@ def train_reward_models(cfg):
     val_ex = enc(val_pairs)
     print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
           f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
-    ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
-                         cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
-    log = MetricsLog(cfg.out_dir)
+    log, ref = MetricsLog(cfg.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
         path = os.path.join(cfg.out_dir, f"{name}.pt")
         if os.path.exists(path) and cfg.force:
@@ -661,6 +659,9 @@ def train_reward_models(cfg):
         model, _ = init_reward_model(init, device)
         pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
         info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
+        if ref is None:  # the same SFT samples normalise both PMs
+            ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
+                                 cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
         normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
         save_checkpoint(path, model_checkpoint(
             model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
