@@ -40,7 +40,7 @@ from train import (CheckpointError, MetricsLog, check_compatible, load_checkpoin
 
 @dataclass
 class RMConfig:
-    objective: str = "ranking"   # "ranking" (-log sigmoid(r_c - r_r)), "binary" (BCE per reply), "lm" (SFT mean log-prob)
+    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
     init: str = "sft"            # trunk initialisation: "sft" (out_dir/sft.pt) or "base" (out_dir/base.pt)
     lr: float = 1e-4             # peak AdamW learning rate (linear warmup + cosine)
     min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
@@ -72,7 +72,7 @@ def ranking_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
 
     The Bradley-Terry loss of Bai et al. 2022 and Askell et al. 2021. Only score
     differences matter, so it cannot fix the scale's origin; the optional centering term
-    coef * (r_c + r_r)^2 pins it near 0 (as in Eisenstein et al. 2023 "reward centering").
+    coef * (r_c + r_r)^2 pins it near 0 (the auxiliary centering loss of Eisenstein et al. 2023).
     r_chosen, r_rejected: (B,) raw scores.
     """
     loss = -F.logsigmoid(r_chosen - r_rejected - margin).mean()
@@ -161,9 +161,9 @@ def score_kl(scores_a, scores_b, n_bins=20, lim=4.0, alpha=1.0):
 def decile_agreement(a_chosen, a_rejected, b_chosen, b_rejected, n_bins=10):
     """How often PM-A and PM-B agree on which reply of a pair is better, by score decile.
 
-    Pairs are binned by deciles of their mean standardised PM-A score. Bai et al. 2022
-    (robustness study) find the two PMs agree less at high scores: the region RL pushes the policy into,
-    where the reward is least trustworthy. Returns a list of {decile, n, mean_score, agreement}.
+    Pairs are binned by deciles of their mean standardised PM-A score. Bai et al. 2022 (robustness
+    study) find the two PMs agree less at high scores: the region RL pushes the policy into, where
+    the reward is least trustworthy. Returns a list of {decile, n, mean_score, agreement}.
     """
     a_c, a_r, b_c, b_r = (np.asarray(x, dtype=np.float64) for x in (a_chosen, a_rejected, b_chosen, b_rejected))
     z = standardize(np.concatenate([a_c, a_r]))
