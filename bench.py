@@ -39,14 +39,15 @@ import torch
 
 import ppo
 import rlhf
-from data import lm_tokens, pad_left
+from data import lm_tokens
 from model import GPT
 from reward import RewardModel
 from train import autocast, get_batch, pick_device, set_seed, to_device
 
-# dense bf16 tensor-core peaks (TFLOP/s) from the datasheets, matched against torch.cuda.get_device_name
-CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "A10G": 70, "A10": 125, "L40S": 362, "L4": 121,
-                    "RTX 4090": 165, "RTX 3090": 71, "V100": 125, "T4": 65}
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the datasheets; the longest name contained in
+# torch.cuda.get_device_name wins ("H100 PCIe" before "H100"). Unknown GPUs use the measured peak.
+CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "H100 PCIe": 756, "A100": 312, "A10G": 70, "A10": 125,
+                    "L40S": 362, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
 
 
 def sync(device):
@@ -138,8 +139,8 @@ def main(argv):
     peak = out["matmul_peak_gflops"]
     if device == "cuda":
         name = torch.cuda.get_device_name()
-        table = [v for k, v in CUDA_PEAK_TFLOPS.items() if k in name]
-        peak = table[0] * 1000.0 if table else peak
+        known = sorted((k for k in CUDA_PEAK_TFLOPS if k in name), key=len)
+        peak = CUDA_PEAK_TFLOPS[known[-1]] * 1000.0 if known else peak
     out["peak_gflops"] = peak
 
     # the real tokenizer (the trimmed vocabulary sets the LM head's size) and real prompts

@@ -339,10 +339,11 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
                 # DDP syncs gradients on every backward; with accumulation only the last one needs to
                 sync = world_size == 1 or micro == sc.grad_accum - 1
-                with (nullcontext() if sync else model.no_sync()), autocast(device, dtype):
-                    # batches are right-padded, so under causal attention no real token ever sees a pad:
-                    # no attention mask is needed, and SDPA can take its fast is_causal path
-                    _, loss = model(idx, targets, loss_mask=loss_mask)
+                with nullcontext() if sync else model.no_sync():
+                    with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
+                        # batches are right-padded, so under causal attention no real token ever sees a pad:
+                        # no attention mask is needed, and SDPA can take its fast is_causal path
+                        _, loss = model(idx, targets, loss_mask=loss_mask)
                     if world_size > 1:
                         loss = loss * share.to(loss.device)
                     # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
