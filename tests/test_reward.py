@@ -226,3 +226,24 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     got = fit(str(tmp_path / "pm.pt"))
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_binary_objective_scores_each_row_alone():
+    pm = tiny_pm()
+    idx = torch.randint(1, 50, (4, 6), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([1.0, 0, 1, 0])
+    rewards, loss = pm(idx, labels=labels, objective="binary")
+    want = -sum(math.log(1 / (1 + math.exp(-r))) if y else math.log(1 - 1 / (1 + math.exp(-r)))
+                for r, y in zip(rewards.tolist(), labels.tolist())) / 4
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_pmp_pairs_prefer_real_replies_without_labels():
+    from data import Pair
+    pairs = [Pair(f"\n\nHuman: q{i}?\n\nAssistant:", f" good answer number {i} here", f" other reply {i} now", "x", 1)
+             for i in range(30)]
+    pmp = reward.pmp_pairs(pairs, seed=0)
+    real = {p.prompt: {p.chosen, p.rejected} for p in pairs}
+    assert len(pmp) > 50 and all(q.chosen in real[q.prompt] and q.rejected != q.chosen for q in pmp)
+    assert sum(q.rejected in real[q.prompt] for q in pmp) == 0   # never a human-labelled pair in disguise
+    assert [q.rejected for q in pmp] == [q.rejected for q in reward.pmp_pairs(pairs, seed=0)]  # deterministic
