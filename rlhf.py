@@ -22,9 +22,11 @@ from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
 import difflib
 import os
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
+import torch.distributed as dist
 
 from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, pad_left,
                   prompt_ids, read_pairs, resolve_data_dir, sft_example, split_train_val)
@@ -32,8 +34,9 @@ from evaluate import EvalConfig, RSConfig, run_eval, run_rs
 from model import GPT, GPTConfig, export_hf, save_safetensors
 from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
-from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, load_checkpoint, load_model,
-                   model_checkpoint, pick_device, save_checkpoint, set_seed, supervised_train)
+from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, dist_info, init_distributed,
+                   load_checkpoint, load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
+                   supervised_train)
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Config:
     data_dir: str = ""           # local hh-rlhf copy ({subset}/{split}.jsonl.gz); "" = $HH_RLHF_DIR or download
     seed: int = 1337             # one seed for data order, init and sampling
     device: str = "auto"         # auto = cuda > mps > cpu
+    dtype: str = "auto"          # auto = bf16 autocast on CUDA, fp32 elsewhere; bfloat16 = on CPU too (2x on CPUs
+                                 # with native bf16, e.g. AVX512-BF16/AMX: `python bench.py --dtype=bfloat16`)
     compile: bool = False        # torch.compile the model (GPU)
     threads: int = 0             # torch CPU threads (0 = torch's default)
     force: bool = False          # rerun a stage even if its checkpoint is marked done
@@ -97,12 +102,21 @@ PRESETS = {
         "ppo.max_prompt_tokens": 96, "ppo.max_new_tokens": 24, "ppo.sample_every": 2, "ppo.save_every": 2,
         "eval.num_prompts": 8, "eval.n": 4, "eval.policy_samples": 2, "eval.num_examples": 2,
     },
-    # the default without CUDA: minutes on a laptop, the numbers in the README
+    # the default without CUDA: minutes on a laptop, the numbers in the README (shapes measured with bench.py)
     "cpu": {
-        "model.n_layer": 4, "model.n_head": 4, "model.n_embd": 256, "model.block_size": 384,
-        "data.vocab": "trimmed", "data.max_prompt_tokens": 256, "data.max_reply_tokens": 128,
-        "pretrain.max_steps": 600, "pretrain.batch_size": 16, "pretrain.lr": 1e-3, "pretrain.eval_interval": 100,
-        "sft.max_steps": 200, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50,
+        "model.n_layer": 4, "model.n_head": 3, "model.n_embd": 192, "model.block_size": 256,
+        "data.vocab": "trimmed", "data.trimmed_max_size": 8192, "data.max_prompt_tokens": 160,
+        "data.max_reply_tokens": 96,
+        "pretrain.max_steps": 250, "pretrain.batch_size": 16, "pretrain.lr": 1e-3, "pretrain.eval_interval": 125,
+        "pretrain.warmup_steps": 25,
+        "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
+        "rm.max_steps": 90, "rm.eval_interval": 30, "rm.normalize_samples": 32,
+        "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
+        "rs.eval_interval": 20, "rs.eval_batches": 2,
+        "ppo.iterations": 16, "ppo.batch_size": 32, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 2,
+        "ppo.lr": 1.5e-4, "ppo.kl_coef": 0.05, "ppo.max_prompt_tokens": 128, "ppo.max_new_tokens": 48,
+        "ppo.share_trunk": True, "ppo.sample_every": 5, "ppo.save_every": 4,
+        "eval.num_prompts": 48, "eval.n": 16, "eval.policy_samples": 4,
     },
     # the default with CUDA: GPT-2-small size from scratch on the full dataset
     "gpu": {
@@ -224,7 +238,7 @@ def already_done(cfg, name):
     if not os.path.exists(path):
         return False
     if cfg.force:
-        os.remove(path)
+        Path(path).unlink(missing_ok=True)  # missing_ok: under torchrun every rank gets here
         return False
     if load_checkpoint(path).get("done"):
         print(f"[{name}] {path} is complete; skipping (use --force to retrain)")
@@ -277,8 +291,11 @@ def stage_pretrain(cfg, log):
             raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
         model = GPT.from_pretrained(cfg.pretrain.init)
         cfg.model = model.config
-        save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
-                                                                  seed=cfg.seed, done=True))
+        if dist_info()[0] == 0:
+            save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
+                                                                      seed=cfg.seed, done=True))
+        if dist.is_initialized():
+            dist.barrier()
         print(f"[pretrain] loaded {cfg.pretrain.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
         return
     tok, train_pairs, val_pairs = load_data(cfg)
@@ -412,7 +429,11 @@ def stage_plot(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
-    """Run one stage, or all of them in order."""
+    """Run one stage, or all of them in order. Under torchrun, pretrain and sft run data-parallel
+    (train.supervised_train); the stages after them go on in rank 0 alone."""
+    rank, world_size, _ = init_distributed()
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # one log: rank 0's
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -431,7 +452,14 @@ def run(stage, cfg):
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     for name in order:
+        if world_size > 1 and name not in ("pretrain", "sft"):
+            dist.destroy_process_group()  # the rest runs in one process
+            world_size = 1
+            if rank != 0:
+                return
         steps[name]()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv):
