@@ -434,6 +434,7 @@ def run(stage, cfg):
     rank, world_size, _ = init_distributed()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one log: rank 0's
+    print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}" + (f" | {world_size} processes" if world_size > 1 else ""))
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -465,7 +466,6 @@ def run(stage, cfg):
 def main(argv):
     try:
         stage, cfg = parse_args(argv)
-        print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}")
         run(stage, cfg)
     except (ConfigError, DataError, CheckpointError, NonFiniteLoss, ValueError, AssertionError) as e:
         if os.environ.get("RLHF_DEBUG"):
