@@ -282,18 +282,19 @@ def ppo_frontier(out_dir, windows):
 
 def fit_frontiers(bon_points, ppo_points):
     """Fit Gao et al.'s forms to reward gains over the starting policy and Bai et al.'s line to the raw
-    rewards, for PM-A (the proxy) and PM-B (the held-out judge). d = sqrt(KL)."""
+    rewards, for PM-A (the proxy) and PM-B (the held-out judge). d = sqrt(KL). A Gao fit also stores
+    r0, the starting reward its gains are relative to: the curve in reward units is r0 + R(d)."""
     fits = {}
     for pm in ("pm_a", "pm_b"):
         if len(bon_points) >= 2:
             d = [math.sqrt(p["kl"]) for p in bon_points]
             r = [p[pm] for p in bon_points]
-            fits[f"bon_{pm}"] = fit_bon(d, [x - r[0] for x in r])
+            fits[f"bon_{pm}"] = {**fit_bon(d, [x - r[0] for x in r]), "r0": r[0]}
             fits[f"bon_{pm}_linear"] = fit_linear(d, r)
         if len(ppo_points) >= 3:
             d = [math.sqrt(max(p["kl"], 0.0)) for p in ppo_points]
             r = [p[pm] for p in ppo_points]
-            fits[f"ppo_{pm}"] = fit_rl(d, [x - r[0] for x in r])
+            fits[f"ppo_{pm}"] = {**fit_rl(d, [x - r[0] for x in r]), "r0": r[0]}
             fits[f"ppo_{pm}_linear"] = fit_linear(d, r)
     return fits
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import best_of_n, bon_expected, bon_kl, fit_bon, fit_linear, fit_rl
+from evaluate import best_of_n, bon_expected, bon_kl, fit_bon, fit_frontiers, fit_linear, fit_rl
 
 torch.set_num_threads(1)
 
@@ -68,6 +68,17 @@ def test_frontier_fits_recover_parameters():
     lin = fit_linear(d, 0.5 + 0.7 * d + 0.01 * rng.standard_normal(len(d)))
     assert lin["a"] == pytest.approx(0.5, abs=0.03) and lin["b"] == pytest.approx(0.7, abs=0.03)
 
+
+def test_frontier_fits_store_their_starting_reward():
+    """Gao et al.'s forms fit the gain over the first point; r0 puts the curve back in reward units."""
+    d = np.r_[0.0, np.linspace(0.2, 2.0, 6)]
+    bon = [{"kl": x * x, "pm_a": 0.3 + x * (1.1 - 0.2 * x), "pm_b": -0.1 + 0.5 * x} for x in d]
+    ppo = [{"kl": x * x, "pm_a": -0.4 + x * 0.8, "pm_b": 0.2} for x in d]
+    fits = fit_frontiers(bon, ppo)
+    assert fits["bon_pm_a"]["r0"] == pytest.approx(0.3) and fits["bon_pm_b"]["r0"] == pytest.approx(-0.1)
+    assert fits["ppo_pm_a"]["r0"] == pytest.approx(-0.4) and fits["ppo_pm_b"]["r0"] == pytest.approx(0.2)
+    assert (fits["bon_pm_a"]["a"], fits["bon_pm_a"]["b"]) == (pytest.approx(1.1), pytest.approx(0.2))
+    assert "r0" not in fits["bon_pm_a_linear"]  # the linear form fits the raw reward: no offset
 
 def test_win_rate_counts_ties_half():
     from evaluate import win_rate
