@@ -306,7 +306,8 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     block_size = raw.config.block_size
     if val_before is None:
         val_before = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
-        if rank == 0:
+        if rank == 0:  # a fresh start only: a resumed run logged its step-0 row the first time
+            log.log(stage, 0, val_loss=val_before)
             print(f"[{stage}] step 0 | val loss {val_before:.4f}")
 
     def checkpoint(step, done, val_loss=None):

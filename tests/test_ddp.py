@@ -1,5 +1,6 @@
 """Data parallel training: two CPU processes (gloo) that each take half of every global batch end with
 the same weights as one process that takes all of it, for token streams and for masked SFT examples."""
+import json
 import os
 import socket
 
@@ -86,8 +87,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, kind):
         # that is zero in exact arithmetic (the key bias: softmax ignores it) into lr-sized steps
         assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
         assert torch.equal(ckpt["model"][name], ranks[0][name]), name
-    logged = [line for line in open(os.path.join(ddp_dir, "metrics.jsonl"))]
+    logged = [json.loads(line) for line in open(os.path.join(ddp_dir, "metrics.jsonl"))]
     assert len(logged) == len(open(os.path.join(single_dir, "metrics.jsonl")).readlines())  # one writer
+    assert logged[0]["step"] == 0 and "pretrain/val_loss" in logged[0]  # val loss curves start at step 0
 
 
 def test_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
