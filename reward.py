@@ -56,6 +56,7 @@ class RMConfig:
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
     eval_interval: int = 25      # steps between validation passes; the lowest val loss is kept (early stopping)
+    log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 64  # SFT samples (on train prompts) used to fit gain and bias
@@ -419,7 +420,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         phase = "pmp" if pmp else "train"
-        if log and step % 10 == 0:
+        if log and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
         if (i + 1) % rc.eval_interval == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"

@@ -228,6 +228,18 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
         torch.testing.assert_close(got[k], want[k])
 
 
+def test_log_interval_sets_the_metrics_rows(tmp_path):
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=40, n_test=4))
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=5, log_interval=4)
+    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    from data import DataConfig, read_pairs
+    ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
+    model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+    reward.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "rm/pm_a/train_loss" in r] == [0, 4, 8]
+    assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [5, 10]
+
 def test_binary_objective_scores_each_row_alone():
     pm = tiny_pm()
     idx = torch.randint(1, 50, (4, 6), generator=torch.Generator().manual_seed(3))
