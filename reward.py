@@ -28,14 +28,16 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import (Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
                   sft_example, split_halves, split_train_val)
 from model import GPT, GPTConfig
-from train import (CheckpointError, MetricsLog, check_compatible, load_checkpoint, load_model, lr_at, model_checkpoint,
-                   pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
+from train import (CheckpointError, MetricsLog, barrier, check_compatible, dist_info, load_checkpoint, load_model, lr_at,
+                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
 @dataclass
@@ -385,8 +387,15 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
     given, and end with the weights of the lowest validation loss (early stopping). With ckpt_path,
     an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
-    Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}."""
+    Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
+    Under torchrun every rank takes comparisons rank::world_size of each global batch (chosen and
+    rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
+    gradient of the global mean, so N processes take the steps of one. Every rank validates (the same
+    early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
     rc, device = cfg.rm, next(model.parameters()).device
+    rank, world_size = dist_info()
+    assert rc.batch_size % world_size == 0, (
+        f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
     n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
@@ -398,12 +407,17 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start, wall, best = ckpt["step"], ckpt["wall_s"], ckpt["best"]
-        print(f"[rm] {name}: resuming from {ckpt_path} at step {start}/{n_pmp + n_human}")
+        if rank == 0:
+            print(f"[rm] {name}: resuming from {ckpt_path} at step {start}/{n_pmp + n_human}")
+    ddp = model
+    if world_size > 1:  # only the training forward goes through DDP: `model` is what is validated and saved
+        ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
     def save(step):
-        save_checkpoint(ckpt_path, model_checkpoint(
-            model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=cfg.seed,
-            rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
+        if rank == 0:  # every rank holds the same weights: one writer
+            save_checkpoint(ckpt_path, model_checkpoint(
+                model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=cfg.seed,
+                rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
 
     t0 = time.time()
     model.train()
@@ -413,14 +427,21 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels = (t.to(device) for t in pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id))
-        _, loss = model(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
-        loss.backward()
+        idx, mask, labels = pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id)  # (2B, T), (2B,)
+        B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
+        rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
+        idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))
+        _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
+        loss.backward()  # under DDP: gradients all-reduced (averaged over ranks) here
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        if world_size > 1:  # the global batch's loss, for the log
+            dist.all_reduce(loss)
+            loss /= world_size
         phase = "pmp" if pmp else "train"
-        if log and step % rc.log_interval == 0:
+        if log and rank == 0 and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
         if (i + 1) % rc.eval_interval == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
@@ -430,9 +451,10 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
                     best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
                 line += f" | val loss {vloss:.3f} | val acc {acc:.3f}"
-                if log:
+                if log and rank == 0:
                     log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
-            print(f"{line} | {time.time() - t0 + wall:.0f}s")
+            if rank == 0:
+                print(f"{line} | {time.time() - t0 + wall:.0f}s")
             if ckpt_path:
                 save(step + 1)
     if best["state"] is not None:
@@ -561,9 +583,10 @@ def evaluate_pms(cfg, data_dir=None):
 # the stage: PM-A and PM-B, then the optional objective and PMP tables
 
 def print_table(title, header, rows):
-    """Print a markdown table (easy to paste into report.md)."""
-    print("\n".join([f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                    + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
+    """Print a markdown table (easy to paste into report.md); rank 0 alone under torchrun."""
+    if dist_info()[0] == 0:
+        print("\n".join([f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                        + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
 
 
 def accuracy_row(name, r_c, r_r, wall_s, **extra):
@@ -629,8 +652,10 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
 def train_reward_models(cfg):
     """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
     normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
-    the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force."""
-    rc = cfg.rm
+    the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force.
+    Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
+    the evaluation are rank 0's, and the other ranks wait at a barrier."""
+    rc, (rank, _) = cfg.rm, dist_info()
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
@@ -646,30 +671,35 @@ def train_reward_models(cfg):
     halves = split_halves(train_pairs) if rc.split_halves else (train_pairs, train_pairs)
     enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, cfg), cfg.data.max_reply_tokens)
     val_ex = enc(val_pairs)
-    print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
-          f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
+    if rank == 0:
+        print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
+              f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
     log, ref = MetricsLog(cfg.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
         path = os.path.join(cfg.out_dir, f"{name}.pt")
-        if os.path.exists(path) and cfg.force:
+        if os.path.exists(path) and cfg.force and rank == 0:
             os.remove(path)
+        barrier()  # every rank sees the same files, so all of them skip or train this PM together
         if os.path.exists(path) and load_checkpoint(path).get("done"):
-            print(f"[rm] {path} is complete; skipping (use --force to retrain)")
+            if rank == 0:
+                print(f"[rm] {path} is complete; skipping (use --force to retrain)")
             continue
         set_seed(cfg.seed + (name == "pm_b"))
         model, _ = init_reward_model(init, device)
         pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
         info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
-        if ref is None:  # the same SFT samples normalise both PMs
-            ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
-                                 cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
-        normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
-        save_checkpoint(path, model_checkpoint(
-            model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
-            reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
-        print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
-              f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
-              f"{info['wall_s']:.0f}s -> {path}")
+        if rank == 0:
+            if ref is None:  # the same SFT samples normalise both PMs
+                ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
+                                     cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
+            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
+            save_checkpoint(path, model_checkpoint(
+                model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
+                reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
+            print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
+                  f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
+                  f"{info['wall_s']:.0f}s -> {path}")
+        barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
     extra = {}
     if rc.ablation or rc.pmp_study:
         test_pairs, _ = read_pairs(data_dir, "test", cfg.data)
@@ -677,5 +707,8 @@ def train_reward_models(cfg):
             extra["objectives"] = objective_ablation(cfg, init, policy, tok, enc, halves[0], val_ex, test_pairs)
         if rc.pmp_study:
             extra["pmp_study"] = pmp_study(cfg, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
-        update_eval_json(cfg.out_dir, extra)
-    evaluate_pms(cfg)
+        if rank == 0:
+            update_eval_json(cfg.out_dir, extra)
+    if rank == 0:
+        evaluate_pms(cfg)
+    barrier()  # the other ranks wait for the evaluation

@@ -96,6 +96,12 @@ def dist_info():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def barrier():
+    """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); a no-op in one process."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints: plain dicts, written atomically, read with weights_only=True
 

@@ -1,8 +1,10 @@
 """Data parallel training: two CPU processes (gloo) that each take half of every global batch end with
-the same weights as one process that takes all of it, for token streams and for masked SFT examples."""
+the same weights as one process that takes all of it, for token streams and masked SFT examples
+(train.supervised_train) and for preference-model comparisons (reward.train_pm)."""
 import json
 import os
 import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
+from reward import RewardModel, RMConfig, train_pm
 from train import LMTrainConfig, MetricsLog, init_distributed, load_checkpoint, supervised_train
 
 
@@ -53,13 +56,32 @@ def train(out_dir, kind):
     return model.state_dict()
 
 
+def comparisons(n, seed):
+    """[(chosen_ids, rejected_ids)] of different lengths, so every batch is padded."""
+    g = np.random.default_rng(seed)
+    return [tuple(g.integers(1, 300, int(g.integers(4, 20))).tolist() for _ in range(2)) for _ in range(n)]
+
+
+def train_rm(out_dir, objective):
+    """A few steps of train_pm on a tiny PM (PMP first for the ranking loss), validated once at the
+    end so early stopping keeps the last weights; returns them."""
+    torch.manual_seed(0)
+    model = RewardModel(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
+    rm = RMConfig(objective=objective, lr=1e-2, batch_size=8, max_steps=4, warmup_steps=2, pmp_steps=2,
+                  eval_interval=100, log_interval=1, center_coef=0.1, eval_batch_size=8)
+    train_pm(SimpleNamespace(rm=rm, seed=0), model, Tok(), comparisons(40, 0), comparisons(8, 1), objective,
+             pmp_ex=comparisons(24, 2) if objective == "ranking" else None,
+             ckpt_path=os.path.join(out_dir, "pm_a.pt"), log=MetricsLog(out_dir), name="pm_a")
+    return model.state_dict()
+
+
 def worker(rank, world_size, port, out_dir, kind):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         assert init_distributed() == (rank, world_size, rank)
-        state = train(out_dir, kind)
+        state = train_rm(out_dir, kind.removeprefix("rm_")) if kind.startswith("rm_") else train(out_dir, kind)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))  # to check the ranks agree
     finally:
         dist.destroy_process_group()
@@ -90,6 +112,33 @@ def test_two_gloo_processes_match_one_process(tmp_path, kind):
     logged = [json.loads(line) for line in open(os.path.join(ddp_dir, "metrics.jsonl"))]
     assert len(logged) == len(open(os.path.join(single_dir, "metrics.jsonl")).readlines())  # one writer
     assert logged[0]["step"] == 0 and "pretrain/val_loss" in logged[0]  # val loss curves start at step 0
+
+
+@pytest.mark.parametrize("objective", ["ranking", "binary"])
+def test_two_gloo_processes_train_the_same_pm_as_one_process(tmp_path, objective):
+    single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
+    os.makedirs(single_dir)
+    os.makedirs(ddp_dir)
+    single = train_rm(single_dir, objective)
+    mp.spawn(worker, args=(2, free_port(), ddp_dir, f"rm_{objective}"), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(ddp_dir, f"rank{r}.pt")) for r in range(2)]
+    ckpt = load_checkpoint(os.path.join(ddp_dir, "pm_a.pt"))  # written by rank 0 only
+    assert ckpt["step"] == (6 if objective == "ranking" else 4) and ckpt["best"]["step"] == ckpt["step"]
+    for name, w in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
+        assert torch.equal(ckpt["model"][name], ranks[0][name]), name
+    rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (single_dir, ddp_dir)]
+    assert len(rows[0]) == len(rows[1])  # one writer
+    for a, b in zip(*rows):  # the logged loss is the global batch's, all-reduced over the ranks
+        assert {k: v for k, v in a.items() if k != "time"} == pytest.approx({k: v for k, v in b.items() if k != "time"},
+                                                                           rel=1e-4, abs=1e-5)
+
+
+def test_pm_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
+    monkeypatch.setattr("reward.dist_info", lambda: (0, 3))
+    with pytest.raises(AssertionError, match="rm.batch_size 8 must be divisible by the 3 processes"):
+        train_rm(str(tmp_path), "ranking")
 
 
 def test_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
