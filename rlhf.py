@@ -378,7 +378,7 @@ def stage_chat(cfg):
         dialogue += format_prompt(human)
         reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn)[0]
         turn += 1
-        score = f"   [PM-B score {score_texts(*judge, [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
+        score = f"   [PM-B score {score_texts(*judge[:2], [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
         print(f"Assistant: {reply}{score}")
         dialogue += " " + reply
 
@@ -429,8 +429,8 @@ def stage_plot(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
-    """Run one stage, or all of them in order. Under torchrun, pretrain and sft run data-parallel
-    (train.supervised_train); the stages after them go on in rank 0 alone."""
+    """Run one stage, or all of them in order. Under torchrun, pretrain, sft and rm run data-parallel
+    (train.supervised_train, reward.train_pm); the sampling-heavy stages then go on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one log: rank 0's
@@ -453,7 +453,7 @@ def run(stage, cfg):
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     for name in order:
-        if world_size > 1 and name not in ("pretrain", "sft"):
+        if world_size > 1 and name not in ("pretrain", "sft", "rm"):
             dist.destroy_process_group()  # the rest runs in one process
             world_size = 1
             if rank != 0:

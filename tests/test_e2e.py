@@ -6,7 +6,7 @@ import rlhf
 from train import load_checkpoint
 
 
-def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path):
+def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "out")
     args = ["--preset", "tiny", "--data_dir", hh_dir, "--out_dir", out, "--sample.num_samples=1"]
     assert rlhf.main(["all"] + args) == 0
@@ -30,3 +30,9 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path):
     assert rlhf.main(["all"] + args) == 0
     assert rlhf.main(["sample"] + args + ["--sample.policy=ppo", "--sample.prompt=hello", "--sample.max_new_tokens=8"]) == 0
     assert rlhf.main(["eval"] + args + ["--eval.pm_only=true"]) == 0
+    # chat: two turns in hh-rlhf's format, each reply with the held-out PM-B's score, then an empty line ends it
+    turns = iter(["hello there", "and then?", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    capsys.readouterr()
+    assert rlhf.main(["chat"] + args + ["--policy=ppo", "--sample.show_score=true", "--sample.max_new_tokens=8"]) == 0
+    assert capsys.readouterr().out.count("[PM-B score") == 2
