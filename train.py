@@ -128,8 +128,11 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load ({first})") from None
+        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+            raise CheckpointError(f"{path}: refused to load: it holds Python objects that could run code when "
+                                  "unpickled (a checkpoint holds only tensors and plain containers)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
+                              f"{type(e).__name__}); rerun the stage that writes it") from None
 
 
 def rng_state():
