@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -126,13 +127,14 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint (run the stage that writes it first)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for unsafe globals, RuntimeError/EOFError for corrupt files
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
-            raise CheckpointError(f"{path}: refused to load: it holds Python objects that could run code when "
-                                  "unpickled (a checkpoint holds only tensors and plain containers)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or truncated: "
-                              f"{type(e).__name__}); rerun the stage that writes it") from None
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything but tensors and containers, EOFError/RuntimeError if cut short
+        code = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        why = f"it would run code: {code[0]}" if code else f"not a checkpoint this project wrote ({type(e).__name__})"
+        raise CheckpointError(f"{path}: refused to load, {why}; only tensors and plain containers are "
+                              "loaded (weights_only=True). Rerun the stage that writes it.") from None
 
 
 def rng_state():
