@@ -91,10 +91,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference):
     root, data_dir, ref, durations = reference
     out = str(root / "interrupted")
     proc = rlhf("pretrain", out, data_dir)
-    deadline = time.time() + 120
-    while not os.path.exists(os.path.join(out, "metrics.jsonl")) and time.time() < deadline:
-        time.sleep(0.05)  # wait until training has started
-    time.sleep(0.3)
+    metrics, deadline = os.path.join(out, "metrics.jsonl"), time.time() + 120
+    while time.time() < deadline and not (os.path.exists(metrics) and "pretrain/loss" in open(metrics).read()):
+        time.sleep(0.01)  # wait for the first training step's row: the loop is running
     proc.send_signal(signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130 and "interrupted: checkpoint saved" in output and "Traceback" not in output
