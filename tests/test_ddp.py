@@ -93,15 +93,25 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind", ["stream", "examples"])
-def test_two_gloo_processes_match_one_process(tmp_path, kind):
+def dirs(tmp_path):
     single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
     os.makedirs(single_dir)
     os.makedirs(ddp_dir)
-    single = train(single_dir, kind)
+    return single_dir, ddp_dir
+
+
+def run_two_ranks(ddp_dir, kind, ckpt_name):
+    """Train in 2 gloo processes -> (each rank's final weights, the checkpoint rank 0 alone wrote)."""
     mp.spawn(worker, args=(2, free_port(), ddp_dir, kind), nprocs=2, join=True)
     ranks = [torch.load(os.path.join(ddp_dir, f"rank{r}.pt")) for r in range(2)]
-    ckpt = load_checkpoint(os.path.join(ddp_dir, "base.pt"))  # written by rank 0 only
+    return ranks, load_checkpoint(os.path.join(ddp_dir, ckpt_name))
+
+
+@pytest.mark.parametrize("kind", ["stream", "examples"])
+def test_two_gloo_processes_match_one_process(tmp_path, kind):
+    single_dir, ddp_dir = dirs(tmp_path)
+    single = train(single_dir, kind)
+    ranks, ckpt = run_two_ranks(ddp_dir, kind, "base.pt")
     assert ckpt["done"] and ckpt["step"] == 6
     for name, w in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical
@@ -116,13 +126,9 @@ def test_two_gloo_processes_match_one_process(tmp_path, kind):
 
 @pytest.mark.parametrize("objective", ["ranking", "binary"])
 def test_two_gloo_processes_train_the_same_pm_as_one_process(tmp_path, objective):
-    single_dir, ddp_dir = str(tmp_path / "single"), str(tmp_path / "ddp")
-    os.makedirs(single_dir)
-    os.makedirs(ddp_dir)
+    single_dir, ddp_dir = dirs(tmp_path)
     single = train_rm(single_dir, objective)
-    mp.spawn(worker, args=(2, free_port(), ddp_dir, f"rm_{objective}"), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(ddp_dir, f"rank{r}.pt")) for r in range(2)]
-    ckpt = load_checkpoint(os.path.join(ddp_dir, "pm_a.pt"))  # written by rank 0 only
+    ranks, ckpt = run_two_ranks(ddp_dir, f"rm_{objective}", "pm_a.pt")
     assert ckpt["step"] == (6 if objective == "ranking" else 4) and ckpt["best"]["step"] == ckpt["step"]
     for name, w in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -1,0 +1,138 @@
+"""
+The preference model's evaluation metrics, as plain numpy functions of score arrays, so that each one
+can be checked by hand (tests/test_reward.py) and reused by anything that scores comparisons:
+
+  - pairwise accuracy with a Wilson 95% interval,
+  - calibration of P(chosen) = sigmoid(r_c - r_r) and its expected calibration error (Guo et al. 2017),
+  - robustness of two PMs trained on disjoint halves: the KL between their standardised score
+    distributions and their agreement by score decile (Bai et al. 2022, sec. 4.5),
+  - pm_report: all of them for eval.json's "pm" section.
+
+reward.py computes the scores; this file only turns them into numbers.
+"""
+
+import math
+
+import numpy as np
+
+
+
+def pair_accuracy(r_chosen, r_rejected):
+    """Fraction of pairs where the chosen reply scores higher; ties count one half."""
+    d = np.asarray(r_chosen, dtype=np.float64) - np.asarray(r_rejected, dtype=np.float64)
+    return float(np.mean((d > 0) + 0.5 * (d == 0))) if len(d) else float("nan")
+
+
+def wilson_interval(k, n, z=1.96):
+    """95% Wilson score interval of a binomial proportion k/n.
+
+    Better than the normal approximation at small n or p near 0/1 (Wilson 1927). With 300
+    test pairs the half-width is ~5.5 points: differences smaller than that are noise.
+    """
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (center - half, center + half)
+
+
+def calibration(probs, labels, n_bins=10):
+    """Reliability diagram and expected calibration error (ECE).
+
+    Bins predicted probabilities into n_bins equal-width bins on [0, 1]; each bin reports the
+    mean prediction and the observed frequency of label 1. ECE = sum_b n_b/N |conf_b - freq_b|
+    (Guo et al. 2017). For a PM, pass each test pair in both orders: p = sigmoid(r_c - r_r)
+    with label 1 and 1 - p with label 0 (as Bai et al. 2022 plot it), otherwise every label is 1.
+    Returns (bins: list of {lo, hi, n, conf, freq}, ece).
+    """
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    idx = np.clip((probs * n_bins).astype(int), 0, n_bins - 1)  # p = 1.0 goes in the last bin
+    bins, ece = [], 0.0
+    for b in range(n_bins):
+        sel = idx == b
+        n = int(sel.sum())
+        conf = float(probs[sel].mean()) if n else None
+        freq = float(labels[sel].mean()) if n else None
+        if n:
+            ece += n / len(probs) * abs(conf - freq)
+        bins.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": n, "conf": conf, "freq": freq})
+    return bins, float(ece)
+
+
+def standardize(x):
+    """Zero mean, unit (population) std: makes two PMs' arbitrary score scales comparable."""
+    x = np.asarray(x, dtype=np.float64)
+    return (x - x.mean()) / (x.std() + 1e-8)
+
+
+def score_kl(scores_a, scores_b, n_bins=20, lim=4.0, alpha=1.0):
+    """KL(P_A || P_B) in nats between two PMs' standardised score distributions.
+
+    Each score list (same replies, any scale) is standardised, then histogrammed on n_bins
+    equal bins over [-lim, lim] (values outside are clipped into the edge bins). alpha is
+    add-alpha (Laplace) smoothing: every bin gets alpha pseudo-counts so an empty bin in P_B
+    does not make the KL infinite. 0 means the two PMs spread the replies the same way.
+    """
+    edges = np.linspace(-lim, lim, n_bins + 1)
+    ha = np.histogram(np.clip(standardize(scores_a), -lim, lim), bins=edges)[0] + alpha
+    hb = np.histogram(np.clip(standardize(scores_b), -lim, lim), bins=edges)[0] + alpha
+    p, q = ha / ha.sum(), hb / hb.sum()
+    return float(np.sum(p * np.log(p / q)))
+
+
+def decile_agreement(a_chosen, a_rejected, b_chosen, b_rejected, n_bins=10):
+    """How often PM-A and PM-B agree on which reply of a pair is better, by score decile.
+
+    Pairs are binned by deciles of their mean standardised PM-A score. Bai et al. 2022 (robustness
+    study) find the two PMs agree less at high scores: the region RL pushes the policy into, where
+    the reward is least trustworthy. Returns a list of {decile, n, mean_score, agreement}.
+    """
+    a_c, a_r, b_c, b_r = (np.asarray(x, dtype=np.float64) for x in (a_chosen, a_rejected, b_chosen, b_rejected))
+    z = standardize(np.concatenate([a_c, a_r]))
+    level = (z[:len(a_c)] + z[len(a_c):]) / 2                   # (N,) mean PM-A score of each pair
+    agree = np.sign(a_c - a_r) == np.sign(b_c - b_r)           # (N,)
+    order = np.argsort(level, kind="stable")
+    out = []
+    for d, sel in enumerate(np.array_split(order, n_bins)):
+        if len(sel):
+            out.append({"decile": d, "n": len(sel), "mean_score": float(level[sel].mean()),
+                        "agreement": float(agree[sel].mean())})
+    return out
+
+
+def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
+    """Every PM metric of the eval.json "pm" section, from test-pair scores of PM-A and PM-B (raw)
+    and the reply lengths (tokens) and human-turn counts of the same pairs."""
+    n = len(a_c)
+
+    def acc_ci(c, r):
+        acc = pair_accuracy(c, r)
+        return acc, list(wilson_interval(acc * n, n))
+
+    def calib(c, r):  # each pair in both orders, so both labels occur
+        p = 1 / (1 + np.exp(-(np.asarray(c) - np.asarray(r))))
+        return calibration(np.concatenate([p, 1 - p]), np.concatenate([np.ones(n), np.zeros(n)]), n_bins)
+
+    length = (-np.asarray(len_c), -np.asarray(len_r))  # the shorter reply wins
+    out = {"test_pairs": n}
+    out["accuracy"], out["accuracy_ci"] = acc_ci(a_c, a_r)
+    out["heldout_pm_accuracy"], out["heldout_pm_accuracy_ci"] = acc_ci(b_c, b_r)
+    out["length_baseline_accuracy"], out["length_baseline_accuracy_ci"] = acc_ci(*length)
+    longer = length[0] < length[1]  # pairs where "shorter wins" is wrong: did the PM learn more than length?
+    out["accuracy_chosen_longer"] = {"n": int(longer.sum()), "accuracy": pair_accuracy(a_c[longer], a_r[longer]),
+                                     "heldout_pm_accuracy": pair_accuracy(b_c[longer], b_r[longer])}
+    turns = np.minimum(np.asarray(n_turns), 4)
+    out["accuracy_by_turns"] = {
+        (f"{t}" if t < 4 else "4+"): {"n": int((turns == t).sum()), "accuracy": pair_accuracy(a_c[turns == t], a_r[turns == t]),
+                                     "heldout_pm_accuracy": pair_accuracy(b_c[turns == t], b_r[turns == t]),
+                                     "length_baseline": pair_accuracy(length[0][turns == t], length[1][turns == t])}
+        for t in sorted(set(turns.tolist()))}
+    out["calibration"], out["ece"] = calib(a_c, a_r)
+    out["heldout_pm_calibration"], out["heldout_pm_ece"] = calib(b_c, b_r)
+    out["score_kl_a_b"] = score_kl(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))
+    out["score_corr_a_b"] = float(np.corrcoef(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))[0, 1])
+    out["agreement_a_b"] = float(np.mean(np.sign(a_c - a_r) == np.sign(b_c - b_r)))
+    out["agreement_by_decile"] = decile_agreement(a_c, a_r, b_c, b_r)
+    return out
