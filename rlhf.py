@@ -454,12 +454,14 @@ def run(stage, cfg):
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     for name in order:
         if world_size > 1 and name not in ("pretrain", "sft", "rm"):
+            dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
             dist.destroy_process_group()  # the rest runs in one process
             world_size = 1
             if rank != 0:
                 return
         steps[name]()
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -83,7 +83,8 @@ def worker(rank, world_size, port, out_dir, kind):
         assert init_distributed() == (rank, world_size, rank)
         state = train_rm(out_dir, kind.removeprefix("rm_")) if kind.startswith("rm_") else train(out_dir, kind)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))  # to check the ranks agree
-    finally:
+    finally:  # wait for rank 0's checkpoint write: gloo can abort a rank that leaves while its peer still talks
+        dist.barrier()
         dist.destroy_process_group()
 
 
