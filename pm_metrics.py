@@ -6,6 +6,8 @@ can be checked by hand (tests/test_reward.py) and reused by anything that scores
   - calibration of P(chosen) = sigmoid(r_c - r_r) and its expected calibration error (Guo et al. 2017),
   - robustness of two PMs trained on disjoint halves: the KL between their standardised score
     distributions and their agreement by score decile (Bai et al. 2022, sec. 4.5),
+  - a bag-of-tokens logistic regression on the same comparisons: the lexical reference a transformer
+    PM should reach (at a few hundred pairs it is hard to beat),
   - pm_report: all of them for eval.json's "pm" section.
 
 reward.py computes the scores; this file only turns them into numbers.
@@ -100,6 +102,54 @@ def decile_agreement(a_chosen, a_rejected, b_chosen, b_rejected, n_bins=10):
             out.append({"decile": d, "n": len(sel), "mean_score": float(level[sel].mean()),
                         "agreement": float(agree[sel].mean())})
     return out
+
+
+def bag_of_tokens_baseline(train, val, test, lams=(1e-3, 1e-2, 0.1, 0.3, 1.0), max_features=2000, max_pairs=5000):
+    """Test accuracy of an L2-regularised logistic regression on bags of reply tokens.
+
+    The classic text-classification baseline, fitted on the same comparisons as the PM: a pair's
+    features are f(chosen) - f(rejected), with f = token presence (the max_features most common
+    tokens of the training replies) plus log(1 + length), and P(chosen) = sigmoid(w . x) (no bias:
+    swapping the replies flips the prediction). Fitted exactly by Newton's method for each strength
+    in lams; the one with the lowest validation log-loss is kept. A transformer PM below it has
+    not yet learnt more than which words appear. train/val/test: [(chosen_ids, rejected_ids)] of the
+    replies alone (at most max_pairs of train are used: the full dataset's half A would need minutes).
+    Returns {"accuracy", "accuracy_ci", "l2", "features", "train_pairs"}.
+    """
+    train = train[:max_pairs]
+    counts = {}
+    for c, r in train:
+        for t in set(c) | set(r):
+            counts[t] = counts.get(t, 0) + 1
+    vocab = {t: i for i, t in enumerate(sorted(counts, key=lambda t: (-counts[t], t))[:max_features])}
+
+    def features(pairs):  # (N, F + 1)
+        X = np.zeros((len(pairs), len(vocab) + 1))
+        for i, (c, r) in enumerate(pairs):
+            for sign, ids in ((1, c), (-1, r)):
+                X[i, [vocab[t] for t in set(ids) if t in vocab]] += sign
+                X[i, -1] += sign * math.log1p(len(ids))
+        return X
+
+    X, X_val, X_test = features(train), features(val), features(test)
+    best = None
+    for lam in lams:  # minimise mean log(1 + exp(-X w)) + lam/2 |w|^2: convex, so Newton converges fast
+        w = np.zeros(X.shape[1])
+        for _ in range(50):
+            p = 1 / (1 + np.exp(-(X @ w)))                                  # (N,) P(chosen)
+            grad = X.T @ (p - 1) / len(X) + lam * w
+            hess = (X.T * (p * (1 - p))) @ X / len(X) + lam * np.eye(len(w))
+            step = np.linalg.solve(hess, grad)
+            w -= step
+            if np.abs(step).max() < 1e-6:
+                break
+        val_loss = float(np.mean(np.logaddexp(0.0, -(X_val @ w)))) if len(val) else 0.0
+        if best is None or val_loss < best[0]:
+            best = (val_loss, lam, w)
+    _, lam, w = best
+    acc = pair_accuracy(X_test @ w, np.zeros(len(test)))
+    return {"accuracy": acc, "accuracy_ci": list(wilson_interval(acc * len(test), len(test))), "l2": lam,
+            "features": len(vocab) + 1, "train_pairs": len(train)}
 
 
 def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):

@@ -35,12 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
+from data import (DataError, Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
                   sft_example, split_halves, split_train_val)
 from model import GPT, GPTConfig
 from train import (CheckpointError, MetricsLog, barrier, check_compatible, dist_info, load_checkpoint, load_model, lr_at,
                    model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
-from pm_metrics import pair_accuracy, pm_report, wilson_interval
+from pm_metrics import bag_of_tokens_baseline, pair_accuracy, pm_report, wilson_interval
 
 
 @dataclass
@@ -423,6 +423,12 @@ def update_eval_json(out_dir, pm):
     os.replace(path + ".tmp", path)
 
 
+def reply_pairs(pairs, tok):
+    """[(chosen_ids, rejected_ids)] of the replies alone: their lengths and the bag-of-tokens baseline."""
+    ids = tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])
+    return list(zip(ids[0::2], ids[1::2]))
+
+
 def ci_str(acc, ci):
     return f"{100 * acc:5.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
@@ -439,13 +445,24 @@ def evaluate_pms(cfg, data_dir=None):
     ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
     a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size)
     b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size)
-    lens = [len(ids) for ids in tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])]
-    pm = pm_report([p.n_turns for p in pairs], lens[0::2], lens[1::2], a_c, a_r, b_c, b_r)
+    test_replies = reply_pairs(pairs, tok)
+    pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
+                   a_c, a_r, b_c, b_r)
     pm["data_dir"] = str(data_dir)
+    try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
+        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
+        half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
+        bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
+        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"])
+        bow_line = (f"  bag of tokens     {ci_str(bow['accuracy'], bow['accuracy_ci'])}   (logistic regression on "
+                    f"{bow['train_pairs']} half-A pairs' reply tokens: the lexical reference)\n")
+    except DataError as e:
+        bow_line = f"  bag of tokens     skipped: {e}\n"
     update_eval_json(cfg.out_dir, pm)
     print(f"[rm] test pairs {pm['test_pairs']} ({data_dir})\n"
           f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
           f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
+          + bow_line +
           f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
           f"{pm['accuracy_chosen_longer']['n']} pairs where the chosen reply is longer: PM-A "
           f"{pm['accuracy_chosen_longer']['accuracy']:.3f}, PM-B {pm['accuracy_chosen_longer']['heldout_pm_accuracy']:.3f}\n"

@@ -16,7 +16,8 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
     assert base["val_loss"] < base["val_loss_before"] and sft["val_loss"] < sft["val_loss_before"]
 
     ev = json.load(open(os.path.join(out, "eval.json")))
-    for key in ("accuracy", "heldout_pm_accuracy", "length_baseline_accuracy", "test_pairs", "ece", "score_kl_a_b"):
+    for key in ("accuracy", "heldout_pm_accuracy", "length_baseline_accuracy", "bag_of_tokens_accuracy", "test_pairs",
+                "ece", "score_kl_a_b"):
         assert key in ev["pm"], key
     for policy in ("sft", "bon", "rs", "ppo"):
         for key in ("pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "mean_reply_tokens"):

@@ -66,6 +66,18 @@ def test_score_kl_by_hand():
     assert pm_metrics.score_kl(a, b, n_bins=2, lim=1.0, alpha=1.0) == pytest.approx(want)
 
 
+def test_bag_of_tokens_learns_a_marker_token_and_is_symmetric():
+    """The chosen reply holds token 7, the rejected one does not (both of random length): the
+    lexical baseline must find it, and swapping the replies must flip every prediction."""
+    g = np.random.default_rng(0)
+    reply = lambda marker: g.integers(10, 60, int(g.integers(3, 12))).tolist() + ([7] if marker else [])
+    pairs = lambda n: [(reply(True), reply(False)) for _ in range(n)]
+    train, val, test = pairs(60), pairs(20), pairs(50)
+    bow = pm_metrics.bag_of_tokens_baseline(train, val, test)
+    assert bow["accuracy"] == 1.0 and bow["features"] == len({t for c, r in train for t in c + r}) + 1
+    assert pm_metrics.bag_of_tokens_baseline(train, val, [(r, c) for c, r in test])["accuracy"] == 0.0
+
+
 def test_decile_agreement_counts():
     a_c = np.arange(10.0); a_r = a_c - 0.5                     # A always prefers chosen
     b_c = a_c.copy(); b_r = np.where(a_c >= 5, a_c + 1, a_c - 1)  # B disagrees on the top half
