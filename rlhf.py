@@ -107,7 +107,8 @@ PRESETS = {
         "model.n_layer": 4, "model.n_head": 3, "model.n_embd": 192, "model.block_size": 256,
         "data.vocab": "trimmed", "data.trimmed_max_size": 8192, "data.max_prompt_tokens": 160,
         "data.max_reply_tokens": 96,
-        "pretrain.max_steps": 250, "pretrain.batch_size": 16, "pretrain.lr": 1e-3, "pretrain.eval_interval": 125,
+        "model.dropout": 0.1,  # pretraining makes ~4 passes over the sample (SFT keeps it; PM, RS, PPO switch it off)
+        "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
         "rm.max_steps": 90, "rm.eval_interval": 30, "rm.normalize_samples": 32,
