@@ -8,7 +8,7 @@ can be checked by hand (tests/test_reward.py) and reused by anything that scores
     distributions and their agreement by score decile (Bai et al. 2022, sec. 4.5),
   - a bag-of-tokens logistic regression on the same comparisons: the lexical reference a transformer
     PM should reach (at a few hundred pairs it is hard to beat),
-  - pm_report: all of them for eval.json's "pm" section.
+  - pm_report: all of them for eval.json's "pm" section, and format_report: that section as text.
 
 reward.py computes the scores; this file only turns them into numbers.
 """
@@ -186,3 +186,31 @@ def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
     out["agreement_a_b"] = float(np.mean(np.sign(a_c - a_r) == np.sign(b_c - b_r)))
     out["agreement_by_decile"] = decile_agreement(a_c, a_r, b_c, b_r)
     return out
+
+
+def ci_str(acc, ci):
+    """An accuracy and its interval as '57.5% [51.9, 63.0]'."""
+    return f"{100 * acc:5.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def format_report(pm):
+    """The summary `rlhf.py rm` and `eval` print, from eval.json's "pm" section."""
+    if "bag_of_tokens_accuracy" in pm:
+        bow = (f"{ci_str(pm['bag_of_tokens_accuracy'], pm['bag_of_tokens_accuracy_ci'])}   (logistic regression on "
+               f"{pm['bag_of_tokens_train_pairs']} half-A pairs' reply tokens: the lexical reference)")
+    else:
+        bow = f"skipped: {pm.get('bag_of_tokens_skipped')}"
+    longer = pm["accuracy_chosen_longer"]
+    return (f"[rm] test pairs {pm['test_pairs']} ({pm['data_dir']})\n"
+            f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
+            f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
+            f"  bag of tokens     {bow}\n"
+            f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
+            f"{longer['n']} pairs where the chosen reply is longer: PM-A {longer['accuracy']:.3f}, "
+            f"PM-B {longer['heldout_pm_accuracy']:.3f}\n"
+            f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
+            f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
+            + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
+            + "\n  by human turns (n, PM-A, PM-B, length): " + ", ".join(
+                f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
+                for t, d in pm["accuracy_by_turns"].items()))

@@ -40,7 +40,7 @@ from data import (DataError, Tokenizer, pad_left, pad_right, pm_example, prompt_
 from model import GPT, GPTConfig
 from train import (CheckpointError, MetricsLog, barrier, check_compatible, dist_info, load_checkpoint, load_model, lr_at,
                    model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
-from pm_metrics import bag_of_tokens_baseline, pair_accuracy, pm_report, wilson_interval
+from pm_metrics import bag_of_tokens_baseline, ci_str, format_report, pair_accuracy, pm_report, wilson_interval
 
 
 @dataclass
@@ -429,10 +429,6 @@ def reply_pairs(pairs, tok):
     return list(zip(ids[0::2], ids[1::2]))
 
 
-def ci_str(acc, ci):
-    return f"{100 * acc:5.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-
-
 def evaluate_pms(cfg, data_dir=None):
     """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
     print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
@@ -453,25 +449,12 @@ def evaluate_pms(cfg, data_dir=None):
         train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
         half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
         bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
-        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"])
-        bow_line = (f"  bag of tokens     {ci_str(bow['accuracy'], bow['accuracy_ci'])}   (logistic regression on "
-                    f"{bow['train_pairs']} half-A pairs' reply tokens: the lexical reference)\n")
+        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
+                  bag_of_tokens_train_pairs=bow["train_pairs"])
     except DataError as e:
-        bow_line = f"  bag of tokens     skipped: {e}\n"
+        pm["bag_of_tokens_skipped"] = str(e)
     update_eval_json(cfg.out_dir, pm)
-    print(f"[rm] test pairs {pm['test_pairs']} ({data_dir})\n"
-          f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
-          f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
-          + bow_line +
-          f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
-          f"{pm['accuracy_chosen_longer']['n']} pairs where the chosen reply is longer: PM-A "
-          f"{pm['accuracy_chosen_longer']['accuracy']:.3f}, PM-B {pm['accuracy_chosen_longer']['heldout_pm_accuracy']:.3f}\n"
-          f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
-          f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
-          + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
-          + "\n  by human turns (n, PM-A, PM-B, length): " + ", ".join(
-              f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
-              for t, d in pm["accuracy_by_turns"].items()))
+    print(format_report(pm))
     return pm
 
 

@@ -78,6 +78,15 @@ def test_bag_of_tokens_learns_a_marker_token_and_is_symmetric():
     assert pm_metrics.bag_of_tokens_baseline(train, val, [(r, c) for c, r in test])["accuracy"] == 0.0
 
 
+def test_report_text_names_a_skipped_baseline():
+    """A test-only directory has no train split to fit the bag of tokens on: the report says so."""
+    g = np.random.default_rng(0)
+    a_c, a_r, b_c, b_r = (g.normal(size=40) for _ in range(4))
+    pm = pm_metrics.pm_report([1, 2, 3, 5] * 10, g.integers(1, 50, 40), g.integers(1, 50, 40), a_c, a_r, b_c, b_r)
+    text = pm_metrics.format_report(dict(pm, data_dir="DIR", bag_of_tokens_skipped="DIR: no train split"))
+    assert "test pairs 40 (DIR)" in text and "bag of tokens     skipped: DIR: no train split" in text
+
+
 def test_decile_agreement_counts():
     a_c = np.arange(10.0); a_r = a_c - 0.5                     # A always prefers chosen
     b_c = a_c.copy(); b_r = np.where(a_c >= 5, a_c + 1, a_c - 1)  # B disagrees on the top half
