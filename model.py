@@ -215,15 +215,28 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
 
-    def hidden_states(self, idx, attention_mask=None, kv_cache=None):
+    def hidden_states(self, idx, attention_mask=None, kv_cache=None, segment_ids=None):
         """Final (post ln_f) hidden states, shared by the LM head and the reward/value heads.
 
         idx (B, T) token ids; attention_mask (B, T) 1 = real token, 0 = padding (left or right);
-        kv_cache: a KVCache to read earlier tokens from and append these ones to.
+        kv_cache: a KVCache to read earlier tokens from and append these ones to;
+        segment_ids (B, T): packed training rows (data.pack_examples), several examples per row.
         Returns (B, T, C).
         """
         B, T = idx.size()
-        if attention_mask is None and kv_cache is None:
+        if segment_ids is not None:
+            # each segment is its own sequence: positions restart at 0 where a segment begins, and a
+            # token sees only the earlier tokens of its own segment (a block-diagonal causal mask).
+            # The mask takes SDPA off its flash kernel: on an H100 packed SFT computes ~0.8x the
+            # tokens/s of pretraining, still 4x the real tokens/s of one padded example per row
+            # (flex attention's block-sparse kernel, tried in torch 2.11, was no faster)
+            t = torch.arange(T, device=idx.device)  # (T,)
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+            pos = t - torch.where(starts, t, 0).cummax(1).values  # (B, T) minus the segment's first index
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+            attn_mask = (same & (t[None, :] <= t[:, None])).unsqueeze(1)  # (B, 1, T, T)
+        elif attention_mask is None and kv_cache is None:
             # no padding: positions 0..T-1 and plain causal attention (the flash kernel)
             pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
             attn_mask = None
@@ -251,11 +264,25 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache, layer)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None):
+    def logits(self, h):
+        """The LM head, (..., C) -> (..., V). GPT-2's 50,257-token vocabulary is an output width that
+        is not a multiple of 8, which keeps a GPU matmul off its fast tensor-core kernels; so the
+        weight is zero-padded to a multiple of 64 rows for the matmul (nanoGPT's 50,304) and the pad
+        logits are dropped at once, a view. On an H100 a compiled GPT-2-small training step went
+        from 0.290 to 0.275 s (MFU 0.39 -> 0.41) and peak memory from 25.4 to 22.3 GB. Checkpoints
+        keep the plain (V, C) weight; a vocabulary already a multiple of 64 (the trimmed ones)
+        takes the plain path."""
+        weight = self.lm_head.weight  # (V, C), tied to wte
+        pad = -weight.size(0) % 64
+        if pad == 0:
+            return self.lm_head(h)
+        return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., :weight.size(0)]  # (..., V)
+
+    def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         """Next-token logits (B, T, V) and, given targets (B, T), the masked mean cross-entropy
         loss = sum(ce * loss_mask) / sum(loss_mask) (every position if loss_mask is None),
         so SFT can train on the reply tokens only."""
-        logits = self.lm_head(self.hidden_states(idx, attention_mask, kv_cache))  # (B, T, V)
+        logits = self.logits(self.hidden_states(idx, attention_mask, kv_cache, segment_ids))  # (B, T, V)
         if targets is None:
             return logits, None
         # cross-entropy in float32: under bf16 autocast the log-sum-exp over 50k logits is lossy
@@ -311,7 +338,7 @@ class GPT(nn.Module):
         n = 0
         for t in range(max_new_tokens):
             h = self.hidden_states(seq, seq_mask, kv_cache)[:, -1]  # (B, C) only the last position
-            logits = self.lm_head(h).float()  # (B, V)
+            logits = self.logits(h).float()  # (B, V)
             tok, lp = _sample(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
             tokens[:, t] = torch.where(done, fill, tok)
             logprobs[:, t] = torch.where(done, 0.0, lp)

@@ -221,7 +221,7 @@ def forward_policy(policy, critic, query_response, attention_mask, context_lengt
     rollout, otherwise the ratio compares two different distributions (lm-hp does the same).
     Returns logits (B, N, V) and values (B, N) (values None if critic is None)."""
     hidden = policy.hidden_states(query_response, attention_mask)[:, context_length - 1:-1]  # (B, N, C)
-    logits = policy.lm_head(hidden) / temperature                                            # (B, N, V)
+    logits = policy.logits(hidden) / temperature                                             # (B, N, V)
     if critic is None:
         return logits, None
     if "trunk" in critic:

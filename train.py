@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Tokenizer, pad_right
+from data import Tokenizer, pack_examples, pad_right
 from model import GPT, GPTConfig
 
 
@@ -227,6 +227,7 @@ class LMTrainConfig:
     eval_batches: int = 10       # validation micro-batches per pass
     log_interval: int = 10       # steps between metrics.jsonl rows
     init: str = ""               # pretrain only: "" = random init, or gpt2 / gpt2-medium / path.safetensors
+    pack: bool = False           # sft/rs: several examples per block_size row (data.pack_examples), not one
 
 
 def lr_at(step, sc):
@@ -240,25 +241,32 @@ def lr_at(step, sc):
 def get_batch(data, index, batch_size, block_size, seed, pad_id):
     """Micro-batch number `index`, a pure function of (data, index, seed) so that resuming needs no
     loader state. `data` is either a token stream (np.ndarray: random windows, as nanoGPT) or a list of
-    (ids, loss_mask) examples (shuffled once per epoch by a seeded permutation, right-padded).
-    Returns idx, targets, loss_mask, attention_mask, each (B, T)."""
+    (ids, loss_mask) examples or (ids, loss_mask, segment_ids) packed rows (data.pack_examples), shuffled
+    once per epoch by a seeded permutation and right-padded.
+    Returns idx, targets, loss_mask, attention_mask, each (B, T), and segment_ids (B, T) for packed
+    rows, else None."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     if isinstance(data, np.ndarray):
         assert len(data) > block_size + 1, f"token stream of {len(data)} tokens is shorter than one block"
         starts = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g).tolist()
         chunk = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts])
         ones = torch.ones(batch_size, block_size)
-        return chunk[:, :-1], chunk[:, 1:], ones, ones
+        return chunk[:, :-1], chunk[:, 1:], ones, ones, None
     n = len(data)
     per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(index, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
     examples = [data[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
-    seqs = [ids for ids, _ in examples]
+    seqs = [e[0] for e in examples]
     idx, attention_mask = pad_right(seqs, pad_id)                       # (B, T+1)
-    loss_mask, _ = pad_right([m for _, m in examples], 0)               # (B, T+1)
+    loss_mask, _ = pad_right([e[1] for e in examples], 0)               # (B, T+1)
     # position t predicts token t+1, so the loss there counts iff token t+1 is a reply token
-    return idx[:, :-1], idx[:, 1:], loss_mask[:, 1:].float(), attention_mask[:, :-1]
+    segment_ids = None
+    if len(examples[0]) == 3:  # packed rows: every row is full width; the real tokens are segments >= 0
+        segment_ids = pad_right([e[2] for e in examples], -1)[0]        # (B, T+1)
+        attention_mask = (segment_ids >= 0).long()
+        segment_ids = segment_ids[:, :-1]
+    return idx[:, :-1], idx[:, 1:], loss_mask[:, 1:].float(), attention_mask[:, :-1], segment_ids
 
 
 @torch.no_grad()
@@ -269,9 +277,11 @@ def evaluate_loss(model, data, sc, block_size, pad_id, device, dtype="auto"):
     losses = []
     n_batches = sc.eval_batches if isinstance(data, np.ndarray) else min(sc.eval_batches, max(1, len(data) // sc.batch_size))
     for i in range(n_batches):
-        idx, targets, loss_mask = to_device(get_batch(data, i, sc.batch_size, block_size, 0, pad_id)[:3], device)
+        batch = get_batch(data, i, sc.batch_size, block_size, 0, pad_id)
+        idx, targets, loss_mask = to_device(batch[:3], device)
+        segment_ids = None if batch[4] is None else to_device([batch[4]], device)[0]
         with autocast(device, dtype):
-            _, loss = model(idx, targets, loss_mask=loss_mask)  # right padding: see supervised_train
+            _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)  # see supervised_train
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
@@ -315,6 +325,8 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
         # the communication with the rest of the backward pass
         model = DDP(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     block_size = raw.config.block_size
+    if sc.pack and not isinstance(train_data, np.ndarray):
+        train_data, val_data = (pack_examples(d, block_size, tok.eos_id, cfg.seed) for d in (train_data, val_data))
     if val_before is None:
         val_before = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
         if rank == 0:  # a fresh start only: a resumed run logged its step-0 row the first time
@@ -348,14 +360,16 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 # this rank's rows of the global micro-batch; ranks' means are reweighted by their share of
                 # the loss tokens, so DDP's average of the gradients is the gradient of the global mean
                 idx, targets, loss_mask = to_device([t[rank::world_size] for t in batch[:3]], device)
+                segment_ids = None if batch[4] is None else to_device([batch[4][rank::world_size]], device)[0]
                 share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
                 # DDP syncs gradients on every backward; with accumulation only the last one needs to
                 sync = world_size == 1 or micro == sc.grad_accum - 1
                 with nullcontext() if sync else model.no_sync():
                     with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
                         # batches are right-padded, so under causal attention no real token ever sees a pad:
-                        # no attention mask is needed, and SDPA can take its fast is_causal path
-                        _, loss = model(idx, targets, loss_mask=loss_mask)
+                        # no attention mask is needed, and SDPA can take its fast is_causal path (packed
+                        # rows pass segment_ids instead: a block-diagonal mask keeps examples apart)
+                        _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)
                     if world_size > 1:
                         loss = loss * share.to(loss.device)
                     # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing

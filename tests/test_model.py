@@ -163,6 +163,29 @@ def test_right_padding_invariance():
     assert torch.allclose(logits[0, :len(p)], model(torch.tensor([p]))[0][0], atol=1e-5)
 
 
+def test_packed_row_computes_what_separate_rows_would():
+    # data.pack_examples puts several examples in one row; segment_ids keep them apart
+    model = tiny()
+    ps = prompts()
+    row = sum(ps, []) + [0, 0]  # three examples, then two pads (segment -1)
+    segment_ids = torch.tensor([sum(([k] * len(p) for k, p in enumerate(ps)), []) + [-1, -1]])
+    logits = model(torch.tensor([row]), segment_ids=segment_ids)[0][0]
+    start = 0
+    for p in ps:
+        alone = model(torch.tensor([p]))[0][0]
+        assert torch.allclose(logits[start:start + len(p)], alone, atol=1e-5)
+        start += len(p)
+    assert not logits.isnan().any()
+
+
+def test_padded_lm_head_matches_the_plain_one():
+    # a vocabulary that is not a multiple of 64 takes the zero-padded matmul; logits are unchanged
+    model = tiny(vocab_size=101)
+    h = torch.randn(2, 5, 32)
+    assert model.logits(h).shape == (2, 5, 101)
+    assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
+
+
 def test_loss_mask():
     model = tiny()
     idx, targets = torch.randint(0, V, (2, 10)), torch.randint(0, V, (2, 10))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import Tokenizer
+from data import Tokenizer, pack_examples
 from model import GPT, GPTConfig
 import train
 from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, get_batch, load_checkpoint,
@@ -70,19 +70,40 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 def test_batches_are_a_pure_function_of_the_step():
     stream = np.arange(1000, dtype=np.uint16) % 300
     a, b = get_batch(stream, 5, 4, 16, 0, 0), get_batch(stream, 5, 4, 16, 0, 0)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    idx, targets, _, _ = a
+    assert all(torch.equal(x, y) for x, y in zip(a[:4], b[:4])) and a[4] is None
+    idx, targets, _, _, _ = a
     assert torch.equal(idx[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
 
 
 def test_example_batches_shift_the_loss_mask_with_the_targets():
     examples = [([5, 6, 7, 8], [0, 0, 1, 1]), ([9, 10, 11], [0, 1, 1])]
-    idx, targets, loss_mask, attn = get_batch(examples, 0, 2, 16, 0, pad_id=0)
+    idx, targets, loss_mask, attn, _ = get_batch(examples, 0, 2, 16, 0, pad_id=0)
     for row in range(2):  # the loss counts exactly where the target is a reply token
         ids, mask = examples[0] if idx[row, 0] == 5 else examples[1]  # rows are shuffled
         n = len(ids) - 1
         assert targets[row, :n].tolist() == ids[1:] and loss_mask[row, :n].tolist() == mask[1:]
         assert loss_mask[row, n:].sum() == 0 and attn[row, :n].sum() == n
+
+
+def test_packed_batches_give_the_same_loss_as_padded_ones():
+    # SFT packing (sc.pack) changes the batch layout, not the objective: the mean loss over the same
+    # reply tokens is the same as with one right-padded example per row
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (5, 9, 3, 12, 7, 4):
+        ids = torch.randint(1, 300, (n,), generator=g).tolist()
+        k = torch.randint(1, n - 1, (1,), generator=g).item()  # prompt length
+        examples.append((ids, [0] * k + [1] * (n - k)))
+    rows = pack_examples(examples, 16, pad_id=0, seed=0)
+    assert all(len(ids) == len(mask) == len(seg) == 17 for ids, mask, seg in rows)
+    assert sum(len(set(seg) - {-1}) for _, _, seg in rows) == len(examples)  # each example once
+    assert sum(sum(mask) for _, mask, _ in rows) == sum(sum(m) for _, m in examples)
+    model = tiny_model()
+    idx, targets, loss_mask, attn, segment_ids = get_batch(rows, 0, len(rows), 16, 0, pad_id=0)
+    packed = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)[1]
+    idx, targets, loss_mask, _, none = get_batch(examples, 0, len(examples), 16, 0, pad_id=0)
+    assert none is None
+    assert torch.allclose(packed, model(idx, targets, loss_mask=loss_mask)[1], atol=1e-5)
 
 
 def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12):
