@@ -31,7 +31,7 @@ import torch
 from data import pad_left, pad_right, sft_example
 from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
 from reward import load_reward_model
-from train import (LMTrainConfig, MetricsLog, load_checkpoint, load_model, pick_device, save_checkpoint,
+from train import (LMTrainConfig, MetricsLog, dist_info, load_checkpoint, load_model, pick_device, save_checkpoint,
                    set_seed, supervised_train)
 
 
@@ -201,7 +201,8 @@ def run_rs(cfg):
     (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
     turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
     fine-tune never teaches the policy to stop mid-sentence. The winners are cached in
-    out_dir/rs_data.pt, so a resumed run trains on the same examples."""
+    out_dir/rs_data.pt, so a resumed run trains on the same examples. Under torchrun every rank draws
+    the same samples (same seeds: the same winners; simple, not faster) and the fine-tune is data-parallel."""
     rc, out = cfg.rs, cfg.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
     if _stage_done(path, cfg.force, "rs"):
@@ -240,7 +241,8 @@ def run_rs(cfg):
             kept.append(scores[p, j].item())
         data = {"examples": examples, "mean_score": sum(kept) / len(kept), "mean_score_all": scores.mean().item(),
                 "eos_rate": ended.float().mean().item(), "cut": n_cut}
-        save_checkpoint(data_path, data)
+        if dist_info()[0] == 0:
+            save_checkpoint(data_path, data)
         print(f"[rs] PM-A of the winners {data['mean_score']:+.3f} vs {data['mean_score_all']:+.3f} for all samples "
               f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
     examples = [tuple(e) for e in data["examples"]]

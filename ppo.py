@@ -23,13 +23,14 @@ References
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
 from reward import load_reward_model, score_replies
-from train import (MetricsLog, NonFiniteLoss, check_compatible, load_checkpoint, load_model, model_checkpoint,
+from train import (MetricsLog, NonFiniteLoss, check_compatible, dist_info, load_checkpoint, load_model, model_checkpoint,
                    pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
@@ -85,11 +86,22 @@ def masked_var(x, mask):
     return masked_mean((x - mean) ** 2, mask)
 
 
+def batch_mean(x, mask):
+    """masked_mean over the whole rollout batch. Under torchrun each rank holds a slice of the batch,
+    so the sum and the count are all-reduced: every rank gets the one-process value."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    sums = torch.stack([x.sum(), mask.to(x.dtype).sum()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return sums[0] / sums[1].clamp(min=1)
+
+
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
-    """(x - mean) / std over the real tokens only. Whitening the advantages keeps the policy-gradient
-    scale fixed as rewards drift (lm-hp `whiten`); shift_mean=False only rescales (used for rewards,
-    whose sign carries meaning). Padding positions are returned as 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    """(x - mean) / std over the real tokens of the whole batch (all ranks). Whitening the advantages
+    keeps the policy-gradient scale fixed as rewards drift (lm-hp `whiten`); shift_mean=False only
+    rescales (used for rewards, whose sign carries meaning). Padding positions are returned as 0."""
+    mean = batch_mean(x, mask)
+    var = batch_mean((x - mean) ** 2, mask)  # biased, as masked_var
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -245,6 +257,36 @@ def rollout_forward(policy, critic, query_response, attention_mask, responses, c
 # ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
 
+def token_share(mask):
+    """world_size * (this rank's real tokens) / (all ranks' real tokens): the weight that turns the
+    average of the ranks' per-token means into the mean over every token of the global minibatch."""
+    n = mask.sum()
+    total = n.clone()
+    dist.all_reduce(total)
+    return dist.get_world_size() * n / total.clamp(min=1)
+
+
+def average_gradients(params):
+    """Data-parallel PPO: each rank samples and scores its own rollouts, then the gradients are
+    averaged (all-reduced) before every optimizer step, so the replicas stay identical."""
+    if not dist.is_initialized():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
+
+
+def all_ranks_mean(x):
+    """The mean of a scalar over the ranks (itself in one process): for logs and shared decisions."""
+    x = torch.as_tensor(x, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
 def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
              stop_ids=()):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps.
@@ -306,7 +348,11 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite PPO loss (pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
             optimizer.zero_grad(set_to_none=True)
+            if dist.is_initialized():  # this rank's mean, weighted by its share of the minibatch's tokens
+                loss = loss * token_share(mask[mb])
             loss.backward()
+            average_gradients(params)  # one process: nothing to do
+            st = {k: all_ranks_mean(v) for k, v in st.items()}  # the same early-stop verdict everywhere
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
             optimizer.step()
             mb_stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": grad_norm.item(),
@@ -388,6 +434,11 @@ def train_ppo(cfg):
         return
     assert pc.batch_size % pc.minibatch_size == 0, (
         f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}")
+    # under torchrun each of the N ranks takes rows rank::N of every global batch and minibatch
+    rank, world_size = dist_info()
+    assert pc.minibatch_size % world_size == 0, (
+        f"ppo.minibatch_size {pc.minibatch_size} must be divisible by the {world_size} processes")
+    local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     sft_path = os.path.join(out, "sft.pt")
@@ -416,34 +467,39 @@ def train_ppo(cfg):
         print(f"[ppo] resuming from {path} at iteration {start}/{pc.iterations}, beta {kl_coef:.4f}")
     prompts = rl_prompts(cfg, "train", tok, max_prompt)
     print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
-          f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}")
+          f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}"
+          + (f" | {world_size} processes" if world_size > 1 else ""))
     log = MetricsLog(out)
 
     def checkpoint(iteration, done):
-        save_checkpoint(path, model_checkpoint(
-            policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-            kl_coef=kl_coef, rng=rng_state(), seed=cfg.seed, stage="ppo", config=asdict(pc), done=done))
+        if rank == 0:  # the replicas are identical: one writer
+            save_checkpoint(path, model_checkpoint(
+                policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+                kl_coef=kl_coef, rng=rng_state(), seed=cfg.seed, stage="ppo", config=asdict(pc), done=done))
 
     it = start
     try:
         for it in range(start, pc.iterations):
             t0 = time.time()
-            queries, query_mask = (t.to(device) for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+            queries, query_mask = (t[rank::world_size].to(device)
+                                   for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
+            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * rank)
             try:
                 stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                          pc, kl_coef, tok.eos_id, generator, tok.stop_ids)
+                                          local, kl_coef, tok.eos_id, generator, tok.stop_ids)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
-            if pc.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
-            stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
             if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
                 with torch.inference_mode():
                     stats["pm_b"] = reward_b(rollout["q_list"], rollout["r_list"]).float().mean().item()
+            stats = {k: all_ranks_mean(v).item() for k, v in stats.items()}  # each rank saw its own rollouts
+            if pc.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
+            stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
             stats["time"] = time.time() - t0
-            log.log("ppo", it, **stats)
+            if rank == 0:
+                log.log("ppo", it, **stats)
             print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
                   f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
                   f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "

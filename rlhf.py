@@ -433,8 +433,9 @@ def stage_plot(cfg):
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
-    """Run one stage, or all of them in order. Under torchrun, pretrain, sft and rm run data-parallel
-    (train.supervised_train, reward.train_pm); the sampling-heavy stages then go on in rank 0 alone."""
+    """Run one stage, or all of them in order. Under torchrun, pretrain, sft, rm, rs and ppo run
+    data-parallel (train.supervised_train, reward.train_pm, evaluate.run_rs, ppo.train_ppo); eval then
+    goes on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one log: rank 0's
@@ -457,7 +458,7 @@ def run(stage, cfg):
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     for name in order:
-        if world_size > 1 and name not in ("pretrain", "sft", "rm"):
+        if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
             dist.destroy_process_group()  # the rest runs in one process
             world_size = 1

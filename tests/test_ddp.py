@@ -1,6 +1,8 @@
 """Data parallel training: two CPU processes (gloo) that each take half of every global batch end with
 the same weights as one process that takes all of it, for token streams and masked SFT examples
-(train.supervised_train) and for preference-model comparisons (reward.train_pm)."""
+(train.supervised_train), for preference-model comparisons (reward.train_pm) and for PPO (ppo.ppo_step:
+each rank its own rollouts, advantages whitened over all of them, gradients averaged)."""
+import copy
 import json
 import os
 import socket
@@ -13,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model import GPT, GPTConfig
+from ppo import PPOConfig, build_critic, ppo_step
 from reward import RewardModel, RMConfig, train_pm
 from train import LMTrainConfig, MetricsLog, init_distributed, load_checkpoint, supervised_train
 
@@ -75,13 +78,44 @@ def train_rm(out_dir, objective):
     return model.state_dict()
 
 
+def train_ppo_steps(rank=0, world_size=1):
+    """Two PPO iterations on a global batch of 4 prompts, this rank taking rows rank::world_size. The
+    sampler is replaced by a fixed reply per prompt (different lengths), so one process and two see
+    the same rollouts and only the update's arithmetic is compared. Returns policy + critic weights."""
+    torch.manual_seed(0)
+    policy = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
+    ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    critic = build_critic(None, torch.randn(16) * 0.1, torch.zeros(1))  # the value head on the policy's trunk
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=1e-2)
+
+    def fixed_replies(queries, query_mask, max_new_tokens, **kwargs):
+        last = queries[:, -1:]                                                         # (B, 1)
+        tokens = (last * 7 + torch.arange(max_new_tokens)) % 300                       # (B, N)
+        mask = torch.arange(max_new_tokens) < 2 + last % (max_new_tokens - 1)          # (B, N) 2..N tokens
+        return torch.where(mask, tokens, 0), torch.zeros(tokens.shape), mask
+    policy.generate = fixed_replies
+    queries = torch.tensor([[0, 0, 5, 9], [0, 3, 8, 2], [4, 4, 1, 7], [0, 0, 0, 6]])
+    query_mask = (queries > 0).long()
+    query_mask[2] = 1
+    cfg = PPOConfig(batch_size=4 // world_size, minibatch_size=4 // world_size, ppo_epochs=2, max_new_tokens=6,
+                    penalize_no_eos=False)
+    reward_fn = lambda q, r: torch.tensor([sum(x) % 7 / 7.0 for x in r])  # any fixed function of the reply
+    for it in range(2):
+        ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries[rank::world_size],
+                 query_mask[rank::world_size], cfg, 0.1, None, torch.Generator().manual_seed(it))
+    return {**policy.state_dict(), **{f"critic.{k}": v for k, v in critic.state_dict().items()}}
+
+
 def worker(rank, world_size, port, out_dir, kind):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         assert init_distributed() == (rank, world_size, rank)
-        state = train_rm(out_dir, kind.removeprefix("rm_")) if kind.startswith("rm_") else train(out_dir, kind)
+        if kind == "ppo":
+            state = train_ppo_steps(rank, world_size)
+        else:
+            state = train_rm(out_dir, kind.removeprefix("rm_")) if kind.startswith("rm_") else train(out_dir, kind)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))  # to check the ranks agree
     finally:  # wait for rank 0's checkpoint write: gloo can abort a rank that leaves while its peer still talks
         dist.barrier()
@@ -140,6 +174,18 @@ def test_two_gloo_processes_train_the_same_pm_as_one_process(tmp_path, objective
     for a, b in zip(*rows):  # the logged loss is the global batch's, all-reduced over the ranks
         assert {k: v for k, v in a.items() if k != "time"} == pytest.approx({k: v for k, v in b.items() if k != "time"},
                                                                            rel=1e-4, abs=1e-5)
+
+
+def test_two_gloo_processes_take_the_same_ppo_steps_as_one_process(tmp_path):
+    single = train_ppo_steps()
+    mp.spawn(worker, args=(2, free_port(), str(tmp_path), "ppo"), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
+    for name, w in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name  # averaged gradients: identical replicas
+        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
+    torch.manual_seed(0)
+    initial = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16)).state_dict()
+    assert (single["lm_head.weight"] - initial["lm_head.weight"]).abs().max() > 1e-3  # PPO did move it
 
 
 def test_pm_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
