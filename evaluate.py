@@ -31,8 +31,8 @@ import torch
 from data import pad_left, pad_right, sft_example
 from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
 from reward import load_reward_model
-from train import (LMTrainConfig, MetricsLog, dist_info, load_checkpoint, load_model, pick_device, save_checkpoint,
-                   set_seed, supervised_train)
+from train import (LMTrainConfig, MetricsLog, dist_info, load_checkpoint, load_model, pick_device,
+                   save_checkpoint, set_seed, supervised_train)
 
 
 # ----------------------------------------------------------------------------------------------

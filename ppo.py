@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
 from reward import load_reward_model, score_replies
-from train import (MetricsLog, NonFiniteLoss, check_compatible, dist_info, load_checkpoint, load_model, model_checkpoint,
-                   pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
+from train import (MetricsLog, NonFiniteLoss, check_compatible, dist_info, load_checkpoint, load_model,
+                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
 
 
 @dataclass
