@@ -42,12 +42,7 @@ import rlhf
 from data import lm_tokens
 from model import GPT
 from reward import RewardModel
-from train import autocast, get_batch, pick_device, set_seed, to_device
-
-# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the datasheets; the longest name contained in
-# torch.cuda.get_device_name wins ("H100 PCIe" before "H100"). Unknown GPUs use the measured peak.
-CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "H100 PCIe": 756, "A100": 312, "A10G": 70, "A10": 125,
-                    "L40S": 362, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+from train import autocast, cuda_peak_flops, get_batch, pick_device, set_seed, to_device
 
 
 def sync(device):
@@ -137,10 +132,9 @@ def main(argv):
     # ---- 0. the machine's matmul ceiling, first, before anything else heats or fills memory ----
     out["matmul_peak_gflops"] = round(matmul_peak(device, dtype, repeats), 1)
     peak = out["matmul_peak_gflops"]
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        known = sorted((k for k in CUDA_PEAK_TFLOPS if k in name), key=len)
-        peak = CUDA_PEAK_TFLOPS[known[-1]] * 1000.0 if known else peak
+    if device == "cuda":  # the datasheet peak where the GPU is known (unknown GPUs: the measured one)
+        known = cuda_peak_flops(torch.cuda.get_device_name())
+        peak = known / 1e9 if known else peak
     out["peak_gflops"] = peak
 
     # the real tokenizer (the trimmed vocabulary sets the LM head's size) and real prompts

@@ -65,6 +65,18 @@ def autocast(device, dtype="auto"):
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the datasheets, for MFU in the training log
+# and bench.py; the longest name contained in torch.cuda.get_device_name wins ("H100 PCIe" before "H100")
+CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "H100 PCIe": 756, "A100": 312, "A10G": 70, "A10": 125,
+                    "L40S": 362, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
+
+
+def cuda_peak_flops(name):
+    """The datasheet bf16 FLOP/s of a GPU from its name, or None for one not in the table."""
+    known = sorted((k for k in CUDA_PEAK_TFLOPS if k in name), key=len)
+    return CUDA_PEAK_TFLOPS[known[-1]] * 1e12 if known else None
+
+
 def to_device(tensors, device):
     """Copy a batch to the device. On CUDA the batch is first pinned (page-locked), so the copy can
     be asynchronous (non_blocking) and overlap with the GPU still running the previous step."""
@@ -339,6 +351,8 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
                 seed=cfg.seed, rng=rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss))
 
+    # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
+    peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     model.train()
     bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
                disable=rank != 0)
@@ -388,7 +402,9 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
             if step % sc.log_interval == 0 and rank == 0:
                 dt = time.time() - t0
-                log.log(stage, step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9))
+                mfu = {"mfu": raw.flops_per_token() * tokens / max(dt, 1e-9) / (peak * world_size)} if peak else {}
+                log.log(stage, step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9),
+                        **mfu)
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()

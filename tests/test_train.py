@@ -61,6 +61,12 @@ def test_checkpoint_round_trip_keeps_model_and_rng(tmp_path):
     assert torch.equal(torch.rand(3), a)
 
 
+def test_gpu_peak_is_the_longest_name_that_matches():
+    assert train.cuda_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert train.cuda_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM part's 989
+    assert train.cuda_peak_flops("NVIDIA GeForce GTX 1080") is None  # unknown: no MFU is logged
+
+
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
     sc = LMTrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_frac=0.1)
     assert lr_at(0, sc) == pytest.approx(0.1) and lr_at(9, sc) == pytest.approx(1.0)
