@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data import pad_left, pad_right, sft_example
 from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
@@ -201,8 +202,8 @@ def run_rs(cfg):
     (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
     turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
     fine-tune never teaches the policy to stop mid-sentence. The winners are cached in
-    out_dir/rs_data.pt, so a resumed run trains on the same examples. Under torchrun every rank draws
-    the same samples (same seeds: the same winners; simple, not faster) and the fine-tune is data-parallel."""
+    out_dir/rs_data.pt, so a resumed run trains on the same examples. Under torchrun each rank samples
+    prompts rank::N, the winners are gathered on every rank, and the fine-tune is data-parallel."""
     rc, out = cfg.rs, cfg.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
     if _stage_done(path, cfg.force, "rs"):
@@ -219,9 +220,11 @@ def run_rs(cfg):
         prompts = rl_prompts(cfg, "train", tok, min(cfg.ppo.max_prompt_tokens, block_size - max_new))
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
-        queries = [prompts[i][1] for i in order]
-        print(f"[rs] best-of-{rc.n} on {len(queries)} train prompts ({len(queries) * rc.n} samples)")
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        rank, world_size = dist_info()
+        queries = [prompts[i][1] for i in order][rank::world_size]  # this rank's share
+        print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
+              + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
         replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen)
         rep_queries = [q for q in queries for _ in range(rc.n)]
         scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size), rep_queries, replies, rc.sample_batch_size)
@@ -239,9 +242,15 @@ def run_rs(cfg):
                 examples.append(sft_example(queries[p], reply, tok, block_size, len(reply) - 1))
                 n_cut += 1
             kept.append(scores[p, j].item())
-        data = {"examples": examples, "mean_score": sum(kept) / len(kept), "mean_score_all": scores.mean().item(),
-                "eos_rate": ended.float().mean().item(), "cut": n_cut}
-        if dist_info()[0] == 0:
+        parts = [(examples, kept, scores.flatten().tolist(), ended.flatten().tolist(), n_cut)]
+        if world_size > 1:  # every rank gets every rank's winners (and the numbers for the summary)
+            parts = [None] * world_size
+            dist.all_gather_object(parts, (examples, kept, scores.flatten().tolist(), ended.flatten().tolist(), n_cut))
+        examples, kept, all_scores, all_ended = ([x for part in parts for x in part[i]] for i in range(4))
+        n_cut = sum(part[4] for part in parts)
+        data = {"examples": examples, "mean_score": sum(kept) / len(kept), "cut": n_cut,
+                "mean_score_all": sum(all_scores) / len(all_scores), "eos_rate": sum(all_ended) / len(all_ended)}
+        if rank == 0:
             save_checkpoint(data_path, data)
         print(f"[rs] PM-A of the winners {data['mean_score']:+.3f} vs {data['mean_score_all']:+.3f} for all samples "
               f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
