@@ -95,8 +95,7 @@ def train_ppo_steps(rank=0, world_size=1):
         return torch.where(mask, tokens, 0), torch.zeros(tokens.shape), mask
     policy.generate = fixed_replies
     queries = torch.tensor([[0, 0, 5, 9], [0, 3, 8, 2], [4, 4, 1, 7], [0, 0, 0, 6]])
-    query_mask = (queries > 0).long()
-    query_mask[2] = 1
+    query_mask = (queries > 0).long()  # left padding: 0 = pad
     cfg = PPOConfig(batch_size=4 // world_size, minibatch_size=4 // world_size, ppo_epochs=2, max_new_tokens=6,
                     penalize_no_eos=False)
     reward_fn = lambda q, r: torch.tensor([sum(x) % 7 / 7.0 for x in r])  # any fixed function of the reply
