@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 from data import pad_left, pad_right, sft_example
-from ppo import disable_dropout, forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
+from model import disable_dropout
+from ppo import forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
 from reward import load_reward_model
 from train import (LMTrainConfig, MetricsLog, dist_info, load_checkpoint, load_model, pick_device,
-                   save_checkpoint, set_seed, supervised_train)
+                   save_checkpoint, set_seed, stage_done, supervised_train)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,8 +136,8 @@ class EvalConfig:
 # sampling and scoring
 
 @torch.no_grad()
-def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator):
-    """n replies per query at temperature 1 with no top-k/top-p (so best-of-n's KL is the analytic
+def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0):
+    """n replies per query at `temperature` with no top-k/top-p (so best-of-n's KL is the analytic
     one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
     queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
     device = next(policy.parameters()).device
@@ -145,15 +146,16 @@ def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generato
     for start in range(0, len(rows), batch_size):
         idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
         tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                          temperature=1.0, eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=generator)
+                                          temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=generator)
         replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
     return replies
 
 
 @torch.inference_mode()
-def reply_logprobs(model, queries, replies, batch_size, pad_id):
-    """Sum over reply tokens of log p_model(reply | query), (len(replies),). With the policy's own
-    samples, mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT)."""
+def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0):
+    """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
+    the replies were sampled from), (len(replies),). With the policy's own samples,
+    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(replies), batch_size):
@@ -161,7 +163,7 @@ def reply_logprobs(model, queries, replies, batch_size, pad_id):
         q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
         r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
         logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
-                                   torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), 1.0)
+                                   torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
         lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
         out.append(lp.sum(1).cpu())
     return torch.cat(out)
@@ -187,16 +189,6 @@ def score(reward_fn, queries, replies, batch_size):
 # ----------------------------------------------------------------------------------------------
 # stage rs: rejection-sampling fine-tuning (expert iteration)
 
-def _stage_done(path, force, name):
-    """Skip a finished stage unless --force (which starts it over); an unfinished one resumes."""
-    if os.path.exists(path) and force:
-        os.remove(path)
-    if os.path.exists(path) and load_checkpoint(path).get("done"):
-        print(f"[{name}] {path} is complete; skipping (use --force to redo it)")
-        return True
-    return False
-
-
 def run_rs(cfg):
     """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
     (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
@@ -206,16 +198,17 @@ def run_rs(cfg):
     prompts rank::N, the winners are gathered on every rank, and the fine-tune is data-parallel."""
     rc, out = cfg.rs, cfg.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
-    if _stage_done(path, cfg.force, "rs"):
+    if stage_done(path, cfg.force, "rs"):
         return
     device = pick_device(cfg.device)
     set_seed(cfg.seed)
     policy, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
+    disable_dropout(policy)  # for the sampling and the fine-tune alike, whether or not the winners are on disk
     block_size, max_new = policy.config.block_size, rc.max_new_tokens or cfg.ppo.max_new_tokens
     if os.path.exists(data_path) and not cfg.force:
         data = load_checkpoint(data_path)
     else:
-        disable_dropout(policy).eval()
+        policy.eval()
         pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
         prompts = rl_prompts(cfg, "train", tok, min(cfg.ppo.max_prompt_tokens, block_size - max_new))
         g = torch.Generator().manual_seed(cfg.seed)
@@ -225,7 +218,7 @@ def run_rs(cfg):
         print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
-        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen)
+        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature)
         rep_queries = [q for q in queries for _ in range(rc.n)]
         scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size), rep_queries, replies, rc.sample_batch_size)
         scores = scores.view(-1, rc.n)                                                             # (P, n)
@@ -256,6 +249,7 @@ def run_rs(cfg):
               f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
     examples = [tuple(e) for e in data["examples"]]
     n_val = max(1, len(examples) // 10)
+    set_seed(cfg.seed)  # the same start whether the winners were just sampled (which draws on the RNG) or read
     supervised_train(cfg, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))
 
 
@@ -267,6 +261,22 @@ def win_rate(policy_scores, sft_scores):
     every policy sample against every SFT sample. policy_scores (P, k), sft_scores (P, n) -> float."""
     diff = policy_scores[:, :, None] - sft_scores[:, None, :]                          # (P, k, n)
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+def prompt_se(scores):
+    """Standard error of the mean score over prompts, scores (P, k): the spread of the per-prompt means
+    over sqrt(P). Samples of one prompt are correlated, so the P prompts are the independent draws."""
+    per_prompt = scores.double().mean(1)                                               # (P,)
+    return float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else float("nan")
+
+
+def rl_temperature(cfg):
+    """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
+    ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
+    the one the PM normaliser centres, and best-of-n's analytic KL holds for it as for any base policy."""
+    path = os.path.join(cfg.out_dir, "ppo.pt")
+    stored = load_checkpoint(path).get("config", {}).get("temperature") if os.path.exists(path) else None
+    return float(cfg.ppo.temperature if stored is None else stored)
 
 
 def ppo_frontier(out_dir, windows):
@@ -359,16 +369,17 @@ def run_eval(cfg):
     queries, P, n, bs = [q for _, q in prompts], len(prompts), ec.n, ec.batch_size
     print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{ec.policy_samples}")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
+    T = rl_temperature(cfg)
 
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen)}
+    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen, T)}
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     lengths = {"sft": torch.tensor([len(r) for r in replies["sft"]], dtype=torch.float).view(P, n)}
     kl = {"sft": 0.0}
-    notes = [f"{P} test prompts, temperature 1, replies up to {max_new} tokens; SFT and best-of-n "
-             f"from {n} SFT samples per prompt, rs/ppo from {ec.policy_samples} samples per prompt."]
+    notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
+             f"tokens; SFT and best-of-n from {n} SFT samples per prompt, rs/ppo from {ec.policy_samples} per prompt."]
 
     # 2. best-of-n: PM-A picks among the SFT samples; the unbiased estimator gives every n <= N
     bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(a["sft"], a["sft"], k).mean().item(),
@@ -391,17 +402,18 @@ def run_eval(cfg):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen)
+        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen, T)
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
         lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)
-        kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id)
-                    - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id)).mean().item()
+        kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T)
+                    - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T)).mean().item()
         del policy
 
-    policies = {name: {"pm_reward": a[name].mean().item(), "heldout_pm_reward": b[name].mean().item(),
+    policies = {name: {"pm_reward": a[name].mean().item(), "pm_reward_se": prompt_se(a[name]),
+                       "heldout_pm_reward": b[name].mean().item(), "heldout_pm_reward_se": prompt_se(b[name]),
                        "kl": kl[name], "win_rate_vs_sft": win_rate(b[name], b["sft"]),
-                       "mean_reply_tokens": lengths[name].mean().item()} for name in a}
+                       "mean_reply_tokens": lengths[name].mean().item(), "temperature": T} for name in a}
     policies["bon"].update(n=n, kl_analytic=bon_kl(n))
 
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
@@ -418,7 +430,7 @@ def run_eval(cfg):
     # 5. eval.json (merged with reward.py's "pm" section), report.md
     ev_path = os.path.join(out, "eval.json")
     ev = json.load(open(ev_path)) if os.path.exists(ev_path) else {}
-    ev.update(policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes)
+    ev.update(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes)
     tmp = ev_path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(ev, f, indent=2)

@@ -53,9 +53,11 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        # attention dropout is applied inside scaled_dot_product_attention (dropout_p), but its rate lives
+        # in an nn.Dropout like every other dropout, so one switch (disable_dropout) turns all of them off
+        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.dropout = config.dropout
 
     def forward(self, x, attn_mask, kv_cache, layer):
         B, T, C = x.size()
@@ -68,7 +70,7 @@ class CausalSelfAttention(nn.Module):
         # (B, 1, T, S) mask, True = may attend, built once per forward in GPT.hidden_states
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+            dropout_p=self.attn_dropout.p if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -98,6 +100,20 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), attn_mask, kv_cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
+
+
+def disable_dropout(model):
+    """Switch off every dropout in `model` (embedding, attention, residual, MLP), in train mode too,
+    and record it in its config, so checkpoints written afterwards say so. The stages after SFT need
+    it: PPO's ratio is 1 at first only if sampling and training are the same function (lm-hp sets
+    dropout 0), a PM's two scores of a comparison must not be noisy in different ways, and a
+    rejection-sampling fine-tune resumes bit for bit only if no dropout mask is drawn."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    if isinstance(getattr(model, "config", None), GPTConfig):
+        model.config.dropout = 0.0
+    return model
 
 
 # -----------------------------------------------------------------------------

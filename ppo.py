@@ -29,9 +29,10 @@ import torch
 import torch.distributed as dist
 
 from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from model import disable_dropout
 from reward import load_reward_model, score_replies
 from train import (MetricsLog, NonFiniteLoss, check_compatible, dist_info, load_checkpoint, load_model,
-                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
+                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
 
 
 @dataclass
@@ -345,8 +346,10 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, logprobs[mb], values[mb], advantages[mb],
                                               returns[mb], mask[mb], cfg.cliprange, cfg.cliprange_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite PPO loss (pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
+            # every rank reaches the same verdict before any collective: one rank raising alone would
+            # leave the others waiting forever in the next all-reduce
+            if all_ranks_mean(torch.isfinite(loss).float()) < 1:
+                raise NonFiniteLoss(f"non-finite PPO loss (this rank: pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
             optimizer.zero_grad(set_to_none=True)
             if dist.is_initialized():  # this rank's mean, weighted by its share of the minibatch's tokens
                 loss = loss * token_share(mask[mb])
@@ -380,14 +383,6 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
 
 # ----------------------------------------------------------------------------------------------
 # the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
-
-def disable_dropout(model):
-    """PPO needs the sampling and training passes to be the same function (lm-hp sets dropout 0)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model
-
 
 def pm_reward_fn(reward_model, tok, batch_size=64):
     """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
@@ -427,10 +422,7 @@ def train_ppo(cfg):
     sqrt KL, beta, entropy, clipfrac, approx_kl, vf_loss, explained variance, reply length, EOS rate)."""
     pc, out = cfg.ppo, cfg.out_dir
     path = os.path.join(out, "ppo.pt")
-    if os.path.exists(path) and cfg.force:
-        os.remove(path)
-    if os.path.exists(path) and load_checkpoint(path).get("done"):
-        print(f"[ppo] {path} is complete; skipping (use --force to retrain)")
+    if stage_done(path, cfg.force, "ppo"):
         return
     assert pc.batch_size % pc.minibatch_size == 0, (
         f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}")

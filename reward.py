@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -39,7 +40,7 @@ from data import (DataError, Tokenizer, pad_left, pad_right, pm_example, prompt_
                   sft_example, split_halves, split_train_val)
 from model import GPT, GPTConfig
 from train import (CheckpointError, MetricsLog, barrier, check_compatible, dist_info, load_checkpoint, load_model, lr_at,
-                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed)
+                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
 from pm_metrics import bag_of_tokens_baseline, ci_str, format_report, pair_accuracy, pm_report, wilson_interval
 
 
@@ -64,8 +65,8 @@ class RMConfig:
     log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
-    normalize_samples: int = 64  # SFT samples (on train prompts) used to fit gain and bias
-    normalize_tokens: int = 64   # max length of those samples
+    normalize_samples: int = 512 # SFT samples (train prompts, PPO's shapes and temperature) that fit gain and bias;
+                                 # the fitted mean is off by ~1/sqrt(this) SFT standard deviations
     ablation: bool = False       # also train binary and score lm on half A: one table of objectives
     pmp_study: bool = False      # accuracy with 25/50/100% of half A, with and without PMP: one table
 
@@ -192,20 +193,28 @@ def pmp_pairs(pairs, seed):
     Askell et al. 2021 pretrain PMs on comparisons mined from the web before the human
     data. With no such corpus here, every real reply (chosen and rejected alike: no human label
     is used) is preferred to a corrupted one, drawn at random: a reply from another dialogue
-    (tests relevance), the same words shuffled (fluency), or the reply cut to 20-60% (completeness).
+    (tests relevance), the same words shuffled (fluency), or the reply cut to 20-60% of its words
+    (completeness). Each corruption keeps the reply's formatting (its leading space, the whitespace
+    between words): a pair must differ only in what it tests, or a PM learns to spot the formatting.
     """
     rng = np.random.default_rng(seed)
     out = []
     for i, p in enumerate(pairs):
         for reply in (p.chosen, p.rejected):
-            kind, words = rng.integers(3), reply.split(" ")
+            kind = rng.integers(3)
             if kind == 0:
                 other = pairs[(i + 1 + rng.integers(len(pairs) - 1)) % len(pairs)] if len(pairs) > 1 else p
                 bad = other.chosen if rng.random() < 0.5 else other.rejected
-            elif kind == 1:
-                bad = " ".join(rng.permutation(words).tolist())
             else:
-                bad = " ".join(words[:max(1, int(len(words) * rng.uniform(0.2, 0.6)))])
+                parts = re.split(r"(\s+)", reply)  # words at even indices, the whitespace between them at odd
+                slots = [j for j in range(0, len(parts), 2) if parts[j]]  # the words ("" where whitespace leads)
+                if kind == 1:  # shuffle the words in their slots; every gap stays where it was
+                    for j, w in zip(slots, [parts[j] for j in rng.permutation(slots)]):
+                        parts[j] = w
+                    bad = "".join(parts)
+                else:          # a prefix of the reply, cut after a word
+                    keep = max(1, int(len(slots) * rng.uniform(0.2, 0.6)))
+                    bad = "".join(parts[:slots[keep - 1] + 1]) if slots else reply
             if bad != reply:
                 out.append(type(p)(p.prompt, reply, bad, "pmp", p.n_turns))
     return out
@@ -380,9 +389,11 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
 
 
 @torch.no_grad()
-def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size):
-    """n (prompt_ids, reply_ids) sampled at temperature 1 from `policy` on seeded-random prompts of
-    `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1."""
+def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size, temperature=1.0):
+    """n (prompt_ids, reply_ids) sampled at `temperature` from `policy` on seeded-random prompts of
+    `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1. Called with the
+    shapes PPO and eval sample at (prompt and reply lengths, temperature), so that "SFT scores mean 0,
+    std 1" holds where the rewards are used: a PM's score moves with the reply's length."""
     device = next(policy.parameters()).device
     rows = np.random.default_rng(seed).permutation(len(pairs))[:n]
     max_prompt = min(max_prompt_tokens, policy.config.block_size - max_new_tokens)
@@ -391,7 +402,7 @@ def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, see
     policy.eval()
     for s in range(0, len(prompts), batch_size):
         idx, mask = pad_left(prompts[s:s + batch_size], tok.eos_id)  # (b, T)
-        tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=1.0,
+        tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=temperature,
                                           eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=gen)  # (b, N)
         replies += [[t for t, k in zip(row, m) if k] for row, m in zip(tokens.tolist(), keep.tolist())]
     return prompts, replies
@@ -556,21 +567,17 @@ def train_reward_models(cfg):
     log, ref = MetricsLog(cfg.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
         path = os.path.join(cfg.out_dir, f"{name}.pt")
-        if os.path.exists(path) and cfg.force and rank == 0:
-            os.remove(path)
-        barrier()  # every rank sees the same files, so all of them skip or train this PM together
-        if os.path.exists(path) and load_checkpoint(path).get("done"):
-            if rank == 0:
-                print(f"[rm] {path} is complete; skipping (use --force to retrain)")
+        if stage_done(path, cfg.force, "rm"):  # all ranks skip or train this PM together
             continue
         set_seed(cfg.seed + (name == "pm_b"))
         model, _ = init_reward_model(init, device)
         pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
         info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
         if rank == 0:
-            if ref is None:  # the same SFT samples normalise both PMs
-                ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, rc.normalize_tokens,
-                                     cfg.data.max_prompt_tokens, cfg.seed, rc.eval_batch_size)
+            if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
+                pc = cfg.ppo
+                ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
+                                     pc.max_prompt_tokens, cfg.seed, rc.eval_batch_size, pc.temperature)
             normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
             save_checkpoint(path, model_checkpoint(
                 model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,

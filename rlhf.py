@@ -22,7 +22,6 @@ from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
 import difflib
 import os
 import sys
-from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
@@ -36,7 +35,7 @@ from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
 from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, dist_info, init_distributed,
                    load_checkpoint, load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
-                   supervised_train)
+                   stage_done, supervised_train)
 
 
 @dataclass
@@ -95,7 +94,7 @@ PRESETS = {
         "pretrain.eval_batches": 2, "pretrain.log_interval": 5, "pretrain.warmup_steps": 5,
         "sft.max_steps": 20, "sft.batch_size": 8, "sft.eval_interval": 10, "sft.eval_batches": 2,
         "sft.log_interval": 5, "sft.warmup_steps": 2,
-        "rm.max_steps": 20, "rm.eval_interval": 10, "rm.normalize_samples": 16, "rm.normalize_tokens": 24,
+        "rm.max_steps": 20, "rm.eval_interval": 10, "rm.normalize_samples": 16,
         "rs.n": 4, "rs.num_prompts": 16, "rs.max_steps": 8, "rs.batch_size": 8, "rs.eval_interval": 4,
         "rs.eval_batches": 2, "rs.log_interval": 2, "rs.warmup_steps": 2,
         "ppo.iterations": 3, "ppo.batch_size": 8, "ppo.minibatch_size": 4, "ppo.ppo_epochs": 2,
@@ -111,7 +110,7 @@ PRESETS = {
         "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
-        "rm.max_steps": 90, "rm.eval_interval": 30, "rm.normalize_samples": 32,
+        "rm.max_steps": 90, "rm.eval_interval": 30,
         "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
         "rs.eval_interval": 20, "rs.eval_batches": 2,
         "ppo.iterations": 16, "ppo.batch_size": 32, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 2,
@@ -237,17 +236,8 @@ def ckpt_path(cfg, name):
 
 
 def already_done(cfg, name):
-    """A finished stage is skipped unless --force; --force starts it over (its checkpoint is removed)."""
-    path = ckpt_path(cfg, name)
-    if not os.path.exists(path):
-        return False
-    if cfg.force:
-        Path(path).unlink(missing_ok=True)  # missing_ok: under torchrun every rank gets here
-        return False
-    if load_checkpoint(path).get("done"):
-        print(f"[{name}] {path} is complete; skipping (use --force to retrain)")
-        return True
-    return False
+    """A finished stage is skipped unless --force; --force starts it over (train.stage_done)."""
+    return stage_done(ckpt_path(cfg, name), cfg.force, name)
 
 
 def format_prompt(human_turn):

@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -167,6 +168,20 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stage_done(path, force, name):
+    """True if the stage whose checkpoint is `path` already finished: it is skipped. --force starts it
+    over instead (the checkpoint is removed); an unfinished checkpoint is left for the stage to resume.
+    Under torchrun rank 0 alone removes the file and every rank waits for that before looking, so no
+    rank trips over a file another is deleting, and all of them skip or run the stage together."""
+    if force and dist_info()[0] == 0:
+        Path(path).unlink(missing_ok=True)
+    barrier()
+    if os.path.exists(path) and load_checkpoint(path).get("done"):
+        print(f"[{name}] {path} is complete; skipping (use --force to redo it)")
+        return True
+    return False
 
 
 def model_checkpoint(model, tok, **extra):

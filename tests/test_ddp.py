@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import socket
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,10 +15,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import ppo
 from model import GPT, GPTConfig
 from ppo import PPOConfig, build_critic, ppo_step
 from reward import RewardModel, RMConfig, train_pm
-from train import LMTrainConfig, MetricsLog, init_distributed, load_checkpoint, supervised_train
+from train import (LMTrainConfig, MetricsLog, NonFiniteLoss, init_distributed, load_checkpoint, save_checkpoint,
+                   stage_done, supervised_train)
 
 
 class Cfg:  # the run-level fields supervised_train reads
@@ -105,6 +108,34 @@ def train_ppo_steps(rank=0, world_size=1):
     return {**policy.state_dict(), **{f"critic.{k}": v for k, v in critic.state_dict().items()}}
 
 
+def ppo_nan_on_one_rank(rank, world_size, out_dir):
+    """PPO where rank 1 alone gets a NaN loss (as an overflow in one rank's forward would): every rank
+    must stop with NonFiniteLoss, none may wait for the others forever. Records what each rank raised."""
+    if rank == 1:
+        real = ppo.ppo_losses
+        ppo.ppo_losses = lambda *a, **k: (lambda pg, vf, st: (pg * float("nan"), vf, st))(*real(*a, **k))
+    try:
+        train_ppo_steps(rank, world_size)
+        outcome = "finished"
+    except NonFiniteLoss:
+        outcome = "NonFiniteLoss"
+    open(os.path.join(out_dir, f"rank{rank}.txt"), "w").write(outcome)
+    return {}
+
+
+def force_many_times(rank, out_dir, times=40):
+    """Both ranks meet a finished checkpoint with --force at the same moment, again and again: each must
+    see the stage as not done (it starts over), and no rank may trip over a file the other deletes."""
+    path = os.path.join(out_dir, "stage.pt")
+    for _ in range(times):
+        if rank == 0:
+            save_checkpoint(path, {"done": True})
+        dist.barrier()
+        assert not stage_done(path, True, "stage") and not os.path.exists(path)
+        dist.barrier()
+    return {}
+
+
 def worker(rank, world_size, port, out_dir, kind):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -113,6 +144,10 @@ def worker(rank, world_size, port, out_dir, kind):
         assert init_distributed() == (rank, world_size, rank)
         if kind == "ppo":
             state = train_ppo_steps(rank, world_size)
+        elif kind == "ppo_nan":
+            state = ppo_nan_on_one_rank(rank, world_size, out_dir)
+        elif kind == "force":
+            state = force_many_times(rank, out_dir)
         else:
             state = train_rm(out_dir, kind.removeprefix("rm_")) if kind.startswith("rm_") else train(out_dir, kind)
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))  # to check the ranks agree
@@ -132,6 +167,17 @@ def dirs(tmp_path):
     os.makedirs(single_dir)
     os.makedirs(ddp_dir)
     return single_dir, ddp_dir
+
+
+def spawn_with_timeout(out_dir, kind, timeout=120):
+    """mp.spawn of two ranks that fails the test (instead of hanging it) if a rank never returns."""
+    ctx = mp.spawn(worker, args=(2, free_port(), out_dir, kind), nprocs=2, join=False)
+    deadline = time.time() + timeout
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"a rank hung for {timeout}s")
 
 
 def run_two_ranks(ddp_dir, kind, ckpt_name):
@@ -197,3 +243,12 @@ def test_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr("train.dist_info", lambda: (0, 3))
     with pytest.raises(AssertionError, match="divisible by the 3 processes"):
         train(str(tmp_path), "stream")
+
+
+def test_a_nan_on_one_ppo_rank_stops_every_rank(tmp_path):
+    spawn_with_timeout(str(tmp_path), "ppo_nan")
+    assert [open(os.path.join(tmp_path, f"rank{r}.txt")).read() for r in range(2)] == ["NonFiniteLoss"] * 2
+
+
+def test_force_under_two_ranks_removes_the_checkpoint_once(tmp_path):
+    spawn_with_timeout(str(tmp_path), "force")

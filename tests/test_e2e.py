@@ -1,6 +1,9 @@
 """End to end: the tiny preset runs every stage on a small hh-format dataset the test writes itself."""
 import json
+import math
 import os
+
+import pytest
 
 import rlhf
 from train import load_checkpoint
@@ -22,11 +25,16 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
     for policy in ("sft", "bon", "rs", "ppo"):
         for key in ("pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "mean_reply_tokens"):
             assert isinstance(ev["policies"][policy][key], float), (policy, key)
-    assert ev["policies"]["bon"]["n"] == 4 and ev["policies"]["bon"]["kl_analytic"] > 0
+    assert ev["policies"]["bon"]["n"] == 4 and ev["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
+    for policy, p in ev["policies"].items():
+        assert 0 <= p["win_rate_vs_sft"] <= 1 and p["kl"] >= 0 and p["mean_reply_tokens"] > 0, policy
+    assert ev["policies"]["ppo"]["kl"] > 0  # trained against PM-A, PPO has moved away from SFT
     assert os.path.getsize(os.path.join(out, "report.md")) > 0
 
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert {"pretrain/loss", "sft/loss", "sft/val_loss", "ppo/kl"} <= {k for r in rows for k in r}
+    ppo_kl = [r["ppo/kl"] for r in rows if "ppo/kl" in r]
+    assert ppo_kl[0] == pytest.approx(0, abs=1e-4) and ppo_kl[-1] > 0  # the policy starts at SFT, then moves
     # a finished flow is skipped when rerun, and the tools read its checkpoints
     assert rlhf.main(["all"] + args) == 0
     assert rlhf.main(["sample"] + args + ["--sample.policy=ppo", "--sample.prompt=hello", "--sample.max_new_tokens=8"]) == 0

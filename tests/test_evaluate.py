@@ -107,7 +107,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 from evaluate import EvalConfig, RSConfig, run_eval, run_rs  # noqa: E402
 from ppo import PPOConfig, train_ppo  # noqa: E402
-from data import DataConfig, Tokenizer, read_pairs  # noqa: E402
+from data import DataConfig, Tokenizer, pad_left, read_pairs  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import load_checkpoint, model_checkpoint, save_checkpoint  # noqa: E402
 
@@ -168,7 +168,11 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     for p in saved["policies"].values():
         assert {"pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "mean_reply_tokens"} <= set(p)
     assert saved["policies"]["bon"]["n"] == 4 and saved["policies"]["bon"]["kl_analytic"] == pytest.approx(bon_kl(4))
-    assert saved["policies"]["sft"]["kl"] == 0 and ev["policies"] == saved["policies"]
+    assert ev["policies"] == saved["policies"] and saved["temperature"] == 1.0
+    for p in saved["policies"].values():
+        assert 0 <= p["win_rate_vs_sft"] <= 1 and p["pm_reward_se"] > 0 and p["heldout_pm_reward_se"] > 0
+        assert p["mean_reply_tokens"] <= 6 and p["temperature"] == 1.0
+    assert saved["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     frontier = [json.loads(line) for line in open(os.path.join(out, "frontier.jsonl"))]
     assert {"bon", "ppo"} <= {p["method"] for p in frontier}
     assert all({"method", "kl", "sqrt_kl", "pm_a", "pm_b"} <= set(p) for p in frontier)
@@ -207,3 +211,34 @@ def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
     for key in ("model", "critic"):
         assert all(torch.equal(finals[0][key][k], finals[1][key][k]) for k in finals[0][key])
     assert finals[1]["iteration"] == 3 and finals[1]["done"]
+
+
+def test_reply_logprobs_are_the_sampler_logprobs_at_its_temperature():
+    """The KL estimate reads log pi(reply) from a full forward at the sampling temperature: it must equal
+    what the sampler reported for the tokens it drew, at that temperature."""
+    from evaluate import reply_logprobs
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
+    queries = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    for T in (0.5, 1.7):
+        idx, mask = pad_left(queries, 0)
+        tokens, logprobs, keep = model.generate(idx, mask, 6, temperature=T, generator=torch.Generator().manual_seed(1))
+        replies = [t[k].tolist() for t, k in zip(tokens, keep)]
+        want = (logprobs * keep).sum(1)
+        torch.testing.assert_close(reply_logprobs(model, queries, replies, 2, 0, T), want, atol=1e-4, rtol=0)
+
+
+def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, tmp_path, monkeypatch):
+    """ppo.pt records the temperature PPO sampled and computed its KL penalty at; eval uses it for every
+    policy (whatever --ppo.temperature says now) and says so in eval.json. With the SFT weights as the
+    "PPO" policy, the KL measured at that one temperature is 0."""
+    out = str(tmp_path / "out")
+    write_tiny_run(hh_dir, out)
+    sft = load_checkpoint(os.path.join(out, "sft.pt"))
+    save_checkpoint(os.path.join(out, "ppo.pt"), {**sft, "config": {"temperature": 0.5}, "iteration": 3})
+    temperatures, real = [], GPT.generate
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
+    ev = run_eval(RunConfig(out_dir=out, data_dir=hh_dir))
+    assert temperatures and set(temperatures) == {0.5}
+    assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
+    assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
+from model import GPT, GPTConfig, disable_dropout, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
 
 V = 101  # vocab
 
@@ -357,3 +357,14 @@ def test_generate_logprobs_match_forward_on_padded_batch():
     logits = model(seq, attention_mask=seq_mask)[0][:, idx.size(1) - 1:-1]  # (B, N, V) predicting each response token
     lp = F.log_softmax(logits / 0.9, -1).gather(2, tokens[..., None]).squeeze(2)
     assert torch.allclose(lp[m], logprobs[m], atol=1e-5)
+
+
+def test_disable_dropout_switches_off_every_kind_of_dropout():
+    """Attention dropout happens inside SDPA (dropout_p), not in a module's forward: disable_dropout must
+    reach it too, so that a model in train mode computes the same function twice."""
+    torch.manual_seed(0)
+    model = disable_dropout(GPT(GPTConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.5)))
+    model.train()
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    assert model.config.dropout == 0.0  # and checkpoints written from it say so

@@ -11,6 +11,7 @@ import torch
 
 import pm_metrics
 import reward
+from ppo import PPOConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared 2-core box
 
@@ -190,8 +191,25 @@ def stage_cfg(tmp_path, data_dir):
     gpt = reward.GPT(reward.GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(str(out / "sft.pt"), model_checkpoint(gpt, tok, step=0, done=True))
     rm = reward.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
-                         normalize_samples=16, normalize_tokens=8, pmp_steps=10)
-    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rm)
+                         normalize_samples=16, pmp_steps=10)
+    ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rm,
+                           ppo=ppo)
+
+
+def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
+    """The SFT replies that fix a PM's gain and bias are drawn with PPO's prompt length, reply length and
+    temperature: a PM's score moves with the reply's length, so "SFT scores mean 0" holds only there."""
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
+    cfg.rm.max_steps, cfg.ppo = 2, PPOConfig(max_prompt_tokens=10, max_new_tokens=5, temperature=0.7)
+    calls, real = [], reward.GPT.generate
+
+    def recording(self, idx, attention_mask=None, max_new_tokens=0, **kwargs):
+        calls.append((idx.size(1), max_new_tokens, kwargs.get("temperature")))
+        return real(self, idx, attention_mask, max_new_tokens, **kwargs)
+    monkeypatch.setattr(reward.GPT, "generate", recording)
+    reward.train_reward_models(cfg)
+    assert calls and all(c == (10, 5, 0.7) for c in calls), calls
 
 
 def test_pm_learns_marker_rule_end_to_end(tmp_path):
@@ -281,3 +299,41 @@ def test_pmp_pairs_prefer_real_replies_without_labels():
     assert len(pmp) > 50 and all(q.chosen in real[q.prompt] and q.rejected != q.chosen for q in pmp)
     assert sum(q.rejected in real[q.prompt] for q in pmp) == 0   # never a human-labelled pair in disguise
     assert [q.rejected for q in pmp] == [q.rejected for q in reward.pmp_pairs(pairs, seed=0)]  # deterministic
+
+
+def test_pmp_corruptions_keep_the_reply_formatting():
+    """A shuffled reply has the same words and the same whitespace gaps, in place; a cut reply is a prefix
+    of the real one; a swapped reply is another dialogue's real reply. So only what each tests differs."""
+    import re
+    from data import Pair
+    replies = [f" Sure.  Step {i}:\n1. mix\n2. bake {i}  times, then  rest." for i in range(40)]
+    pairs = [Pair(f"\n\nHuman: q{i}?\n\nAssistant:", replies[i], f" No {i}.", "x", 1) for i in range(40)]
+    real = {r for p in pairs for r in (p.chosen, p.rejected)}
+    kinds = set()
+    for q in reward.pmp_pairs(pairs, seed=0):
+        words, bad_words = re.split(r"(\s+)", q.chosen), re.split(r"(\s+)", q.rejected)
+        if q.rejected in real:
+            kinds.add("other")
+        elif q.chosen.startswith(q.rejected):
+            kinds.add("cut")
+            assert re.fullmatch(r"\s*\S+(\s+\S+)*", q.rejected)  # ends on a word, not on a gap
+        else:
+            kinds.add("shuffled")
+            assert bad_words[1::2] == words[1::2] and sorted(bad_words[0::2]) == sorted(words[0::2])
+    assert kinds == {"other", "cut", "shuffled"}
+
+
+def test_pmp_corruptions_cannot_be_told_apart_by_formatting_on_real_replies():
+    """On real hh-rlhf replies, trivial formatting features (a leading space; a first word glued to it or
+    not) are as common in the corrupted replies as in the real ones."""
+    from pathlib import Path
+    from data import DataConfig, read_pairs
+    root = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
+    if not (root / "harmless-base" / "train.jsonl.gz").is_file():
+        pytest.skip("real hh-rlhf sample not available")
+    pmp = reward.pmp_pairs(read_pairs(root, "train", DataConfig(subsets="harmless-base"))[0], seed=0)
+    features = {"leading space": lambda r: r.startswith(" "),
+                "one space then a word": lambda r: r[:1] == " " and r[1:2] != "" and not r[1:2].isspace()}
+    for name, f in features.items():
+        good, bad = (np.mean([f(getattr(q, side)) for q in pmp]) for side in ("chosen", "rejected"))
+        assert abs(good - bad) < 0.02, (name, good, bad)
