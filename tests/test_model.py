@@ -1,5 +1,6 @@
 """Tests for model.py: fast paths against slow references, padding/causality invariances,
 sampling/stopping rules, safetensors validation and the GPT-2 weight layout. Tiny models, CPU, seconds."""
+import hashlib
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_py
+from data import DataError
 from model import GPT, GPTConfig, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
 
 V = 101  # vocab
@@ -329,9 +332,70 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="local path"):
+    with pytest.raises(DataError, match="local path") as e:
         GPT.from_pretrained("gpt2", cache_dir=tmp_path)
-    assert not list(tmp_path.glob("*.safetensors"))
+    assert "\n" not in str(e.value) and not list(tmp_path.glob("*.safetensors"))
+
+
+# GPT-2 weights from a fake hub: the loopback server of conftest.py serves a tiny GPT-2-layout file, pinned
+# (GPT2_PINS) to its own size and sha256, so the real download path runs in milliseconds
+
+@pytest.fixture
+def tiny_gpt2():
+    return tiny(n_layer=1, n_embd=48, n_head=12, block_size=8)  # 'gpt2' loads with 12 heads
+
+
+@pytest.fixture
+def hub(http_server, tiny_gpt2, tmp_path, monkeypatch):
+    path = tmp_path / "served.safetensors"
+    save_safetensors(gpt2_hub_state_dict(tiny_gpt2), path)
+    http_server.body = path.read_bytes()
+    path.unlink()
+    monkeypatch.setattr(model_py, "GPT2_URL", http_server.url + "/{name}/model.safetensors")
+    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", (hashlib.sha256(http_server.body).hexdigest(), len(http_server.body)))
+    return http_server
+
+
+def test_pinned_gpt2_is_downloaded_once_and_used(hub, tiny_gpt2, tmp_path):
+    for _ in range(2):
+        loaded = GPT.from_pretrained("gpt2", cache_dir=tmp_path).eval()
+    assert hub.ranges == [None]  # one download; the second call read the (checked) cached file
+    idx = torch.randint(0, V, (2, 5))
+    assert torch.equal(loaded(idx)[0], tiny_gpt2(idx)[0])
+
+
+def test_cut_gpt2_download_resumes_where_it_stopped(hub, tiny_gpt2, tmp_path):
+    cut = len(hub.body) // 3
+    hub.drop_after = cut
+    with pytest.raises(DataError, match="rerun to resume"):
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert (tmp_path / "gpt2.safetensors.part").stat().st_size == cut
+    loaded = GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert hub.ranges == [None, f"bytes={cut}-"] and loaded.config == tiny_gpt2.config
+
+
+def test_gpt2_download_not_matching_its_pin_is_refused(hub, tmp_path, monkeypatch):
+    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", ("0" * 64, len(hub.body)))
+    with pytest.raises(DataError, match="sha256 [0-9a-f]{64}, expected 0{64}") as e:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and "local path" in str(e.value)
+    assert not list(tmp_path.iterdir())  # no gpt2.safetensors, and no .part of bytes that can't be resumed
+
+
+@pytest.mark.parametrize("cached", ["other weights, same size", "one byte longer"])
+def test_cached_gpt2_not_matching_its_pin_is_refused(hub, tmp_path, cached):
+    other = tmp_path / "gpt2.safetensors"
+    save_safetensors(gpt2_hub_state_dict(tiny(seed=1, n_layer=1, n_embd=48, n_head=12, block_size=8)), other)
+    if cached == "one byte longer":
+        other.write_bytes(hub.body + b" ")
+    with pytest.raises(DataError, match="delete it") as e:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and hub.ranges == []
+
+
+def test_unpinned_gpt2_size_says_its_hash_is_unknown(hub, tmp_path):
+    with pytest.warns(UserWarning, match="sha256 unknown"):
+        GPT.from_pretrained("gpt2-medium", cache_dir=tmp_path)  # served: the tiny file, 48 = 16 heads x 3
 
 
 def test_export_hf(tmp_path):
