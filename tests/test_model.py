@@ -75,6 +75,54 @@ def test_logprobs_are_of_the_unfiltered_tempered_distribution():
     assert torch.allclose(logprobs[0, 0], expected, atol=1e-5)
 
 
+# the sampler's distribution: a chi-square goodness-of-fit test of model._sample against the softmax
+# it should draw from (the cache tests only compare the sampler with itself)
+
+LOGITS = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.5, 0.5, -2.0, 1.5, -1.0, 0.2, -0.2, 0.8])  # 12 tokens, unsorted
+# 0.999 quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, dof)):
+# a correct sampler exceeds one with probability 0.001, and with the seed fixed here it never does
+CHI2_CRIT = {3: 16.266, 4: 18.467, 11: 31.264}
+
+
+def sample_counts(temperature, top_k=None, top_p=None, n=40_000):
+    """How often each token of LOGITS comes out in n seeded draws (one row per draw, one _sample call)."""
+    tok, _ = model_py._sample(LOGITS.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    return torch.bincount(tok, minlength=len(LOGITS)).double()
+
+
+def chi_square(counts, probs):
+    expected = counts.sum() * probs.double()  # every expected count here is >= 58
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_sampler_draws_from_the_tempered_softmax(temperature):
+    stat = chi_square(sample_counts(temperature), F.softmax(LOGITS / temperature, -1))
+    assert stat < CHI2_CRIT[len(LOGITS) - 1], stat
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", [
+    (1.5, 5, None, 5),
+    (0.7, None, 0.8, 4),  # tempered probs 0.44, 0.22, 0.11, 0.08, ...: mass before the 4th 0.77 < 0.8 <= 0.85
+])
+def test_filtered_sampler_draws_only_from_the_kept_tokens(temperature, top_k, top_p, kept):
+    probs = F.softmax(LOGITS / temperature, -1)
+    keep = probs.argsort(descending=True)[:kept]
+    counts = sample_counts(temperature, top_k, top_p)
+    assert counts.sum() == counts[keep].sum(), counts  # no draw outside the kept set
+    stat = chi_square(counts[keep], probs[keep] / probs[keep].sum())
+    assert stat < CHI2_CRIT[kept - 1], stat
+
+
+def test_sampler_at_u_0_skips_filtered_tokens_in_front(monkeypatch):
+    """torch.rand can return exactly 0, and a filtered token in front has cdf 0: searchsorted(right=True)
+    takes the first token whose cdf exceeds u, a kept one (right=False would take the filtered token 0).
+    Too rare (2**-24 a draw) for the chi-square tests to see."""
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.zeros(*size, device=device))
+    tok, _ = model_py._sample(LOGITS[None], 1.0, 2, None, None)
+    assert tok.item() == 2  # top_k=2 keeps tokens 2 and 7 (logits 2.0 and 1.5); 0 and 1 are filtered out
+
+
 def test_top_k_1_equals_greedy():
     model = tiny()
     idx, mask = left_pad(prompts())
