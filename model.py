@@ -538,7 +538,7 @@ def _download_gpt2(name, cache_dir=None):
                       stacklevel=3)
     if path.exists():
         if problem := file_mismatch(path, sha256, size):
-            raise DataError(f"{path} has {problem} (the pinned {name}); delete it and rerun. {instead}")
+            raise DataError(f"{path} does not match the pinned {name} weights ({problem}); delete it and rerun. {instead}")
         return path
     try:
         return download_file(url, path, sha256, size, strict=True)
