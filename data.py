@@ -90,11 +90,15 @@ class Pair:
 # -----------------------------------------------------------------------------
 # Download: resumable, checked, and never leaving a half file that looks complete
 
-def download_file(url, dest, sha256=None, size=None, timeout=30.0):
+def download_file(url, dest, sha256=None, size=None, timeout=30.0, strict=False):
     """Download url to dest. Bytes go to dest.part; a rerun continues it with an HTTP Range request, and
-    dest appears (by atomic rename) only once every byte the server announced has arrived. A size or
-    sha256 that differs from the expected one warns but does not fail: the hub copy may legitimately
-    differ from the hashes we know, and the parser will catch a genuinely broken file."""
+    dest appears (by atomic rename) only once every byte the server announced has arrived.
+
+    A complete file whose size or sha256 differs from the expected one only warns by default: the hub
+    copy of the dataset may legitimately differ from the hashes we know, and the parser catches a
+    genuinely broken file. strict=True (pinned model weights: nothing downstream would notice wrong
+    numbers) raises instead and deletes the .part: its bytes are all there but wrong, so resuming could
+    only append to them, and a rerun must start from zero anyway."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -113,19 +117,31 @@ def download_file(url, dest, sha256=None, size=None, timeout=30.0):
     except urllib.error.HTTPError as e:
         if e.code == 416 and have:  # nothing after byte `have`: the .part is as long as the file or
             part.unlink()           # longer (the file changed); we can't tell which, so start over
-            return download_file(url, dest, sha256, size, timeout)
+            return download_file(url, dest, sha256, size, timeout, strict)
         raise DataError(f"downloading {url} failed: HTTP {e.code} {e.reason}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         raise DataError(f"downloading {url} failed ({getattr(e, 'reason', e)}); rerun to resume") from None
     got = part.stat().st_size
     if total is not None and got != total:  # connection dropped: http.client returns b"" silently
         raise DataError(f"downloading {url} stopped at {got} of {total} bytes; rerun to resume")
-    if size is not None and got != size:
-        warnings.warn(f"{dest}: {got} bytes, expected {size}; using it anyway", stacklevel=2)
-    elif sha256 is not None and (digest := _sha256(part)) != sha256:
-        warnings.warn(f"{dest}: sha256 {digest}, expected {sha256}; using it anyway", stacklevel=2)
+    if (problem := file_mismatch(part, sha256, size)) and strict:
+        part.unlink()
+        raise DataError(f"downloaded {url} but it has {problem}; deleted it, rerun to download it again")
+    if problem:
+        warnings.warn(f"{dest}: {problem}; using it anyway", stacklevel=2)
     os.replace(part, dest)
     return dest
+
+
+def file_mismatch(path, sha256=None, size=None):
+    """How the file at path differs from the expected size/sha256 ("12 bytes, expected 10"), or None
+    if it matches (None = not known, not checked). The size first: a stat is free and catches a
+    truncated file before the sha256 reads every byte (about a second per GB)."""
+    if size is not None and (got := os.path.getsize(path)) != size:
+        return f"{got} bytes, expected {size}"
+    if sha256 is not None and (digest := _sha256(path)) != sha256:
+        return f"sha256 {digest}, expected {sha256}"
+    return None
 
 
 def _sha256(path):

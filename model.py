@@ -18,19 +18,18 @@ References:
   nucleus sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"
 """
 
-import http.client
 import json
 import math
 import os
-import urllib.error
-import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
-from tqdm import tqdm
+
+from data import DataError, download_file, file_mismatch  # the dataset's downloader (data.py imports no model code)
 
 # -----------------------------------------------------------------------------
 # the transformer blocks
@@ -528,35 +527,39 @@ GPT2_SIZES = {  # name -> (n_layer, n_head, n_embd); all have vocab 50257 and bl
     "gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
 N_HEAD_BY_EMBD = {n_embd: n_head for _, n_head, n_embd in GPT2_SIZES.values()}
 GPT2_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+# (sha256, bytes) of each hub model.safetensors: weights that differ are refused, not loaded. None = not
+# known here: gpt2-medium/large/xl download unverified, with a warning that says so.
+GPT2_PINS = {
+    "gpt2": ("248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707", 548_105_171),
+    "gpt2-medium": (None, None), "gpt2-large": (None, None), "gpt2-xl": (None, None)}
 # OpenAI's checkpoint uses a Conv1D module whose weight is (in, out): transpose for nn.Linear
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 def _download_gpt2(name, cache_dir=None):
-    """Fetch the hub's model.safetensors for `name` once into the cache; return its path."""
+    """The hub's model.safetensors for `name`, downloaded once into the cache; returns its path.
+
+    data.download_file does the work (a cut download resumes with an HTTP Range request; the file gets
+    its final name only when complete), with strict=True: wrong pretrained weights would not crash
+    anything, only quietly spoil every stage after them, so a file that differs from its pin is an error.
+    A cached file is checked too, by size and then sha256 (about half a second for gpt2): the weights
+    are read once per run, at pretrain's init, and a stale or hand-copied file is caught before use."""
     root = cache_dir or Path(os.environ.get("RLHF_CACHE", "~/.cache/rlhf-tutorial")).expanduser() / "gpt2"
     path = Path(root) / f"{name}.safetensors"
+    url, (sha256, size) = GPT2_URL.format(name=name), GPT2_PINS[name]
+    instead = ("Or download model.safetensors yourself and pass its local path "
+               "(--pretrain.init=PATH, GPT.from_pretrained(PATH))")
+    if sha256 is None:
+        warnings.warn(f"{name}: sha256 unknown (not pinned in model.GPT2_PINS), its weights are used unverified",
+                      stacklevel=3)
     if path.exists():
+        if problem := file_mismatch(path, sha256, size):
+            raise DataError(f"{path} does not match the pinned {name} weights ({problem}); delete it and rerun. {instead}")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    url, part = GPT2_URL.format(name=name), path.with_name(path.name + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(part, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0)
-            with tqdm(total=total or None, unit="B", unit_scale=True, desc=f"downloading {name}") as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if total and f.tell() != total:
-                raise OSError(f"got {f.tell()} of {total} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:  # offline, HTTP error, cut off
-        part.unlink(missing_ok=True)
-        raise RuntimeError(f"could not download {url} ({e}). Download that file yourself and pass its "
-                           f"local path: GPT.from_pretrained('/path/to/model.safetensors')") from None
-    os.replace(part, path)  # only a complete download gets the final name
-    return path
+        return download_file(url, path, sha256, size, strict=True)
+    except DataError as e:
+        raise DataError(f"could not get the {name} weights: {e}. {instead}") from None
 
 
 def gpt2_hub_state_dict(model):

@@ -1,8 +1,11 @@
-"""Shared test set-up: offline tokenizer files when the workplace has them, few threads, a tiny hh-format dataset."""
+"""Shared test set-up: offline tokenizer files when the workplace has them, few threads, a tiny hh-format dataset,
+and a loopback HTTP server for the download tests (data.py's dataset, model.py's GPT-2 weights)."""
 import gzip
+import http.server
 import json
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -37,3 +40,51 @@ def write_hh_dir(root, n_train=240, n_test=40):
 @pytest.fixture
 def hh_dir(tmp_path):
     return write_hh_dir(tmp_path / "hh")
+
+
+class RangeHandler(http.server.BaseHTTPRequestHandler):
+    """Serves RangeHandler.body for every path, honours "Range: bytes=K-" (unless honour_range is False),
+    and drops the connection after drop_after bytes once (if set). Records the Range headers it saw."""
+    body, drop_after, ranges, honour_range, timeout, url = b"", None, [], True, 5, ""
+
+    def do_GET(self):
+        cls = type(self)
+        rng = self.headers.get("Range")
+        cls.ranges.append(rng)
+        rng = rng if cls.honour_range else None
+        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
+        if start >= len(self.body) and rng:  # what servers answer when the .part already holds it all
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(self.body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(self.body) - start))
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
+        self.end_headers()
+        if cls.drop_after is not None:
+            self.wfile.write(self.body[start:cls.drop_after])
+            cls.drop_after, self.close_connection = None, True
+            return
+        self.wfile.write(self.body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    """A server on 127.0.0.1 for one test. Yields the handler class: set .body (and .drop_after,
+    .honour_range) on it, request .url + any path, read the Range headers it saw in .ranges."""
+    RangeHandler.body, RangeHandler.drop_after, RangeHandler.ranges, RangeHandler.honour_range = b"", None, [], True
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    RangeHandler.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield RangeHandler
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)

@@ -1,13 +1,46 @@
-"""bench.py runs end to end and reports every figure (a smoke test on tiny shapes: no timing is asserted)."""
+"""bench.py runs end to end and reports every figure (a smoke test on tiny shapes), and its split of a PPO
+iteration puts time in the phase that spent it."""
+import time
+
+import torch
+
 import bench
+import ppo
+import rlhf
+from model import GPT
+
+TINY_PPO = ["--preset", "tiny", "--pretrain.batch_size=2", "--ppo.batch_size=4", "--ppo.minibatch_size=2",
+            "--ppo.ppo_epochs=1", "--ppo.max_new_tokens=4"]
 
 
 def test_bench_reports_every_figure(hh_dir, capsys):
-    out = bench.main(["--preset", "tiny", "--data_dir", hh_dir, "--pretrain.batch_size=2", "--ppo.batch_size=4",
-                      "--ppo.minibatch_size=2", "--ppo.ppo_epochs=1", "--ppo.max_new_tokens=4"])
+    out = bench.main(TINY_PPO + ["--data_dir", hh_dir])
     for key in ("matmul_peak_gflops", "train_tokens_per_s", "train_gflops", "train_mfu", "gen_tokens_per_s_cache",
-                "gen_tokens_per_s_nocache", "gen_cache_speedup", "peak_mem_mb"):
+                "gen_tokens_per_s_nocache", "gen_cache_speedup", "peak_mem_mb", "ppo_s", "ppo_rollout_s", "ppo_update_s"):
         assert out[key] > 0, key
-    assert min(out["ppo_s"], out["ppo_rollout_s"], out["ppo_update_s"]) >= 0  # seconds, rounded: may be 0.0
     assert set(out["ppo_scoring_s"]) == {"policy_value", "ref", "pm"}
     assert '"train_mfu"' in capsys.readouterr().out  # one JSON object on stdout
+
+
+def test_ppo_split_puts_time_in_its_phase(hh_dir, monkeypatch):
+    """A known delay inside the PM's scoring must show up in ppo_scoring_s["pm"], every phase must have
+    been timed (> 0, so each wrapper caught its call) and the phases must partition ppo_s."""
+    delay = 0.3
+    _, cfg = rlhf.parse_args(["all"] + TINY_PPO + ["--data_dir", hh_dir])
+    tok, _, _ = rlhf.load_data(cfg)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    queries = torch.randint(0, tok.vocab_size, (cfg.ppo.batch_size, 6))
+    pm_reward_fn = ppo.pm_reward_fn
+
+    def slow_pm_reward_fn(*args, **kwargs):
+        score = pm_reward_fn(*args, **kwargs)
+        return lambda *a: (time.sleep(delay), score(*a))[1]
+
+    monkeypatch.setattr(ppo, "pm_reward_fn", slow_pm_reward_fn)
+    out = bench.ppo_iteration(cfg, GPT(cfg.model), tok, queries, torch.ones_like(queries), "cpu", "float32")
+    scoring = out["ppo_scoring_s"]
+    assert scoring["pm"] >= delay, out
+    assert min(out["ppo_rollout_s"], out["ppo_update_s"], *scoring.values()) > 0, out
+    parts = out["ppo_rollout_s"] + sum(scoring.values()) + out["ppo_update_s"]
+    assert abs(parts - out["ppo_s"]) <= 5 * 0.5e-4, out  # equal up to the rounding of five figures

@@ -35,3 +35,18 @@ def test_missing_data_dir_is_one_clear_line(tmp_path, capsys):
     assert rlhf.main(["pretrain", "--preset", "tiny", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "--data_dir" in err and "Traceback" not in err
+
+
+def test_failed_gpt2_download_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    assert rlhf.main(["pretrain", "--preset", "tiny", "--data.vocab=gpt2", "--pretrain.init=gpt2",
+                      "--out_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--pretrain.init" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -3,12 +3,10 @@ Offline and fast: every dataset is a tiny hh-format dir written here; downloads 
 Run: TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python -m pytest tests/test_data.py -q"""
 import gzip
 import hashlib
-import http.server
 import json
 import os
 import re
 import socket
-import threading
 import warnings
 from pathlib import Path
 
@@ -226,89 +224,51 @@ def test_pad_left_and_right():
 
 # --- downloads against a local server ------------------------------------------------------------
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves Handler.body for every path, honours "Range: bytes=K-" (unless honour_range is False),
-    and drops the connection after drop_after bytes once (if set). Records the Range headers it saw."""
-    body, drop_after, ranges, honour_range, timeout = b"", None, [], True, 5
-
-    def do_GET(self):
-        rng = self.headers.get("Range")
-        Handler.ranges.append(rng)
-        rng = rng if Handler.honour_range else None
-        start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-        if start >= len(self.body) and rng:  # what servers answer when the .part already holds it all
-            self.send_response(416)
-            self.send_header("Content-Range", f"bytes */{len(self.body)}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        self.send_response(206 if rng else 200)
-        self.send_header("Content-Length", str(len(self.body) - start))
-        if rng:
-            self.send_header("Content-Range", f"bytes {start}-{len(self.body) - 1}/{len(self.body)}")
-        self.end_headers()
-        if Handler.drop_after is not None:
-            self.wfile.write(self.body[start:Handler.drop_after])
-            Handler.drop_after, self.close_connection = None, True
-            return
-        self.wfile.write(self.body[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
-def server():
-    Handler.body = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 300))
-    Handler.drop_after, Handler.ranges, Handler.honour_range = None, [], True
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+def server(http_server):
+    """The loopback server (conftest.py) serving a small gzip of good rows."""
+    http_server.body = gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 300))
+    return http_server
 
 
 def test_download_full_with_matching_sha(server, tmp_path):
-    sha = hashlib.sha256(Handler.body).hexdigest()
+    sha = hashlib.sha256(server.body).hexdigest()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        path = download_file(f"{server}/harmless-base/train.jsonl.gz", tmp_path / "train.jsonl.gz",
-                             sha256=sha, size=len(Handler.body), timeout=5)
-    assert path.read_bytes() == Handler.body and not (tmp_path / "train.jsonl.gz.part").exists()
+        path = download_file(f"{server.url}/harmless-base/train.jsonl.gz", tmp_path / "train.jsonl.gz",
+                             sha256=sha, size=len(server.body), timeout=5)
+    assert path.read_bytes() == server.body and not (tmp_path / "train.jsonl.gz.part").exists()
 
 
 def test_dropped_download_is_not_complete_and_resumes(server, tmp_path):
-    Handler.drop_after = len(Handler.body) // 3
+    server.drop_after = len(server.body) // 3
     dest = tmp_path / "train.jsonl.gz"
-    url, sha = f"{server}/harmless-base/train.jsonl.gz", hashlib.sha256(Handler.body).hexdigest()
+    url, sha = f"{server.url}/harmless-base/train.jsonl.gz", hashlib.sha256(server.body).hexdigest()
     with pytest.raises(DataError, match="rerun to resume"):
         download_file(url, dest, sha256=sha, timeout=5)
-    assert not dest.exists() and (tmp_path / "train.jsonl.gz.part").stat().st_size == len(Handler.body) // 3
+    assert not dest.exists() and (tmp_path / "train.jsonl.gz.part").stat().st_size == len(server.body) // 3
     download_file(url, dest, sha256=sha, timeout=5)
-    assert Handler.ranges[-1] == f"bytes={len(Handler.body) // 3}-" and dest.read_bytes() == Handler.body
+    assert server.ranges[-1] == f"bytes={len(server.body) // 3}-" and dest.read_bytes() == server.body
 
 
 @pytest.mark.parametrize("extra", [b"", b"junk"])
 def test_leftover_part_complete_or_too_long_restarts(server, tmp_path, extra):
-    (tmp_path / "train.jsonl.gz.part").write_bytes(Handler.body + extra)  # a run that died before rename
-    dest = download_file(f"{server}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
-    assert dest.read_bytes() == Handler.body and Handler.ranges == [f"bytes={len(Handler.body + extra)}-", None]
+    (tmp_path / "train.jsonl.gz.part").write_bytes(server.body + extra)  # a run that died before rename
+    dest = download_file(f"{server.url}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
+    assert dest.read_bytes() == server.body and server.ranges == [f"bytes={len(server.body + extra)}-", None]
 
 
 def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
     (tmp_path / "train.jsonl.gz.part").write_bytes(b"stale bytes")
-    Handler.honour_range = False
-    dest = download_file(f"{server}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
-    assert dest.read_bytes() == Handler.body and Handler.ranges == ["bytes=11-"]
+    server.honour_range = False
+    dest = download_file(f"{server.url}/x.jsonl.gz", tmp_path / "train.jsonl.gz", timeout=5)
+    assert dest.read_bytes() == server.body and server.ranges == ["bytes=11-"]
 
 
 def test_resolve_downloads_all_files_and_mismatch_warns(server, tmp_path, monkeypatch):
     monkeypatch.delenv("HH_RLHF_DIR", raising=False)
     with pytest.warns(UserWarning, match="expected"):  # the tiny test file is not the real one
-        data_dir = resolve_data_dir(None, base_url=server, cache_dir=tmp_path, timeout=5)
+        data_dir = resolve_data_dir(None, base_url=server.url, cache_dir=tmp_path, timeout=5)
     assert len(list(data_dir.glob("*/*.jsonl.gz"))) == 8 and not list(data_dir.glob("*/*.part"))
     pairs, stats = read_pairs(data_dir, "test", DataConfig(subsets="helpful-online"))
     assert stats["read"] == 900 and len(pairs) == 900

@@ -1,5 +1,6 @@
 """Tests for model.py: fast paths against slow references, padding/causality invariances,
 sampling/stopping rules, safetensors validation and the GPT-2 weight layout. Tiny models, CPU, seconds."""
+import hashlib
 import json
 import math
 import os
@@ -8,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model as model_py
+from data import DataError
 from model import GPT, GPTConfig, disable_dropout, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
 
 V = 101  # vocab
@@ -70,6 +73,54 @@ def test_logprobs_are_of_the_unfiltered_tempered_distribution():
     logits, _ = model(idx)
     expected = F.log_softmax(logits[0, -1] / 0.7, -1)[tokens[0, 0]]
     assert torch.allclose(logprobs[0, 0], expected, atol=1e-5)
+
+
+# the sampler's distribution: a chi-square goodness-of-fit test of model._sample against the softmax
+# it should draw from (the cache tests only compare the sampler with itself)
+
+LOGITS = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.5, 0.5, -2.0, 1.5, -1.0, 0.2, -0.2, 0.8])  # 12 tokens, unsorted
+# 0.999 quantiles of the chi-square distribution by degrees of freedom (scipy.stats.chi2.ppf(0.999, dof)):
+# a correct sampler exceeds one with probability 0.001, and with the seed fixed here it never does
+CHI2_CRIT = {3: 16.266, 4: 18.467, 11: 31.264}
+
+
+def sample_counts(temperature, top_k=None, top_p=None, n=40_000):
+    """How often each token of LOGITS comes out in n seeded draws (one row per draw, one _sample call)."""
+    tok, _ = model_py._sample(LOGITS.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+    return torch.bincount(tok, minlength=len(LOGITS)).double()
+
+
+def chi_square(counts, probs):
+    expected = counts.sum() * probs.double()  # every expected count here is >= 58
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_sampler_draws_from_the_tempered_softmax(temperature):
+    stat = chi_square(sample_counts(temperature), F.softmax(LOGITS / temperature, -1))
+    assert stat < CHI2_CRIT[len(LOGITS) - 1], stat
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, kept", [
+    (1.5, 5, None, 5),
+    (0.7, None, 0.8, 4),  # tempered probs 0.44, 0.22, 0.11, 0.08, ...: mass before the 4th 0.77 < 0.8 <= 0.85
+])
+def test_filtered_sampler_draws_only_from_the_kept_tokens(temperature, top_k, top_p, kept):
+    probs = F.softmax(LOGITS / temperature, -1)
+    keep = probs.argsort(descending=True)[:kept]
+    counts = sample_counts(temperature, top_k, top_p)
+    assert counts.sum() == counts[keep].sum(), counts  # no draw outside the kept set
+    stat = chi_square(counts[keep], probs[keep] / probs[keep].sum())
+    assert stat < CHI2_CRIT[kept - 1], stat
+
+
+def test_sampler_at_u_0_skips_filtered_tokens_in_front(monkeypatch):
+    """torch.rand can return exactly 0, and a filtered token in front has cdf 0: searchsorted(right=True)
+    takes the first token whose cdf exceeds u, a kept one (right=False would take the filtered token 0).
+    Too rare (2**-24 a draw) for the chi-square tests to see."""
+    monkeypatch.setattr(torch, "rand", lambda *size, generator=None, device=None: torch.zeros(*size, device=device))
+    tok, _ = model_py._sample(LOGITS[None], 1.0, 2, None, None)
+    assert tok.item() == 2  # top_k=2 keeps tokens 2 and 7 (logits 2.0 and 1.5); 0 and 1 are filtered out
 
 
 def test_top_k_1_equals_greedy():
@@ -329,9 +380,70 @@ def test_download_failure_is_one_clear_error(tmp_path, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(RuntimeError, match="local path"):
+    with pytest.raises(DataError, match="local path") as e:
         GPT.from_pretrained("gpt2", cache_dir=tmp_path)
-    assert not list(tmp_path.glob("*.safetensors"))
+    assert "\n" not in str(e.value) and not list(tmp_path.glob("*.safetensors"))
+
+
+# GPT-2 weights from a fake hub: the loopback server of conftest.py serves a tiny GPT-2-layout file, pinned
+# (GPT2_PINS) to its own size and sha256, so the real download path runs in milliseconds
+
+@pytest.fixture
+def tiny_gpt2():
+    return tiny(n_layer=1, n_embd=48, n_head=12, block_size=8)  # 'gpt2' loads with 12 heads
+
+
+@pytest.fixture
+def hub(http_server, tiny_gpt2, tmp_path, monkeypatch):
+    path = tmp_path / "served.safetensors"
+    save_safetensors(gpt2_hub_state_dict(tiny_gpt2), path)
+    http_server.body = path.read_bytes()
+    path.unlink()
+    monkeypatch.setattr(model_py, "GPT2_URL", http_server.url + "/{name}/model.safetensors")
+    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", (hashlib.sha256(http_server.body).hexdigest(), len(http_server.body)))
+    return http_server
+
+
+def test_pinned_gpt2_is_downloaded_once_and_used(hub, tiny_gpt2, tmp_path):
+    for _ in range(2):
+        loaded = GPT.from_pretrained("gpt2", cache_dir=tmp_path).eval()
+    assert hub.ranges == [None]  # one download; the second call read the (checked) cached file
+    idx = torch.randint(0, V, (2, 5))
+    assert torch.equal(loaded(idx)[0], tiny_gpt2(idx)[0])
+
+
+def test_cut_gpt2_download_resumes_where_it_stopped(hub, tiny_gpt2, tmp_path):
+    cut = len(hub.body) // 3
+    hub.drop_after = cut
+    with pytest.raises(DataError, match="rerun to resume"):
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert (tmp_path / "gpt2.safetensors.part").stat().st_size == cut
+    loaded = GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert hub.ranges == [None, f"bytes={cut}-"] and loaded.config == tiny_gpt2.config
+
+
+def test_gpt2_download_not_matching_its_pin_is_refused(hub, tmp_path, monkeypatch):
+    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", ("0" * 64, len(hub.body)))
+    with pytest.raises(DataError, match="sha256 [0-9a-f]{64}, expected 0{64}") as e:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and "local path" in str(e.value)
+    assert not list(tmp_path.iterdir())  # no gpt2.safetensors, and no .part of bytes that can't be resumed
+
+
+@pytest.mark.parametrize("cached", ["other weights, same size", "one byte longer"])
+def test_cached_gpt2_not_matching_its_pin_is_refused(hub, tmp_path, cached):
+    other = tmp_path / "gpt2.safetensors"
+    save_safetensors(gpt2_hub_state_dict(tiny(seed=1, n_layer=1, n_embd=48, n_head=12, block_size=8)), other)
+    if cached == "one byte longer":
+        other.write_bytes(hub.body + b" ")
+    with pytest.raises(DataError, match="delete it") as e:
+        GPT.from_pretrained("gpt2", cache_dir=tmp_path)
+    assert "\n" not in str(e.value) and hub.ranges == []
+
+
+def test_unpinned_gpt2_size_says_its_hash_is_unknown(hub, tmp_path):
+    with pytest.warns(UserWarning, match="sha256 unknown"):
+        GPT.from_pretrained("gpt2-medium", cache_dir=tmp_path)  # served: the tiny file, 48 = 16 heads x 3
 
 
 def test_export_hf(tmp_path):
