@@ -61,7 +61,10 @@ class RMConfig:
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    eval_interval: int = 25      # steps between validation passes; the lowest val loss is kept (early stopping)
+    eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
+                                 # 0 = auto_eval_interval: validation at most 10% of the training compute
+    val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
+                                 # the test split is always scored whole
     log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
@@ -300,6 +303,27 @@ def init_reward_model(path, device):
     return model.to(device), tok
 
 
+def val_subset(examples, cap, seed):
+    """At most `cap` of the validation comparisons, drawn once by a seeded permutation and kept in file
+    order, so every validation of a run (and of its resumed continuation) scores the same pairs and the
+    early-stopping curve moves only with the weights. No more than `cap` (or cap 0): all, untouched."""
+    if not cap or len(examples) <= cap:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:cap])
+    return [examples[i] for i in keep]
+
+
+def auto_eval_interval(n_val, batch_size, budget=0.1):
+    """Steps between validations that keep them within `budget` of the training compute. A validation
+    scores 2 * n_val sequences, forward only; a step trains on 2 * batch_size, forward and backward, about
+    three forwards' worth (the backward costs ~2x the forward: 6N vs 2N FLOPs per token, Kaplan et al.
+    2020). Every k steps validation then costs n_val / (3 * batch_size * k) of training, so
+    k = ceil(n_val / (3 * batch_size * budget)): 417 for 1,000 pairs at batch 8 (every 25 steps on all
+    ~8,000 val pairs of the full data cost 13x the training). It overestimates a little: validation
+    batches sequences of similar length (less padding) and stores no activations."""
+    return max(1, math.ceil(n_val / (3 * batch_size * budget)))
+
+
 def validate(model, examples, pad_id, batch_size):
     """(accuracy, loss) on comparisons; loss = mean -log sigmoid(r_c - r_r), the early-stopping signal
     (smoother than accuracy on a few dozen validation pairs)."""
@@ -307,10 +331,25 @@ def validate(model, examples, pad_id, batch_size):
     return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
 
 
+def resume_pm(ckpt_path, model, optimizer):
+    """Continue an unfinished train_pm run from ckpt_path -> (step, wall seconds so far, best-so-far dict);
+    (0, 0.0, an empty best) when there is nothing to resume."""
+    best = {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
+    if not (ckpt_path and os.path.exists(ckpt_path)):
+        return 0, 0.0, best
+    ckpt = load_checkpoint(ckpt_path)
+    check_compatible(ckpt_path, ckpt, model)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["wall_s"], ckpt["best"]
+
+
 def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
-    given, and end with the weights of the lowest validation loss (early stopping). With ckpt_path,
-    an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
+    given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
+    most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
+    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
     Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
     Under torchrun every rank takes comparisons rank::world_size of each global batch (chosen and
     rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
@@ -322,17 +361,13 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
     n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
+    val = val_subset(val_ex, rc.val_pairs, cfg.seed)
+    every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
-    start, wall, best = 0, 0.0, {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
-    if ckpt_path and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt_path, ckpt, model)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, wall, best = ckpt["step"], ckpt["wall_s"], ckpt["best"]
-        if rank == 0:
-            print(f"[rm] {name}: resuming from {ckpt_path} at step {start}/{n_pmp + n_human}")
+    start, wall, best = resume_pm(ckpt_path, model, optimizer)
+    if rank == 0:
+        print(f"[rm] {name}: {'resuming from ' + ckpt_path + ' at' if start else 'from'} step {start}/{n_pmp + n_human}"
+              + (f" | validating on {len(val)} of {len(val_ex)} val pairs every {every} steps" if val else ""))
     ddp = model
     if world_size > 1:  # only the training forward goes through DDP: `model` is what is validated and saved
         ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
@@ -367,10 +402,10 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         phase = "pmp" if pmp else "train"
         if log and rank == 0 and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
-        if (i + 1) % rc.eval_interval == 0 or i + 1 == n:
+        if (i + 1) % every == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
-            if not pmp and val_ex:
-                acc, vloss = validate(model, val_ex, tok.eos_id, rc.eval_batch_size)
+            if not pmp and val:
+                acc, vloss = validate(model, val, tok.eos_id, rc.eval_batch_size)
                 if vloss < best["val_loss"]:
                     best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}

@@ -337,3 +337,54 @@ def test_pmp_corruptions_cannot_be_told_apart_by_formatting_on_real_replies():
     for name, f in features.items():
         good, bad = (np.mean([f(getattr(q, side)) for q in pmp]) for side in ("chosen", "rejected"))
         assert abs(good - bad) < 0.02, (name, good, bad)
+
+
+# --- the schedule of validations and checkpoints (sized for the full dataset) --------
+
+def marker_examples(tmp_path, n_train):
+    """stage_cfg on the marker data, its tokenizer, and the train split as encoded comparisons."""
+    from data import DataConfig, read_pairs
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=n_train, n_test=4))
+    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    return cfg, tok, reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
+
+
+def recorded_validations(monkeypatch):
+    """Replace reward.validate by a recorder: a list of the examples of every call (and a fixed result)."""
+    calls = []
+    monkeypatch.setattr(reward, "validate", lambda model, examples, *a, **k: calls.append(examples) or (0.5, 0.7))
+    return calls
+
+
+def test_validation_scores_the_same_capped_subset_every_time(tmp_path, monkeypatch):
+    """rm.val_pairs caps the pairs each validation scores: a fixed seeded subset of them, the same at every
+    validation; with no more pairs than the cap, all of them in their order (the sample's 63, untouched)."""
+    cfg, tok, ex = marker_examples(tmp_path, n_train=60)
+    train_ex, val_ex = ex[:30], ex[30:]
+    calls = recorded_validations(monkeypatch)
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=2, val_pairs=10)
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    assert len(calls) == 3 and all(c == calls[0] for c in calls)
+    assert len(calls[0]) == 10 and all(e in val_ex for e in calls[0]) and calls[0] != val_ex[:10]
+    calls.clear()
+    cfg.rm.val_pairs = len(val_ex)
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    assert all(c == val_ex for c in calls) and len(calls) == 3
+
+
+def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path, monkeypatch):
+    """eval_interval=0 validates every auto_eval_interval steps: the fewest steps for which scoring the
+    validation pairs (forward only) costs at most 10% of training (forward + backward, ~3 forwards)."""
+    k = reward.auto_eval_interval(1000, 8)
+    share = lambda k: 2 * 1000 / (k * 3 * 2 * 8)  # noqa: E731  sequence-forwards: validation / training
+    assert k == 417 and share(k) <= 0.1 < share(k - 1)
+    cfg, tok, ex = marker_examples(tmp_path, n_train=60)
+    calls = recorded_validations(monkeypatch)
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=20, warmup_steps=2, eval_interval=0, val_pairs=0,
+                             log_interval=100)
+    every = reward.auto_eval_interval(len(ex[50:]), 4)
+    assert every == 9                                          # 10 pairs at batch 4
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
+                    "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20]
