@@ -65,6 +65,8 @@ class RMConfig:
                                  # 0 = auto_eval_interval: validation at most 10% of the training compute
     val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
                                  # the test split is always scored whole
+    save_interval: int = 1000    # steps between resumable checkpoints (weights, optimizer, best so far), and one at the
+                                 # end: ~10 on the full data, where one a validation wrote ~380 of ~2 GB per PM
     log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
@@ -349,7 +351,9 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
     given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
     most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
-    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
+    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every rc.save_interval
+    steps and after the last: the checkpoint keeps the best-so-far weights, so a run resumed between two
+    validations still ends with the best of all of them.
     Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
     Under torchrun every rank takes comparisons rank::world_size of each global batch (chosen and
     rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
@@ -414,8 +418,8 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
                     log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
             if rank == 0:
                 print(f"{line} | {time.time() - t0 + wall:.0f}s")
-            if ckpt_path:
-                save(step + 1)
+        if ckpt_path and ((rc.save_interval and (step + 1) % rc.save_interval == 0) or step + 1 == n_pmp + n_human):
+            save(step + 1)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
