@@ -74,7 +74,7 @@ class Config:
     force: bool = False          # rerun a stage even if its checkpoint is marked done
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000))
+    pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000, keep_best=True))
     sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=1e-4, max_steps=500, warmup_steps=20))
     rm: RMConfig = field(default_factory=RMConfig)
     rs: RSConfig = field(default_factory=RSConfig)
