@@ -101,13 +101,12 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
     policy.generate = timed(policy.generate, lambda a: "rollout")
     rollout_forward = ppo.rollout_forward
     ppo.rollout_forward = timed(rollout_forward, lambda a: "ref" if a[1] is None else "policy_value")
-    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size), lambda a: "pm")
+    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size, dtype), lambda a: "pm")
     try:
         sync(device)
         t0 = time.perf_counter()
-        with autocast(device, dtype):
-            ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
-                         None, torch.Generator(device=device).manual_seed(0))
+        ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
+                     None, torch.Generator(device=device).manual_seed(0), dtype=dtype)
         sync(device)
         total = time.perf_counter() - t0
     finally:

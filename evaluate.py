@@ -33,7 +33,7 @@ from data import pad_left, pad_right, sft_example
 from model import disable_dropout
 from ppo import forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
 from reward import load_reward_model
-from train import (LMTrainConfig, MetricsLog, dist_info, load_checkpoint, load_model, pick_device,
+from train import (LMTrainConfig, MetricsLog, autocast, dist_info, load_checkpoint, load_model, pick_device,
                    save_checkpoint, set_seed, stage_done, supervised_train)
 
 
@@ -136,34 +136,39 @@ class EvalConfig:
 # sampling and scoring
 
 @torch.no_grad()
-def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0):
+def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0, dtype="auto"):
     """n replies per query at `temperature` with no top-k/top-p (so best-of-n's KL is the analytic
     one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
+    The forwards run under train.autocast(dtype); the sampling itself is fp32 (GPT.generate).
     queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
     device = next(policy.parameters()).device
     rows = [q for q in queries for _ in range(n)]
     replies = []
     for start in range(0, len(rows), batch_size):
         idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
-        tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                          temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=generator)
+        with autocast(device.type, dtype):
+            tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                              temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids,
+                                              generator=generator)
         replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
     return replies
 
 
 @torch.inference_mode()
-def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0):
+def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0, dtype="auto"):
     """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
     the replies were sampled from), (len(replies),). With the policy's own samples,
-    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT)."""
+    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
+    under train.autocast(dtype); the log-softmax and the sums are fp32."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(replies), batch_size):
         q, r = queries[start:start + batch_size], replies[start:start + batch_size]
         q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
         r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
-        logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
-                                   torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
+        with autocast(device.type, dtype):
+            logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
+                                       torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
         lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
         out.append(lp.sum(1).cpu())
     return torch.cat(out)
@@ -218,9 +223,11 @@ def run_rs(cfg):
         print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
-        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature)
+        dtype = getattr(cfg, "dtype", "auto")
+        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature,
+                                 dtype)
         rep_queries = [q for q in queries for _ in range(rc.n)]
-        scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size), rep_queries, replies, rc.sample_batch_size)
+        scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size, dtype), rep_queries, replies, rc.sample_batch_size)
         scores = scores.view(-1, rc.n)                                                             # (P, n)
         ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rc.n)
         # the best finished reply; only where none finished, the best cut one (trained without EOS)
@@ -362,7 +369,8 @@ def run_eval(cfg):
     disable_dropout(sft).eval()
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
-    reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size), pm_reward_fn(pm_b, tok, ec.batch_size)
+    dtype = getattr(cfg, "dtype", "auto")
+    reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size, dtype), pm_reward_fn(pm_b, tok, ec.batch_size, dtype)
     max_new = ec.max_new_tokens or cfg.ppo.max_new_tokens
     max_prompt = min(cfg.ppo.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(cfg, "test", tok, max_prompt)[:ec.num_prompts or None]
@@ -372,7 +380,7 @@ def run_eval(cfg):
     T = rl_temperature(cfg)
 
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen, T)}
+    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen, T, dtype)}
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
@@ -402,12 +410,12 @@ def run_eval(cfg):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen, T)
+        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen, T, dtype)
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
         lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)
-        kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T)
-                    - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T)).mean().item()
+        kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
+                    - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
         del policy
 
     policies = {name: {"pm_reward": a[name].mean().item(), "pm_reward_se": prompt_se(a[name]),

@@ -30,8 +30,8 @@ import torch.distributed as dist
 
 from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
 from model import disable_dropout
-from reward import load_reward_model, score_replies
-from train import (MetricsLog, NonFiniteLoss, check_compatible, dist_info, load_checkpoint, load_model,
+from reward import load_reward_model, scalar_head, score_replies
+from train import (MetricsLog, NonFiniteLoss, autocast, check_compatible, dist_info, load_checkpoint, load_model,
                    model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
 
 
@@ -232,14 +232,15 @@ def forward_policy(policy, critic, query_response, attention_mask, context_lengt
     so logits and values are read at columns Tq - 1 .. Tq + N - 2: V_t is the value of the state
     before the policy emits token t. Logits are divided by the sampling temperature, as in the
     rollout, otherwise the ratio compares two different distributions (lm-hp does the same).
-    Returns logits (B, N, V) and values (B, N) (values None if critic is None)."""
+    Returns logits (B, N, V) and values (B, N) in fp32 (values None if critic is None): under bf16
+    autocast the logits are bf16 (logprobs_from_logits casts them), the values fp32 (scalar_head)."""
     hidden = policy.hidden_states(query_response, attention_mask)[:, context_length - 1:-1]  # (B, N, C)
     logits = policy.logits(hidden) / temperature                                             # (B, N, V)
     if critic is None:
         return logits, None
     if "trunk" in critic:
         hidden = critic["trunk"].hidden_states(query_response, attention_mask)[:, context_length - 1:-1]
-    values = critic["head"](hidden).squeeze(-1)                                               # (B, N)
+    values = scalar_head(critic["head"], hidden)                                              # (B, N)
     return logits, values
 
 
@@ -289,20 +290,24 @@ def all_ranks_mean(x):
 
 
 def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
-             stop_ids=()):
+             stop_ids=(), dtype="auto"):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps.
 
     queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
     lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
     function a test defines. A reply ends at eos_id or at one of stop_ids (a new "\n\nHuman:" turn:
     the model handing the dialogue back), or is cut at cfg.max_new_tokens.
+    The models' forwards (sampling, scoring, the update's) run under train.autocast(dtype), bf16 on CUDA
+    by default; what they return for the RL math is fp32 (log-probs, values, scores), so rewards, KL, GAE,
+    whitening and the losses are computed in fp32, and backward runs outside autocast.
     Returns (stats dict, rollout dict); the caller owns beta's update.
     """
     B, Tq = queries.shape
+    device = queries.device.type
     # ---- rollout: no gradients; the frozen models under inference_mode ----
     for m in (policy, critic, ref_policy):
         m.eval()  # dropout off (it is 0 in PPO models anyway): the ratio must be exactly 1 at first
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         # 1. sample responses with the batched KV-cache sampler, until EOS (or a stop sequence) or max length
         responses, _, response_mask = policy.generate(
             queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -321,6 +326,7 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, lengths.tolist())]
             pm_scores = reward_fn(q_list, r_list).float().to(queries.device)              # (B,)
+    with torch.no_grad():  # the RL math, in fp32
         ended = torch.tensor([reply_ended(r, eos_id, stop_ids) for r in r_list], device=queries.device)  # (B,)
         if cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
             scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, cfg.no_eos_penalty))
@@ -341,8 +347,10 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
         perm = torch.randperm(B, generator=generator, device=generator.device).to(queries.device)
         for start in range(0, B, cfg.minibatch_size):
             mb = perm[start:start + cfg.minibatch_size]
-            mb_logits, mb_values = forward_policy(policy, critic, query_response[mb], attention_mask[mb], Tq, cfg.temperature)
-            mb_logprobs = logprobs_from_logits(mb_logits, responses[mb])                 # (b, N)
+            with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
+                mb_logits, mb_values = forward_policy(policy, critic, query_response[mb], attention_mask[mb], Tq,
+                                                      cfg.temperature)                   # (b, N, V), (b, N)
+            mb_logprobs = logprobs_from_logits(mb_logits, responses[mb])                 # (b, N) fp32
             pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, logprobs[mb], values[mb], advantages[mb],
                                               returns[mb], mask[mb], cfg.cliprange, cfg.cliprange_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
@@ -377,18 +385,19 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
         "values": masked_mean(values, mask).item(), "minibatches": len(mb_stats), "early_stop": float(stop),
     })
     rollout = {"query_response": query_response, "responses": responses, "response_mask": response_mask,
-               "q_list": q_list, "r_list": r_list, "scores": scores, "pm_scores": pm_scores, "kl": kl_sum, "mb_stats": mb_stats}
+               "logprobs": logprobs, "values": values, "q_list": q_list, "r_list": r_list, "scores": scores,
+               "pm_scores": pm_scores, "kl": kl_sum, "mb_stats": mb_stats}
     return stats, rollout
 
 
 # ----------------------------------------------------------------------------------------------
 # the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
 
-def pm_reward_fn(reward_model, tok, batch_size=64):
+def pm_reward_fn(reward_model, tok, batch_size=64, dtype="auto"):
     """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
     of query + reply + EOS read at that EOS (the input it was trained on). A trailing EOS or stop
     sequence is replaced by one EOS, so an unfinished reply is scored as it stands: the truncated reply."""
-    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size)
+    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size, dtype)
 
 
 def reply_ended(reply, eos_id, stop_ids):
@@ -440,7 +449,8 @@ def train_ppo(cfg):
     disable_dropout(ref_policy.requires_grad_(False))
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)   # frozen: the training signal
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)   # frozen: the held-out judge
-    reward_a, reward_b = pm_reward_fn(pm_a, tok), pm_reward_fn(pm_b, tok)
+    dtype = getattr(cfg, "dtype", "auto")
+    reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
     max_prompt = min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens)
     # the value model: a trainable copy of PM-A (trunk and head), or PM-A's head on the policy's trunk
     trunk = None if pc.share_trunk else disable_dropout(load_model(os.path.join(out, "pm_a.pt"), device)[0])
@@ -478,7 +488,7 @@ def train_ppo(cfg):
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * rank)
             try:
                 stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                          local, kl_coef, tok.eos_id, generator, tok.stop_ids)
+                                          local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None

@@ -39,8 +39,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import (DataError, Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
                   sft_example, split_halves, split_train_val)
 from model import GPT, GPTConfig
-from train import (CheckpointError, MetricsLog, barrier, check_compatible, dist_info, load_checkpoint, load_model, lr_at,
-                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
+from train import (CheckpointError, MetricsLog, autocast, barrier, check_compatible, dist_info, load_checkpoint,
+                   load_model, lr_at, model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state,
+                   set_seed, stage_done)
 from pm_metrics import bag_of_tokens_baseline, ci_str, format_report, pair_accuracy, pm_report, wilson_interval
 
 
@@ -61,7 +62,12 @@ class RMConfig:
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    eval_interval: int = 25      # steps between validation passes; the lowest val loss is kept (early stopping)
+    eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
+                                 # 0 = auto_eval_interval: validation at most 10% of the training compute
+    val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
+                                 # the test split is always scored whole
+    save_interval: int = 1000    # steps between resumable checkpoints (weights, optimizer, best so far), and one at the
+                                 # end: ~10 on the full data, where one a validation wrote ~380 of ~2 GB per PM
     log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
@@ -112,6 +118,15 @@ def fit_normalization(raw_scores, scale=True):
 # -----------------------------------------------------------------------------
 # the model: GPT trunk + scalar head read at the final EOS
 
+def scalar_head(head, h):
+    """A scalar head (Linear(C, 1)) on hidden states h (..., C) -> (...,), computed in fp32 even under bf16
+    autocast: the PM's score (and PPO's value) is what every later number is made of, and a bf16 output
+    keeps 8 bits of mantissa (a score of 3.3 rounded to +-0.008, then multiplied by the normalising gain).
+    One dot product per sequence: fp32 costs nothing here."""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.float()).squeeze(-1)
+
+
 class RewardModel(GPT):
     """A GPT whose output is one scalar per sequence: the head applied to the hidden state of the
     last real token, the EOS that pm_example appends (Bai et al. 2022 append an "end-of-context"
@@ -139,7 +154,7 @@ class RewardModel(GPT):
             last = torch.full((B,), T - 1, device=idx.device)
         else:  # index of the last real token: the largest position whose mask is 1
             last = (torch.arange(T, device=idx.device) * attention_mask.long()).argmax(1)  # (B,)
-        rewards = self.head(h[torch.arange(B, device=idx.device), last]).squeeze(-1).float()  # (B,)
+        rewards = scalar_head(self.head, h[torch.arange(B, device=idx.device), last])  # (B,) fp32
         if labels is None:
             return rewards, None
         if objective == "binary":
@@ -234,9 +249,10 @@ def pair_batch(examples, index, batch_size, seed, pad_id):
 
 
 @torch.no_grad()
-def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None):
+def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None, dtype="auto"):
     """Raw scores (N,) numpy of token sequences, batched by similar length to waste little padding.
-    model is a RewardModel, or a GPT with reply_masks (the "lm" objective)."""
+    model is a RewardModel, or a GPT with reply_masks (the "lm" objective). The forwards run under
+    train.autocast(dtype): bf16 on CUDA by default; the scores themselves come out in fp32."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -244,24 +260,26 @@ def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None):
     for s in range(0, len(seqs), batch_size):
         rows = order[s:s + batch_size]
         idx, mask = pad_right([seqs[i] for i in rows], pad_id)                         # (b, T)
-        if reply_masks is None:
-            scores = model(idx.to(device), mask.to(device))[0]
-        else:
-            rmask, _ = pad_right([reply_masks[i] for i in rows], 0)
-            scores = lm_scores(model, idx.to(device), mask.to(device), rmask.to(device))
+        with autocast(device.type, dtype):
+            if reply_masks is None:
+                scores = model(idx.to(device), mask.to(device))[0]
+            else:
+                rmask, _ = pad_right([reply_masks[i] for i in rows], 0)
+                scores = lm_scores(model, idx.to(device), mask.to(device), rmask.to(device))
         out[rows] = scores.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
-def score_pairs(model, examples, pad_id, batch_size):
+def score_pairs(model, examples, pad_id, batch_size, dtype="auto"):
     """(r_chosen, r_rejected) numpy arrays for [(chosen_ids, rejected_ids)]."""
-    scores = score_sequences(model, [c for c, _ in examples] + [r for _, r in examples], pad_id, batch_size)
+    scores = score_sequences(model, [c for c, _ in examples] + [r for _, r in examples], pad_id, batch_size,
+                             dtype=dtype)
     return scores[:len(examples)], scores[len(examples):]
 
 
 @torch.no_grad()
-def score_replies(reward_model, tok, prompts, replies, batch_size=32):
+def score_replies(reward_model, tok, prompts, replies, batch_size=32, dtype="auto"):
     """Normalised PM scores (N,) float tensor on the model's device, for PPO and best-of-n.
 
     prompts, replies: lists of token-id lists (a reply as the policy sampled it, without padding).
@@ -277,7 +295,7 @@ def score_replies(reward_model, tok, prompts, replies, batch_size=32):
             if len(stop) and r[-len(stop):] == list(stop):
                 r = r[:-len(stop)]
         seqs.append(pm_example(list(p), r, tok, reward_model.config.block_size, reward_model.config.block_size))
-    raw = torch.as_tensor(score_sequences(reward_model, seqs, tok.eos_id, batch_size), dtype=torch.float32)
+    raw = torch.as_tensor(score_sequences(reward_model, seqs, tok.eos_id, batch_size, dtype=dtype), dtype=torch.float32)
     return (reward_model.reward_gain * raw + reward_model.reward_bias).to(next(reward_model.parameters()).device)
 
 
@@ -300,39 +318,73 @@ def init_reward_model(path, device):
     return model.to(device), tok
 
 
-def validate(model, examples, pad_id, batch_size):
+def val_subset(examples, cap, seed):
+    """At most `cap` of the validation comparisons, drawn once by a seeded permutation and kept in file
+    order, so every validation of a run (and of its resumed continuation) scores the same pairs and the
+    early-stopping curve moves only with the weights. No more than `cap` (or cap 0): all, untouched."""
+    if not cap or len(examples) <= cap:
+        return examples
+    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:cap])
+    return [examples[i] for i in keep]
+
+
+def auto_eval_interval(n_val, batch_size, budget=0.1):
+    """Steps between validations that keep them within `budget` of the training compute. A validation
+    scores 2 * n_val sequences, forward only; a step trains on 2 * batch_size, forward and backward, about
+    three forwards' worth (the backward costs ~2x the forward: 6N vs 2N FLOPs per token, Kaplan et al.
+    2020). Every k steps validation then costs n_val / (3 * batch_size * k) of training, so
+    k = ceil(n_val / (3 * batch_size * budget)): 417 for 1,000 pairs at batch 8 (every 25 steps on all
+    ~8,000 val pairs of the full data cost 13x the training). It overestimates a little: validation
+    batches sequences of similar length (less padding) and stores no activations."""
+    return max(1, math.ceil(n_val / (3 * batch_size * budget)))
+
+
+def validate(model, examples, pad_id, batch_size, dtype="auto"):
     """(accuracy, loss) on comparisons; loss = mean -log sigmoid(r_c - r_r), the early-stopping signal
     (smoother than accuracy on a few dozen validation pairs)."""
-    r_c, r_r = score_pairs(model, examples, pad_id, batch_size)
+    r_c, r_r = score_pairs(model, examples, pad_id, batch_size, dtype)
     return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
+
+
+def resume_pm(ckpt_path, model, optimizer):
+    """Continue an unfinished train_pm run from ckpt_path -> (step, wall seconds so far, best-so-far dict);
+    (0, 0.0, an empty best) when there is nothing to resume."""
+    best = {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
+    if not (ckpt_path and os.path.exists(ckpt_path)):
+        return 0, 0.0, best
+    ckpt = load_checkpoint(ckpt_path)
+    check_compatible(ckpt_path, ckpt, model)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"], ckpt["wall_s"], ckpt["best"]
 
 
 def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
-    given, and end with the weights of the lowest validation loss (early stopping). With ckpt_path,
-    an unfinished run there is resumed and progress is checkpointed every eval_interval steps.
+    given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
+    most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
+    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every rc.save_interval
+    steps and after the last: the checkpoint keeps the best-so-far weights, so a run resumed between two
+    validations still ends with the best of all of them.
     Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
     Under torchrun every rank takes comparisons rank::world_size of each global batch (chosen and
     rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
     gradient of the global mean, so N processes take the steps of one. Every rank validates (the same
     early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
-    rc, device = cfg.rm, next(model.parameters()).device
+    rc, device, dtype = cfg.rm, next(model.parameters()).device, getattr(cfg, "dtype", "auto")
     rank, world_size = dist_info()
     assert rc.batch_size % world_size == 0, (
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
     n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
+    val = val_subset(val_ex, rc.val_pairs, cfg.seed)
+    every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
-    start, wall, best = 0, 0.0, {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
-    if ckpt_path and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt_path, ckpt, model)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, wall, best = ckpt["step"], ckpt["wall_s"], ckpt["best"]
-        if rank == 0:
-            print(f"[rm] {name}: resuming from {ckpt_path} at step {start}/{n_pmp + n_human}")
+    start, wall, best = resume_pm(ckpt_path, model, optimizer)
+    if rank == 0:
+        print(f"[rm] {name}: {'resuming from ' + ckpt_path + ' at' if start else 'from'} step {start}/{n_pmp + n_human}"
+              + (f" | validating on {len(val)} of {len(val_ex)} val pairs every {every} steps" if val else ""))
     ddp = model
     if world_size > 1:  # only the training forward goes through DDP: `model` is what is validated and saved
         ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
@@ -355,7 +407,8 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
         rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
         idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))
-        _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
+        with autocast(device.type, dtype):  # the forward only; the loss is fp32 (the head's output is)
+            _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
         loss.backward()  # under DDP: gradients all-reduced (averaged over ranks) here
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
         optimizer.step()
@@ -367,10 +420,10 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         phase = "pmp" if pmp else "train"
         if log and rank == 0 and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
-        if (i + 1) % rc.eval_interval == 0 or i + 1 == n:
+        if (i + 1) % every == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
-            if not pmp and val_ex:
-                acc, vloss = validate(model, val_ex, tok.eos_id, rc.eval_batch_size)
+            if not pmp and val:
+                acc, vloss = validate(model, val, tok.eos_id, rc.eval_batch_size, dtype)
                 if vloss < best["val_loss"]:
                     best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
@@ -379,8 +432,8 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
                     log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
             if rank == 0:
                 print(f"{line} | {time.time() - t0 + wall:.0f}s")
-            if ckpt_path:
-                save(step + 1)
+        if ckpt_path and ((rc.save_interval and (step + 1) % rc.save_interval == 0) or step + 1 == n_pmp + n_human):
+            save(step + 1)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.eval()
@@ -389,7 +442,8 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
 
 
 @torch.no_grad()
-def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size, temperature=1.0):
+def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size, temperature=1.0,
+                   dtype="auto"):
     """n (prompt_ids, reply_ids) sampled at `temperature` from `policy` on seeded-random prompts of
     `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1. Called with the
     shapes PPO and eval sample at (prompt and reply lengths, temperature), so that "SFT scores mean 0,
@@ -402,19 +456,20 @@ def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, see
     policy.eval()
     for s in range(0, len(prompts), batch_size):
         idx, mask = pad_left(prompts[s:s + batch_size], tok.eos_id)  # (b, T)
-        tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=temperature,
-                                          eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=gen)  # (b, N)
+        with autocast(device.type, dtype):  # the sampler's distribution math is fp32 either way (GPT.generate)
+            tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=temperature,
+                                              eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=gen)  # (b, N)
         replies += [[t for t, k in zip(row, m) if k] for row, m in zip(tokens.tolist(), keep.tolist())]
     return prompts, replies
 
 
-def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size):
+def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="auto"):
     """Set the PM's gain and bias from its raw scores on the reference (SFT-sampled) replies."""
     if mode not in ("scale", "shift", "none"):
         raise ValueError(f"--rm.normalize must be scale, shift or none, got {mode!r}")
     model.reward_gain, model.reward_bias = 1.0, 0.0
     if mode != "none":
-        raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size).cpu().numpy()
+        raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size, dtype).cpu().numpy()
         model.reward_gain, model.reward_bias = fit_normalization(raw, scale=mode == "scale")
 
 
@@ -450,8 +505,8 @@ def evaluate_pms(cfg, data_dir=None):
     pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
     ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
-    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size)
-    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size)
+    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
+    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
     test_replies = reply_pairs(pairs, tok)
     pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
                    a_c, a_r, b_c, b_r)
@@ -489,13 +544,13 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
     """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
     accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
     time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
-    rc, device, rows = cfg.rm, next(policy.parameters()).device, []
+    rc, device, rows, dtype = cfg.rm, next(policy.parameters()).device, [], getattr(cfg, "dtype", "auto")
     train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, cfg)
     for objective in ("ranking", "binary", "lm"):
         t0 = time.time()
         if objective == "lm":
             ex = [sft_example(p.prompt, r, tok, block, cfg.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
-            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex])
+            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
             rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
         if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
@@ -504,8 +559,8 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
             set_seed(cfg.seed)
             model, _ = init_reward_model(init, device)
             info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
-        rows.append(accuracy_row(objective, *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size), info["wall_s"],
-                             steps=info["steps"], best_step=info["best_step"]))
+        scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
+        rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
                 ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
     return rows
@@ -515,7 +570,7 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
     """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
     et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
     start every "with PMP" run; "wall s" is the human-pair phase only."""
-    rc, device, rows = cfg.rm, pick_device(cfg.device), []
+    rc, device, rows, dtype = cfg.rm, pick_device(cfg.device), [], getattr(cfg, "dtype", "auto")
     train_ex, test_ex = enc(pairs_a), enc(test_pairs)
     set_seed(cfg.seed)
     trunk, _ = init_reward_model(init, device)
@@ -530,7 +585,8 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
             if use_pmp:
                 model.load_state_dict(pmp_state)
             info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
-            rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size),
+            scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
+            rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
                                  info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
     print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
                 ["human pairs", "no PMP", "with PMP"],
@@ -545,7 +601,7 @@ def train_reward_models(cfg):
     the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force.
     Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
     the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    rc, (rank, _) = cfg.rm, dist_info()
+    rc, (rank, _), dtype = cfg.rm, dist_info(), getattr(cfg, "dtype", "auto")
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
@@ -577,8 +633,8 @@ def train_reward_models(cfg):
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
                 pc = cfg.ppo
                 ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
-                                     pc.max_prompt_tokens, cfg.seed, rc.eval_batch_size, pc.temperature)
-            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size)
+                                     pc.max_prompt_tokens, cfg.seed, rc.eval_batch_size, pc.temperature, dtype)
+            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype)
             save_checkpoint(path, model_checkpoint(
                 model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
                 reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))

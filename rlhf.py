@@ -33,7 +33,7 @@ from evaluate import EvalConfig, RSConfig, run_eval, run_rs
 from model import GPT, GPTConfig, export_hf, save_safetensors
 from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
-from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, dist_info, init_distributed,
+from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, autocast, dist_info, init_distributed,
                    load_checkpoint, load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
                    stage_done, supervised_train)
 
@@ -74,7 +74,7 @@ class Config:
     force: bool = False          # rerun a stage even if its checkpoint is marked done
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000))
+    pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000, keep_best=True))
     sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=1e-4, max_steps=500, warmup_steps=20))
     rm: RMConfig = field(default_factory=RMConfig)
     rs: RSConfig = field(default_factory=RSConfig)
@@ -110,6 +110,7 @@ PRESETS = {
         "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
+        # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data add --rm.val_pairs=64
         "rm.max_steps": 90, "rm.eval_interval": 30,
         "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
         "rs.eval_interval": 20, "rs.eval_batches": 2,
@@ -246,17 +247,19 @@ def format_prompt(human_turn):
 
 
 @torch.no_grad()
-def complete(model, tok, prompts, sc, seed):
-    """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn)."""
+def complete(model, tok, prompts, sc, seed, dtype="auto"):
+    """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
+    the forwards under train.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
     model.eval()
     device = next(model.parameters()).device
     max_prompt = model.config.block_size - sc.max_new_tokens
     idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
     gen = torch.Generator(device=device).manual_seed(seed)
-    tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
-                                     temperature=sc.temperature, top_k=sc.top_k or None,
-                                     top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
-                                     stop_ids=tok.stop_ids, generator=gen)
+    with autocast(device.type, dtype):
+        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
+                                         temperature=sc.temperature, top_k=sc.top_k or None,
+                                         top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
+                                         stop_ids=tok.stop_ids, generator=gen)
     replies = []
     for row, m in zip(tokens.tolist(), keep.tolist()):
         text = tok.decode([t for t, k in zip(row, m) if k and t != tok.eos_id])
@@ -264,10 +267,10 @@ def complete(model, tok, prompts, sc, seed):
     return replies
 
 
-def show_samples(model, tok, pairs, sc, seed, title):
+def show_samples(model, tok, pairs, sc, seed, title, dtype="auto"):
     """Print a few replies to held-out prompts: the quickest check of what a stage learned."""
     prompts = [p.prompt for p in pairs[:sc.num_samples]]
-    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed)):
+    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed, dtype)):
         last_turn = prompt.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
         print(f"--- {title} | Human: {last_turn[:200]}\n    Assistant: {reply[:400]}")
 
@@ -300,7 +303,7 @@ def stage_pretrain(cfg, log):
     train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
     print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
     supervised_train(cfg, "pretrain", cfg.pretrain, model, tok, train_tokens, val_tokens, ckpt_path(cfg, "base"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base")
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base", cfg.dtype)
 
 
 def sft_examples(pairs, tok, cfg, block_size):
@@ -319,7 +322,7 @@ def stage_sft(cfg, log):
     block_size = model.config.block_size
     supervised_train(cfg, "sft", cfg.sft, model, tok, sft_examples(train_pairs, tok, cfg, block_size),
                      sft_examples(val_pairs, tok, cfg, block_size), ckpt_path(cfg, "sft"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft")
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft", cfg.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,11 +346,11 @@ def stage_sample(cfg):
                 raise ConfigError(f"--sample.prompts_file: cannot read {sc.prompts_file} ({e})") from None
         else:
             turns = [sc.prompt]
-        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, cfg.seed)):
+        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, cfg.seed, cfg.dtype)):
             print(f"Human: {turn}\nAssistant: {reply}\n")
     else:
         test_pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), "test", cfg.data)
-        show_samples(model, tok, test_pairs, sc, cfg.seed, sc.policy)
+        show_samples(model, tok, test_pairs, sc, cfg.seed, sc.policy, cfg.dtype)
 
 
 def stage_chat(cfg):
@@ -370,7 +373,7 @@ def stage_chat(cfg):
             dialogue = ""
             continue
         dialogue += format_prompt(human)
-        reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn)[0]
+        reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn, cfg.dtype)[0]
         turn += 1
         score = f"   [PM-B score {score_texts(*judge[:2], [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
         print(f"Assistant: {reply}{score}")

@@ -21,7 +21,8 @@ STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("rm", ["pm_a", "pm_b"]), ("
           ("eval", [])]
 # small checkpoint intervals, so that a kill usually lands between two checkpoints; dropout on, as in the
 # cpu preset, so that resuming must restore the RNG and every stage that should run without dropout does
-FLAGS = ["--preset", "tiny", "--model.dropout=0.1", "--pretrain.eval_interval=10", "--sft.eval_interval=5", "--rm.eval_interval=5",
+FLAGS = ["--preset", "tiny", "--model.dropout=0.1", "--pretrain.eval_interval=10", "--sft.eval_interval=5",
+         "--rm.eval_interval=5", "--rm.save_interval=3",
          "--ppo.save_every=1", "--sample.num_samples=1", "--threads=1"]
 
 

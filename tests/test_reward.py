@@ -240,32 +240,55 @@ def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=60, n_test=4))
-    cfg.rm = reward.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5)
-    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
-    from data import DataConfig, read_pairs
-    ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
+    """Checkpoints every save_interval (3) steps, validations every eval_interval (5): killed at step 7,
+    the run resumes from the step-6 checkpoint, between two validations, and must still end with the
+    weights of step 5, the lowest validation loss of the run, which only that checkpoint remembers."""
+    cfg, tok, ex = marker_examples(tmp_path, n_train=60)
+    cfg.rm = reward.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5, save_interval=3)
+    real_batch, real_validate, seen, crash_at = reward.pair_batch, reward.validate, [], [None]
+
+    def batch(examples, index, *a):  # records the step; the kill comes as step crash_at draws its batch
+        if index == crash_at[0]:
+            raise KeyboardInterrupt
+        seen.append(index)
+        return real_batch(examples, index, *a)
+
+    def validate(*a):  # the real numbers, but the validation loss rises after step 5
+        acc, loss = real_validate(*a)
+        return acc, loss + (0.0 if seen[-1] + 1 == 5 else 10.0)
+    monkeypatch.setattr(reward, "pair_batch", batch)
+    monkeypatch.setattr(reward, "validate", validate)
 
     def fit(path):
         torch.manual_seed(0)
         model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-        reward.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
-        return model.state_dict()
+        info = reward.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
+        return model.state_dict(), info
 
-    want = fit(None)
-    real_batch = reward.pair_batch
-    def crash_at_7(examples, index, *a):
-        if index == 7:
-            raise KeyboardInterrupt
-        return real_batch(examples, index, *a)
-    monkeypatch.setattr(reward, "pair_batch", crash_at_7)
+    want, info = fit(None)
+    assert info["best_step"] == 5
+    crash_at[0] = 7
     with pytest.raises(KeyboardInterrupt):
-        fit(str(tmp_path / "pm.pt"))                        # dies after the checkpoint at step 5
-    assert reward.load_checkpoint(str(tmp_path / "pm.pt"))["step"] == 5
-    monkeypatch.setattr(reward, "pair_batch", real_batch)
-    got = fit(str(tmp_path / "pm.pt"))
+        fit(str(tmp_path / "pm.pt"))
+    ckpt = reward.load_checkpoint(str(tmp_path / "pm.pt"))
+    assert ckpt["step"] == 6 and ckpt["best"]["step"] == 5
+    crash_at[0] = None
+    got, info = fit(str(tmp_path / "pm.pt"))
+    assert info["best_step"] == 5
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+def test_checkpoints_follow_save_interval_not_validations(tmp_path, monkeypatch):
+    """A PM checkpoint (weights, optimizer, best-so-far) is written every save_interval steps and after
+    the last, not at every validation: at 124M parameters each one is ~2 GB."""
+    cfg, tok, ex = marker_examples(tmp_path, n_train=40)
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=2, save_interval=4)
+    saved, real = [], reward.save_checkpoint
+    monkeypatch.setattr(reward, "save_checkpoint", lambda path, ckpt: saved.append(ckpt["step"]) or real(path, ckpt))
+    model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+    reward.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", ckpt_path=str(tmp_path / "pm.pt"))
+    assert saved == [4, 8, 10]
 
 
 def test_log_interval_sets_the_metrics_rows(tmp_path):
@@ -337,3 +360,54 @@ def test_pmp_corruptions_cannot_be_told_apart_by_formatting_on_real_replies():
     for name, f in features.items():
         good, bad = (np.mean([f(getattr(q, side)) for q in pmp]) for side in ("chosen", "rejected"))
         assert abs(good - bad) < 0.02, (name, good, bad)
+
+
+# --- the schedule of validations and checkpoints (sized for the full dataset) --------
+
+def marker_examples(tmp_path, n_train):
+    """stage_cfg on the marker data, its tokenizer, and the train split as encoded comparisons."""
+    from data import DataConfig, read_pairs
+    cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=n_train, n_test=4))
+    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    return cfg, tok, reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
+
+
+def recorded_validations(monkeypatch):
+    """Replace reward.validate by a recorder: a list of the examples of every call (and a fixed result)."""
+    calls = []
+    monkeypatch.setattr(reward, "validate", lambda model, examples, *a, **k: calls.append(examples) or (0.5, 0.7))
+    return calls
+
+
+def test_validation_scores_the_same_capped_subset_every_time(tmp_path, monkeypatch):
+    """rm.val_pairs caps the pairs each validation scores: a fixed seeded subset of them, the same at every
+    validation; with no more pairs than the cap, all of them in their order (the sample's 63, untouched)."""
+    cfg, tok, ex = marker_examples(tmp_path, n_train=60)
+    train_ex, val_ex = ex[:30], ex[30:]
+    calls = recorded_validations(monkeypatch)
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=2, val_pairs=10)
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    assert len(calls) == 3 and all(c == calls[0] for c in calls)
+    assert len(calls[0]) == 10 and all(e in val_ex for e in calls[0]) and calls[0] != val_ex[:10]
+    calls.clear()
+    cfg.rm.val_pairs = len(val_ex)
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    assert all(c == val_ex for c in calls) and len(calls) == 3
+
+
+def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path, monkeypatch):
+    """eval_interval=0 validates every auto_eval_interval steps: the fewest steps for which scoring the
+    validation pairs (forward only) costs at most 10% of training (forward + backward, ~3 forwards)."""
+    k = reward.auto_eval_interval(1000, 8)
+    share = lambda k: 2 * 1000 / (k * 3 * 2 * 8)  # noqa: E731  sequence-forwards: validation / training
+    assert k == 417 and share(k) <= 0.1 < share(k - 1)
+    cfg, tok, ex = marker_examples(tmp_path, n_train=60)
+    calls = recorded_validations(monkeypatch)
+    cfg.rm = reward.RMConfig(batch_size=4, max_steps=20, warmup_steps=2, eval_interval=0, val_pairs=0,
+                             log_interval=100)
+    every = reward.auto_eval_interval(len(ex[50:]), 4)
+    assert every == 9                                          # 10 pairs at batch 4
+    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
+                    "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
+    rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20]

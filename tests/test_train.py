@@ -1,5 +1,6 @@
 """The shared training machinery: checkpoints are safe and atomic, batches are a pure function of the
 step, and a stage killed mid-way resumes to exactly the same weights."""
+import json
 import os
 import pickle
 
@@ -112,15 +113,17 @@ def test_packed_batches_give_the_same_loss_as_padded_ones():
     assert torch.allclose(packed, model(idx, targets, loss_mask=loss_mask)[1], atol=1e-5)
 
 
-def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12):
+def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12, val_curve=None):
     """A 12-step pretraining run; `fail_at` makes the data loader die at that micro-batch,
-    `poison_at` turns the weights to NaN there (a numerical blow-up)."""
+    `poison_at` turns the weights to NaN there (a numerical blow-up). `val_curve` {step: loss} stands in
+    for the validation losses (validations at steps 0, 4, 8 and 12) and turns keep_best on."""
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
     model, tok = tiny_model(), Tokenizer.gpt2()
     stream = (np.arange(3000) * 7 % 300).astype(np.uint16)
     sc = LMTrainConfig(max_steps=max_steps, batch_size=4, eval_interval=4, eval_batches=1, log_interval=2,
-                       warmup_steps=2, lr=1e-2)
+                       warmup_steps=2, lr=1e-2, keep_best=val_curve is not None)
+    next_step = [0]
 
     def data(*args):
         if args[1] == fail_at:
@@ -128,13 +131,17 @@ def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max
         if args[1] == poison_at:
             with torch.no_grad():
                 model.transformer.wte.weight.fill_(float("nan"))
+        if args[0] is stream:
+            next_step[0] = args[1] + 1  # one micro-batch a step
         return get_batch(*args)
-    train.get_batch, original = data, get_batch
+    fake_val = lambda *args, **kwargs: val_curve[next_step[0]]  # noqa: E731
+    original = get_batch, train.evaluate_loss
+    train.get_batch, train.evaluate_loss = data, fake_val if val_curve else train.evaluate_loss
     try:
         supervised_train(Cfg, "pretrain", sc, model, tok, stream, stream[:500], str(out_dir / "base.pt"),
                          MetricsLog(str(out_dir)))
     finally:
-        train.get_batch = original
+        train.get_batch, train.evaluate_loss = original
     return model
 
 
@@ -161,3 +168,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         run_stage(tmp_path / "nan", poison_at=9)
     ckpt = load_checkpoint(str(tmp_path / "nan" / "base.pt"))
     assert ckpt["step"] == 8 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretraining_ends_with_the_best_validation_weights(tmp_path):
+    """Validation loss is lowest at step 8 and rises by the last step (12): keep_best (pretrain's default)
+    ends the stage with step 8's weights, in memory and in base.pt, names the step, and cleans up."""
+    curve = {0: 5.0, 4: 3.0, 8: 2.0, 12: 2.5}
+    model = run_stage(tmp_path / "full", val_curve=curve)
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path / "at8", fail_at=8, val_curve=curve)  # leaves the weights of step 8 in its checkpoint
+    at8 = load_checkpoint(str(tmp_path / "at8" / "base.pt"))
+    assert at8["step"] == 8
+    ckpt = load_checkpoint(str(tmp_path / "full" / "base.pt"))
+    assert ckpt["done"] and ckpt["best"] == {"step": 8, "val_loss": 2.0} and ckpt["val_loss"] == 2.0
+    assert same_weights(ckpt["model"], at8["model"]) and same_weights(model.state_dict(), at8["model"])
+    rows = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert rows[-1]["step"] == 12 and rows[-1]["pretrain/val_loss"] == 2.5 and rows[-1]["pretrain/best_step"] == 8
+    assert not os.path.exists(tmp_path / "full" / "base.best.pt")
+
+
+@pytest.mark.parametrize("curve, lose_best_file", [
+    ({0: 5.0, 4: 2.0, 8: 3.0, 12: 2.5}, False),  # the best (step 4) is older than the last checkpoint (8)
+    ({0: 5.0, 4: 3.0, 8: 2.0, 12: 2.5}, True),   # killed after step 8's checkpoint, before its best file
+])
+def test_best_weights_survive_a_kill(tmp_path, curve, lose_best_file):
+    full = run_stage(tmp_path / "full", val_curve=curve)
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path / "crash", fail_at=10, val_curve=curve)  # dies after the step-8 checkpoint
+    if lose_best_file:
+        os.remove(tmp_path / "crash" / "base.best.pt")
+    resumed = run_stage(tmp_path / "crash", val_curve=curve)
+    assert same_weights(full.state_dict(), resumed.state_dict())
+    assert same_weights(load_checkpoint(str(tmp_path / "full" / "base.pt"))["model"],
+                        load_checkpoint(str(tmp_path / "crash" / "base.pt"))["model"])
