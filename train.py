@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -401,20 +402,29 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             log.log(stage, 0, val_loss=val_before)
             print(f"[{stage}] step 0 | val loss {val_before:.4f}")
 
-    def checkpoint(step, done, val_loss=None):
+    def checkpoint(step, done, val_loss=None, rng=None):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
-                seed=cfg.seed, rng=rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
+                seed=cfg.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
 
     # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
     peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
     model.train()
     bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
                disable=rank != 0)
-    step, t0, tokens = start, time.time(), 0
+    step, t0, tokens, step_rng = start, time.time(), 0, rng_state()
+    # Ctrl-C is held until the step it lands in is over, so the checkpoint it writes never holds half a
+    # step (weights mid-update, or RNG draws of dropout masks the rerun would not repeat). One process
+    # only: under torchrun the ranks could stop at different steps.
+    interrupted, old_handler = [], None
+    if world_size == 1 and threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     try:
         for step in bar:
+            step_rng = rng_state()  # where the rerun of this step must start
+            if interrupted:
+                raise KeyboardInterrupt
             lr = lr_at(step, sc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -469,10 +479,13 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(step, done=False)  # `step` has not been applied yet: the rerun redoes it
+        checkpoint(step, done=False, rng=step_rng)  # `step` has not been applied yet: the rerun redoes it
         if rank == 0:
             print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
         raise SystemExit(130)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     bar.close()
     val_last = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
     if sc.keep_best and best["val_loss"] < val_last:  # an earlier validation was better: end with its weights
@@ -491,4 +504,6 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     if rank == 0:
         kept = f" at step {best['step']} (the last step's: {val_last:.4f})" if best["step"] != sc.max_steps else ""
         print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{kept} | checkpoint {ckpt_path}")
+    if interrupted:  # Ctrl-C in the last step: the stage is complete and saved, the run stops here
+        raise SystemExit(130)
     return val_before, best["val_loss"]

@@ -3,6 +3,7 @@ step, and a stage killed mid-way resumes to exactly the same weights."""
 import json
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -20,9 +21,9 @@ class Cfg:  # the run-level fields supervised_train reads
     seed, compile = 0, False
 
 
-def tiny_model(vocab=300):
+def tiny_model(vocab=300, dropout=0.0):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16))
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, dropout=dropout))
 
 
 class Evil:
@@ -113,14 +114,25 @@ def test_packed_batches_give_the_same_loss_as_padded_ones():
     assert torch.allclose(packed, model(idx, targets, loss_mask=loss_mask)[1], atol=1e-5)
 
 
-def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12, val_curve=None):
+def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12, val_curve=None,
+              dropout=0.0, stop_in_forward_at=None):
     """A 12-step pretraining run; `fail_at` makes the data loader die at that micro-batch,
     `poison_at` turns the weights to NaN there (a numerical blow-up). `val_curve` {step: loss} stands in
     for the validation losses (validations at steps 0, 4, 8 and 12) and turns keep_best on."""
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(0)
-    model, tok = tiny_model(), Tokenizer.gpt2()
+    model, tok = tiny_model(dropout=dropout), Tokenizer.gpt2()
     stream = (np.arange(3000) * 7 % 300).astype(np.uint16)
+    if stop_in_forward_at is not None:  # Ctrl-C lands after the forward drew this step's dropout masks
+        forward, calls = model.forward, []
+
+        def interrupted_forward(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            calls.append(model.training)
+            if sum(calls) == stop_in_forward_at + 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return out
+        model.forward = interrupted_forward
     sc = LMTrainConfig(max_steps=max_steps, batch_size=4, eval_interval=4, eval_batches=1, log_interval=2,
                        warmup_steps=2, lr=1e-2, keep_best=val_curve is not None)
     next_step = [0]
@@ -160,6 +172,18 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
         run_stage(tmp_path / "stop", fail_at=6, fail_with=KeyboardInterrupt)
     assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["step"] == 6
     resumed = run_stage(tmp_path / "stop")
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_ctrl_c_mid_step_with_dropout_resumes_exactly(tmp_path):
+    """A real SIGINT that arrives mid-step, after dropout drew its masks: the step finishes, the
+    checkpoint holds the next step and the RNG state at its start, and the rerun ends bit for bit
+    where an uninterrupted run ends."""
+    full = run_stage(tmp_path / "full", dropout=0.3)
+    with pytest.raises(SystemExit):
+        run_stage(tmp_path / "stop", dropout=0.3, stop_in_forward_at=6)
+    assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["step"] == 7
+    resumed = run_stage(tmp_path / "stop", dropout=0.3)
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
 
 
