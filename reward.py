@@ -307,6 +307,12 @@ def validate(model, examples, pad_id, batch_size):
     return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
 
 
+def pm_steps(rc, n_pairs):
+    """Steps on n_pairs human comparisons: rc.max_steps, or rc.epochs passes of rc.batch_size pairs a
+    step (at least one step). train_pm runs this many; rlhf.py plan counts them the same way."""
+    return rc.max_steps or rc.epochs * max(1, n_pairs // rc.batch_size)
+
+
 def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
     given, and end with the weights of the lowest validation loss (early stopping). With ckpt_path,
@@ -321,7 +327,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     assert rc.batch_size % world_size == 0, (
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
-    n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
+    n_human = pm_steps(rc, len(train_ex)) if train_ex else 0
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
     start, wall, best = 0, 0.0, {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
     if ckpt_path and os.path.exists(ckpt_path):
