@@ -473,8 +473,8 @@ def run(stage, cfg):
         "export": lambda: stage_export(cfg),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
-    if stage == "all" and world_size == 1:
-        stage_plan(cfg, repeats=1)  # how long it will take, before it starts; one timed repeat keeps it short
+    if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
+        stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
     for name in order:
         if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
