@@ -119,6 +119,54 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
             "ppo_update_s": round(total - sum(split.values()), 4)}
 
 
+def measure_train(cfg, model, tok, stream, device, dtype, repeats):
+    """One optimizer step at pretrain's shape (batch_size x block_size, grad_accum micro-batches), as
+    supervised_train runs it, on windows of the token stream: the fastest of `repeats` after a warm-up
+    (which also compiles, with cfg.compile). Returns train_batch, train_step_s, train_tokens_per_s and
+    train_gflops = flops_per_token * tokens_per_s."""
+    sc, T = cfg.pretrain, cfg.model.block_size
+    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    train_model = torch.compile(model) if cfg.compile else model
+    step_no = [0]
+
+    def train_step():
+        for _ in range(sc.grad_accum):
+            batch = get_batch(stream, step_no[0], sc.batch_size, T, cfg.seed, tok.eos_id)
+            idx, targets = to_device(batch[:2], device)  # pinned + non_blocking on CUDA
+            with autocast(device, dtype):
+                _, loss = train_model(idx, targets)
+            (loss / sc.grad_accum).backward()
+            step_no[0] += 1
+        torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    train_step()  # warm-up (and compile)
+    dt = best_time(train_step, device, repeats)
+    tokens = sc.batch_size * sc.grad_accum * T
+    return {"train_batch": [sc.batch_size * sc.grad_accum, T], "train_step_s": round(dt, 4),
+            "train_tokens_per_s": round(tokens / dt, 1),
+            "train_gflops": round(model.flops_per_token() * tokens / dt / 1e9, 1)}
+
+
+def sample_rate(model, queries, query_mask, max_new_tokens, device, dtype, repeats, use_cache=True):
+    """New tokens per second of GPT.generate on these left-padded prompts, the fastest of `repeats`.
+    eos_id=None: every row runs to max_new_tokens, so every run does the same work."""
+    def sample():
+        with autocast(device, dtype):
+            model.generate(queries, query_mask, max_new_tokens, temperature=1.0, use_cache=use_cache,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    return queries.size(0) * max_new_tokens / best_time(sample, device, repeats)
+
+
+def peak_memory_mb(device):
+    """Peak resident memory of this process (CPU) / max allocated (CUDA), in MiB."""
+    if device == "cuda":
+        return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
+    return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+
+
 def main(argv):
     repeats = 3
     _, cfg = rlhf.parse_args(["all"] + argv)
@@ -145,64 +193,30 @@ def main(argv):
     out["vocab_size"] = tok.vocab_size
 
     # ---- 1. training: one optimizer step at pretrain's shape, as supervised_train runs it ----
-    sc, T = cfg.pretrain, cfg.model.block_size
-    stream = lm_tokens(train_pairs, tok)
-    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
-    train_model = torch.compile(model) if cfg.compile else model
-    step_no = [0]
-
-    def train_step():
-        for _ in range(sc.grad_accum):
-            batch = get_batch(stream, step_no[0], sc.batch_size, T, cfg.seed, tok.eos_id)
-            idx, targets = to_device(batch[:2], device)  # pinned + non_blocking on CUDA
-            with autocast(device, dtype):
-                _, loss = train_model(idx, targets)
-            (loss / sc.grad_accum).backward()
-            step_no[0] += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    train_step()  # warm-up (and compile)
-    dt = best_time(train_step, device, repeats + 2)
-    tokens = sc.batch_size * sc.grad_accum * T
-    out["train_batch"] = [sc.batch_size * sc.grad_accum, T]
-    out["train_step_s"] = round(dt, 4)
-    out["train_tokens_per_s"] = round(tokens / dt, 1)
-    out["train_gflops"] = round(model.flops_per_token() * tokens / dt / 1e9, 1)
+    out.update(measure_train(cfg, model, tok, lm_tokens(train_pairs, tok), device, dtype, repeats + 2))
     out["train_mfu"] = round(out["train_gflops"] / peak, 3)
-    del optimizer
 
     # ---- 2. generation at the rollout shape: KV cache vs full recompute ----
     pc = cfg.ppo
-    max_prompt = min(pc.max_prompt_tokens, T - pc.max_new_tokens)
+    max_prompt = min(pc.max_prompt_tokens, cfg.model.block_size - pc.max_new_tokens)
     prompts = ppo.rl_prompts(cfg, "train", tok, max_prompt)
     queries, query_mask = (t.to(device) for t in ppo.prompt_batch(prompts, 0, pc.batch_size, cfg.seed, tok.eos_id))
     model.eval()
     out["gen_shape"] = [pc.batch_size, queries.size(1), pc.max_new_tokens]
-
-    def sample_rate(rows, use_cache, repeats):
-        def sample():  # eos_id=None: every row runs to max_new_tokens, so every run does the same work
-            with autocast(device, dtype):
-                model.generate(queries[:rows], query_mask[:rows], pc.max_new_tokens, temperature=1.0,
-                               use_cache=use_cache, generator=torch.Generator(device=device).manual_seed(0))
-        return rows * pc.max_new_tokens / best_time(sample, device, repeats)
-
-    out["gen_tokens_per_s_cache"] = round(sample_rate(pc.batch_size, True, repeats), 1)
+    out["gen_tokens_per_s_cache"] = round(sample_rate(model, queries, query_mask, pc.max_new_tokens, device, dtype,
+                                                      repeats), 1)
     rows = min(pc.batch_size, 16)  # without the cache a step costs a whole forward: time fewer rows
     out["gen_nocache_rows"] = rows
-    out["gen_tokens_per_s_nocache"] = round(sample_rate(rows, False, 1), 1)
-    out["gen_cache_speedup"] = round(sample_rate(rows, True, repeats) / out["gen_tokens_per_s_nocache"], 2)
+    out["gen_tokens_per_s_nocache"] = round(sample_rate(model, queries[:rows], query_mask[:rows], pc.max_new_tokens,
+                                                        device, dtype, 1, use_cache=False), 1)
+    out["gen_cache_speedup"] = round(sample_rate(model, queries[:rows], query_mask[:rows], pc.max_new_tokens, device,
+                                                 dtype, repeats) / out["gen_tokens_per_s_nocache"], 2)
 
     # ---- 3. one PPO iteration at the preset's PPO shape ----
     out.update(ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype))
 
     # ---- 4. memory ----
-    if device == "cuda":
-        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
-    else:  # ru_maxrss is in KiB on Linux (bytes on macOS)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_mem_mb"] = round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
+    out["peak_mem_mb"] = peak_memory_mb(device)
     print(json.dumps(out))
     return out
 

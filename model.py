@@ -223,11 +223,12 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def flops_per_token(self):
+    def flops_per_token(self, T=None):
         """Training FLOPs per token (forward + backward), PaLM appendix B as in nanoGPT's
-        estimate_mfu: 6N for the matmuls with weights plus 12*L*H*Q*T for attention scores."""
+        estimate_mfu: 6N for the matmuls with weights plus 12*L*H*Q*T for attention scores, for
+        sequences of T tokens (default block_size). A forward pass alone is a third of it."""
         cfg = self.config
-        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, T or cfg.block_size
         return 6 * self.num_params() + 12 * L * H * Q * T
 
     def hidden_states(self, idx, attention_mask=None, kv_cache=None, segment_ids=None):

@@ -346,6 +346,12 @@ def validate(model, examples, pad_id, batch_size, dtype="auto"):
     return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
 
 
+def pm_steps(rc, n_pairs):
+    """Steps on n_pairs human comparisons: rc.max_steps, or rc.epochs passes of rc.batch_size pairs a
+    step (at least one step). train_pm runs this many; rlhf.py plan counts them the same way."""
+    return rc.max_steps or rc.epochs * max(1, n_pairs // rc.batch_size)
+
+
 def resume_pm(ckpt_path, model, optimizer):
     """Continue an unfinished train_pm run from ckpt_path -> (step, wall seconds so far, best-so-far dict);
     (0, 0.0, an empty best) when there is nothing to resume."""
@@ -377,7 +383,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     assert rc.batch_size % world_size == 0, (
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
-    n_human = (rc.max_steps or rc.epochs * max(1, len(train_ex) // rc.batch_size)) if train_ex else 0
+    n_human = pm_steps(rc, len(train_ex)) if train_ex else 0
     val = val_subset(val_ex, rc.val_pairs, cfg.seed)
     every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)

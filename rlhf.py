@@ -12,7 +12,8 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
   eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
-and tools: sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
+and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first),
+sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
 export (a Hugging Face GPT-2 folder: `export --policy ppo --to DIR`).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
@@ -60,6 +61,15 @@ class ExportConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`plan` (and the plan `all` prints before it starts): each stage's work, memory and time (plan.py)."""
+    measure: bool = True         # time this device at the preset's shapes (seconds); false = --plan.gflops
+    gpu: str = ""                # estimate for a GPU by name instead (h100, a100, rtx4090, ...), measuring nothing
+    gflops: float = 100.0        # with measure=false: the GFLOP/s assumed for every kind of work
+    sample_rows: int = 2000      # train pairs tokenised to estimate token counts (scaled by the pair counts)
+
+
+@dataclass
 class Config:
     """The whole run. Sections are the stages' own configs; flags are --section.field=value."""
     preset: str = ""             # the preset applied (set by the CLI)
@@ -82,6 +92,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
@@ -139,7 +150,7 @@ PRESETS = {
     },
 }
 
-STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "sample", "chat", "plot", "export"]
+STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "plan", "sample", "chat", "plot", "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -412,6 +423,20 @@ def stage_export(cfg):
           f"{', reward_head.safetensors' if 'head.weight' in ckpt['model'] else ''})")
 
 
+def preset_reason(preset):
+    """Why this preset: the default for this machine, or the one --preset named."""
+    default = "gpu" if torch.cuda.is_available() else "cpu"
+    if preset != default:
+        return f"{preset} (--preset)"
+    return f"{preset} ({'CUDA found: ' + torch.cuda.get_device_name() if default == 'gpu' else 'no CUDA found'})"
+
+
+def stage_plan(cfg, repeats=2):
+    """Print what each stage will do, its memory and its time on this device (plan.py)."""
+    from plan import print_plan  # plan imports rlhf (as bench.py does): imported when it is used
+    print_plan(cfg, preset_reason(cfg.preset), repeats)
+
+
 def stage_plot(cfg):
     """Figures from metrics.jsonl, eval.json and frontier.jsonl (needs matplotlib, an optional extra)."""
     from plot import make_plots  # optional: nothing else imports matplotlib
@@ -444,12 +469,15 @@ def run(stage, cfg):
         "rs": lambda: run_rs(cfg),
         "ppo": lambda: train_ppo(cfg),
         "eval": lambda: evaluate_pms(cfg) if cfg.eval.pm_only else run_eval(cfg),
+        "plan": lambda: stage_plan(cfg),
         "sample": lambda: stage_sample(cfg),
         "chat": lambda: stage_chat(cfg),
         "plot": lambda: stage_plot(cfg),
         "export": lambda: stage_export(cfg),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
+    if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
+        stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
     for name in order:
         if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking

@@ -298,14 +298,21 @@ def get_batch(data, index, batch_size, block_size, seed, pad_id):
     return idx[:, :-1], idx[:, 1:], loss_mask[:, 1:].float(), attention_mask[:, :-1], segment_ids
 
 
+def validation_batches(sc, n_examples):
+    """Micro-batches in one validation pass: sc.eval_batches from a token stream (n_examples None),
+    at most one pass over a list of n_examples examples (or packed rows)."""
+    if n_examples is None:
+        return sc.eval_batches
+    return min(sc.eval_batches, max(1, n_examples // sc.batch_size))
+
+
 @torch.no_grad()
 def evaluate_loss(model, data, sc, block_size, pad_id, device, dtype="auto"):
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every time).
     Every rank computes the same full value, so no collective is needed."""
     model.eval()
     losses = []
-    n_batches = sc.eval_batches if isinstance(data, np.ndarray) else min(sc.eval_batches, max(1, len(data) // sc.batch_size))
-    for i in range(n_batches):
+    for i in range(validation_batches(sc, None if isinstance(data, np.ndarray) else len(data))):
         batch = get_batch(data, i, sc.batch_size, block_size, 0, pad_id)
         idx, targets, loss_mask = to_device(batch[:3], device)
         segment_ids = None if batch[4] is None else to_device([batch[4]], device)[0]

@@ -1,0 +1,387 @@
+"""
+plan.py: before a run, what each stage will do, the memory it needs and how long it will take.
+
+    python rlhf.py plan                                # the preset and data `python rlhf.py` would use
+    python rlhf.py plan --preset cpu --data_dir DIR    # any preset and flag, as for the stages
+    python rlhf.py plan --preset gpu --plan.gpu=h100   # a GPU you do not have (nothing is measured)
+    python rlhf.py plan --plan.measure=false           # arithmetic only, at --plan.gflops
+
+Why: the first `python rlhf.py` on the full hh-rlhf (160,800 train pairs, ~76M tokens per pass) runs for
+hours, and nothing said so before it started. `all` prints this plan first. How:
+1. Work: each stage's steps, rows and tokens from its config and the data it would read, counted with the
+   stages' own functions (reward.pm_steps, train.validation_batches, data.sft_example, ...). Pair counts are
+   exact; token counts are estimated from a seeded sample of plan.sample_rows pairs, scaled by the counts.
+   Work is FLOPs (GPT.flops_per_token: 6N + 12LHQT a token to train, a third of that for a forward pass or
+   a sampled token) of five kinds, pretrain, train, forward, sample and ppo (whole iterations), plus tokens
+   to tokenise. Replies are counted to max_new_tokens: an upper bound.
+2. Rates: what this device reaches for each kind, timed at the preset's shapes with bench.py's functions;
+   or a GPU's datasheet peak times the utilisation an H100 reached (--plan.gpu); or --plan.gflops.
+3. Time = the sum over kinds of work / rate. Memory: an estimate from the shapes (memory_bytes).
+The last line printed is the plan as one JSON object: {"preset", "device", "stages", "total_seconds", ...}.
+
+References: PaLM (Chowdhery et al. 2022) app. B and nanoGPT's estimate_mfu (FLOPs); Korthikanti et al.
+2022, "Reducing Activation Recomputation in Large Transformer Models", sec. 4 (activation memory).
+"""
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+import rlhf
+from data import (build_tokenizer, encode_pairs, lm_tokens, pack_examples, pm_example, prompt_ids, read_pairs,
+                  resolve_data_dir, sft_example, split_halves, split_train_val)
+from model import GPT
+from ppo import prompt_batch
+from reward import auto_eval_interval, pm_block, pm_steps
+from train import CUDA_PEAK_TFLOPS, pick_device, rng_state, set_rng_state, set_seed, validation_batches
+
+GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
+# one NVIDIA H100 80GB HBM3 (989 TFLOP/s dense bf16) at the gpu preset's shapes (README, Speed)
+H100 = {"pretrain_mfu": 0.40,         # pretraining, 128 x 1024 tokens a step (0.39-0.41)
+        "train_mfu": 0.27,            # packed SFT on real tokens, taken for every other training step
+        "sample_tokens_per_s": 9466,  # 64 prompts of 256 tokens x 64 new tokens, KV cache
+        "ppo_iteration_s": 4.1,       # 64 rollouts: rollout 0.63 + scoring 0.60 + update 2.87 s
+        "ppo_scoring_s": 0.60}        # its forward passes (policy and reference log-probs, critic, PM-A)
+TOKENIZE_PER_S = 1e6                  # tokens/s assumed when nothing is measured (a 2-core CPU: 1.1-1.5M)
+
+
+@dataclass
+class Data:
+    """What a run would read: exact pair and prompt counts, and a tokenised sample for token counts."""
+    data_dir: str
+    train: int             # pairs after the validation split (data.split_train_val)
+    val: int
+    test: int
+    halves: tuple          # pairs in PM-A's and PM-B's halves (data.split_halves)
+    prompts: int           # unique train prompts: rejection sampling and PPO draw from these
+    test_prompts: int      # unique test prompts: eval draws from these
+    tok: object            # the tokenizer the run would build
+    ids: list              # (prompt, chosen, rejected) token ids of each sampled pair
+    stream: np.ndarray     # data.lm_tokens of the sampled pairs: pretraining text
+    scale: float           # train pairs per sampled pair
+    mean: tuple            # mean tokens of a prompt, a chosen reply, a rejected reply
+    tokenize_per_s: float  # how fast this machine tokenised the sample
+
+
+def read_data(cfg):
+    """The data as the stages read it (resolve_data_dir, read_pairs, split_train_val, split_halves); only a
+    seeded sample of plan.sample_rows train pairs is tokenised. A trimmed vocabulary is built from that
+    sample: the run's own when train holds no more pairs than the sample, else an estimate of it."""
+    data_dir = resolve_data_dir(cfg.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "train", cfg.data)
+    train, val = split_train_val(pairs, cfg.data.val_frac)
+    halves = split_halves(train) if cfg.rm.split_halves else (train, train)
+    test, _ = read_pairs(data_dir, "test", cfg.data)
+    rows = np.random.default_rng(cfg.seed).permutation(len(train))[:max(1, cfg.plan.sample_rows)]
+    sample = [train[i] for i in sorted(rows)]
+    tok = build_tokenizer(cfg.data, sample)
+    t0 = time.perf_counter()
+    ids = encode_pairs(sample, tok)
+    rate = sum(len(x) for triple in ids for x in triple) / max(time.perf_counter() - t0, 1e-6)
+    return Data(str(data_dir), len(train), len(val), len(test), (len(halves[0]), len(halves[1])),
+                len({p.prompt for p in train}), len({p.prompt for p in test}), tok, ids, lm_tokens(sample, tok),
+                len(train) / len(sample), tuple(float(np.mean([len(x[i]) for x in ids])) for i in range(3)), rate)
+
+
+def rl_prompts(cfg, d, new_tokens):
+    """The sampled prompts' ids as the RL stages feed them (ppo.rl_prompts): left-truncated to
+    ppo.max_prompt_tokens, leaving room for new_tokens in the context."""
+    return [prompt_ids(x[0], d.tok, min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - new_tokens)) for x in d.ids]
+
+
+def batch_width(lengths, rows, seed):
+    """Expected width of a padded batch of `rows` random examples (a batch is as wide as its longest
+    example): the mean over 64 seeded batches drawn from the sample's lengths."""
+    lengths, rng = np.asarray(lengths), np.random.default_rng(seed)
+    k = min(rows, len(lengths))
+    return float(np.mean([lengths[rng.choice(len(lengths), k, replace=False)].max() for _ in range(64)]))
+
+
+def fpt(gpt, T, head=True):
+    """Training FLOPs a token with T tokens of context (GPT.flops_per_token); without the LM head (a PM,
+    a critic) 6 V C fewer. A forward pass alone, or one sampled token, costs a third of it."""
+    c = gpt.config
+    return gpt.flops_per_token(max(1, round(T))) - (0 if head else 6 * c.vocab_size * c.n_embd)
+
+
+def memory_bytes(gpt, act_bytes, frozen=0, trained=(), kv=None):
+    """A stage's model memory: 4 bytes a parameter for each frozen model (fp32 weights); for each trained
+    one, (rows, T, head): 16 bytes a parameter (weights, gradients, Adam's two moments), activations of
+    about 34 C bytes a token and layer in 16 bits (Korthikanti et al. 2022, eq. 2 without the T x T scores,
+    which SDPA does not keep) scaled to act_bytes, and with a head the logits (V values a token in
+    act_bytes, their fp32 copy for the loss, its gradient); the KV cache of sampling kv = (rows, T)."""
+    c, P = gpt.config, gpt.num_params(non_embedding=False)
+    total = 4 * P * frozen + (2 * c.n_layer * kv[0] * kv[1] * c.n_embd * act_bytes if kv else 0)
+    for rows, T, head in trained:
+        logits = c.vocab_size * (act_bytes + 8) if head else 0
+        total += 16 * P + rows * T * (c.n_layer * 34 * c.n_embd * act_bytes / 2 + logits)
+    return total
+
+
+def lm_work(gpt, sc, width, n_rows, n_val, kind):
+    """supervised_train's work: sc.max_steps steps of batch_size x grad_accum rows `width` tokens wide
+    (passes = rows trained / n_rows), and a validation pass before, every eval_interval steps and after,
+    of validation_batches(sc, n_val) micro-batches (n_val None: a token stream)."""
+    rows = sc.batch_size * sc.grad_accum
+    tokens = sc.max_steps * rows * width
+    val_passes = (sc.max_steps - 1) // sc.eval_interval + 2
+    val_tokens = val_passes * validation_batches(sc, n_val) * sc.batch_size * width
+    return {"steps": sc.max_steps, "rows": rows, "width": round(width), "tokens": round(tokens),
+            "passes": round(sc.max_steps * rows / max(n_rows, 1), 2), "val_passes": val_passes,
+            "flops": {kind: tokens * fpt(gpt, width), "forward": val_tokens * fpt(gpt, width) / 3}}
+
+
+def ppo_iteration_flops(cfg, gpt, Tq, rows=None):
+    """FLOPs of one ppo.ppo_step with every reply run to max_new_tokens (as bench.ppo_iteration times it),
+    on `rows` rollouts (default ppo.batch_size) of Tq prompt tokens: rollout, B N sampled tokens; scoring,
+    forward passes over the B (Tq + N) tokens by the policy, the reference, PM-A and, unless share_trunk,
+    the critic's own trunk; update, ppo_epochs forward + backward passes of the policy (and that trunk)."""
+    pc = cfg.ppo
+    B, T = rows or pc.batch_size, Tq + pc.max_new_tokens
+    critic = 0 if pc.share_trunk else fpt(gpt, T, head=False)
+    return {"rollout": B * pc.max_new_tokens * fpt(gpt, T) / 3,
+            "scoring": B * T * (2 * fpt(gpt, T) + fpt(gpt, T, head=False) + critic) / 3,
+            "update": pc.ppo_epochs * B * T * (fpt(gpt, T) + critic)}
+
+
+def work_pretrain(cfg, d, gpt, act):
+    """Pretraining on windows of the token stream of every dialogue; a trimmed vocabulary is built first."""
+    sc, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
+    if sc.init:
+        return {"what": f"load {sc.init}'s weights (no training)", "flops": {}, "tokenize": 0,
+                "memory": memory_bytes(gpt, act, 1)}
+    w = lm_work(gpt, sc, T, stream / T, None, "pretrain")
+    trim = d.train * sum(d.mean) if cfg.data.vocab == "trimmed" else 0  # the trimmed vocabulary reads every text
+    w.update(what=(f"{w['steps']:,} steps x {w['rows']} x {T} tokens = {w['tokens'] / 1e6:,.1f}M tokens: "
+                   f"{w['passes']} passes over ~{stream / 1e6:,.2f}M"),
+             tokenize=stream * (d.train + d.val) / d.train + trim,
+             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, T, True)]))
+    return w
+
+
+def work_sft(cfg, d, gpt, act):
+    """SFT on prompt + chosen reply: right-padded rows as wide as a batch's longest, or packed full rows."""
+    sc, T = cfg.sft, cfg.model.block_size
+    ex = [sft_example(x[0], x[1], d.tok, T, cfg.data.max_reply_tokens) for x in d.ids]
+    rows = len(pack_examples(ex, T, d.tok.eos_id, cfg.seed)) * d.scale if sc.pack else d.train
+    width = T if sc.pack else batch_width([len(e[0]) - 1 for e in ex], sc.batch_size, cfg.seed)
+    w = lm_work(gpt, sc, width, rows, round(rows * d.val / d.train), "train")
+    packed = f" packed into ~{rows:,.0f} rows" if sc.pack else ""
+    w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {d.train:,} "
+                   f"chosen replies{packed}"), tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
+             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, width, True)]))
+    return w
+
+
+def work_rm(cfg, d, gpt, act):
+    """PM-A and PM-B, each on its half (B pairs = 2B rows a step), validated every eval_interval steps;
+    SFT samples at PPO's shapes to normalise them; both score the test pairs (reward.evaluate_pms)."""
+    rc, N = cfg.rm, cfg.ppo.max_new_tokens
+    block, B = pm_block(gpt, cfg), rc.batch_size
+    seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
+    width, mean = batch_width([max(s) for s in seqs], B, cfg.seed), float(np.mean(seqs))
+    human = [pm_steps(rc, n) for n in d.halves]
+    steps = [n + (rc.pmp_steps if rc.pmp else 0) for n in human]
+    n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
+    every = rc.eval_interval or auto_eval_interval(n_val, B)       # as train_pm validates
+    vals = sum(math.ceil(n / every) for n in human) if n_val else 0
+    q = batch_width([len(x) for x in rl_prompts(cfg, d, N)], rc.eval_batch_size, cfg.seed)
+    extra = " (+ the ablation / PMP study: not counted)" if rc.ablation or rc.pmp_study else ""
+    scored = 2 * vals * n_val + 4 * d.test + 2 * rc.normalize_samples  # sequences, each ~mean tokens
+    return {"what": (f"2 PMs x {steps[0]:,} steps x {B} pairs x ~{round(width)} tokens: "
+                     f"{human[0] * B / d.halves[0]:.2f} passes over {d.halves[0]:,} pairs; {vals} validations x "
+                     f"{n_val:,} pairs; {rc.normalize_samples} SFT samples to normalise; {d.test:,} test pairs{extra}"),
+            "steps": steps, "pairs": list(d.halves), "val_passes": vals,
+            "flops": {"train": sum(steps) * 2 * B * width * fpt(gpt, width, head=False),
+                      "forward": scored * mean * fpt(gpt, mean, head=False) / 3,
+                      "sample": rc.normalize_samples * N * fpt(gpt, q + N) / 3},
+            "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
+            "memory": memory_bytes(gpt, act, 1, [(2 * B, width, False)])}
+
+
+def work_rs(cfg, d, gpt, act):
+    """Best-of-n on train prompts (sample_batch_size rows a generate call, n per prompt), scored by PM-A,
+    then a fine-tune on the winners, a tenth held out for validation (evaluate.run_rs)."""
+    rc = cfg.rs
+    N = rc.max_new_tokens or cfg.ppo.max_new_tokens
+    lens = [len(x) for x in rl_prompts(cfg, d, N)]
+    prompts = min(d.prompts, rc.num_prompts or d.prompts)
+    winners = prompts - max(1, prompts // 10)
+    q = batch_width(lens, max(1, rc.sample_batch_size // rc.n), cfg.seed)
+    width = batch_width([n + N for n in lens], rc.batch_size, cfg.seed)  # a winner: prompt + reply (+ EOS)
+    w = lm_work(gpt, rc, width, winners, prompts - winners, "train")
+    w["flops"]["sample"] = prompts * rc.n * N * fpt(gpt, q + N) / 3
+    w["flops"]["forward"] += prompts * rc.n * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3
+    w.update(prompts=prompts, samples=prompts * rc.n, winners=winners, tokenize=d.prompts * d.mean[0],
+             memory=max(memory_bytes(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
+                        memory_bytes(gpt, act, 0, [(rc.batch_size, w["width"], True)])),
+             what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
+                   f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
+    return w
+
+
+def work_ppo(cfg, d, gpt, act):
+    """PPO iterations of batch_size episodes, ppo_epochs passes of minibatches over each; PM-B judges the
+    rollouts every judge_every iterations. Memory: policy (and critic trunk) with Adam, reference, 2 PMs."""
+    pc, N = cfg.ppo, cfg.ppo.max_new_tokens
+    lens = [len(x) for x in rl_prompts(cfg, d, N)]
+    q, episodes = batch_width(lens, pc.batch_size, cfg.seed), pc.iterations * pc.batch_size
+    judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
+    mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
+    trained = [(pc.minibatch_size, q + N, True)] + ([] if pc.share_trunk else [(pc.minibatch_size, q + N, False)])
+    return {"what": (f"{pc.iterations:,} iterations x {pc.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
+                     f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {pc.minibatch_size}; "
+                     f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
+            "iterations": pc.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
+            "flops": {"ppo": pc.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
+                      "forward": judged * pc.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
+            "tokenize": d.prompts * d.mean[0], "memory": memory_bytes(gpt, act, 3, trained)}
+
+
+def work_eval(cfg, d, gpt, act):
+    """Test prompts: n SFT samples each (best-of-n) and policy_samples from RS and PPO, every sample scored
+    by PM-A and PM-B; the KL of RS and PPO to SFT from both models' log-probs (evaluate.run_eval)."""
+    ec = cfg.eval
+    N = ec.max_new_tokens or cfg.ppo.max_new_tokens
+    lens = [len(x) for x in rl_prompts(cfg, d, N)]  # train prompts stand in for the test prompts' lengths
+    prompts, k = min(d.test_prompts, ec.num_prompts or d.test_prompts), ec.policy_samples
+    samples, q = prompts * (ec.n + 2 * k), batch_width(lens, max(1, ec.batch_size // ec.n), cfg.seed)
+    scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 4 * prompts * k * fpt(gpt, q + N))
+    return {"what": (f"{prompts:,} test prompts x ({ec.n} SFT + {k} RS + {k} PPO) samples of <= {N} tokens = "
+                     f"{samples:,}, each scored by PM-A and PM-B; the KL of RS and PPO to SFT"),
+            "prompts": prompts, "samples": samples,
+            "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
+            "tokenize": d.test_prompts * d.mean[0], "memory": memory_bytes(gpt, act, 4, kv=(ec.batch_size, q + N))}
+
+
+def gpu_rates(name):
+    """(rates, device, basis) for a named GPU: its datasheet peak (train.CUDA_PEAK_TFLOPS) times the
+    utilisation one H100 reached at the gpu preset's shapes, utilisation = FLOPs of the measured work
+    (counted as the plan counts them) / seconds / 989 TFLOP/s. Every time scales as 989 / the GPU's peak."""
+    key = GPUS.get(name.lower().replace(" ", "").replace("-", "").replace("_", ""))
+    if key is None:
+        raise rlhf.ConfigError(f"--plan.gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    ref = rlhf.parse_args(["plan", "--preset", "gpu"])[1]  # the shapes the H100 figures come from
+    with torch.device("meta"):  # shapes only: no memory, no time
+        gpt = GPT(ref.model)  # GPT-2 small, 50,257 tokens
+    it, T = ppo_iteration_flops(ref, gpt, ref.ppo.max_prompt_tokens), ref.ppo.max_prompt_tokens + ref.ppo.max_new_tokens
+    h100 = CUDA_PEAK_TFLOPS["H100"] * 1e12
+    mfu = {"pretrain": H100["pretrain_mfu"], "train": H100["train_mfu"],
+           "sample": H100["sample_tokens_per_s"] * fpt(gpt, T) / 3 / h100,
+           "forward": it["scoring"] / H100["ppo_scoring_s"] / h100,
+           "ppo": sum(it.values()) / H100["ppo_iteration_s"] / h100}
+    basis = (f"assumed: the {key}'s datasheet {CUDA_PEAK_TFLOPS[key]} TFLOP/s (bf16) x the utilisation one H100 "
+             "reached at the gpu preset's shapes (README, Speed): " + ", ".join(f"{k} {v:.3g}" for k, v in mfu.items())
+             + f"; tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s. Sampling and scoring are launch-bound at these "
+             "sizes: a GPU with a lower peak does them faster than this says")
+    rates = {k: v * CUDA_PEAK_TFLOPS[key] * 1e12 for k, v in mfu.items()}
+    return {**rates, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
+
+
+def measured_rates(cfg, d, gpt, device, repeats):
+    """(rates, device, basis) timed on this device at the preset's shapes with bench.py's functions: an
+    optimizer step at pretrain's shape (pretrain and train), sampling at the PPO rollout shape, one ppo_step
+    (ppo) and the PM's forward passes inside it (forward); rate = the plan's FLOPs for that work / seconds.
+    The RNG state is restored afterwards, so a run that follows is unchanged."""
+    import bench  # bench imports rlhf, which imports this file only when it plans
+    cfg, state, t0 = copy.deepcopy(cfg), rng_state(), time.perf_counter()
+    cfg.model.vocab_size = d.tok.vocab_size
+    set_seed(cfg.seed)
+    model = GPT(cfg.model).to(device)
+    train = bench.measure_train(cfg, model, d.tok, d.stream, device, cfg.dtype, repeats)
+    prompts = [(None, x) for x in rl_prompts(cfg, d, cfg.ppo.max_new_tokens)]
+    queries, mask = (t.to(device) for t in prompt_batch(prompts, 0, cfg.ppo.batch_size, cfg.seed, d.tok.eos_id))
+    B, Tq, N = queries.size(0), queries.size(1), cfg.ppo.max_new_tokens
+    model.eval()
+    sample = bench.sample_rate(model, queries, mask, N, device, cfg.dtype, repeats)
+    it = bench.ppo_iteration(cfg, model, d.tok, queries, mask, device, cfg.dtype)
+    set_rng_state(state)
+    pm_tokens = int(mask.sum()) + B * (N + 1)  # the PM reads each real prompt + reply + EOS
+    rates = {"pretrain": train["train_gflops"] * 1e9, "train": train["train_gflops"] * 1e9,
+             "sample": sample * fpt(gpt, Tq + N) / 3,
+             "forward": pm_tokens * fpt(gpt, Tq + N, head=False) / 3 / max(it["ppo_scoring_s"]["pm"], 1e-4),
+             "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s}
+    rows, T = train["train_batch"]
+    basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): a "
+             f"training step of {rows} x {T} in {train['train_step_s']:.3f} s, sampling {B} x {Tq}+{N} at "
+             f"{sample:,.0f} tokens/s, a PPO iteration of {B} rollouts in {it['ppo_s']:.2f} s, tokenising "
+             f"{d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory {bench.peak_memory_mb(device) / 1024:.2f} GiB")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
+    return rates, name, basis
+
+
+def device_rates(cfg, d, gpt, repeats):
+    """(rates, device, basis): this device's, measured; or --plan.gflops for every kind of work with
+    --plan.measure=false, or on a CPU that would need over a minute at that rate to time the preset's
+    shapes (GPT-2 size): there, --plan.gpu estimates the GPU such a preset is meant for."""
+    pl, device, T = cfg.plan, pick_device(cfg.device), cfg.model.block_size
+    cost = ((repeats + 1) * cfg.pretrain.batch_size * cfg.pretrain.grad_accum * T * fpt(gpt, T)
+            + sum(ppo_iteration_flops(cfg, gpt, min(cfg.ppo.max_prompt_tokens, T - cfg.ppo.max_new_tokens)).values()))
+    too_slow = device != "cuda" and cost > 60 * pl.gflops * 1e9
+    if pl.measure and not too_slow:
+        return measured_rates(cfg, d, gpt, device, repeats)
+    why = f"not measured: the preset's shapes would take ~{cost / pl.gflops / 6e10:.0f} min here (--plan.gpu: a GPU); "
+    basis = (why if pl.measure else "") + (f"assumed: every kind of work at {pl.gflops:g} GFLOP/s (--plan.gflops), "
+                                           f"tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
+    rates = {k: pl.gflops * 1e9 for k in ("pretrain", "train", "forward", "sample", "ppo")}
+    return {**rates, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis
+
+
+def make_plan(cfg, repeats=2):
+    """The plan as a dict: preset, device, basis (where the rates come from), data, stages {stage: {what,
+    seconds, memory_gb, gflop, tokenized, figures}} and total_seconds (the sum of the stages')."""
+    rates = gpu_rates(cfg.plan.gpu) if cfg.plan.gpu else None  # an unknown GPU fails before anything is read
+    d = read_data(cfg)
+    with torch.device("meta"):
+        gpt = GPT(replace(cfg.model, vocab_size=d.tok.vocab_size))
+    rates, device, basis = rates or device_rates(cfg, d, gpt, repeats)
+    bf16 = cfg.plan.gpu or cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and pick_device(cfg.device) == "cuda")
+    act = 2 if bf16 else 4  # bytes of an activation
+    stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act),
+              "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
+              "eval": work_eval(cfg, d, gpt, act)}
+    for s in stages.values():
+        flops, tokens = s.pop("flops"), s.pop("tokenize")
+        seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"]
+        s.update(seconds=round(seconds, 1), memory_gb=round(s.pop("memory") / 1e9, 2),
+                 gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens))
+    return {"preset": cfg.preset, "device": device, "stages": stages,
+            "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1), "basis": basis,
+            "data": {"dir": d.data_dir, "train_pairs": d.train, "val_pairs": d.val, "test_pairs": d.test,
+                     "sampled_pairs": len(d.ids), "vocab_size": d.tok.vocab_size,
+                     "params": gpt.num_params(non_embedding=False)}}
+
+
+def fmt_time(seconds):
+    """Seconds as a person reads them: 0.4 s, 42 s, 10 min 34 s, 3 h 05 min, 2.5 days."""
+    s = round(seconds)
+    if s < 60:
+        return f"{seconds:.1f} s" if seconds < 1 else f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s < 2 * 86400 else f"{seconds / 86400:.1f} days"
+
+
+def print_plan(cfg, why="", repeats=2):
+    """Print the plan (make_plan): the data and where the rates come from, one row per stage (time, memory,
+    what it does), the total, and, as the last line, the plan as one JSON object. Returns the plan."""
+    plan = make_plan(cfg, repeats)
+    d, stages = plan["data"], plan["stages"]
+    print(f"[plan] preset {why or cfg.preset} | device {plan['device']} | {d['params'] / 1e6:.2f}M parameters, "
+          f"vocab {d['vocab_size']:,}\n[plan] data {d['dir']}: {d['train_pairs']:,} train / {d['val_pairs']:,} val / "
+          f"{d['test_pairs']:,} test pairs; token counts estimated from {d['sampled_pairs']:,} seeded train pairs, "
+          f"scaled by the pair counts\n[plan] time: {plan['basis']}")
+    rows = [("stage", "time", "memory (est.)", "what it does")]
+    rows += [(name, fmt_time(s["seconds"]), f"{s['memory_gb']:.2f} GB", s["what"]) for name, s in stages.items()]
+    peak = max(s["memory_gb"] for s in stages.values())
+    rows.append(("total", fmt_time(plan["total_seconds"]), f"{peak:.2f} GB peak",
+                 "replies counted to their cap; reading the data (seconds a stage) not counted"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths)) + "  " + r[3])
+    print(json.dumps(plan))
+    return plan

@@ -1,0 +1,103 @@
+"""`python rlhf.py plan`: each stage's work against a hand count on a small data dir, the JSON last line, a named
+GPU's time as the datasheet-peak ratio, and `all` printing the plan before its first stage.
+Run: TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python -m pytest tests/test_plan.py -q"""
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import plan
+import rlhf
+from data import build_tokenizer, lm_tokens, read_pairs, split_halves, split_train_val
+from model import GPT
+
+ARITHMETIC = ["--plan.measure=false", "--plan.gflops=1"]  # 1 GFLOP/s and 1M tokens/s: seconds = gflop + tokenized/1e6
+
+
+def make(hh_dir, *flags):
+    return plan.make_plan(rlhf.parse_args(["plan", "--data_dir", hh_dir] + list(flags))[1])
+
+
+def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
+    """Steps x batch x tokens, passes, pairs, episodes and samples, counted by hand for the tiny preset on 240
+    train pairs (rm.max_steps=0: one pass over each half, 8 pairs a step); and seconds = FLOPs / rate."""
+    _, cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--data_dir", hh_dir, "--rm.max_steps=0"] + ARITHMETIC)
+    stages = plan.make_plan(cfg)["stages"]
+    train, val = split_train_val(read_pairs(hh_dir, "train", cfg.data)[0], cfg.data.val_frac)
+    tok = build_tokenizer(cfg.data, train)  # every pair is in the sample: the counts are exact
+    pre = stages["pretrain"]
+    assert (pre["steps"], pre["rows"], pre["width"], pre["tokens"]) == (40, 8, 192, 40 * 8 * 192)
+    assert pre["passes"] == pytest.approx(40 * 8 * 192 / len(lm_tokens(train, tok)), abs=0.005)
+    n = GPT(replace(cfg.model, vocab_size=tok.vocab_size)).num_params()
+    per_token = 6 * n + 12 * 2 * 2 * 32 * 192  # 6N + 12 L H Q T
+    val_tokens = ((40 - 1) // 20 + 2) * 2 * 8 * 192  # validation before, at step 20, after: 2 batches of 8 x 192
+    assert pre["gflop"] == pytest.approx((40 * 8 * 192 + val_tokens / 3) * per_token / 1e9, abs=0.05)
+    assert stages["sft"]["steps"] * stages["sft"]["rows"] == 20 * 8
+    assert stages["sft"]["passes"] == pytest.approx(20 * 8 / len(train), abs=0.005)
+    halves = split_halves(train)
+    assert stages["rm"]["steps"] == [len(halves[0]) // 8, len(halves[1]) // 8]
+    assert stages["rm"]["val_passes"] == sum(math.ceil(len(h) // 8 / 10) for h in halves)  # rm.eval_interval 10
+    rs = stages["rs"]
+    assert (rs["prompts"], rs["samples"], rs["winners"]) == (16, 16 * 4, 16 - 1)  # a tenth (at least 1) held out
+    assert rs["passes"] == pytest.approx(8 * 8 / 15, abs=0.005)
+    ppo = stages["ppo"]
+    assert (ppo["episodes"], ppo["minibatch_steps"]) == (3 * 8, 3 * 2 * (8 // 4))  # iterations x epochs x minibatches
+    assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 2 * 2))
+    for name, s in stages.items():
+        assert s["seconds"] == pytest.approx(s["gflop"] + s["tokenized"] / 1e6, abs=0.1), name
+
+
+def test_last_line_is_json_and_total_is_the_sum_of_the_stages(hh_dir, capsys):
+    assert rlhf.main(["plan", "--preset", "tiny", "--data_dir", hh_dir] + ARITHMETIC) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    doc = json.loads(lines[-1])
+    assert {"preset", "device", "stages", "total_seconds"} <= set(doc) and doc["preset"] == "tiny"
+    assert list(doc["stages"]) == ["pretrain", "sft", "rm", "rs", "ppo", "eval"]
+    assert doc["total_seconds"] == pytest.approx(sum(s["seconds"] for s in doc["stages"].values()), abs=0.05)
+    for name in doc["stages"]:  # one table row per stage
+        assert any(line.startswith(f"{name} ") for line in lines), name
+
+
+def test_unknown_gpu_is_one_line_naming_the_known_ones(tmp_path, capsys):
+    """Refused before any data is read (the data dir does not exist), as any bad flag is: one line."""
+    assert rlhf.main(["plan", "--plan.gpu=b200", "--data_dir", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown GPU 'b200'" in err and "h100, h100pcie" in err and "rtx4090" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_dir):
+    """--plan.gpu=h100: pretraining at 0.40 x 989 TFLOP/s (README, Speed); every stage's compute time on
+    an RTX 4090 is the H100's times 989 / 165, the ratio of their datasheet peaks (train.CUDA_PEAK_TFLOPS)."""
+    flags = ["--preset", "gpu", "--pretrain.eval_interval=100000"]  # validation before and after only
+    h100, rtx = make(hh_dir, *flags, "--plan.gpu=h100"), make(hh_dir, *flags, "--plan.gpu=RTX 4090")
+    assert h100["device"] == "H100 (assumed)" and rtx["device"] == "RTX 4090 (assumed)"
+    gpt = GPT(rlhf.parse_args(["--preset", "gpu"])[1].model)  # GPT-2 small: the gpu preset keeps GPT-2's vocabulary
+    pretrain = 20000 * 128 * 1024 * gpt.flops_per_token() / (0.40 * 989e12)
+    assert h100["stages"]["pretrain"]["seconds"] == pytest.approx(pretrain, rel=2e-3)
+    for name, s in h100["stages"].items():
+        compute = s["seconds"] - s["tokenized"] / plan.TOKENIZE_PER_S  # tokenising is the CPU's, not the GPU's
+        other = rtx["stages"][name]["seconds"] - s["tokenized"] / plan.TOKENIZE_PER_S
+        assert other == pytest.approx(compute * 989 / 165, rel=0.01, abs=0.2), name
+
+
+def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):
+    calls = []
+    for stage in ("stage_pretrain", "stage_sft", "train_reward_models", "run_rs", "train_ppo", "run_eval"):
+        monkeypatch.setattr(rlhf, stage, lambda *a, name=stage: calls.append((name, capsys.readouterr().out)))
+    assert rlhf.main(["all", "--preset", "tiny", "--data_dir", hh_dir, "--out_dir", str(tmp_path)] + ARITHMETIC) == 0
+    first, printed = calls[0]
+    assert first == "stage_pretrain" and len(calls) == 6
+    assert "preset tiny (--preset)" in printed and '"total_seconds"' in printed.strip().splitlines()[-1]
+
+
+def test_measuring_leaves_the_random_state_as_it_was(hh_dir):
+    """The measurement (bench.py's functions at the tiny preset's shapes) draws random numbers; a run that
+    follows the plan in `all` must start from the same state as without it."""
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    out = plan.make_plan(rlhf.parse_args(["plan", "--preset", "tiny", "--data_dir", hh_dir])[1], repeats=1)
+    assert out["basis"].startswith("measured") and out["total_seconds"] > 0
+    assert torch.equal(torch.get_rng_state(), before)
