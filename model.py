@@ -10,6 +10,7 @@ Contents, top to bottom:
   - GPT: forward with padding masks, batched generation, GPT.from_pretrained
   - safetensors read/write with only the standard library + torch (no pickle)
   - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout
+    (a trimmed vocabulary goes back to GPT-2's ids, the others at probability 0)
 
 References:
   GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
@@ -373,6 +374,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{path}: not a file, nor one of {', '.join(GPT2_SIZES)}")
         sd = load_safetensors(path)
         # some exports keep the "transformer." prefix, the masked-attention buffers or a copy of lm_head
+        # (ours, of a trimmed vocabulary, an untied one: the rows it adds only rule out ids never trained)
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()
               if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
         for k in ("wte.weight", "wpe.weight"):
@@ -543,6 +545,9 @@ def _download_gpt2(name, cache_dir=None):
     return path
 
 
+# -----------------------------------------------------------------------------
+# Export to the Hugging Face GPT-2 layout
+
 def gpt2_hub_state_dict(model):
     """The model's weights in the hub's GPT-2 layout: no "transformer." prefix, Conv1D (in, out)
     weights, no lm_head (tied). The inverse of the key handling in from_pretrained."""
@@ -555,20 +560,88 @@ def gpt2_hub_state_dict(model):
     return sd
 
 
-def export_hf(model, out_dir):
-    """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) can load,
-    to inspect or share a trained policy with standard tools (tokenizer files not included)."""
+ZERO_MARGIN = 128.0  # logit gap that makes a probability exactly 0 in float32: exp(-104) underflows
+
+
+def zero_probability_rows(model, n):
+    """n rows for an untied LM head whose logit is, for every input, ZERO_MARGIN below any logit the
+    model's own rows can reach, so that softmax gives them probability exactly 0 in float32.
+
+    Why a linear head can do it: it reads h = g * z + b, the final LayerNorm's output, where z is the
+    normalised residual stream, whose entries sum to 0 and whose norm is at most sqrt(C). The row
+    w = c / g (elementwise) gives h . w = c * sum(z) + c * sum(b / g) = c * S, the same logit for every
+    input, and c is set so that c * S = -(reach + ZERO_MARGIN), reach = max |h| * max |w_kept| bounding
+    every kept logit. This needs the bias (S != 0): with b = 0 (a fresh ln_f) h . w is (g * w) . z,
+    whose values at z and -z sum to 0, so no row stays below the kept ones: ValueError."""
+    ln_f = model.transformer.ln_f
+    if ln_f.bias is None:
+        raise ValueError("no ln_f bias: no LM head row can rule a token out")
+    g, b = ln_f.weight.detach().double().cpu(), ln_f.bias.detach().double().cpu()
+    C = g.numel()
+    h_max = g.abs().max() * C ** 0.5 + b.norm()  # the largest |h| any input can give
+    reach = h_max * model.lm_head.weight.detach().double().cpu().norm(dim=1).max()
+    row = (-(reach + ZERO_MARGIN) / (b / g).sum() / g).float()
+    # check the float32 row as written: its logit is (g*w).z + b.w; the part of g*w along (1, ..., 1)
+    # meets sum(z) = 0, the rest adds at most its norm * sqrt(C); float32 sums add at most C * 2^-24 * |h||w|
+    w = row.double()
+    a = g * w
+    worst = (b * w).sum() + (a - a.mean()).norm() * C ** 0.5 + C * 2 ** -24 * h_max * w.norm()
+    if not worst <= -(reach + 104):  # also False for NaN: a zero gain or a zero bias
+        raise ValueError(f"cannot build zero-probability rows from ln_f (bias sum {float(b.abs().sum()):.3g}): "
+                         "an untrained model? export one with --data.vocab=gpt2")
+    return row.expand(n, C).clone()
+
+
+def gpt2_vocab_state_dict(model, keep):
+    """The hub layout over GPT-2's 50,257 ids for a model whose rows are the GPT-2 ids `keep` (sorted):
+    wte puts each row at its GPT-2 id and 0 elsewhere (such an input, which only GPT-2's tokenizer
+    makes, embeds as its position alone), and an untied lm_head has the same rows there and
+    zero_probability_rows elsewhere, so that sampling and scoring over GPT-2's vocabulary are the
+    model's own: the kept ids get exactly the project's log-probabilities, the others probability 0.
+    Why not export the trimmed vocabulary itself, with a tokenizer of its tokens only: the project's
+    tokenization (GPT-2's BPE, then a token outside keep spelled as bytes, data.Tokenizer) is no BPE,
+    and merges over the kept tokens alone split 20-35% of the hh-rlhf sample's words otherwise; GPT-2's
+    own files give exactly the project's ids up to that spelling step, and GPT-2's ids stay."""
+    sd = gpt2_hub_state_dict(model)
+    rows, ids = model.lm_head.weight.detach().cpu(), torch.tensor(keep)
+    sd["wte.weight"] = torch.zeros(50257, rows.size(1), dtype=rows.dtype).index_copy_(0, ids, rows)
+    sd["lm_head.weight"] = zero_probability_rows(model, 50257).to(rows.dtype).index_copy_(0, ids, rows)
+    return sd
+
+
+def export_hf(model, out_dir, keep=None, generation=None):
+    """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) loads, to inspect or
+    share a trained model with standard tools. keep: the GPT-2 ids of a trimmed vocabulary's rows, which
+    are then moved back to GPT-2's ids (gpt2_vocab_state_dict; trimmed_vocab.json lists them). generation:
+    the sampling settings (temperature, top_k, top_p) that generate() and pipeline() then use by default."""
     cfg = model.config
     assert cfg.bias, "Hugging Face GPT-2 always has biases"
     os.makedirs(out_dir, exist_ok=True)
+    vocab_size = cfg.vocab_size if keep is None else 50257
     hf = dict(  # the fields of OpenAI GPT-2's config.json on the hub
-        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=vocab_size,
         n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
         initializer_range=0.02, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        scale_attn_weights=True, use_cache=True, tie_word_embeddings=True, bos_token_id=50256,
+        scale_attn_weights=True, use_cache=True, tie_word_embeddings=keep is None, bos_token_id=50256,
         eos_token_id=50256, summary_type="cls_index", summary_use_proj=True, summary_activation=None,
         summary_proj_to_labels=True, summary_first_dropout=0.1)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    save_safetensors(gpt2_hub_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out_dir, "config.json", hf)
+    gen = dict(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+    if generation:  # the project's decoding rule (model.generate): temperature 0 is greedy, top_k 0 is off
+        t = generation["temperature"]
+        gen.update(dict(do_sample=False) if t <= 0 else
+                   dict(do_sample=True, temperature=t, top_k=generation["top_k"], top_p=generation["top_p"]))
+    _write_json(out_dir, "generation_config.json", gen)
+    sd = gpt2_hub_state_dict(model) if keep is None else gpt2_vocab_state_dict(model, keep)
+    save_safetensors(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if keep is not None:
+        _write_json(out_dir, "trimmed_vocab.json", dict(
+            kept_gpt2_ids=list(keep), note="the GPT-2 ids this model has; the others get probability 0. The "
+            "project spells any other GPT-2 token as its bytes: to tokenize as it does, replace each id not "
+            "listed by the single-byte tokens of its bytes"))
+
+
+def _write_json(out_dir, name, obj):
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
