@@ -9,8 +9,8 @@ Contents, top to bottom:
   - a preallocated KV cache and the sampling rule (temperature, top-k, top-p)
   - GPT: forward with padding masks, batched generation, GPT.from_pretrained
   - safetensors read/write with only the standard library + torch (no pickle)
-  - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout
-    (a trimmed vocabulary goes back to GPT-2's ids, the others at probability 0)
+  - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout with
+    GPT-2's tokenizer files (a trimmed vocabulary goes back to GPT-2's ids, the others at probability 0)
 
 References:
   GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
@@ -19,6 +19,7 @@ References:
   nucleus sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"
 """
 
+import functools
 import http.client
 import json
 import math
@@ -546,7 +547,7 @@ def _download_gpt2(name, cache_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# Export to the Hugging Face GPT-2 layout
+# Export to the Hugging Face GPT-2 layout, with GPT-2's tokenizer files
 
 def gpt2_hub_state_dict(model):
     """The model's weights in the hub's GPT-2 layout: no "transformer." prefix, Conv1D (in, out)
@@ -609,11 +610,12 @@ def gpt2_vocab_state_dict(model, keep):
     return sd
 
 
-def export_hf(model, out_dir, keep=None, generation=None):
+def export_hf(model, out_dir, keep=None, enc=None, generation=None):
     """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) loads, to inspect or
     share a trained model with standard tools. keep: the GPT-2 ids of a trimmed vocabulary's rows, which
-    are then moved back to GPT-2's ids (gpt2_vocab_state_dict; trimmed_vocab.json lists them). generation:
-    the sampling settings (temperature, top_k, top_p) that generate() and pipeline() then use by default."""
+    are then moved back to GPT-2's ids (gpt2_vocab_state_dict; trimmed_vocab.json lists them). enc: the
+    tiktoken gpt2 encoding, to write GPT-2's tokenizer files (write_gpt2_tokenizer). generation: the
+    sampling settings (temperature, top_k, top_p) that generate() and pipeline() then use by default."""
     cfg = model.config
     assert cfg.bias, "Hugging Face GPT-2 always has biases"
     os.makedirs(out_dir, exist_ok=True)
@@ -639,9 +641,63 @@ def export_hf(model, out_dir, keep=None, generation=None):
         _write_json(out_dir, "trimmed_vocab.json", dict(
             kept_gpt2_ids=list(keep), note="the GPT-2 ids this model has; the others get probability 0. The "
             "project spells any other GPT-2 token as its bytes: to tokenize as it does, replace each id not "
-            "listed by the single-byte tokens of its bytes"))
+            "listed by the ids of its token's characters (vocab.json spells one byte per character)"))
+    if enc is not None:
+        write_gpt2_tokenizer(enc, out_dir, cfg.block_size)
 
 
 def _write_json(out_dir, name, obj):
     with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character (OpenAI's encoder.py), in which vocab.json
+    and merges.txt spell tokens."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return dict(zip(bs, map(chr, cs)))
+
+
+@functools.lru_cache(maxsize=2)
+def gpt2_bpe_files(enc):
+    """GPT-2's vocab.json (token -> id) and merges.txt (pairs, by rank), i.e. OpenAI's encoder.json and
+    vocab.bpe that tiktoken downloads, rebuilt from the tiktoken gpt2 Encoding: a token's id is its merge
+    rank, and the merge that made token i is the split into two that BPE limited to ranks below i
+    leaves (~1 s; checked against the files themselves in tests/test_export.py)."""
+    u = _bytes_to_unicode()
+    spell = lambda bs: "".join(u[b] for b in bs)
+    tokens = [enc.decode_single_token_bytes(i) for i in range(enc.eot_token)]
+    rank = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i in range(256, len(tokens)):
+        parts = [bytes([b]) for b in tokens[i]]
+        while len(parts) > 2:  # tiktoken's rule: merge the adjacent pair whose join has the lowest rank
+            r, j = min((rank.get(a + b, i), j) for j, (a, b) in enumerate(zip(parts, parts[1:])))
+            if r >= i:
+                break
+            parts[j:j + 2] = [parts[j] + parts[j + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {i} of {enc.name} is not one merge of earlier tokens")
+        merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(t): i for i, t in enumerate(tokens)}
+    vocab["<|endoftext|>"] = enc.eot_token
+    return vocab, merges
+
+
+def write_gpt2_tokenizer(enc, out_dir, model_max_length):
+    """GPT-2's tokenizer files, so that AutoTokenizer.from_pretrained(out_dir) works offline: vocab.json,
+    merges.txt, and configs making <|endoftext|> the bos, eos and unk token. Like the project (data.py),
+    the tokenizer reads "<|endoftext|>" inside a text as plain text (split_special_tokens), adds no
+    BOS, and decodes without touching spaces."""
+    vocab, merges = gpt2_bpe_files(enc)
+    _write_json(out_dir, "vocab.json", vocab)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
+    _write_json(out_dir, "special_tokens_map.json", special)
+    _write_json(out_dir, "tokenizer_config.json", dict(
+        tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, add_bos_token=False,
+        add_prefix_space=False, errors="replace", split_special_tokens=True,
+        clean_up_tokenization_spaces=False, **special))

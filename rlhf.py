@@ -55,7 +55,7 @@ class SampleConfig:
 
 @dataclass
 class ExportConfig:
-    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (weights, config, generation config)."""
+    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (weights, config, GPT-2's tokenizer files)."""
     policy: str = "ppo"          # base | sft | rs | ppo | pm_a | pm_b, or a checkpoint path
     to: str = ""                 # output folder ("" = out_dir/hf/<policy>)
 
@@ -394,7 +394,7 @@ def stage_export(cfg):
     model, tok, ckpt = load_model(path)
     to = ec.to or os.path.join(cfg.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
     sc = cfg.sample  # generate() and pipeline() then sample as `sample` and `chat` do
-    export_hf(model, to, keep=tok.keep,
+    export_hf(model, to, keep=tok.keep, enc=tok.enc,
               generation=dict(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p))
     if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
         head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}

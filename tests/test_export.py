@@ -1,11 +1,13 @@
 """`rlhf.py export` writes a Hugging Face GPT-2 folder: hub key names and shapes, loadable by our own
 GPT-2 loader with the same logits; a trimmed vocabulary is moved back to GPT-2's token ids, where the ids
-the model never had get probability 0."""
+the model never had get probability 0; GPT-2's tokenizer files go alongside. The tests marked so check
+all of it with `transformers` itself and are skipped when it is not installed (it is never a dependency)."""
 import json
 import os
 from pathlib import Path
 
 import pytest
+import regex  # tiktoken's own dependency
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +18,7 @@ from model import GPT, GPTConfig, load_safetensors
 from train import model_checkpoint, save_checkpoint
 
 SAMPLE = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's encoder.py
 
 
 def real_texts():
@@ -106,3 +109,114 @@ def test_trimmed_export_scores_and_samples_like_the_project(tmp_path):
         assert theirs[:, ~kept].exp().max() == 0
         unkept += sum(i not in set(tok.to_old) for i in tok.enc.encode_ordinary(text))
     assert unkept > 0  # the texts do hold GPT-2 tokens the trimmed vocabulary lacks
+
+
+def bytes_to_unicode():
+    """GPT-2's map of each byte to a printable character, as in OpenAI's encoder.py."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:] + [256 + n for n in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    return dict(zip(bs, map(chr, cs)))
+
+
+def reference_bpe(text, vocab, ranks):
+    """GPT-2 BPE from the written files alone: split with GPT-2's pattern, then merge the pair of lowest
+    rank in merges.txt until none applies."""
+    b2u, out = bytes_to_unicode(), []
+    for word in regex.findall(GPT2_PATTERN, text):
+        parts = [b2u[b] for b in word.encode("utf-8")]
+        while len(parts) > 1:
+            rank, i = min((ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if rank == len(ranks):
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        out += [vocab[p] for p in parts]
+    return out
+
+
+def test_export_writes_gpt2s_tokenizer_files(tmp_path):
+    tok = Tokenizer.trimmed(["Hello there, how are you today?"])
+    _, to = export(tmp_path, tok)
+    vocab = json.load(open(to / "vocab.json", encoding="utf-8"))
+    lines = (to / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert len(vocab) == 50257 and vocab["<|endoftext|>"] == 50256 and len(lines) == 50001
+    u2b = {c: b for b, c in bytes_to_unicode().items()}
+    spelled = {i: bytes(u2b[c] for c in s) for s, i in vocab.items() if i < 50256}
+    assert all(spelled[i] == tok.enc.decode_single_token_bytes(i) for i in range(50256))
+    ranks = {tuple(line.split(" ")): r for r, line in enumerate(lines[1:])}
+    assert all(a + b in vocab for a, b in ranks)
+    for text in real_texts()[:3] + real_texts()[-1:]:
+        assert reference_bpe(text, vocab, ranks) == tok.enc.encode_ordinary(text)
+    special = json.load(open(to / "special_tokens_map.json"))
+    assert special == {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
+    assert json.load(open(to / "tokenizer_config.json"))["model_max_length"] == 32
+    kept = json.load(open(to / "trimmed_vocab.json"))
+    assert kept["kept_gpt2_ids"] == tok.keep
+
+
+def test_gpt2_tokenizer_files_match_tiktokens_cache(tmp_path):
+    # tiktoken's cache holds OpenAI's encoder.json and vocab.bpe under the sha1 of their URL
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    import hashlib
+    encoder, bpe = (Path(cache) / hashlib.sha1((url + f).encode()).hexdigest() for f in ("encoder.json", "vocab.bpe"))
+    if not (cache and encoder.is_file() and bpe.is_file()):
+        pytest.skip("tiktoken's cache of GPT-2's files not found")
+    _, to = export(tmp_path, Tokenizer.gpt2(), policy="sft")
+    assert json.load(open(to / "vocab.json", encoding="utf-8")) == json.load(open(encoder, encoding="utf-8"))
+    assert (to / "merges.txt").read_text(encoding="utf-8").split() == bpe.read_text(encoding="utf-8").split()
+
+
+# -----------------------------------------------------------------------------
+# with transformers itself (a test-only extra: pip install transformers)
+
+def spell_unkept_as_bytes(hf_tok, ids, kept):
+    """The project's tokenization from GPT-2's: a token outside the trimmed vocabulary becomes its
+    bytes' single-byte tokens (each character of a byte-level token is one byte's token)."""
+    spell = lambda t: hf_tok.convert_tokens_to_ids(list(hf_tok.convert_ids_to_tokens(t)))
+    return [j for t in ids for j in ([t] if t in kept else spell(t))]
+
+
+@pytest.mark.parametrize("vocab", ["trimmed", "gpt2"])
+def test_transformers_loads_the_export_faithfully(tmp_path, monkeypatch, vocab):
+    pytest.importorskip("transformers", reason="transformers not installed (a test-only extra, never a dependency)")
+    from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = real_texts()
+    tok = Tokenizer.trimmed(texts[:6]) if vocab == "trimmed" else Tokenizer.gpt2()
+    model, to = export(tmp_path, tok, block_size=64)
+    hf, hf_tok = GPT2LMHeadModel.from_pretrained(to).eval(), AutoTokenizer.from_pretrained(to)
+    kept = set(tok.to_old)
+    plain = 0
+    for text in texts[:1] + texts[6:]:  # a text the vocabulary was made from, and texts it was not
+        ours = [tok.to_old[i] for i in tok.encode(text)]
+        theirs = hf_tok(text)["input_ids"]
+        # (a) the same ids: GPT-2's tokenizer is exact wherever the text's GPT-2 tokens were all kept,
+        # and with the tokens outside the vocabulary spelled as bytes, everywhere
+        if all(t in kept for t in tok.enc.encode_ordinary(text)):
+            assert theirs == ours
+            plain += 1
+        assert spell_unkept_as_bytes(hf_tok, theirs, kept) == ours
+        # (b) the same per-token log-probabilities and loss
+        ids = torch.tensor([ours[:64]])
+        with torch.no_grad():
+            lp_ours = F.log_softmax(model(torch.tensor([tok.encode(text)[:64]]))[0], -1)[0, :-1]
+            lp_ours = lp_ours.gather(1, torch.tensor(tok.encode(text)[1:64])[:, None])
+            out = hf(ids, labels=ids)
+            lp_hf = F.log_softmax(out.logits, -1)[0, :-1].gather(1, ids[0, 1:, None])
+        assert torch.allclose(lp_hf, lp_ours, atol=1e-4) and abs(out.loss.item() + lp_ours.mean().item()) < 1e-4
+    assert plain >= (1 if vocab == "trimmed" else 1 + len(texts[6:]))
+    # (c) sampling: ids the model never had have probability 0, so generate never draws one
+    prompt = torch.tensor([[tok.to_old[i] for i in tok.encode(texts[6])[-16:]]])
+    with torch.no_grad():
+        probs = F.softmax(hf(prompt).logits[0, -1], -1)
+        torch.manual_seed(0)
+        drawn = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                            max_new_tokens=40, min_new_tokens=40, num_return_sequences=8)[:, prompt.size(1):]
+    ours = F.softmax(model(torch.tensor([tok.encode(texts[6])[-16:]]))[0][0, -1], -1)
+    assert torch.allclose(probs[torch.tensor(tok.to_old)], ours.detach(), atol=1e-6)
+    assert set(drawn.flatten().tolist()) <= kept
+    # (d) the ordinary pipeline, offline
+    generator = pipeline("text-generation", model=str(to))
+    reply = generator("\n\nHuman: Hello?\n\nAssistant:", max_new_tokens=8)[0]["generated_text"]
+    assert reply.startswith("\n\nHuman: Hello?\n\nAssistant:")
