@@ -9,7 +9,8 @@ Contents, top to bottom:
   - a preallocated KV cache and the sampling rule (temperature, top-k, top-p)
   - GPT: forward with padding masks, batched generation, GPT.from_pretrained
   - safetensors read/write with only the standard library + torch (no pickle)
-  - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout
+  - OpenAI GPT-2 weights from the hub without `transformers`, and export back to its layout with
+    GPT-2's tokenizer files (a trimmed vocabulary goes back to GPT-2's ids, the others at probability 0)
 
 References:
   GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
@@ -18,6 +19,7 @@ References:
   nucleus sampling: Holtzman et al. 2019, "The Curious Case of Neural Text Degeneration"
 """
 
+import functools
 import json
 import math
 import os
@@ -389,6 +391,7 @@ class GPT(nn.Module):
                 raise ValueError(f"{path}: not a file, nor one of {', '.join(GPT2_SIZES)}")
         sd = load_safetensors(path)
         # some exports keep the "transformer." prefix, the masked-attention buffers or a copy of lm_head
+        # (ours, of a trimmed vocabulary, an untied one: the rows it adds only rule out ids never trained)
         sd = {k.removeprefix("transformer."): v for k, v in sd.items()
               if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
         for k in ("wte.weight", "wpe.weight"):
@@ -563,6 +566,9 @@ def _download_gpt2(name, cache_dir=None):
         raise DataError(f"could not get the {name} weights: {e}. {instead}") from None
 
 
+# -----------------------------------------------------------------------------
+# Export to the Hugging Face GPT-2 layout, with GPT-2's tokenizer files
+
 def gpt2_hub_state_dict(model):
     """The model's weights in the hub's GPT-2 layout: no "transformer." prefix, Conv1D (in, out)
     weights, no lm_head (tied). The inverse of the key handling in from_pretrained."""
@@ -575,20 +581,143 @@ def gpt2_hub_state_dict(model):
     return sd
 
 
-def export_hf(model, out_dir):
-    """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) can load,
-    to inspect or share a trained policy with standard tools (tokenizer files not included)."""
+ZERO_MARGIN = 128.0  # logit gap that makes a probability exactly 0 in float32: exp(-104) underflows
+
+
+def zero_probability_rows(model, n):
+    """n rows for an untied LM head whose logit is, for every input, ZERO_MARGIN below any logit the
+    model's own rows can reach, so that softmax gives them probability exactly 0 in float32.
+
+    Why a linear head can do it: it reads h = g * z + b, the final LayerNorm's output, where z is the
+    normalised residual stream, whose entries sum to 0 and whose norm is at most sqrt(C). The row
+    w = c / g (elementwise) gives h . w = c * sum(z) + c * sum(b / g) = c * S, the same logit for every
+    input, and c is set so that c * S = -(reach + ZERO_MARGIN), reach = max |h| * max |w_kept| bounding
+    every kept logit. This needs the bias (S != 0): with b = 0 (a fresh ln_f) h . w is (g * w) . z,
+    whose values at z and -z sum to 0, so no row stays below the kept ones: ValueError."""
+    ln_f = model.transformer.ln_f
+    if ln_f.bias is None:
+        raise ValueError("no ln_f bias: no LM head row can rule a token out")
+    g, b = ln_f.weight.detach().double().cpu(), ln_f.bias.detach().double().cpu()
+    C = g.numel()
+    h_max = g.abs().max() * C ** 0.5 + b.norm()  # the largest |h| any input can give
+    reach = h_max * model.lm_head.weight.detach().double().cpu().norm(dim=1).max()
+    row = (-(reach + ZERO_MARGIN) / (b / g).sum() / g).float()
+    # check the float32 row as written: its logit is (g*w).z + b.w; the part of g*w along (1, ..., 1)
+    # meets sum(z) = 0, the rest adds at most its norm * sqrt(C); float32 sums add at most C * 2^-24 * |h||w|
+    w = row.double()
+    a = g * w
+    worst = (b * w).sum() + (a - a.mean()).norm() * C ** 0.5 + C * 2 ** -24 * h_max * w.norm()
+    if not worst <= -(reach + 104):  # also False for NaN: a zero gain or a zero bias
+        raise ValueError(f"cannot build zero-probability rows from ln_f (bias sum {float(b.abs().sum()):.3g}): "
+                         "an untrained model? export one with --data.vocab=gpt2")
+    return row.expand(n, C).clone()
+
+
+def gpt2_vocab_state_dict(model, keep):
+    """The hub layout over GPT-2's 50,257 ids for a model whose rows are the GPT-2 ids `keep` (sorted):
+    wte puts each row at its GPT-2 id and 0 elsewhere (such an input, which only GPT-2's tokenizer
+    makes, embeds as its position alone), and an untied lm_head has the same rows there and
+    zero_probability_rows elsewhere, so that sampling and scoring over GPT-2's vocabulary are the
+    model's own: the kept ids get exactly the project's log-probabilities, the others probability 0.
+    Why not export the trimmed vocabulary itself, with a tokenizer of its tokens only: the project's
+    tokenization (GPT-2's BPE, then a token outside keep spelled as bytes, data.Tokenizer) is no BPE,
+    and merges over the kept tokens alone split 20-35% of the hh-rlhf sample's words otherwise; GPT-2's
+    own files give exactly the project's ids up to that spelling step, and GPT-2's ids stay."""
+    sd = gpt2_hub_state_dict(model)
+    rows, ids = model.lm_head.weight.detach().cpu(), torch.tensor(keep)
+    sd["wte.weight"] = torch.zeros(50257, rows.size(1), dtype=rows.dtype).index_copy_(0, ids, rows)
+    sd["lm_head.weight"] = zero_probability_rows(model, 50257).to(rows.dtype).index_copy_(0, ids, rows)
+    return sd
+
+
+def export_hf(model, out_dir, keep=None, enc=None, generation=None):
+    """Write a folder that transformers' GPT2LMHeadModel.from_pretrained(out_dir) loads, to inspect or
+    share a trained model with standard tools. keep: the GPT-2 ids of a trimmed vocabulary's rows, which
+    are then moved back to GPT-2's ids (gpt2_vocab_state_dict; trimmed_vocab.json lists them). enc: the
+    tiktoken gpt2 encoding, to write GPT-2's tokenizer files (write_gpt2_tokenizer). generation: the
+    sampling settings (temperature, top_k, top_p) that generate() and pipeline() then use by default."""
     cfg = model.config
     assert cfg.bias, "Hugging Face GPT-2 always has biases"
     os.makedirs(out_dir, exist_ok=True)
+    vocab_size = cfg.vocab_size if keep is None else 50257
     hf = dict(  # the fields of OpenAI GPT-2's config.json on the hub
-        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
+        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=vocab_size,
         n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
         initializer_range=0.02, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-        scale_attn_weights=True, use_cache=True, tie_word_embeddings=True, bos_token_id=50256,
+        scale_attn_weights=True, use_cache=True, tie_word_embeddings=keep is None, bos_token_id=50256,
         eos_token_id=50256, summary_type="cls_index", summary_use_proj=True, summary_activation=None,
         summary_proj_to_labels=True, summary_first_dropout=0.1)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    save_safetensors(gpt2_hub_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    _write_json(out_dir, "config.json", hf)
+    gen = dict(bos_token_id=50256, eos_token_id=50256, pad_token_id=50256)
+    if generation:  # the project's decoding rule (model.generate): temperature 0 is greedy, top_k 0 is off
+        t = generation["temperature"]
+        gen.update(dict(do_sample=False) if t <= 0 else
+                   dict(do_sample=True, temperature=t, top_k=generation["top_k"], top_p=generation["top_p"]))
+    _write_json(out_dir, "generation_config.json", gen)
+    sd = gpt2_hub_state_dict(model) if keep is None else gpt2_vocab_state_dict(model, keep)
+    save_safetensors(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    if keep is not None:
+        _write_json(out_dir, "trimmed_vocab.json", dict(
+            kept_gpt2_ids=list(keep), note="the GPT-2 ids this model has; the others get probability 0. The "
+            "project spells any other GPT-2 token as its bytes: to tokenize as it does, replace each id not "
+            "listed by the ids of its token's characters (vocab.json spells one byte per character)"))
+    if enc is not None:
+        write_gpt2_tokenizer(enc, out_dir, cfg.block_size)
+
+
+def _write_json(out_dir, name, obj):
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def _bytes_to_unicode():
+    """GPT-2's map from each byte to a printable character (OpenAI's encoder.py), in which vocab.json
+    and merges.txt spell tokens."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs = bs + [b for b in range(256) if b not in bs]
+    return dict(zip(bs, map(chr, cs)))
+
+
+@functools.lru_cache(maxsize=2)
+def gpt2_bpe_files(enc):
+    """GPT-2's vocab.json (token -> id) and merges.txt (pairs, by rank), i.e. OpenAI's encoder.json and
+    vocab.bpe that tiktoken downloads, rebuilt from the tiktoken gpt2 Encoding: a token's id is its merge
+    rank, and the merge that made token i is the split into two that BPE limited to ranks below i
+    leaves (~1 s; checked against the files themselves in tests/test_export.py)."""
+    u = _bytes_to_unicode()
+    spell = lambda bs: "".join(u[b] for b in bs)
+    tokens = [enc.decode_single_token_bytes(i) for i in range(enc.eot_token)]
+    rank = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for i in range(256, len(tokens)):
+        parts = [bytes([b]) for b in tokens[i]]
+        while len(parts) > 2:  # tiktoken's rule: merge the adjacent pair whose join has the lowest rank
+            r, j = min((rank.get(a + b, i), j) for j, (a, b) in enumerate(zip(parts, parts[1:])))
+            if r >= i:
+                break
+            parts[j:j + 2] = [parts[j] + parts[j + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {i} of {enc.name} is not one merge of earlier tokens")
+        merges.append((spell(parts[0]), spell(parts[1])))
+    vocab = {spell(t): i for i, t in enumerate(tokens)}
+    vocab["<|endoftext|>"] = enc.eot_token
+    return vocab, merges
+
+
+def write_gpt2_tokenizer(enc, out_dir, model_max_length):
+    """GPT-2's tokenizer files, so that AutoTokenizer.from_pretrained(out_dir) works offline: vocab.json,
+    merges.txt, and configs making <|endoftext|> the bos, eos and unk token. Like the project (data.py),
+    the tokenizer reads "<|endoftext|>" inside a text as plain text (split_special_tokens), adds no
+    BOS, and decodes without touching spaces."""
+    vocab, merges = gpt2_bpe_files(enc)
+    _write_json(out_dir, "vocab.json", vocab)
+    with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    special = {k: "<|endoftext|>" for k in ("bos_token", "eos_token", "unk_token")}
+    _write_json(out_dir, "special_tokens_map.json", special)
+    _write_json(out_dir, "tokenizer_config.json", dict(
+        tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, add_bos_token=False,
+        add_prefix_space=False, errors="replace", split_special_tokens=True,
+        clean_up_tokenization_spaces=False, **special))

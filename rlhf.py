@@ -35,7 +35,7 @@ from model import GPT, GPTConfig, export_hf, save_safetensors
 from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
 from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, autocast, dist_info, init_distributed,
-                   load_checkpoint, load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
+                   load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
                    stage_done, supervised_train)
 
 
@@ -55,7 +55,7 @@ class SampleConfig:
 
 @dataclass
 class ExportConfig:
-    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
+    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (weights, config, GPT-2's tokenizer files)."""
     policy: str = "ppo"          # base | sft | rs | ppo | pm_a | pm_b, or a checkpoint path
     to: str = ""                 # output folder ("" = out_dir/hf/<policy>)
 
@@ -391,36 +391,21 @@ def stage_chat(cfg):
         dialogue += " " + reply
 
 
-def to_gpt2_vocab(model, tok):
-    """A copy of `model` over GPT-2's own 50,257 token ids, so standard GPT-2 tokenizers and tools
-    apply. A trimmed-vocabulary model's rows move to their GPT-2 ids; the tokens it never kept get
-    zero rows (it saw them spelled as bytes), so for export-first work prefer --data.vocab=gpt2."""
-    if tok.keep is None:
-        return model
-    config = GPTConfig(**{**model.config.__dict__, "vocab_size": 50257})
-    full = GPT(config)
-    state = {k: v for k, v in model.state_dict().items() if k not in ("transformer.wte.weight", "lm_head.weight")}
-    full.load_state_dict(state, strict=False)
-    with torch.no_grad():
-        full.transformer.wte.weight.zero_()
-        full.transformer.wte.weight[torch.tensor(tok.to_old)] = model.transformer.wte.weight  # tied to lm_head
-    return full
-
-
 def stage_export(cfg):
     """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
     ec = cfg.export
     path = ec.policy if ec.policy.endswith(".pt") else ckpt_path(cfg, ec.policy)
     model, tok, ckpt = load_model(path)
     to = ec.to or os.path.join(cfg.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
-    export_hf(to_gpt2_vocab(model, tok), to)
+    sc = cfg.sample  # generate() and pipeline() then sample as `sample` and `chat` do
+    export_hf(model, to, keep=tok.keep, enc=tok.enc,
+              generation=dict(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p))
     if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
         head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
         save_safetensors(head, os.path.join(to, "reward_head.safetensors"),
                          metadata={"gain": str(ckpt.get("reward_gain", 1.0)), "bias": str(ckpt.get("reward_bias", 0.0)),
                                    "read_at": "final hidden state (after ln_f) of the EOS token appended to the reply"})
-    print(f"[export] {path} -> {to} (config.json, model.safetensors"
-          f"{', reward_head.safetensors' if 'head.weight' in ckpt['model'] else ''})")
+    print(f"[export] {path} -> {to} ({', '.join(sorted(os.listdir(to)))})")
 
 
 def preset_reason(preset):

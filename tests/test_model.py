@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import model as model_py
 from data import DataError
-from model import GPT, GPTConfig, disable_dropout, export_hf, gpt2_hub_state_dict, load_safetensors, save_safetensors
+from model import (GPT, GPTConfig, disable_dropout, export_hf, gpt2_hub_state_dict, gpt2_vocab_state_dict,
+                   load_safetensors, save_safetensors, zero_probability_rows)
 
 V = 101  # vocab
 
@@ -456,6 +457,45 @@ def test_export_hf(tmp_path):
     assert sd.keys() == gpt2_hub_state_dict(model).keys()
     head = json.loads((tmp_path / "hf" / "model.safetensors").read_bytes()[8:].split(b"}}", 1)[0] + b"}}")
     assert head["__metadata__"] == {"format": "pt"}
+    assert json.loads((tmp_path / "hf" / "generation_config.json").read_text())["eos_token_id"] == 50256
+    assert not (tmp_path / "hf" / "vocab.json").exists()  # tokenizer files only with a tiktoken encoding
+
+
+def trained_ln_f(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a trained final LayerNorm: a bias, gains away from 1
+        model.transformer.ln_f.bias.copy_(0.1 * torch.randn(model.config.n_embd, generator=g))
+        model.transformer.ln_f.weight.copy_(0.5 + torch.rand(model.config.n_embd, generator=g))
+    return model
+
+
+def test_zero_probability_rows_rule_a_token_out_for_every_input():
+    model = trained_ln_f(tiny())
+    rows = zero_probability_rows(model, 3)
+    x = torch.randn(4000, 32) * torch.logspace(-2, 2, 4000)[:, None]  # residual streams of any size
+    h = model.transformer.ln_f(x)
+    theirs, ours = h @ rows.t(), model.logits(h)
+    assert torch.allclose(theirs, theirs[0, 0].expand_as(theirs), atol=1e-3)  # one logit for every input
+    assert (ours.min(1).values - theirs[:, 0]).min() > 104  # so exp() of it underflows: probability 0
+    assert F.softmax(torch.cat([ours, theirs], 1), 1)[:, V:].max() == 0
+
+
+def test_zero_probability_rows_need_a_trained_ln_f():
+    with pytest.raises(ValueError, match="untrained"):
+        zero_probability_rows(tiny(), 1)  # ln_f bias 0: h . w takes both signs, no row can do it
+
+
+def test_gpt2_vocab_state_dict_moves_rows_to_gpt2_ids():
+    model = trained_ln_f(tiny())
+    keep = sorted(torch.randperm(50257, generator=torch.Generator().manual_seed(0))[:V].tolist())
+    sd = gpt2_vocab_state_dict(model, keep)
+    assert sd["wte.weight"].shape == sd["lm_head.weight"].shape == (50257, 32)
+    for k in ("wte.weight", "lm_head.weight"):
+        assert torch.equal(sd[k][keep], model.transformer.wte.weight)
+    others = torch.ones(50257, dtype=torch.bool)
+    others[keep] = False
+    assert sd["wte.weight"][others].abs().max() == 0
+    assert torch.equal(sd["lm_head.weight"][others], zero_probability_rows(model, int(others.sum())))
 
 
 def test_generate_logprobs_match_forward_on_padded_batch():

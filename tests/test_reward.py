@@ -410,4 +410,4 @@ def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path
     reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
                     "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
-    assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20]
+    assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20] and len(calls) == 3
