@@ -11,7 +11,8 @@ from train import load_checkpoint
 
 def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "out")
-    args = ["--preset", "tiny", "--data_dir", hh_dir, "--out_dir", out, "--sample.num_samples=1"]
+    # a PPO learning rate high enough that three iterations move the policy well clear of the sampled KL's noise
+    args = ["--preset", "tiny", "--data_dir", hh_dir, "--out_dir", out, "--sample.num_samples=1", "--ppo.lr=1e-3"]
     assert rlhf.main(["all"] + args) == 0
     for name in ("base", "sft", "pm_a", "pm_b", "rs", "ppo"):
         assert load_checkpoint(os.path.join(out, f"{name}.pt"))["done"], name
@@ -27,14 +28,15 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
             assert isinstance(ev["policies"][policy][key], float), (policy, key)
     assert ev["policies"]["bon"]["n"] == 4 and ev["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     for policy, p in ev["policies"].items():
-        assert 0 <= p["win_rate_vs_sft"] <= 1 and p["kl"] >= 0 and p["mean_reply_tokens"] > 0, policy
-    assert ev["policies"]["ppo"]["kl"] > 0  # trained against PM-A, PPO has moved away from SFT
+        assert 0 <= p["win_rate_vs_sft"] <= 1 and math.isfinite(p["kl"]) and p["mean_reply_tokens"] > 0, policy
+    # a sampled KL estimate can dip below 0 by noise (RS barely moves in 8 tiny steps); PPO's cannot, this far out
+    assert ev["policies"]["sft"]["kl"] == 0 and ev["policies"]["ppo"]["kl"] > 0.2
     assert os.path.getsize(os.path.join(out, "report.md")) > 0
 
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert {"pretrain/loss", "sft/loss", "sft/val_loss", "ppo/kl"} <= {k for r in rows for k in r}
     ppo_kl = [r["ppo/kl"] for r in rows if "ppo/kl" in r]
-    assert ppo_kl[0] == pytest.approx(0, abs=1e-4) and ppo_kl[-1] > 0  # the policy starts at SFT, then moves
+    assert ppo_kl[0] == pytest.approx(0, abs=1e-4) and ppo_kl[-1] > 0.2  # the policy starts at SFT, then moves
     # a finished flow is skipped when rerun, and the tools read its checkpoints
     assert rlhf.main(["all"] + args) == 0
     assert rlhf.main(["sample"] + args + ["--sample.policy=ppo", "--sample.prompt=hello", "--sample.max_new_tokens=8"]) == 0
