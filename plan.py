@@ -25,6 +25,7 @@ References: PaLM (Chowdhery et al. 2022) app. B and nanoGPT's estimate_mfu (FLOP
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -311,7 +312,18 @@ def measured_rates(cfg, d, gpt, device, repeats):
              f"{sample:,.0f} tokens/s, a PPO iteration of {B} rollouts in {it['ppo_s']:.2f} s, tokenising "
              f"{d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory {bench.peak_memory_mb(device) / 1024:.2f} GiB")
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
-    return rates, name, basis
+    return rates, name, basis + busy_cpu_warning(device)
+
+
+def busy_cpu_warning(device):
+    """A warning for the basis line when other processes were using the CPU as it was timed (a 1-minute load
+    average of 1 or more before this run's own work): they slow every measured rate, so for a run that will
+    have the machine to itself the plan's times come out too long."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device == "cuda" or load < 1.0:
+        return ""
+    return (f"; load average {load:.1f} on {os.cpu_count()} cores while timing: other processes shared the CPU, "
+            "so these times are longer than an idle machine's")
 
 
 def device_rates(cfg, d, gpt, repeats):

@@ -101,3 +101,11 @@ def test_measuring_leaves_the_random_state_as_it_was(hh_dir):
     out = plan.make_plan(rlhf.parse_args(["plan", "--preset", "tiny", "--data_dir", hh_dir])[1], repeats=1)
     assert out["basis"].startswith("measured") and out["total_seconds"] > 0
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_busy_cpu_is_named_in_the_basis(monkeypatch):
+    """Timed while other processes load the CPU, the plan says so: its times are then too long."""
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (4.3, 4.0, 3.0))
+    assert "load average 4.3" in plan.busy_cpu_warning("cpu") and plan.busy_cpu_warning("cuda") == ""
+    monkeypatch.setattr(plan.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert plan.busy_cpu_warning("cpu") == ""
