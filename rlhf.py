@@ -31,7 +31,8 @@ import torch.distributed as dist
 from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, pad_left,
                   prompt_ids, read_pairs, resolve_data_dir, sft_example, split_train_val)
 from evaluate import EvalConfig, RSConfig, run_eval, run_rs
-from model import GPT, GPTConfig, export_hf, save_safetensors
+from hub import export_hf, save_safetensors
+from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from reward import RMConfig, evaluate_pms, train_reward_models
 from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, autocast, dist_info, init_distributed,

@@ -363,6 +363,36 @@ def resume_best(ckpt_path, ckpt):
     return best
 
 
+def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device, dtype):
+    """Forward and backward over the sc.grad_accum micro-batches of optimizer step `step`, leaving the
+    gradient of the step's mean loss in .grad. Returns the step's mean loss (a tensor on the device) and
+    the real tokens of the global batch, all ranks together. Under torchrun this rank takes rows
+    rank::world_size of each global micro-batch, and its mean is reweighted by its share of the loss tokens,
+    so DDP's average of the gradients is the gradient of the global mean."""
+    rank, world_size = dist_info()
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    for micro in range(sc.grad_accum):
+        batch = get_batch(data, step * sc.grad_accum + micro, sc.batch_size, block_size, seed, pad_id)
+        tokens += int(batch[3].sum())
+        idx, targets, loss_mask = to_device([t[rank::world_size] for t in batch[:3]], device)
+        segment_ids = None if batch[4] is None else to_device([batch[4][rank::world_size]], device)[0]
+        share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
+        # DDP syncs gradients on every backward; with accumulation only the last one needs to
+        sync = world_size == 1 or micro == sc.grad_accum - 1
+        with nullcontext() if sync else model.no_sync():
+            with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
+                # batches are right-padded, so under causal attention no real token ever sees a pad: no
+                # attention mask is needed, and SDPA can take its fast is_causal path (packed rows pass
+                # segment_ids instead: a block-diagonal mask keeps examples apart)
+                _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)
+            if world_size > 1:
+                loss = loss * share.to(loss.device)
+            # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
+            (loss / sc.grad_accum).backward()
+        loss_sum += loss.detach() / sc.grad_accum
+    return loss_sum, tokens
+
+
 def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
     """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
 
@@ -445,28 +475,9 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 checkpoint(step, done=False, val_loss=val_loss)
                 if improved and rank == 0:  # after the checkpoint that names it (see resume_best)
                     save_best(ckpt_path, raw, best)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(sc.grad_accum):
-                batch = get_batch(train_data, step * sc.grad_accum + micro, sc.batch_size, block_size, cfg.seed, tok.eos_id)
-                tokens += int(batch[3].sum())  # real tokens of the global batch, all ranks together
-                # this rank's rows of the global micro-batch; ranks' means are reweighted by their share of
-                # the loss tokens, so DDP's average of the gradients is the gradient of the global mean
-                idx, targets, loss_mask = to_device([t[rank::world_size] for t in batch[:3]], device)
-                segment_ids = None if batch[4] is None else to_device([batch[4][rank::world_size]], device)[0]
-                share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
-                # DDP syncs gradients on every backward; with accumulation only the last one needs to
-                sync = world_size == 1 or micro == sc.grad_accum - 1
-                with nullcontext() if sync else model.no_sync():
-                    with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
-                        # batches are right-padded, so under causal attention no real token ever sees a pad:
-                        # no attention mask is needed, and SDPA can take its fast is_causal path (packed
-                        # rows pass segment_ids instead: a block-diagonal mask keeps examples apart)
-                        _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)
-                    if world_size > 1:
-                        loss = loss * share.to(loss.device)
-                    # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
-                    (loss / sc.grad_accum).backward()
-                loss_sum += loss.detach() / sc.grad_accum
+            loss_sum, n_tokens = accumulate_gradients(model, train_data, step, sc, cfg.seed, block_size, tok.eos_id,
+                                                      device, dtype)
+            tokens += n_tokens
             if world_size > 1:  # the global loss for the log, and the same NaN verdict on every rank
                 dist.all_reduce(loss_sum)
                 loss_sum /= world_size

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import rlhf
 from conftest import make_dialogue
 from data import DataConfig, Tokenizer, read_pairs
-from model import GPT, GPTConfig, load_safetensors
+from hub import load_safetensors
+from model import GPT, GPTConfig
 from train import model_checkpoint, save_checkpoint
 
 SAMPLE = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")

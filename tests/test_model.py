@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hub as hub_py
 import model as model_py
 from data import DataError
-from model import (GPT, GPTConfig, disable_dropout, export_hf, gpt2_hub_state_dict, gpt2_vocab_state_dict,
-                   load_safetensors, save_safetensors, zero_probability_rows)
+from hub import (export_hf, gpt2_hub_state_dict, gpt2_vocab_state_dict, load_safetensors, save_safetensors,
+                 zero_probability_rows)
+from model import GPT, GPTConfig, disable_dropout
 
 V = 101  # vocab
 
@@ -400,8 +402,8 @@ def hub(http_server, tiny_gpt2, tmp_path, monkeypatch):
     save_safetensors(gpt2_hub_state_dict(tiny_gpt2), path)
     http_server.body = path.read_bytes()
     path.unlink()
-    monkeypatch.setattr(model_py, "GPT2_URL", http_server.url + "/{name}/model.safetensors")
-    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", (hashlib.sha256(http_server.body).hexdigest(), len(http_server.body)))
+    monkeypatch.setattr(hub_py, "GPT2_URL", http_server.url + "/{name}/model.safetensors")
+    monkeypatch.setitem(hub_py.GPT2_PINS, "gpt2", (hashlib.sha256(http_server.body).hexdigest(), len(http_server.body)))
     return http_server
 
 
@@ -424,7 +426,7 @@ def test_cut_gpt2_download_resumes_where_it_stopped(hub, tiny_gpt2, tmp_path):
 
 
 def test_gpt2_download_not_matching_its_pin_is_refused(hub, tmp_path, monkeypatch):
-    monkeypatch.setitem(model_py.GPT2_PINS, "gpt2", ("0" * 64, len(hub.body)))
+    monkeypatch.setitem(hub_py.GPT2_PINS, "gpt2", ("0" * 64, len(hub.body)))
     with pytest.raises(DataError, match="sha256 [0-9a-f]{64}, expected 0{64}") as e:
         GPT.from_pretrained("gpt2", cache_dir=tmp_path)
     assert "\n" not in str(e.value) and "local path" in str(e.value)
