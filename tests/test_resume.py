@@ -89,6 +89,25 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_result(reference, 
         assert json.load(open(os.path.join(ref, "eval.json"))) == json.load(open(os.path.join(out, "eval.json")))
 
 
+def test_rs_killed_once_its_winners_are_on_disk_gives_the_same_weights(reference):
+    """The rerun of an rs stage killed right after it saved its winners (rs_data.pt) takes the other path,
+    the winners read from disk: it must fine-tune exactly as the uninterrupted run did (dropout off, the
+    same RNG start). The random kill points above reach this path only sometimes."""
+    root, data_dir, ref, _ = reference
+    out = str(root / "killed-rs-winners")
+    os.makedirs(out)
+    for name in ("base", "sft", "pm_a", "pm_b"):
+        shutil.copy(os.path.join(ref, f"{name}.pt"), out)
+    proc, deadline = rlhf("rs", out, data_dir), time.time() + 120
+    while time.time() < deadline and not os.path.exists(os.path.join(out, "rs_data.pt")) and proc.poll() is None:
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    assert os.path.exists(os.path.join(out, "rs_data.pt"))
+    finish("rs", out, data_dir)
+    assert same_checkpoint(os.path.join(ref, "rs.pt"), os.path.join(out, "rs.pt"))
+
+
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(reference):
     root, data_dir, ref, durations = reference
     out = str(root / "interrupted")
