@@ -69,7 +69,8 @@ class DataError(Exception):
 class DataConfig:
     subsets: str = ""              # comma list of subsets to read; "" = all subsets present in the dir
     val_frac: float = 0.05         # fraction of train held out for validation, by hash of the prompt
-    max_pairs: int = 0             # cap on pairs per split read (0 = all); a fixed hash-chosen subset
+    max_pairs: int = 0             # cap on train pairs read (0 = all): a fixed hash-chosen subset, mixed across subsets
+    max_test_pairs: int = 0        # the same cap on the test split (PM test accuracy, eval's prompts)
     skip_bad_rows: bool = False    # count and skip malformed rows instead of raising DataError
     vocab: str = "gpt2"            # "gpt2" (all 50257 tokens) or "trimmed" (tokens seen in train + 256 bytes)
     trimmed_min_count: int = 1     # trimmed vocab: keep a token seen at least this many times in train
@@ -301,9 +302,10 @@ def read_pairs(data_dir, split, cfg):
             raise DataError(f"{path}: empty file (no rows)")
     if not pairs:
         raise DataError(f"{data_dir}: no usable {split} pairs ({format_stats(stats)})")
-    if cfg.max_pairs and len(pairs) > cfg.max_pairs:  # the same subset every run, mixed across subsets
-        keep = set(sorted(range(len(pairs)), key=lambda i: _stable_hash01(pairs[i].prompt, "cap"))[:cfg.max_pairs])
-        stats["dropped_max_pairs"] = len(pairs) - cfg.max_pairs
+    cap = cfg.max_test_pairs if split == "test" else cfg.max_pairs
+    if cap and len(pairs) > cap:  # the same subset every run, mixed across subsets
+        keep = set(sorted(range(len(pairs)), key=lambda i: _stable_hash01(pairs[i].prompt, "cap"))[:cap])
+        stats["dropped_max_pairs"] = len(pairs) - cap
         pairs = [p for i, p in enumerate(pairs) if i in keep]
     stats["kept"] = len(pairs)
     return pairs, stats

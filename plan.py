@@ -37,16 +37,16 @@ from data import (build_tokenizer, encode_pairs, lm_tokens, pack_examples, pm_ex
                   resolve_data_dir, sft_example, split_halves, split_train_val)
 from model import GPT
 from ppo import prompt_batch
-from reward import auto_eval_interval, pm_block, pm_steps
+from reward import auto_eval_interval, pair_batch, pm_block, pm_steps
 from train import CUDA_PEAK_TFLOPS, pick_device, rng_state, set_rng_state, set_seed, validation_batches
 
 GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
-# one NVIDIA H100 80GB HBM3 (989 TFLOP/s dense bf16) at the gpu preset's shapes (README, Speed)
-H100 = {"pretrain_mfu": 0.40,         # pretraining, 128 x 1024 tokens a step (0.39-0.41)
-        "train_mfu": 0.27,            # packed SFT on real tokens, taken for every other training step
-        "sample_tokens_per_s": 9466,  # 64 prompts of 256 tokens x 64 new tokens, KV cache
-        "ppo_iteration_s": 4.1,       # 64 rollouts: rollout 0.63 + scoring 0.60 + update 2.87 s
-        "ppo_scoring_s": 0.60}        # its forward passes (policy and reference log-probs, critic, PM-A)
+# measured on one NVIDIA H100 80GB HBM3 (989 TFLOP/s dense bf16) under bf16 autocast, GPT-2 small (README, Speed)
+H100 = {"pretrain_mfu": 0.40,     # compiled pretraining, 128 x 1024 tokens a step (0.39-0.41)
+        "train_mfu": 0.27,        # compiled packed SFT, on real tokens: every compiled training step (pretrain.py's loop)
+        "eager_mfu": 0.19,        # pretraining without torch.compile: PM training, PPO, scoring and sampling's FLOPs
+        "decode_step_s": 64 / 9466}  # one sampled token for 64 rows with the KV cache: bound by kernel launches, so
+                                     # about the same on any GPU (and twice as long with 24 layers)
 TOKENIZE_PER_S = 1e6                  # tokens/s assumed when nothing is measured (a 2-core CPU: 1.1-1.5M)
 
 
@@ -184,7 +184,9 @@ def work_rm(cfg, d, gpt, act):
     rc, N = cfg.rm, cfg.ppo.max_new_tokens
     block, B = pm_block(gpt, cfg), rc.batch_size
     seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
-    width, mean = batch_width([max(s) for s in seqs], B, cfg.seed), float(np.mean(seqs))
+    mean, pairs = float(np.mean(seqs)), [(range(a), range(b)) for a, b in seqs]  # stand-ins of those lengths
+    width = float(np.mean([pair_batch(pairs, i, B, cfg.seed, 0, rc.group_by_length)[0].size(1)  # as train_pm pads
+                           for i in range(max(1, len(pairs) // B))]))
     human = [pm_steps(rc, n) for n in d.halves]
     steps = [n + (rc.pmp_steps if rc.pmp else 0) for n in human]
     n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
@@ -197,9 +199,10 @@ def work_rm(cfg, d, gpt, act):
                      f"{human[0] * B / d.halves[0]:.2f} passes over {d.halves[0]:,} pairs; {vals} validations x "
                      f"{n_val:,} pairs; {rc.normalize_samples} SFT samples to normalise; {d.test:,} test pairs{extra}"),
             "steps": steps, "pairs": list(d.halves), "val_passes": vals,
-            "flops": {"train": sum(steps) * 2 * B * width * fpt(gpt, width, head=False),
+            "flops": {"eager": sum(steps) * 2 * B * width * fpt(gpt, width, head=False),
                       "forward": scored * mean * fpt(gpt, mean, head=False) / 3,
                       "sample": rc.normalize_samples * N * fpt(gpt, q + N) / 3},
+            "decode": math.ceil(rc.normalize_samples / rc.eval_batch_size) * N,
             "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
             "memory": memory_bytes(gpt, act, 1, [(2 * B, width, False)])}
 
@@ -218,6 +221,7 @@ def work_rs(cfg, d, gpt, act):
     w["flops"]["sample"] = prompts * rc.n * N * fpt(gpt, q + N) / 3
     w["flops"]["forward"] += prompts * rc.n * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3
     w.update(prompts=prompts, samples=prompts * rc.n, winners=winners, tokenize=d.prompts * d.mean[0],
+             decode=math.ceil(prompts * rc.n / rc.sample_batch_size) * N,
              memory=max(memory_bytes(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
                         memory_bytes(gpt, act, 0, [(rc.batch_size, w["width"], True)])),
              what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
@@ -240,7 +244,7 @@ def work_ppo(cfg, d, gpt, act):
             "iterations": pc.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
             "flops": {"ppo": pc.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
                       "forward": judged * pc.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
-            "tokenize": d.prompts * d.mean[0], "memory": memory_bytes(gpt, act, 3, trained)}
+            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_bytes(gpt, act, 3, trained)}
 
 
 def work_eval(cfg, d, gpt, act):
@@ -256,31 +260,31 @@ def work_eval(cfg, d, gpt, act):
                      f"{samples:,}, each scored by PM-A and PM-B; the KL of RS and PPO to SFT"),
             "prompts": prompts, "samples": samples,
             "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
+            "decode": (math.ceil(prompts * ec.n / ec.batch_size) + 2 * math.ceil(prompts * k / ec.batch_size)) * N,
             "tokenize": d.test_prompts * d.mean[0], "memory": memory_bytes(gpt, act, 4, kv=(ec.batch_size, q + N))}
 
 
-def gpu_rates(name):
-    """(rates, device, basis) for a named GPU: its datasheet peak (train.CUDA_PEAK_TFLOPS) times the
-    utilisation one H100 reached at the gpu preset's shapes, utilisation = FLOPs of the measured work
-    (counted as the plan counts them) / seconds / 989 TFLOP/s. Every time scales as 989 / the GPU's peak."""
+def gpu_rates(name, cfg):
+    """(rates, device, basis) for a named GPU, measuring nothing: its datasheet peak (train.CUDA_PEAK_TFLOPS)
+    times the utilisation one H100 reached under bf16 autocast (H100: compiled pretraining, compiled SFT, eager
+    training for everything that is not compiled), and for every sampled token step (decode) the H100's
+    launch-bound step time, scaled by the layer count: at these sizes sampling waits on kernel launches, not
+    on the GPU's arithmetic, so a GPU with a lower peak is not slower at it."""
     key = GPUS.get(name.lower().replace(" ", "").replace("-", "").replace("_", ""))
     if key is None:
         raise rlhf.ConfigError(f"--plan.gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
-    ref = rlhf.parse_args(["plan", "--preset", "gpu"])[1]  # the shapes the H100 figures come from
-    with torch.device("meta"):  # shapes only: no memory, no time
-        gpt = GPT(ref.model)  # GPT-2 small, 50,257 tokens
-    it, T = ppo_iteration_flops(ref, gpt, ref.ppo.max_prompt_tokens), ref.ppo.max_prompt_tokens + ref.ppo.max_new_tokens
-    h100 = CUDA_PEAK_TFLOPS["H100"] * 1e12
-    mfu = {"pretrain": H100["pretrain_mfu"], "train": H100["train_mfu"],
-           "sample": H100["sample_tokens_per_s"] * fpt(gpt, T) / 3 / h100,
-           "forward": it["scoring"] / H100["ppo_scoring_s"] / h100,
-           "ppo": sum(it.values()) / H100["ppo_iteration_s"] / h100}
+    peak, eager = CUDA_PEAK_TFLOPS[key] * 1e12, H100["eager_mfu"]
+    mfu = {"pretrain": H100["pretrain_mfu"] if cfg.compile else eager,
+           "train": H100["train_mfu"] if cfg.compile else eager,
+           "eager": eager, "forward": eager, "sample": eager, "ppo": eager}
+    step_s = H100["decode_step_s"] * cfg.model.n_layer / 12
     basis = (f"assumed: the {key}'s datasheet {CUDA_PEAK_TFLOPS[key]} TFLOP/s (bf16) x the utilisation one H100 "
-             "reached at the gpu preset's shapes (README, Speed): " + ", ".join(f"{k} {v:.3g}" for k, v in mfu.items())
-             + f"; tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s. Sampling and scoring are launch-bound at these "
-             "sizes: a GPU with a lower peak does them faster than this says")
-    rates = {k: v * CUDA_PEAK_TFLOPS[key] * 1e12 for k, v in mfu.items()}
-    return {**rates, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
+             f"reached (README, Speed): compiled pretraining {mfu['pretrain']}, compiled training {mfu['train']}, "
+             f"the rest (PM training, scoring, PPO, sampling) {eager} as eager pretraining did; plus {step_s * 1e3:.1f} ms "
+             f"a sampled token step (launch-bound, the H100's, as on any GPU); tokenising {TOKENIZE_PER_S / 1e6:g}M "
+             "tokens/s")
+    rates = {k: v * peak for k, v in mfu.items()}
+    return {**rates, "decode": 1 / step_s, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
 
 
 def measured_rates(cfg, d, gpt, device, repeats):
@@ -303,6 +307,7 @@ def measured_rates(cfg, d, gpt, device, repeats):
     set_rng_state(state)
     pm_tokens = int(mask.sum()) + B * (N + 1)  # the PM reads each real prompt + reply + EOS
     rates = {"pretrain": train["train_gflops"] * 1e9, "train": train["train_gflops"] * 1e9,
+             "eager": train["train_gflops"] * 1e9, "decode": math.inf,  # sampling's timing includes its steps
              "sample": sample * fpt(gpt, Tq + N) / 3,
              "forward": pm_tokens * fpt(gpt, Tq + N, head=False) / 3 / max(it["ppo_scoring_s"]["pm"], 1e-4),
              "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s}
@@ -339,14 +344,14 @@ def device_rates(cfg, d, gpt, repeats):
     why = f"not measured: the preset's shapes would take ~{cost / pl.gflops / 6e10:.0f} min here (--plan.gpu: a GPU); "
     basis = (why if pl.measure else "") + (f"assumed: every kind of work at {pl.gflops:g} GFLOP/s (--plan.gflops), "
                                            f"tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
-    rates = {k: pl.gflops * 1e9 for k in ("pretrain", "train", "forward", "sample", "ppo")}
-    return {**rates, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis
+    rates = {k: pl.gflops * 1e9 for k in ("pretrain", "train", "eager", "forward", "sample", "ppo")}
+    return {**rates, "decode": math.inf, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis
 
 
 def make_plan(cfg, repeats=2):
     """The plan as a dict: preset, device, basis (where the rates come from), data, stages {stage: {what,
     seconds, memory_gb, gflop, tokenized, figures}} and total_seconds (the sum of the stages')."""
-    rates = gpu_rates(cfg.plan.gpu) if cfg.plan.gpu else None  # an unknown GPU fails before anything is read
+    rates = gpu_rates(cfg.plan.gpu, cfg) if cfg.plan.gpu else None  # an unknown GPU fails before anything is read
     d = read_data(cfg)
     with torch.device("meta"):
         gpt = GPT(replace(cfg.model, vocab_size=d.tok.vocab_size))
@@ -357,10 +362,10 @@ def make_plan(cfg, repeats=2):
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
               "eval": work_eval(cfg, d, gpt, act)}
     for s in stages.values():
-        flops, tokens = s.pop("flops"), s.pop("tokenize")
-        seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"]
+        flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
+        seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"] + decode / rates["decode"]
         s.update(seconds=round(seconds, 1), memory_gb=round(s.pop("memory") / 1e9, 2),
-                 gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens))
+                 gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens), decode_steps=decode)
     return {"preset": cfg.preset, "device": device, "stages": stages,
             "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1), "basis": basis,
             "data": {"dir": d.data_dir, "train_pairs": d.train, "val_pairs": d.val, "test_pairs": d.test,

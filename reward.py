@@ -62,6 +62,7 @@ class RMConfig:
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
+    group_by_length: bool = False  # batches of pairs of similar length (pair_batch): far less padding on long data
     eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
                                  # 0 = auto_eval_interval: validation at most 10% of the training compute
     val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
@@ -235,14 +236,26 @@ def pmp_pairs(pairs, seed):
     return out
 
 
-def pair_batch(examples, index, batch_size, seed, pad_id):
+def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
     """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a
     resumed run sees the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]),
-    and labels (2B,)."""
+    and labels (2B,). group_by_length: each run of `group` batches of the epoch's permutation is sorted
+    by length and dealt out in a seeded order, so a batch holds pairs of similar length (a batch is as
+    wide as its longest sequence: on the full data this pads ~2.5x less) and each pair still comes once
+    an epoch (the length-grouped sampler of fairseq and Hugging Face's group_by_length)."""
     per_epoch = max(1, len(examples) // batch_size)
     epoch, pos = divmod(index, per_epoch)
     perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    batch = [examples[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+    if group_by_length:  # this batch's group of batches, sorted by length, dealt out in a seeded order
+        first = pos // group * group
+        rows = sorted(perm[first * batch_size:min(first + group, per_epoch) * batch_size],
+                      key=lambda i: max(len(examples[i][0]), len(examples[i][1])))
+        slots = torch.randperm(len(rows) // batch_size,
+                               generator=torch.Generator().manual_seed((seed * 7919 + epoch) * 100003 + first))
+        k = int(slots[pos - first])
+        batch = [examples[i] for i in rows[k * batch_size:(k + 1) * batch_size]]
+    else:
+        batch = [examples[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
     idx, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)   # (2B, T)
     labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])          # (2B,)
     return idx, mask, labels
@@ -409,7 +422,8 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels = pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id)  # (2B, T), (2B,)
+        idx, mask, labels = pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
+                                       rc.group_by_length)
         B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
         rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
         idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))

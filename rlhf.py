@@ -97,11 +97,31 @@ class Config:
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
+GPT2_SMALL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768}
+GPU_MODEL = {**GPT2_SMALL, "model.block_size": 1024, "data.vocab": "gpt2", "data.max_prompt_tokens": 768,
+             "data.max_reply_tokens": 256, "compile": True}
+# The GPU presets' stages, sized for the full hh-rlhf (153,558 train pairs after validation, 64,825 prompts):
+GPU_STAGES = {
+    # SFT: ~1 pass over the chosen replies, packed ~3.7 dialogues a 1,024-token row (~41,700 rows)
+    "sft.max_steps": 650, "sft.batch_size": 16, "sft.grad_accum": 4, "sft.lr": 3e-5, "sft.eval_interval": 100,
+    "sft.warmup_steps": 30, "sft.pack": True,
+    # each PM: one epoch over its half (~76,800 pairs, 2,400 steps of 32), validated on 1,000 val pairs <= 10% of it
+    "rm.batch_size": 32, "rm.lr": 3e-5, "rm.warmup_steps": 100, "rm.eval_batch_size": 64, "rm.group_by_length": True,
+    # rejection sampling: best of 16 on 2,400 prompts, then 2 epochs over the ~2,160 winners
+    "rs.num_prompts": 2400, "rs.n": 16, "rs.sample_batch_size": 256, "rs.max_steps": 270, "rs.batch_size": 16,
+    "rs.lr": 1e-5, "rs.eval_interval": 90,
+    # PPO: 20,480 episodes (320 iterations of 64), as minChatGPT-scale runs use
+    "ppo.iterations": 320, "ppo.batch_size": 64, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 4,
+    "ppo.sample_every": 20, "ppo.save_every": 20,
+    # eval: 500 test prompts, so a win rate is good to about +-0.02
+    "eval.num_prompts": 500, "eval.batch_size": 256,
+}
 PRESETS = {
     # the whole flow in a couple of minutes on a 2-core CPU: a smoke test, not a model
     "tiny": {
         "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.block_size": 192,
-        "data.vocab": "trimmed", "data.max_pairs": 300, "data.max_prompt_tokens": 96, "data.max_reply_tokens": 64,
+        "data.vocab": "trimmed", "data.max_pairs": 300, "data.max_test_pairs": 300,
+        "data.max_prompt_tokens": 96, "data.max_reply_tokens": 64,
         "pretrain.max_steps": 40, "pretrain.batch_size": 8, "pretrain.eval_interval": 20,
         "pretrain.eval_batches": 2, "pretrain.log_interval": 5, "pretrain.warmup_steps": 5,
         "sft.max_steps": 20, "sft.batch_size": 8, "sft.eval_interval": 10, "sft.eval_batches": 2,
@@ -113,17 +133,19 @@ PRESETS = {
         "ppo.max_prompt_tokens": 96, "ppo.max_new_tokens": 24, "ppo.sample_every": 2, "ppo.save_every": 2,
         "eval.num_prompts": 8, "eval.n": 4, "eval.policy_samples": 2, "eval.num_examples": 2,
     },
-    # the default without CUDA: minutes on a laptop, the numbers in the README (shapes measured with bench.py)
+    # the default without CUDA: <= 15 min on a 2-core CPU on the sample and on the full hh-rlhf alike, the numbers in
+    # the README (shapes measured with bench.py). On the full data it reads a fixed tenth of the train pairs (its 500
+    # pretraining steps see 2M tokens, a quarter of that tenth) and 1,000 of the 8,552 test pairs
     "cpu": {
         "model.n_layer": 4, "model.n_head": 3, "model.n_embd": 192, "model.block_size": 256,
         "data.vocab": "trimmed", "data.trimmed_max_size": 8192, "data.max_prompt_tokens": 160,
-        "data.max_reply_tokens": 96,
+        "data.max_reply_tokens": 96, "data.max_pairs": 16000, "data.max_test_pairs": 1000,
         "model.dropout": 0.1,  # pretraining makes ~4 passes over the sample (SFT keeps it; PM, RS, PPO switch it off)
         "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
-        # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data add --rm.val_pairs=64
-        "rm.max_steps": 90, "rm.eval_interval": 30,
+        # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data 256 of its ~760
+        "rm.max_steps": 90, "rm.eval_interval": 30, "rm.val_pairs": 256,
         "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
         "rs.eval_interval": 20, "rs.eval_batches": 2,
         "ppo.iterations": 16, "ppo.batch_size": 32, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 2,
@@ -131,24 +153,18 @@ PRESETS = {
         "ppo.share_trunk": True, "ppo.sample_every": 5, "ppo.save_every": 4,
         "eval.num_prompts": 48, "eval.n": 16, "eval.policy_samples": 4,
     },
-    # the default with CUDA: GPT-2-small size from scratch on the full dataset
-    "gpu": {
-        "model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
-        "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256,
-        "pretrain.max_steps": 20000, "pretrain.batch_size": 32, "pretrain.grad_accum": 4, "pretrain.eval_interval": 500,
-        # SFT packs ~6 dialogues per 1024-token row (the sample: 1,436 -> 261 rows, 88% real tokens), so 600 steps of 64
-        # rows are ~1.5 passes over the full data's chosen replies
-        "sft.max_steps": 600, "sft.batch_size": 32, "sft.grad_accum": 2, "sft.eval_interval": 100, "sft.pack": True,
-        "compile": True,
-    },
-    # start from OpenAI's GPT-2 124M instead of pretraining
-    "gpt2": {
-        "model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,
-        "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256,
-        "pretrain.init": "gpt2",
-        "sft.max_steps": 600, "sft.batch_size": 16, "sft.grad_accum": 4, "sft.lr": 3e-5, "sft.eval_interval": 100,
-        "sft.pack": True,
-    },
+    # the default with CUDA: OpenAI's GPT-2 (124M) weights, then every stage on the full hh-rlhf: <= 2 h on one
+    # 24 GB card (RTX 4090) by `python rlhf.py plan --plan.gpu=rtx4090`; see GPU_STAGES for each stage's share
+    "gpu": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2"},
+    # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.5x the compute, micro-batches halved to fit 24 GB
+    "gpu-medium": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2-medium", "model.n_layer": 24, "model.n_head": 16,
+                   "model.n_embd": 1024, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
+                   "rs.grad_accum": 2, "rm.batch_size": 16, "ppo.share_trunk": True},
+    # GPT-2-small's shape pretrained from scratch on hh-rlhf dialogue text (~9 passes over it, the best-validation
+    # weights kept), then the gpu preset's stages: a study of what pretraining alone gives, not a good policy
+    "gpu-scratch": {**GPU_MODEL, **GPU_STAGES, "pretrain.max_steps": 5000, "pretrain.batch_size": 16,
+                    "pretrain.grad_accum": 8, "pretrain.eval_interval": 250, "pretrain.warmup_steps": 200,
+                    "sft.lr": 1e-4},
 }
 
 STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "plan", "sample", "chat", "plot", "export"]
@@ -489,5 +505,19 @@ def main(argv):
     return 0
 
 
+# glibc hands a freed block of over 32 MB (a batch's logits: 16 x 256 x 8,192 floats on the cpu preset) back to the
+# OS at once, and the next step's first touch of a new one costs a page fault per 4 KB: ~150,000 a step, ~10% of a
+# CPU training step. These limits keep such blocks in the process for reuse; the numbers computed do not change.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+
+
+def keep_freed_memory():
+    """Start this script again (once, Linux with glibc) with MALLOC_TUNABLES, which glibc reads only at start-up.
+    A GLIBC_TUNABLES the user set is left alone."""
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
+
+
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main(sys.argv[1:]))

@@ -50,3 +50,21 @@ def test_failed_gpt2_download_is_one_clear_line(tmp_path, monkeypatch, capsys):
                       "--out_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "--pretrain.init" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_script_restarts_once_with_glibc_malloc_limits(monkeypatch):
+    """`python rlhf.py` re-executes itself once with GLIBC_TUNABLES (fewer page faults a CPU step), and never
+    when the variable is already set: by the user, or by the first start."""
+    import os
+    import sys
+    calls = []
+    monkeypatch.setattr(rlhf.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    rlhf.keep_freed_memory()
+    if sys.platform == "linux" and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
+        (exe, argv, env), = calls
+        assert exe == sys.executable and argv[1:] == sys.argv and env["GLIBC_TUNABLES"] == rlhf.MALLOC_TUNABLES
+    calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    rlhf.keep_freed_memory()
+    assert calls == []

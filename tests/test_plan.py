@@ -45,6 +45,9 @@ def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
     ppo = stages["ppo"]
     assert (ppo["episodes"], ppo["minibatch_steps"]) == (3 * 8, 3 * 2 * (8 // 4))  # iterations x epochs x minibatches
     assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 2 * 2))
+    # sampled token steps: one generate call of up to 24 tokens per batch (PPO: per iteration)
+    assert [stages[s]["decode_steps"] for s in ("rm", "rs", "ppo", "eval")] == [
+        math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24, (math.ceil(8 * 4 / 64) + 2 * math.ceil(8 * 2 / 64)) * 24]
     for name, s in stages.items():
         assert s["seconds"] == pytest.approx(s["gflop"] + s["tokenized"] / 1e6, abs=0.1), name
 
@@ -69,18 +72,20 @@ def test_unknown_gpu_is_one_line_naming_the_known_ones(tmp_path, capsys):
 
 
 def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_dir):
-    """--plan.gpu=h100: pretraining at 0.40 x 989 TFLOP/s (README, Speed); every stage's compute time on
-    an RTX 4090 is the H100's times 989 / 165, the ratio of their datasheet peaks (train.CUDA_PEAK_TFLOPS)."""
-    flags = ["--preset", "gpu", "--pretrain.eval_interval=100000"]  # validation before and after only
+    """--plan.gpu=h100: compiled pretraining at 0.40 x 989 TFLOP/s (README, Speed); every stage's compute time
+    on an RTX 4090 is the H100's times 989 / 165, the ratio of their datasheet peaks (train.CUDA_PEAK_TFLOPS),
+    while a sampled token step costs both the H100's measured 64 / 9,466 s: launch-bound, not compute-bound."""
+    flags = ["--preset", "gpu-scratch", "--pretrain.eval_interval=100000"]  # validation before and after only
     h100, rtx = make(hh_dir, *flags, "--plan.gpu=h100"), make(hh_dir, *flags, "--plan.gpu=RTX 4090")
     assert h100["device"] == "H100 (assumed)" and rtx["device"] == "RTX 4090 (assumed)"
-    gpt = GPT(rlhf.parse_args(["--preset", "gpu"])[1].model)  # GPT-2 small: the gpu preset keeps GPT-2's vocabulary
-    pretrain = 20000 * 128 * 1024 * gpt.flops_per_token() / (0.40 * 989e12)
+    gpt = GPT(rlhf.parse_args(["--preset", "gpu-scratch"])[1].model)  # GPT-2 small, GPT-2's vocabulary
+    pretrain = 5000 * 128 * 1024 * gpt.flops_per_token() / (0.40 * 989e12)
     assert h100["stages"]["pretrain"]["seconds"] == pytest.approx(pretrain, rel=2e-3)
+    assert rtx["stages"]["ppo"]["decode_steps"] == 320 * 64  # iterations x max_new_tokens
     for name, s in h100["stages"].items():
-        compute = s["seconds"] - s["tokenized"] / plan.TOKENIZE_PER_S  # tokenising is the CPU's, not the GPU's
-        other = rtx["stages"][name]["seconds"] - s["tokenized"] / plan.TOKENIZE_PER_S
-        assert other == pytest.approx(compute * 989 / 165, rel=0.01, abs=0.2), name
+        fixed = s["tokenized"] / plan.TOKENIZE_PER_S + s["decode_steps"] * 64 / 9466  # the CPU's, and launches
+        other = rtx["stages"][name]["seconds"] - fixed
+        assert other == pytest.approx((s["seconds"] - fixed) * 989 / 165, rel=0.01, abs=0.2), name
 
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):

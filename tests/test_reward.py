@@ -411,3 +411,24 @@ def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path
                     "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20] and len(calls) == 3
+
+
+def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
+    """rm.group_by_length: batches of similar length (sorted within groups of 32 batches) still visit
+    every pair once an epoch, in a seeded order that is a pure function of the step, and pad less."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 400, size=(32 * 8 * 3, 2))  # 3 groups of 32 batches of 8 pairs
+    examples = [(list(range(a)), list(range(b))) for a, b in lengths]
+    per_epoch = len(examples) // 8
+
+    def batch_rows(i, group):  # the batch, and its pairs as (chosen length, rejected length)
+        idx, mask, _ = reward.pair_batch(examples, i, 8, seed=3, pad_id=0, group_by_length=group)
+        n = mask.sum(1).tolist()
+        return idx, list(zip(n[:8], n[8:]))
+
+    seen = sorted(pair for i in range(per_epoch) for pair in batch_rows(i, True)[1])
+    assert seen == sorted(map(tuple, lengths.tolist()))  # every pair once in the epoch
+    assert batch_rows(5, True)[0].equal(batch_rows(5, True)[0])         # a pure function of the step
+    grouped = np.mean([batch_rows(i, True)[0].size(1) for i in range(per_epoch)])
+    plain = np.mean([batch_rows(i, False)[0].size(1) for i in range(per_epoch)])
+    assert grouped < 0.75 * plain
