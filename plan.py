@@ -12,10 +12,13 @@ hours, and nothing said so before it started. `all` prints this plan first. How:
    stages' own functions (reward.pm_steps, train.validation_batches, data.sft_example, ...). Pair counts are
    exact; token counts are estimated from a seeded sample of plan.sample_rows pairs, scaled by the counts.
    Work is FLOPs (GPT.flops_per_token: 6N + 12LHQT a token to train, a third of that for a forward pass or
-   a sampled token) of five kinds, pretrain, train, forward, sample and ppo (whole iterations), plus tokens
-   to tokenise. Replies are counted to max_new_tokens: an upper bound.
-2. Rates: what this device reaches for each kind, timed at the preset's shapes with bench.py's functions;
-   or a GPU's datasheet peak times the utilisation an H100 reached (--plan.gpu); or --plan.gflops.
+   a sampled token) of six kinds, pretrain and train (supervised_train, compiled with --compile), eager
+   (PM training), forward, sample and ppo (whole iterations); sampled token steps (decode: one per token of
+   a generate call, however many rows it has); and tokens to tokenise. Replies are counted to max_new_tokens:
+   an upper bound.
+2. Rates: what this device reaches for each kind, timed at the preset's shapes with bench.py's functions
+   (decode steps are then inside the sampling rate); or, for a named GPU (--plan.gpu), its datasheet peak
+   times the utilisation an H100 reached, plus the H100's launch-bound time a decode step; or --plan.gflops.
 3. Time = the sum over kinds of work / rate. Memory: an estimate from the shapes (memory_bytes).
 The last line printed is the plan as one JSON object: {"preset", "device", "stages", "total_seconds", ...}.
 

@@ -6,7 +6,7 @@ rlhf.py: the one script that runs the whole HH-RLHF flow, stage by stage.
     python rlhf.py ppo --ppo.kl_coef=0.05 # any config field, --section.field=value
 
 Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once done unless --force):
-  pretrain  base LM on hh-rlhf dialogue text, or OpenAI GPT-2 weights (--preset gpt2)    base.pt
+  pretrain  base LM on hh-rlhf dialogue text, or OpenAI GPT-2 weights (the gpu presets)  base.pt
   sft       imitate the chosen replies, loss on reply tokens only                         sft.pt
   rm        preference models PM-A and PM-B on disjoint halves of the comparisons      pm_a.pt, pm_b.pt
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
@@ -23,6 +23,7 @@ from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
 import difflib
 import os
 import sys
+import time
 from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
@@ -97,9 +98,8 @@ class Config:
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
-GPT2_SMALL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768}
-GPU_MODEL = {**GPT2_SMALL, "model.block_size": 1024, "data.vocab": "gpt2", "data.max_prompt_tokens": 768,
-             "data.max_reply_tokens": 256, "compile": True}
+GPU_MODEL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,  # GPT-2 small
+             "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256, "compile": True}
 # The GPU presets' stages, sized for the full hh-rlhf (153,558 train pairs after validation, 64,825 prompts):
 GPU_STAGES = {
     # SFT: ~1 pass over the chosen replies, packed ~3.7 dialogues a 1,024-token row (~41,700 rows)
@@ -434,9 +434,17 @@ def preset_reason(preset):
 
 
 def stage_plan(cfg, repeats=2):
-    """Print what each stage will do, its memory and its time on this device (plan.py)."""
+    """Print what each stage will do, its memory and its time on this device (plan.py); return the plan."""
     from plan import print_plan  # plan imports rlhf (as bench.py does): imported when it is used
-    print_plan(cfg, preset_reason(cfg.preset), repeats)
+    return print_plan(cfg, preset_reason(cfg.preset), repeats)
+
+
+def report_time(log, name, seconds, plan):
+    """After each stage of `all`: its wall time against the plan's estimate, printed and in metrics.jsonl."""
+    from plan import fmt_time
+    planned = plan["stages"][name]["seconds"]
+    print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {seconds / max(planned, 1e-9) - 1:+.0%})")
+    log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
 
 
 def stage_plot(cfg):
@@ -478,8 +486,9 @@ def run(stage, cfg):
         "export": lambda: stage_export(cfg),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
+    plan = None
     if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
-        stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
+        plan = stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
     for name in order:
         if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
@@ -487,7 +496,10 @@ def run(stage, cfg):
             world_size = 1
             if rank != 0:
                 return
+        t0 = time.time()
         steps[name]()
+        if plan:
+            report_time(log, name, time.time() - t0, plan)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
