@@ -42,7 +42,8 @@ import rlhf
 from data import lm_tokens
 from model import GPT
 from reward import RewardModel
-from train import autocast, cuda_peak_flops, get_batch, pick_device, set_seed, to_device
+from runtime import autocast, cuda_peak_flops, pick_device, set_seed, to_device
+from train import get_batch
 
 
 def sync(device):

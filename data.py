@@ -449,7 +449,7 @@ def lm_tokens(pairs, tok, chunk=4096):
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
-def encode_pairs(pairs, tok):
+def tokenize_pairs(pairs, tok):
     """[(prompt_ids, chosen_ids, rejected_ids)] for all pairs in one batched pass: encode once, then
     build examples from ids every epoch (sft_example, pm_example and prompt_ids accept ids)."""
     flat = tok.encode_batch([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])

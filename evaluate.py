@@ -1,7 +1,6 @@
 """
-Best-of-n sampling, rejection-sampling fine-tuning, and the final evaluation of every policy.
+The final evaluation of every policy, and the reward-vs-sqrt(KL) frontier.
 
-    python rlhf.py rs   --preset cpu     # best-of-n against PM-A, fine-tune SFT on the winners -> rs.pt
     python rlhf.py eval --preset cpu     # sft / bon / rs / ppo on held-out prompts -> eval.json, report.md
 
 Each policy is scored on held-out test prompts by PM-A (the reward it was optimised against) and by
@@ -9,15 +8,13 @@ PM-B (a preference model trained on the other half of the comparisons, which no 
 and placed on the reward-vs-sqrt(KL) plane of Gao et al. 2022: if PM-A keeps rising while PM-B stalls
 or falls, the policy is overoptimising its proxy.
 
-The file reads top to bottom: the math (best-of-n selection, its analytic KL, the unbiased
-best-of-n estimator, the frontier fits), sampling and scoring helpers, then the `rs` and `eval` stages.
+The file reads top to bottom: the frontier fits, then the `eval` stage (best-of-n's math is rs.py's).
 
 References
-- Stiennon et al. 2020, "Learning to summarize from human feedback", app. G.3 (KL of best-of-n).
-- Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", sec. 2-3 (the unbiased best-of-n
-  estimator, R_bon(d) = d(a - b d), R_RL(d) = d(a - b log d), d = sqrt(KL)).
+- Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization", sec. 2-3 (R_bon(d) = d(a - b d),
+  R_RL(d) = d(a - b log d), d = sqrt(KL)).
 - Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", sec. 4.3 (reward is linear
-  in sqrt(KL)); Anthony et al. 2017 / Dong et al. 2023 (expert iteration / RAFT, rejection sampling).
+  in sqrt(KL)).
 """
 
 import json
@@ -27,46 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from data import pad_left, pad_right, sft_example
 from model import disable_dropout
-from ppo import forward_policy, logprobs_from_logits, pm_reward_fn, reply_ended, rl_prompts
-from reward import load_reward_model
-from train import (LMTrainConfig, MetricsLog, autocast, dist_info, load_checkpoint, load_model, pick_device,
-                   save_checkpoint, set_seed, stage_done, supervised_train)
-
-
-# ----------------------------------------------------------------------------------------------
-# the math: best-of-n
-
-def best_of_n(scores):
-    """Index of the best of each row's n samples. scores (P, n) -> (P,) long. Ties go to the first."""
-    return scores.argmax(dim=1)
-
-
-def bon_kl(n):
-    """KL(best-of-n || base) = log n - (n - 1) / n nats (Stiennon et al. 2020 app. G.3).
-
-    For a continuous reward the best of n draws has CDF F(x)^n, density q = n F^(n-1) p, so
-    KL = E_q[log n F^(n-1)] = log n + (n - 1) E_q[log F], and under q, F ~ U^(1/n) with
-    E[log U^(1/n)] = -1/n. For a discrete base distribution it is an upper bound (ties lower it)."""
-    return math.log(n) - (n - 1) / n
-
-
-def bon_expected(select, report, n):
-    """The unbiased best-of-n estimator of Gao et al. 2022 sec. 2: with N >= n samples per prompt,
-    average `report` of the `select`-argmax over ALL C(N, n) subsets of size n, in closed form.
-    After sorting a row by `select` (ascending), sample i (0-based) is the max of exactly C(i, n-1)
-    of the C(N, n) subsets, so its weight is C(i, n-1) / C(N, n).
-
-    select, report: (P, N) float tensors (e.g. PM-A picks, PM-B judges) -> (P,) expected report."""
-    P, N = select.shape
-    assert 1 <= n <= N, f"best-of-{n} needs at least {n} samples per prompt, got {N}"
-    order = select.argsort(dim=1, stable=True)                               # (P, N)
-    sorted_report = report.gather(1, order).double()                         # (P, N)
-    weights = torch.tensor([math.comb(i, n - 1) for i in range(N)], dtype=torch.float64) / math.comb(N, n)
-    return (sorted_report * weights).sum(1).to(report.dtype)                 # (P,)
+from reward import load_reward_model, pm_reward_fn
+from rs import best_of_n, bon_expected, bon_kl
+from runtime import load_checkpoint, load_model, pick_device, set_seed
+from sampling import reply_logprobs, rl_prompts, sample_replies, score, strip_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,23 +65,6 @@ def fit_linear(d, r):
     return {"form": "a + b*d", "a": float(a), "b": float(b), "rmse": rmse, "points": len(d)}
 
 
-# ----------------------------------------------------------------------------------------------
-# configs
-
-@dataclass
-class RSConfig(LMTrainConfig):
-    """Rejection-sampling fine-tuning (expert iteration): best-of-n on RL prompts, then SFT on the winners.
-    The LMTrainConfig fields (max_steps, batch_size, lr, ...) configure the fine-tune."""
-    n: int = 16                  # samples per prompt; the best under PM-A is kept
-    num_prompts: int = 256       # train prompts to sample (0 = all)
-    max_new_tokens: int = 0      # reply length cap while sampling (0 = ppo.max_new_tokens)
-    sample_batch_size: int = 64  # sequences per generate call
-    max_steps: int = 200         # fine-tuning steps on the winners
-    lr: float = 5e-5             # fine-tuning lr (a small step from SFT)
-    warmup_steps: int = 10       # linear warmup
-    eval_interval: int = 50      # steps between validation passes and checkpoints
-
-
 @dataclass
 class EvalConfig:
     """The final evaluation of sft / bon / rs / ppo on held-out test prompts."""
@@ -130,134 +76,6 @@ class EvalConfig:
     num_examples: int = 3        # prompts shown side by side in report.md
     frontier_windows: int = 8    # PPO training iterations are averaged into this many frontier points
     pm_only: bool = False        # only re-evaluate the preference models (reward.py's evaluate_pms)
-
-
-# ----------------------------------------------------------------------------------------------
-# sampling and scoring
-
-@torch.no_grad()
-def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0, dtype="auto"):
-    """n replies per query at `temperature` with no top-k/top-p (so best-of-n's KL is the analytic
-    one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
-    The forwards run under train.autocast(dtype); the sampling itself is fp32 (GPT.generate).
-    queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
-    device = next(policy.parameters()).device
-    rows = [q for q in queries for _ in range(n)]
-    replies = []
-    for start in range(0, len(rows), batch_size):
-        idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
-        with autocast(device.type, dtype):
-            tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                              temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids,
-                                              generator=generator)
-        replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
-    return replies
-
-
-@torch.inference_mode()
-def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0, dtype="auto"):
-    """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
-    the replies were sampled from), (len(replies),). With the policy's own samples,
-    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
-    under train.autocast(dtype); the log-softmax and the sums are fp32."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(replies), batch_size):
-        q, r = queries[start:start + batch_size], replies[start:start + batch_size]
-        q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
-        r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
-        with autocast(device.type, dtype):
-            logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
-                                       torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
-        lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
-        out.append(lp.sum(1).cpu())
-    return torch.cat(out)
-
-
-def strip_end(reply, tok):
-    """A reply without its final EOS or "\n\nHuman:" stop sequence: the text a reader sees."""
-    if reply[-1:] == [tok.eos_id]:
-        return reply[:-1]
-    for stop in tok.stop_ids:
-        if len(stop) and reply[-len(stop):] == list(stop):
-            return reply[:-len(stop)]
-    return reply
-
-
-def score(reward_fn, queries, replies, batch_size):
-    """PM scores of (query, reply) id lists in batches -> (len(replies),) float tensor."""
-    with torch.inference_mode():
-        return torch.cat([reward_fn(queries[i:i + batch_size], replies[i:i + batch_size]).float().cpu()
-                          for i in range(0, len(replies), batch_size)])
-
-
-# ----------------------------------------------------------------------------------------------
-# stage rs: rejection-sampling fine-tuning (expert iteration)
-
-def run_rs(cfg):
-    """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
-    (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
-    turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
-    fine-tune never teaches the policy to stop mid-sentence. The winners are cached in
-    out_dir/rs_data.pt, so a resumed run trains on the same examples. Under torchrun each rank samples
-    prompts rank::N, the winners are gathered on every rank, and the fine-tune is data-parallel."""
-    rc, out = cfg.rs, cfg.out_dir
-    path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
-    if stage_done(path, cfg.force, "rs"):
-        return
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
-    policy, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
-    disable_dropout(policy)  # for the sampling and the fine-tune alike, whether or not the winners are on disk
-    block_size, max_new = policy.config.block_size, rc.max_new_tokens or cfg.ppo.max_new_tokens
-    if os.path.exists(data_path) and not cfg.force:
-        data = load_checkpoint(data_path)
-    else:
-        policy.eval()
-        pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
-        prompts = rl_prompts(cfg, "train", tok, min(cfg.ppo.max_prompt_tokens, block_size - max_new))
-        g = torch.Generator().manual_seed(cfg.seed)
-        order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
-        rank, world_size = dist_info()
-        queries = [prompts[i][1] for i in order][rank::world_size]  # this rank's share
-        print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
-              + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
-        dtype = getattr(cfg, "dtype", "auto")
-        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature,
-                                 dtype)
-        rep_queries = [q for q in queries for _ in range(rc.n)]
-        scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size, dtype), rep_queries, replies, rc.sample_batch_size)
-        scores = scores.view(-1, rc.n)                                                             # (P, n)
-        ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rc.n)
-        # the best finished reply; only where none finished, the best cut one (trained without EOS)
-        best = best_of_n(torch.where(ended, scores, scores - 1e9))                                # (P,)
-        examples, kept, n_cut = [], [], 0
-        for p, j in enumerate(best.tolist()):
-            reply = replies[p * rc.n + j]
-            if ended[p, j]:  # drop the EOS or stop sequence; sft_example appends one EOS, since the reply fits
-                reply = strip_end(reply, tok)
-                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply)))
-            else:            # a cut reply gets no EOS: the policy must not learn to stop there
-                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply) - 1))
-                n_cut += 1
-            kept.append(scores[p, j].item())
-        parts = [(examples, kept, scores.flatten().tolist(), ended.flatten().tolist(), n_cut)]
-        if world_size > 1:  # every rank gets every rank's winners (and the numbers for the summary)
-            parts = [None] * world_size
-            dist.all_gather_object(parts, (examples, kept, scores.flatten().tolist(), ended.flatten().tolist(), n_cut))
-        examples, kept, all_scores, all_ended = ([x for part in parts for x in part[i]] for i in range(4))
-        n_cut = sum(part[4] for part in parts)
-        data = {"examples": examples, "mean_score": sum(kept) / len(kept), "cut": n_cut,
-                "mean_score_all": sum(all_scores) / len(all_scores), "eos_rate": sum(all_ended) / len(all_ended)}
-        if rank == 0:
-            save_checkpoint(data_path, data)
-        print(f"[rs] PM-A of the winners {data['mean_score']:+.3f} vs {data['mean_score_all']:+.3f} for all samples "
-              f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
-    examples = [tuple(e) for e in data["examples"]]
-    n_val = max(1, len(examples) // 10)
-    set_seed(cfg.seed)  # the same start whether the winners were just sampled (which draws on the RNG) or read
-    supervised_train(cfg, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -448,7 +266,7 @@ def run_eval(cfg):
         human = prompts[p][0].rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
         col = {"sft": p * n, "bon": p, "rs": p * k, "ppo": p * k}
         examples.append({"human": human, "replies": {
-            m: (tok.decode(strip_end(replies[m][col[m]], tok)).strip(),
+            m: (tok.decode(strip_end(replies[m][col[m]], tok.eos_id, tok.stop_ids)).strip(),
                 a[m].view(-1)[col[m]].item(), b[m].view(-1)[col[m]].item()) for m in replies}})
     write_report(os.path.join(out, "report.md"), ev, examples)
     print(f"[eval] {'policy':6s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'tokens':>6s}")

@@ -36,12 +36,14 @@ import numpy as np
 import torch
 
 import rlhf
-from data import (build_tokenizer, encode_pairs, lm_tokens, pack_examples, pm_example, prompt_ids, read_pairs,
-                  resolve_data_dir, sft_example, split_halves, split_train_val)
+from data import (build_tokenizer, lm_tokens, pack_examples, pm_example, prompt_ids, read_pairs, resolve_data_dir,
+                  sft_example, split_halves, split_train_val, tokenize_pairs)
 from model import GPT
 from ppo import prompt_batch
-from reward import auto_eval_interval, pair_batch, pm_block, pm_steps
-from train import CUDA_PEAK_TFLOPS, pick_device, rng_state, set_rng_state, set_seed, validation_batches
+from reward import pm_block
+from rm import auto_eval_interval, pair_batch, pm_steps
+from runtime import CUDA_PEAK_TFLOPS, pick_device, rng_state, set_rng_state, set_seed
+from train import validation_batches
 
 GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
 # measured on one NVIDIA H100 80GB HBM3 (989 TFLOP/s dense bf16) under bf16 autocast, GPT-2 small (README, Speed)
@@ -84,7 +86,7 @@ def read_data(cfg):
     sample = [train[i] for i in sorted(rows)]
     tok = build_tokenizer(cfg.data, sample)
     t0 = time.perf_counter()
-    ids = encode_pairs(sample, tok)
+    ids = tokenize_pairs(sample, tok)
     rate = sum(len(x) for triple in ids for x in triple) / max(time.perf_counter() - t0, 1e-6)
     return Data(str(data_dir), len(train), len(val), len(test), (len(halves[0]), len(halves[1])),
                 len({p.prompt for p in train}), len({p.prompt for p in test}), tok, ids, lm_tokens(sample, tok),

@@ -28,11 +28,13 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from data import pad_left, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from data import pad_left
 from model import disable_dropout
-from reward import load_reward_model, scalar_head, score_replies
-from train import (MetricsLog, NonFiniteLoss, autocast, check_compatible, dist_info, load_checkpoint, load_model,
-                   model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
+from reward import load_reward_model, pm_reward_fn, scalar_head
+from runtime import (MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, check_compatible,
+                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, rng_state, save_checkpoint,
+                     set_rng_state, set_seed, stage_done, token_share)
+from sampling import logprobs_from_logits, reply_ended, rl_prompts
 
 
 @dataclass
@@ -213,11 +215,6 @@ def build_critic(trunk, head_weight, head_bias, gain=1.0, bias=0.0):
     return torch.nn.ModuleDict(parts)
 
 
-def logprobs_from_logits(logits, tokens):
-    """log pi(token) for each position: logits (B, N, V), tokens (B, N) -> (B, N)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def entropy_from_logits(logits):
     """Per-token entropy H = logsumexp(z) - sum softmax(z) z, (B, N, V) -> (B, N)."""
     logits = logits.float()
@@ -258,35 +255,6 @@ def rollout_forward(policy, critic, query_response, attention_mask, responses, c
 
 # ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
-
-def token_share(mask):
-    """world_size * (this rank's real tokens) / (all ranks' real tokens): the weight that turns the
-    average of the ranks' per-token means into the mean over every token of the global minibatch."""
-    n = mask.sum()
-    total = n.clone()
-    dist.all_reduce(total)
-    return dist.get_world_size() * n / total.clamp(min=1)
-
-
-def average_gradients(params):
-    """Data-parallel PPO: each rank samples and scores its own rollouts, then the gradients are
-    averaged (all-reduced) before every optimizer step, so the replicas stay identical."""
-    if not dist.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-        p.grad /= dist.get_world_size()
-
-
-def all_ranks_mean(x):
-    """The mean of a scalar over the ranks (itself in one process): for logs and shared decisions."""
-    x = torch.as_tensor(x, dtype=torch.float64).clone()
-    if dist.is_initialized():
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
 
 
 def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
@@ -392,26 +360,6 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
 
 # ----------------------------------------------------------------------------------------------
 # the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
-
-def pm_reward_fn(reward_model, tok, batch_size=64, dtype="auto"):
-    """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
-    of query + reply + EOS read at that EOS (the input it was trained on). A trailing EOS or stop
-    sequence is replaced by one EOS, so an unfinished reply is scored as it stands: the truncated reply."""
-    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size, dtype)
-
-
-def reply_ended(reply, eos_id, stop_ids):
-    """True if a sampled reply (id list) finished by itself: EOS, or a new "\n\nHuman:" turn."""
-    return reply[-1:] == [eos_id] or any(len(s) and reply[-len(s):] == list(s) for s in stop_ids)
-
-
-def rl_prompts(cfg, split, tok, max_prompt_tokens):
-    """Unique prompts of a split as (text, left-truncated ids): train for RL, test for evaluation."""
-    pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), split, cfg.data)
-    if split == "train":
-        pairs, _ = split_train_val(pairs, cfg.data.val_frac)
-    texts = list(dict.fromkeys(p.prompt for p in pairs))  # unique, in file order
-    return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]
 
 
 def prompt_batch(prompts, index, batch_size, seed, pad_id):

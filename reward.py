@@ -1,81 +1,32 @@
 """
-The preference model (PM): stage `rm` of rlhf.py.
+The preference model (PM): what it is, how it scores, and how its scores are normalised. The rm stage
+that trains PM-A and PM-B is rm.py; rejection sampling, PPO and the evaluation score with this file.
 
 A GPT trunk (initialised from the SFT checkpoint) with a scalar head scores a whole
 (prompt, reply) sequence at its final EOS token. Trained on human comparisons with the
 ranking loss -log sigmoid(r_chosen - r_rejected); binary and LM baselines for comparison.
-Two PMs are trained on disjoint halves of the train pairs: PM-A is the reward for
-rejection sampling and PPO, PM-B is a held-out judge of the policies PM-A trained.
-The numbers reported about the PMs (accuracy, calibration, A-vs-B robustness) are plain numpy
-functions of their scores, in pm_metrics.py.
-
-    python rlhf.py rm --preset=cpu                     # pm_a.pt, pm_b.pt, eval.json["pm"]
-    python rlhf.py rm --preset=cpu --rm.ablation=true  # ranking vs binary vs lm table
-    python rlhf.py rm --preset=cpu --rm.pmp_study=true # accuracy vs #pairs, with/without PMP
+Its raw score gets a gain and bias so that the SFT policy's own replies score mean 0, std 1:
+rewards then read as "SFT standard deviations".
 
 References:
 - Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", arXiv:2204.05862: the PM
-  and its EOS token, PM calibration, and the robustness study with two PMs on halves of the data.
+  and its EOS token.
 - Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", arXiv:2112.00861:
-  ranked vs binary preference modeling vs imitation (LM), and preference-model pretraining (PMP).
+  ranked vs binary preference modeling vs imitation (LM).
 - Ziegler et al. 2019 / OpenAI lm-human-preferences (reward normalisation to mean 0, std 1 on
   policy samples; head init N(0, 1/sqrt(d+1))), and Stiennon et al. 2020 (ranking loss).
 """
-import copy
-import json
 import math
-import os
-import re
-import time
-from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, Tokenizer, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
-                  sft_example, split_halves, split_train_val)
+from data import Tokenizer, pad_right, pm_example
 from model import GPT, GPTConfig
-from train import (CheckpointError, MetricsLog, autocast, barrier, check_compatible, dist_info, load_checkpoint,
-                   load_model, lr_at, model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state,
-                   set_seed, stage_done)
-from pm_metrics import bag_of_tokens_baseline, ci_str, format_report, pair_accuracy, pm_report, wilson_interval
-
-
-@dataclass
-class RMConfig:
-    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
-    init: str = "sft"            # trunk initialisation: "sft" (out_dir/sft.pt) or "base" (out_dir/base.pt)
-    lr: float = 1e-4             # peak AdamW learning rate (linear warmup + cosine)
-    min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
-    warmup_steps: int = 20       # linear LR warmup (per phase: PMP, then human pairs)
-    weight_decay: float = 0.0    # AdamW weight decay on matrices
-    batch_size: int = 8          # comparisons per step (2x sequences)
-    epochs: int = 1              # passes over the PM's half (val loss bottoms out within one on the sample)
-    max_steps: int = 0           # >0: exactly this many steps on human pairs (overrides epochs)
-    grad_clip: float = 1.0       # clip the global grad norm (0 = off)
-    margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
-    center_coef: float = 0.0     # ranking: + coef * mean((r_c + r_r)^2), keeps scores centred at 0
-    split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
-    pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
-    pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    group_by_length: bool = False  # batches of pairs of similar length (pair_batch): far less padding on long data
-    eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
-                                 # 0 = auto_eval_interval: validation at most 10% of the training compute
-    val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
-                                 # the test split is scored whole (up to data.max_test_pairs)
-    save_interval: int = 1000    # steps between resumable checkpoints (weights, optimizer, best so far), and one at the
-                                 # end: ~10 on the full data, where one a validation wrote ~380 of ~2 GB per PM
-    log_interval: int = 10       # steps between metrics.jsonl rows
-    eval_batch_size: int = 32    # sequences per scoring forward pass
-    normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
-    normalize_samples: int = 512 # SFT samples (train prompts, PPO's shapes and temperature) that fit gain and bias;
-                                 # the fitted mean is off by ~1/sqrt(this) SFT standard deviations
-    ablation: bool = False       # also train binary and score lm on half A: one table of objectives
-    pmp_study: bool = False      # accuracy with 25/50/100% of half A, with and without PMP: one table
+from runtime import CheckpointError, autocast, load_checkpoint
+from sampling import strip_end
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +140,7 @@ def load_reward_model(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# data: token ids of comparisons, batches, scoring in batches
+# data: token ids of comparisons, and scoring in batches
 
 def pm_block(model, cfg):
     """Longest PM sequence: prompt (left-truncated) + reply + EOS, within the model's context."""
@@ -201,65 +152,6 @@ def encode_pairs(pairs, tok, block_size, max_reply_tokens):
     texts = tok.encode_batch([t for p in pairs for t in (p.prompt, p.chosen, p.rejected)])
     return [(pm_example(texts[3 * i], texts[3 * i + 1], tok, block_size, max_reply_tokens),
              pm_example(texts[3 * i], texts[3 * i + 2], tok, block_size, max_reply_tokens)) for i in range(len(pairs))]
-
-
-def pmp_pairs(pairs, seed):
-    """Comparisons built from dialogue text alone, for preference-model pretraining (PMP).
-
-    Askell et al. 2021 pretrain PMs on comparisons mined from the web before the human
-    data. With no such corpus here, every real reply (chosen and rejected alike: no human label
-    is used) is preferred to a corrupted one, drawn at random: a reply from another dialogue
-    (tests relevance), the same words shuffled (fluency), or the reply cut to 20-60% of its words
-    (completeness). Each corruption keeps the reply's formatting (its leading space, the whitespace
-    between words): a pair must differ only in what it tests, or a PM learns to spot the formatting.
-    """
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, p in enumerate(pairs):
-        for reply in (p.chosen, p.rejected):
-            kind = rng.integers(3)
-            if kind == 0:
-                other = pairs[(i + 1 + rng.integers(len(pairs) - 1)) % len(pairs)] if len(pairs) > 1 else p
-                bad = other.chosen if rng.random() < 0.5 else other.rejected
-            else:
-                parts = re.split(r"(\s+)", reply)  # words at even indices, the whitespace between them at odd
-                slots = [j for j in range(0, len(parts), 2) if parts[j]]  # the words ("" where whitespace leads)
-                if kind == 1:  # shuffle the words in their slots; every gap stays where it was
-                    for j, w in zip(slots, [parts[j] for j in rng.permutation(slots)]):
-                        parts[j] = w
-                    bad = "".join(parts)
-                else:          # a prefix of the reply, cut after a word
-                    keep = max(1, int(len(slots) * rng.uniform(0.2, 0.6)))
-                    bad = "".join(parts[:slots[keep - 1] + 1]) if slots else reply
-            if bad != reply:
-                out.append(type(p)(p.prompt, reply, bad, "pmp", p.n_turns))
-    return out
-
-
-def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
-    """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a
-    resumed run sees the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]),
-    and labels (2B,). group_by_length: each run of `group` batches of the epoch's permutation is sorted
-    by length and dealt out in a seeded order, so a batch holds pairs of similar length (a batch is as
-    wide as its longest sequence: at 32 pairs of GPT-2 tokens on the full data, ~272 tokens wide instead of
-    ~783, by `rlhf.py plan`) and each pair still comes once an epoch (the length-grouped sampler of fairseq
-    and Hugging Face's group_by_length)."""
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, pos = divmod(index, per_epoch)
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    if group_by_length:  # this batch's group of batches, sorted by length, dealt out in a seeded order
-        first = pos // group * group
-        rows = sorted(perm[first * batch_size:min(first + group, per_epoch) * batch_size],
-                      key=lambda i: max(len(examples[i][0]), len(examples[i][1])))
-        slots = torch.randperm(len(rows) // batch_size,
-                               generator=torch.Generator().manual_seed((seed * 7919 + epoch) * 100003 + first))
-        k = int(slots[pos - first])
-        batch = [examples[i] for i in rows[k * batch_size:(k + 1) * batch_size]]
-    else:
-        batch = [examples[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
-    idx, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)   # (2B, T)
-    labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])          # (2B,)
-    return idx, mask, labels
 
 
 @torch.no_grad()
@@ -300,17 +192,18 @@ def score_replies(reward_model, tok, prompts, replies, batch_size=32, dtype="aut
     A trailing EOS or "\\n\\nHuman:" stop sequence is dropped and exactly one EOS appended, so the
     score is read at an EOS as in training; the prompt is left-truncated to fit the context.
     """
-    seqs = []
-    for p, r in zip(prompts, replies):
-        r = list(r)
-        while r and r[-1] == tok.eos_id:
-            r = r[:-1]
-        for stop in tok.stop_ids:
-            if len(stop) and r[-len(stop):] == list(stop):
-                r = r[:-len(stop)]
-        seqs.append(pm_example(list(p), r, tok, reward_model.config.block_size, reward_model.config.block_size))
+    block = reward_model.config.block_size
+    seqs = [pm_example(list(p), strip_end(list(r), tok.eos_id, tok.stop_ids), tok, block, block)
+            for p, r in zip(prompts, replies)]
     raw = torch.as_tensor(score_sequences(reward_model, seqs, tok.eos_id, batch_size, dtype=dtype), dtype=torch.float32)
     return (reward_model.reward_gain * raw + reward_model.reward_bias).to(next(reward_model.parameters()).device)
+
+
+def pm_reward_fn(reward_model, tok, batch_size=64, dtype="auto"):
+    """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
+    of query + reply + EOS read at that EOS (the input it was trained on). A trailing EOS or stop
+    sequence is replaced by one EOS, so an unfinished reply is scored as it stands: the truncated reply."""
+    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size, dtype)
 
 
 def score_texts(reward_model, tok, prompts, replies, batch_size=32):
@@ -320,169 +213,7 @@ def score_texts(reward_model, tok, prompts, replies, batch_size=32):
 
 
 # -----------------------------------------------------------------------------
-# training
-
-def init_reward_model(path, device):
-    """A RewardModel whose trunk is the GPT stored in `path` (sft.pt or base.pt), with a fresh head
-    and dropout off (dropout would make the two scores of a comparison noisy in different ways)."""
-    gpt, tok, ckpt = load_model(path, "cpu")
-    model = RewardModel(GPTConfig(**dict(ckpt["model_args"], dropout=0.0)))
-    missing, unexpected = model.load_state_dict(gpt.state_dict(), strict=False)
-    assert set(missing) == {"head.weight", "head.bias"} and not unexpected, (missing, unexpected)
-    return model.to(device), tok
-
-
-def val_subset(examples, cap, seed):
-    """At most `cap` of the validation comparisons, drawn once by a seeded permutation and kept in file
-    order, so every validation of a run (and of its resumed continuation) scores the same pairs and the
-    early-stopping curve moves only with the weights. No more than `cap` (or cap 0): all, untouched."""
-    if not cap or len(examples) <= cap:
-        return examples
-    keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:cap])
-    return [examples[i] for i in keep]
-
-
-def auto_eval_interval(n_val, batch_size, budget=0.1):
-    """Steps between validations that keep them within `budget` of the training compute. A validation
-    scores 2 * n_val sequences, forward only; a step trains on 2 * batch_size, forward and backward, about
-    three forwards' worth (the backward costs ~2x the forward: 6N vs 2N FLOPs per token, Kaplan et al.
-    2020). Every k steps validation then costs n_val / (3 * batch_size * k) of training, so
-    k = ceil(n_val / (3 * batch_size * budget)): 417 for 1,000 pairs at batch 8 (every 25 steps on all
-    ~8,000 val pairs of the full data cost 13x the training). It overestimates a little: validation
-    batches sequences of similar length (less padding) and stores no activations."""
-    return max(1, math.ceil(n_val / (3 * batch_size * budget)))
-
-
-def validate(model, examples, pad_id, batch_size, dtype="auto"):
-    """(accuracy, loss) on comparisons; loss = mean -log sigmoid(r_c - r_r), the early-stopping signal
-    (smoother than accuracy on a few dozen validation pairs)."""
-    r_c, r_r = score_pairs(model, examples, pad_id, batch_size, dtype)
-    return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
-
-
-def pm_steps(rc, n_pairs):
-    """Steps on n_pairs human comparisons: rc.max_steps, or rc.epochs passes of rc.batch_size pairs a
-    step (at least one step). train_pm runs this many; rlhf.py plan counts them the same way."""
-    return rc.max_steps or rc.epochs * max(1, n_pairs // rc.batch_size)
-
-
-def resume_pm(ckpt_path, model, optimizer):
-    """Continue an unfinished train_pm run from ckpt_path -> (step, wall seconds so far, best-so-far dict);
-    (0, 0.0, an empty best) when there is nothing to resume."""
-    best = {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
-    if not (ckpt_path and os.path.exists(ckpt_path)):
-        return 0, 0.0, best
-    ckpt = load_checkpoint(ckpt_path)
-    check_compatible(ckpt_path, ckpt, model)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["step"], ckpt["wall_s"], ckpt["best"]
-
-
-def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
-    """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
-    given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
-    most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
-    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every rc.save_interval
-    steps and after the last: the checkpoint keeps the best-so-far weights, so a run resumed between two
-    validations still ends with the best of all of them.
-    Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
-    Under torchrun every rank takes comparisons rank::world_size of each global batch (chosen and
-    rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
-    gradient of the global mean, so N processes take the steps of one. Every rank validates (the same
-    early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
-    rc, device, dtype = cfg.rm, next(model.parameters()).device, getattr(cfg, "dtype", "auto")
-    rank, world_size = dist_info()
-    assert rc.batch_size % world_size == 0, (
-        f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
-    n_pmp = rc.pmp_steps if pmp_ex else 0
-    n_human = pm_steps(rc, len(train_ex)) if train_ex else 0
-    val = val_subset(val_ex, rc.val_pairs, cfg.seed)
-    every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
-    optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
-    start, wall, best = resume_pm(ckpt_path, model, optimizer)
-    if rank == 0:
-        print(f"[rm] {name}: {'resuming from ' + ckpt_path + ' at' if start else 'from'} step {start}/{n_pmp + n_human}"
-              + (f" | validating on {len(val)} of {len(val_ex)} val pairs every {every} steps" if val else ""))
-    ddp = model
-    if world_size > 1:  # only the training forward goes through DDP: `model` is what is validated and saved
-        ddp = DDP(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-
-    def save(step):
-        if rank == 0:  # every rank holds the same weights: one writer
-            save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=cfg.seed,
-                rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
-
-    t0 = time.time()
-    model.train()
-    for step in range(start, n_pmp + n_human):
-        pmp = step < n_pmp  # phase 1: PMP (always the ranking loss), phase 2: human comparisons
-        data, i, n = (pmp_ex, step, n_pmp) if pmp else (train_ex, step - n_pmp, n_human)
-        lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx, mask, labels = pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
-                                       rc.group_by_length)
-        B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
-        rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
-        idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))
-        with autocast(device.type, dtype):  # the forward only; the loss is fp32 (the head's output is)
-            _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
-        loss.backward()  # under DDP: gradients all-reduced (averaged over ranks) here
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        if world_size > 1:  # the global batch's loss, for the log
-            dist.all_reduce(loss)
-            loss /= world_size
-        phase = "pmp" if pmp else "train"
-        if log and rank == 0 and step % rc.log_interval == 0:
-            log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
-        if (i + 1) % every == 0 or i + 1 == n:
-            line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
-            if not pmp and val:
-                acc, vloss = validate(model, val, tok.eos_id, rc.eval_batch_size, dtype)
-                if vloss < best["val_loss"]:
-                    best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
-                            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                line += f" | val loss {vloss:.3f} | val acc {acc:.3f}"
-                if log and rank == 0:
-                    log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
-            if rank == 0:
-                print(f"{line} | {time.time() - t0 + wall:.0f}s")
-        if ckpt_path and ((rc.save_interval and (step + 1) % rc.save_interval == 0) or step + 1 == n_pmp + n_human):
-            save(step + 1)
-    if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
-    return {"steps": n_pmp + n_human, "best_step": best["step"], "val_accuracy": best["val_accuracy"],
-            "val_loss": best["val_loss"], "wall_s": wall + time.time() - t0}
-
-
-@torch.no_grad()
-def sample_replies(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size, temperature=1.0,
-                   dtype="auto"):
-    """n (prompt_ids, reply_ids) sampled at `temperature` from `policy` on seeded-random prompts of
-    `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1. Called with the
-    shapes PPO and eval sample at (prompt and reply lengths, temperature), so that "SFT scores mean 0,
-    std 1" holds where the rewards are used: a PM's score moves with the reply's length."""
-    device = next(policy.parameters()).device
-    rows = np.random.default_rng(seed).permutation(len(pairs))[:n]
-    max_prompt = min(max_prompt_tokens, policy.config.block_size - max_new_tokens)
-    prompts = [prompt_ids(pairs[i].prompt, tok, max_prompt) for i in rows]
-    gen, replies = torch.Generator(device=device).manual_seed(seed), []
-    policy.eval()
-    for s in range(0, len(prompts), batch_size):
-        idx, mask = pad_left(prompts[s:s + batch_size], tok.eos_id)  # (b, T)
-        with autocast(device.type, dtype):  # the sampler's distribution math is fp32 either way (GPT.generate)
-            tokens, _, keep = policy.generate(idx.to(device), mask.to(device), max_new_tokens, temperature=temperature,
-                                              eos_id=tok.eos_id, stop_ids=tok.stop_ids, generator=gen)  # (b, N)
-        replies += [[t for t, k in zip(row, m) if k] for row, m in zip(tokens.tolist(), keep.tolist())]
-    return prompts, replies
-
+# normalisation: the policy's own samples score mean 0, std 1
 
 def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="auto"):
     """Set the PM's gain and bias from its raw scores on the reference (SFT-sampled) replies."""
@@ -492,186 +223,3 @@ def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="
     if mode != "none":
         raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size, dtype).cpu().numpy()
         model.reward_gain, model.reward_bias = fit_normalization(raw, scale=mode == "scale")
-
-
-# -----------------------------------------------------------------------------
-# evaluation: accuracy with CIs, length baseline, turns, calibration, A-vs-B robustness
-
-def update_eval_json(out_dir, pm):
-    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", earlier pm tables)."""
-    path = os.path.join(out_dir, "eval.json")
-    doc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
-    doc["pm"] = {**doc.get("pm", {}), **pm}
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def reply_pairs(pairs, tok):
-    """[(chosen_ids, rejected_ids)] of the replies alone: their lengths and the bag-of-tokens baseline."""
-    ids = tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])
-    return list(zip(ids[0::2], ids[1::2]))
-
-
-def evaluate_pms(cfg, data_dir=None):
-    """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
-    print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
-    directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
-    device = pick_device(cfg.device)
-    data_dir = resolve_data_dir(data_dir or cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "test", cfg.data)
-    pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
-    pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
-    ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
-    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
-    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
-    test_replies = reply_pairs(pairs, tok)
-    pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
-                   a_c, a_r, b_c, b_r)
-    pm["data_dir"] = str(data_dir)
-    try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
-        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
-        half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
-        bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
-        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
-                  bag_of_tokens_train_pairs=bow["train_pairs"])
-    except DataError as e:
-        pm["bag_of_tokens_skipped"] = str(e)
-    update_eval_json(cfg.out_dir, pm)
-    print(format_report(pm))
-    return pm
-
-
-# -----------------------------------------------------------------------------
-# the stage: PM-A and PM-B, then the optional objective and PMP tables
-
-def print_table(title, header, rows):
-    """Print a markdown table (easy to paste into report.md); rank 0 alone under torchrun."""
-    if dist_info()[0] == 0:
-        print("\n".join([f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                        + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
-
-
-def accuracy_row(name, r_c, r_r, wall_s, **extra):
-    acc = pair_accuracy(r_c, r_r)
-    return {"name": name, "accuracy": acc, "accuracy_ci": list(wilson_interval(acc * len(r_c), len(r_c))),
-            "wall_s": round(wall_s, 1), **extra}
-
-
-def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs):
-    """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
-    accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
-    time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
-    rc, device, rows, dtype = cfg.rm, next(policy.parameters()).device, [], getattr(cfg, "dtype", "auto")
-    train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, cfg)
-    for objective in ("ranking", "binary", "lm"):
-        t0 = time.time()
-        if objective == "lm":
-            ex = [sft_example(p.prompt, r, tok, block, cfg.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
-            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
-            rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
-            continue
-        if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
-            model, _, info = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
-        else:
-            set_seed(cfg.seed)
-            model, _ = init_reward_model(init, device)
-            info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
-        scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
-        rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
-    print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
-                ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
-    return rows
-
-
-def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
-    """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
-    et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
-    start every "with PMP" run; "wall s" is the human-pair phase only."""
-    rc, device, rows, dtype = cfg.rm, pick_device(cfg.device), [], getattr(cfg, "dtype", "auto")
-    train_ex, test_ex = enc(pairs_a), enc(test_pairs)
-    set_seed(cfg.seed)
-    trunk, _ = init_reward_model(init, device)
-    pmp_wall = train_pm(cfg, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, cfg.seed)), name="pmp")["wall_s"]
-    pmp_state = copy.deepcopy(trunk.state_dict())
-    order = np.random.default_rng(cfg.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
-    for use_pmp in (False, True):
-        for frac in (0.25, 0.5, 1.0):
-            subset = [train_ex[i] for i in order[:int(frac * len(train_ex))]]
-            set_seed(cfg.seed)
-            model, _ = init_reward_model(init, device)
-            if use_pmp:
-                model.load_state_dict(pmp_state)
-            info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
-            scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
-            rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
-                                 info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
-    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
-                ["human pairs", "no PMP", "with PMP"],
-                [[r["pairs"], f"{ci_str(r['accuracy'], r['accuracy_ci'])} ({r['wall_s']:.0f}s)",
-                  f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"] for r, p in zip(rows[:3], rows[3:])])
-    return {"pmp_steps": rc.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
-
-
-def train_reward_models(cfg):
-    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
-    normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
-    the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force.
-    Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
-    the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    rc, (rank, _), dtype = cfg.rm, dist_info(), getattr(cfg, "dtype", "auto")
-    if rc.objective not in ("ranking", "binary"):
-        raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
-                         "(lm has no head to train; it is one row of --rm.ablation=true)")
-    if rc.init not in ("sft", "base"):
-        raise ValueError(f"--rm.init must be sft or base, got {rc.init!r}")
-    device = pick_device(cfg.device)
-    init = os.path.join(cfg.out_dir, f"{rc.init}.pt")
-    sft_path = os.path.join(cfg.out_dir, "sft.pt")
-    policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
-    data_dir = resolve_data_dir(cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "train", cfg.data)
-    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
-    halves = split_halves(train_pairs) if rc.split_halves else (train_pairs, train_pairs)
-    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, cfg), cfg.data.max_reply_tokens)
-    val_ex = enc(val_pairs)
-    if rank == 0:
-        print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
-              f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
-    log, ref = MetricsLog(cfg.out_dir), None
-    for name, half in zip(("pm_a", "pm_b"), halves):
-        path = os.path.join(cfg.out_dir, f"{name}.pt")
-        if stage_done(path, cfg.force, "rm"):  # all ranks skip or train this PM together
-            continue
-        set_seed(cfg.seed + (name == "pm_b"))
-        model, _ = init_reward_model(init, device)
-        pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
-        info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
-        if rank == 0:
-            if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
-                pc = cfg.ppo
-                ref = sample_replies(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
-                                     pc.max_prompt_tokens, cfg.seed, rc.eval_batch_size, pc.temperature, dtype)
-            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype)
-            save_checkpoint(path, model_checkpoint(
-                model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
-                reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
-            print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
-                  f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
-                  f"{info['wall_s']:.0f}s -> {path}")
-        barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
-    extra = {}
-    if rc.ablation or rc.pmp_study:
-        test_pairs, _ = read_pairs(data_dir, "test", cfg.data)
-        if rc.ablation:
-            extra["objectives"] = objective_ablation(cfg, init, policy, tok, enc, halves[0], val_ex, test_pairs)
-        if rc.pmp_study:
-            extra["pmp_study"] = pmp_study(cfg, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
-        if rank == 0:
-            update_eval_json(cfg.out_dir, extra)
-    if rank == 0:
-        evaluate_pms(cfg)
-    barrier()  # the other ranks wait for the evaluation

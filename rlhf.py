@@ -29,16 +29,18 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 import torch.distributed as dist
 
-from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, pad_left,
-                  prompt_ids, read_pairs, resolve_data_dir, sft_example, split_train_val)
-from evaluate import EvalConfig, RSConfig, run_eval, run_rs
+from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, read_pairs,
+                  resolve_data_dir, sft_example, split_train_val)
+from evaluate import EvalConfig, run_eval
 from hub import export_hf, save_safetensors
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
-from reward import RMConfig, evaluate_pms, train_reward_models
-from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, autocast, dist_info, init_distributed,
-                   load_model, model_checkpoint, pick_device, save_checkpoint, set_seed,
-                   stage_done, supervised_train)
+from rm import RMConfig, evaluate_pms, train_reward_models
+from rs import RSConfig, run_rs
+from runtime import (CheckpointError, MetricsLog, NonFiniteLoss, dist_info, init_distributed, load_model,
+                     model_checkpoint, pick_device, save_checkpoint, set_seed, stage_done)
+from sampling import complete, show_samples
+from train import LMTrainConfig, supervised_train
 
 
 @dataclass
@@ -272,35 +274,6 @@ def already_done(cfg, name):
 def format_prompt(human_turn):
     """One Human turn in hh-rlhf's dialogue format, ready for the Assistant's reply."""
     return f"\n\nHuman: {human_turn.strip()}\n\nAssistant:"
-
-
-@torch.no_grad()
-def complete(model, tok, prompts, sc, seed, dtype="auto"):
-    """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
-    the forwards under train.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
-    model.eval()
-    device = next(model.parameters()).device
-    max_prompt = model.config.block_size - sc.max_new_tokens
-    idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with autocast(device.type, dtype):
-        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
-                                         temperature=sc.temperature, top_k=sc.top_k or None,
-                                         top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
-                                         stop_ids=tok.stop_ids, generator=gen)
-    replies = []
-    for row, m in zip(tokens.tolist(), keep.tolist()):
-        text = tok.decode([t for t, k in zip(row, m) if k and t != tok.eos_id])
-        replies.append(text.split("\n\nHuman:")[0].strip())
-    return replies
-
-
-def show_samples(model, tok, pairs, sc, seed, title, dtype="auto"):
-    """Print a few replies to held-out prompts: the quickest check of what a stage learned."""
-    prompts = [p.prompt for p in pairs[:sc.num_samples]]
-    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed, dtype)):
-        last_turn = prompt.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
-        print(f"--- {title} | Human: {last_turn[:200]}\n    Assistant: {reply[:400]}")
 
 
 # ----------------------------------------------------------------------------------------------

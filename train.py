@@ -1,27 +1,23 @@
 """
-The training machinery every stage shares: seeding, the device, checkpoints, the metrics log,
-the learning-rate schedule, and the supervised loop used by base-LM pretraining, SFT and
-rejection-sampling fine-tuning (they differ only in their data and their loss mask).
+The supervised loop used by base-LM pretraining, SFT and rejection-sampling fine-tuning (they differ
+only in their data and their loss mask), with its learning-rate schedule, batches and validation.
+What every stage stands on (seeding, the device, checkpoints, torchrun, the metrics log) is runtime.py.
 
-Nothing here knows about RLHF; `rlhf.py` (pretrain, sft), `evaluate.py` (rs), `reward.py` (rm) and
-`ppo.py` (ppo) import it. A stage's loop is the one in nanoGPT's train.py, written as a function:
+The loop is the one in nanoGPT's train.py, written as a function:
 
     for step in range(start, max_steps):
         lr -> (eval + checkpoint) -> grad-accumulated forward/backward -> clip -> step -> log
 
 Resuming is exact on CPU: a batch is a pure function of (seed, step), so a checkpoint only needs
 the model, the optimizer, the step and the RNG states, and a rerun continues bit for bit.
-References: karpathy/nanoGPT train.py; PyTorch's notes on `torch.load(weights_only=True)`.
+References: karpathy/nanoGPT train.py.
 """
 
-import json
 import math
 import os
-import random
 import signal
 import threading
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,208 +28,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import Tokenizer, pack_examples, pad_right
-from model import GPT, GPTConfig
-
-
-# ----------------------------------------------------------------------------------------------
-# seeding, device, precision
-
-def set_seed(seed):
-    """One call seeds every generator a run uses (python, numpy, torch on all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name="auto"):
-    """The device is chosen once per run: CUDA, then Apple's MPS, then the CPU."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def autocast(device, dtype="auto"):
-    """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range); full fp32
-    elsewhere by default, because bf16 matmuls are slower than fp32 on most CPUs. dtype="bfloat16"
-    opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python bench.py --dtype=bfloat16`
-    shows it) a training step runs ~2x faster. dtype="float32" turns autocast off everywhere."""
-    if dtype == "float32" or (dtype == "auto" and not device.startswith("cuda")):
-        return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
-
-
-# dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the datasheets, for MFU in the training log
-# and bench.py; the longest name contained in torch.cuda.get_device_name wins ("H100 PCIe" before "H100")
-CUDA_PEAK_TFLOPS = {"H200": 989, "H100": 989, "H100 PCIe": 756, "A100": 312, "A10G": 70, "A10": 125,
-                    "L40S": 362, "L4": 121, "RTX 4090": 165, "RTX 3090": 71}
-
-
-def cuda_peak_flops(name):
-    """The datasheet bf16 FLOP/s of a GPU from its name, or None for one not in the table."""
-    known = sorted((k for k in CUDA_PEAK_TFLOPS if k in name), key=len)
-    return CUDA_PEAK_TFLOPS[known[-1]] * 1e12 if known else None
-
-
-def to_device(tensors, device):
-    """Copy a batch to the device. On CUDA the batch is first pinned (page-locked), so the copy can
-    be asynchronous (non_blocking) and overlap with the GPU still running the previous step."""
-    if device.startswith("cuda"):
-        return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
-    return [t.to(device) for t in tensors]
-
-
-# ----------------------------------------------------------------------------------------------
-# data parallel: torchrun starts one process per GPU (or CPU worker); each takes a share of every batch
-
-def init_distributed():
-    """(rank, world_size, local_rank) from the env vars torchrun sets, initialising the process group
-    once: NCCL between GPUs, gloo between CPU processes. A plain `python rlhf.py` is rank 0 of 1.
-
-        torchrun --standalone --nproc_per_node=2 rlhf.py pretrain --preset cpu
-    """
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world_size, local_rank
-
-
-def dist_info():
-    """(rank, world_size) of this process: (0, 1) unless init_distributed started a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def barrier():
-    """Wait until every rank gets here (e.g. until rank 0 has written a checkpoint); a no-op in one process."""
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: plain dicts, written atomically, read with weights_only=True
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, corrupt, unsafe, or from an incompatible config."""
-
-
-def save_checkpoint(path, ckpt):
-    """Write to a temp file, fsync, then rename: a crash mid-write leaves the old checkpoint intact,
-    never a half-written one that looks complete."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """Load a checkpoint without running code: `weights_only=True` unpickles only tensors and plain
-    containers, so a file that smuggles in a callable is refused instead of executed."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such checkpoint (run the stage that writes it first)")
-    try:
-        with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors and containers, EOFError/RuntimeError if cut short
-        code = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-        why = f"it would run code: {code[0]}" if code else f"not a checkpoint this project wrote ({type(e).__name__})"
-        raise CheckpointError(f"{path}: refused to load, {why}; only tensors and plain containers are "
-                              "loaded (weights_only=True). Rerun the stage that writes it.") from None
-
-
-def rng_state():
-    """Every RNG a stage draws from, in a form weights_only loading accepts (no numpy objects)."""
-    np_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state):
-    """Inverse of `rng_state`."""
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def stage_done(path, force, name):
-    """True if the stage whose checkpoint is `path` already finished: it is skipped. --force starts it
-    over instead (the checkpoint is removed); an unfinished checkpoint is left for the stage to resume.
-    Under torchrun rank 0 alone removes the file and every rank waits for that before looking, so no
-    rank trips over a file another is deleting, and all of them skip or run the stage together."""
-    if force and dist_info()[0] == 0:
-        Path(path).unlink(missing_ok=True)
-    barrier()
-    if os.path.exists(path) and load_checkpoint(path).get("done"):
-        print(f"[{name}] {path} is complete; skipping (use --force to redo it)")
-        return True
-    return False
-
-
-def model_checkpoint(model, tok, **extra):
-    """The part of every checkpoint that rebuilds a GPT: weights, architecture, and vocabulary."""
-    raw = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    return {"model": raw.state_dict(), "model_args": asdict(raw.config),
-            "tokenizer": tok.state_dict(), **extra}
-
-
-def load_model(path, device="cpu"):
-    """Rebuild a GPT and its tokenizer from any stage's checkpoint -> (model, tok, ckpt)."""
-    ckpt = load_checkpoint(path)
-    if "model_args" not in ckpt or "model" not in ckpt:
-        raise CheckpointError(f"{path}: not a model checkpoint (keys: {sorted(ckpt)[:8]})")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}  # a PM's scalar head
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the stored architecture ({str(e)[:200]})") from None
-    return model.to(device), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
-
-
-def check_compatible(path, ckpt, model):
-    """Refuse to resume a checkpoint written with another model size, with a message, not a shape error."""
-    want = asdict(getattr(model, "_orig_mod", model).config)
-    have = ckpt.get("model_args", {})
-    diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
-    if diff:
-        pretty = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-        raise CheckpointError(f"{path}: written with a different model config ({pretty}); "
-                              "use the same preset/flags, or --force to start the stage over")
-
-
-# ----------------------------------------------------------------------------------------------
-# metrics
-
-class MetricsLog:
-    """Appends one JSON object per log step to out_dir/metrics.jsonl, keys namespaced by stage
-    (`sft/loss`), so a user can plot any run with a few lines of pandas or matplotlib."""
-
-    def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-
-    def log(self, stage, step, **metrics):
-        row = {"stage": stage, "step": step, "time": round(time.time(), 3)}
-        row.update({f"{stage}/{k}": (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
-                    for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+from data import pack_examples, pad_right
+from runtime import (CheckpointError, NonFiniteLoss, autocast, barrier, check_compatible, cuda_peak_flops, dist_info,
+                     load_checkpoint, model_checkpoint, rng_state, save_checkpoint, set_rng_state, to_device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +118,6 @@ def evaluate_loss(model, data, sc, block_size, pad_id, device, dtype="auto"):
         losses.append(loss.item())
     model.train()
     return sum(losses) / len(losses)
-
-
-class NonFiniteLoss(Exception):
-    """Training produced NaN/inf; the last good checkpoint is kept on disk."""
 
 
 # keep_best: the weights of the lowest validation loss so far live in their own file, written only when

@@ -14,6 +14,8 @@ import torch
 
 import ppo
 import reward
+import rm
+import runtime
 import train
 from model import GPT, GPTConfig
 
@@ -33,7 +35,7 @@ def linear_dtypes(model):
 
 
 def test_the_autocast_context_runs_matmuls_in_bf16_only_when_asked():
-    """train.autocast: the trunk's and the LM head's matmuls in bf16 with dtype="bfloat16", in fp32 with
+    """runtime.autocast: the trunk's and the LM head's matmuls in bf16 with dtype="bfloat16", in fp32 with
     "auto" on a CPU (so the CPU presets' numbers are fp32 ones) or "float32". The final hidden state stays
     fp32 either way: autocast runs layer_norm in fp32, so the scalar heads read an fp32 ln_f output."""
     torch.manual_seed(0)
@@ -41,7 +43,7 @@ def test_the_autocast_context_runs_matmuls_in_bf16_only_when_asked():
     seen = linear_dtypes(model)
     for dtype, want in (("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         seen[True].clear()
-        with train.autocast("cpu", dtype):
+        with runtime.autocast("cpu", dtype):
             h = model.hidden_states(idx)                                                 # (B, T, C)
             assert seen[True] == {want} and model.logits(h).dtype == want and h.dtype == torch.float32
 
@@ -56,13 +58,13 @@ def pm_step(dtype, tmp_path):
     torch.manual_seed(0)
     model = reward.RewardModel(CONFIG)
     seen = linear_dtypes(model)
-    rm = reward.RMConfig(lr=1e-3, batch_size=8, max_steps=1, warmup_steps=1, eval_interval=1, log_interval=1)
-    log = reward.MetricsLog(str(tmp_path / dtype))
-    info = reward.train_pm(SimpleNamespace(rm=rm, seed=0, dtype=dtype), model, SimpleNamespace(eos_id=0),
+    rc = rm.RMConfig(lr=1e-3, batch_size=8, max_steps=1, warmup_steps=1, eval_interval=1, log_interval=1)
+    log = runtime.MetricsLog(str(tmp_path / dtype))
+    info = rm.train_pm(SimpleNamespace(rm=rc, seed=0, dtype=dtype), model, SimpleNamespace(eos_id=0),
                            comparisons(16, 0), comparisons(24, 1), "ranking", log=log, name="pm")
     row = next(r for r in map(json.loads, open(log.path)) if "rm/pm/train_loss" in r)
     dtypes = copy.deepcopy(seen)
-    with torch.no_grad(), train.autocast("cpu", dtype):
+    with torch.no_grad(), runtime.autocast("cpu", dtype):
         scores = model(torch.randint(1, 64, (4, 10), generator=torch.Generator().manual_seed(2)))[0]
     return row["rm/pm/train_loss"], info["val_loss"], dtypes, scores
 
@@ -123,7 +125,7 @@ def test_ppo_step_in_bf16_matches_fp32():
 def test_sampling_in_bf16_keeps_its_distribution_math_in_fp32():
     """Under bf16 the sampler's matmuls run in bf16, its log-probs come out in fp32, and they match a
     fp32 forward over the same tokens to bf16's rounding."""
-    from evaluate import reply_logprobs, sample_replies
+    from sampling import reply_logprobs, sample_replies
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
     seen = linear_dtypes(model)

@@ -6,6 +6,7 @@ import torch
 
 import bench
 import ppo
+import reward
 import rlhf
 from model import GPT
 
@@ -31,7 +32,7 @@ def test_ppo_split_puts_time_in_its_phase(hh_dir, monkeypatch):
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     queries = torch.randint(0, tok.vocab_size, (cfg.ppo.batch_size, 6))
-    pm_reward_fn = ppo.pm_reward_fn
+    pm_reward_fn = reward.pm_reward_fn
 
     def slow_pm_reward_fn(*args, **kwargs):
         score = pm_reward_fn(*args, **kwargs)

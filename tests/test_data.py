@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (DataConfig, DataError, Pair, Tokenizer, download_file, encode_pairs, format_stats,
-                  lm_tokens, pad_left, pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir,
-                  sft_example, split_halves, split_train_val)
+from data import (DataConfig, DataError, Pair, Tokenizer, download_file, format_stats, lm_tokens, pad_left,
+                  pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir, sft_example, split_halves,
+                  split_train_val, tokenize_pairs)
 
 
 def dialogue(*turns):
@@ -212,7 +212,7 @@ def test_prompt_truncation_keeps_the_end(tok):
 
 def test_encode_pairs_matches_encode(tok):
     pairs = [Pair(dialogue("hi", ""), " a", " b", "x", 1), Pair(dialogue("yo 🤗", ""), " c", " d", "x", 1)]
-    enc = encode_pairs(pairs, tok)
+    enc = tokenize_pairs(pairs, tok)
     assert enc[1] == (tok.encode(pairs[1].prompt), tok.encode(" c"), tok.encode(" d"))
     assert sft_example(*enc[0][:2], tok, 32, 8) == sft_example(pairs[0].prompt, " a", tok, 32, 8)
 

@@ -1,6 +1,6 @@
 """Data parallel training: two CPU processes (gloo) that each take half of every global batch end with
 the same weights as one process that takes all of it, for token streams and masked SFT examples
-(train.supervised_train), for preference-model comparisons (reward.train_pm) and for PPO (ppo.ppo_step:
+(train.supervised_train), for preference-model comparisons (rm.train_pm) and for PPO (ppo.ppo_step:
 each rank its own rollouts, advantages whitened over all of them, gradients averaged)."""
 import copy
 import json
@@ -18,9 +18,10 @@ import torch.multiprocessing as mp
 import ppo
 from model import GPT, GPTConfig
 from ppo import PPOConfig, build_critic, ppo_step
-from reward import RewardModel, RMConfig, train_pm
-from train import (LMTrainConfig, MetricsLog, NonFiniteLoss, init_distributed, load_checkpoint, save_checkpoint,
-                   stage_done, supervised_train)
+from reward import RewardModel
+from rm import RMConfig, train_pm
+from runtime import MetricsLog, NonFiniteLoss, init_distributed, load_checkpoint, save_checkpoint, stage_done
+from train import LMTrainConfig, supervised_train
 
 
 class Cfg:  # the run-level fields supervised_train reads
@@ -234,7 +235,7 @@ def test_two_gloo_processes_take_the_same_ppo_steps_as_one_process(tmp_path):
 
 
 def test_pm_batch_must_split_evenly_across_ranks(tmp_path, monkeypatch):
-    monkeypatch.setattr("reward.dist_info", lambda: (0, 3))
+    monkeypatch.setattr("rm.dist_info", lambda: (0, 3))
     with pytest.raises(AssertionError, match="rm.batch_size 8 must be divisible by the 3 processes"):
         train_rm(str(tmp_path), "ranking")
 

@@ -6,7 +6,7 @@ import os
 import pytest
 
 import rlhf
-from train import load_checkpoint
+from runtime import load_checkpoint
 
 
 def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate import best_of_n, bon_expected, bon_kl, fit_bon, fit_frontiers, fit_linear, fit_rl
+from data import DataConfig, Tokenizer, pad_left, read_pairs
+from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, run_eval
+from rs import RSConfig, best_of_n, bon_expected, bon_kl, run_rs
+from model import GPT, GPTConfig
+from ppo import PPOConfig, train_ppo
+from runtime import load_checkpoint, model_checkpoint, save_checkpoint
 
 torch.set_num_threads(1)
 
@@ -105,11 +110,6 @@ def test_ppo_frontier_reads_the_last_run(tmp_path):
 
 from dataclasses import dataclass, field  # noqa: E402
 
-from evaluate import EvalConfig, RSConfig, run_eval, run_rs  # noqa: E402
-from ppo import PPOConfig, train_ppo  # noqa: E402
-from data import DataConfig, Tokenizer, pad_left, read_pairs  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
-from train import load_checkpoint, model_checkpoint, save_checkpoint  # noqa: E402
 
 
 @dataclass

@@ -16,7 +16,7 @@ from conftest import make_dialogue
 from data import DataConfig, Tokenizer, read_pairs
 from hub import load_safetensors
 from model import GPT, GPTConfig
-from train import model_checkpoint, save_checkpoint
+from runtime import model_checkpoint, save_checkpoint
 
 SAMPLE = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's encoder.py

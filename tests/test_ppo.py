@@ -6,6 +6,9 @@ import pytest
 import torch
 
 import ppo
+import runtime
+import sampling
+from model import GPT, GPTConfig
 from ppo import adaptive_kl_coef, compute_gae, compute_rewards, masked_mean, masked_whiten, ppo_losses
 
 torch.set_num_threads(1)
@@ -124,7 +127,6 @@ def test_ppo_clipping():
 # ----------------------------------------------------------------------------------------------
 # the loop, on tiny models
 
-from model import GPT, GPTConfig  # noqa: E402
 
 EOS, TARGET, V = 0, 5, 16
 
@@ -181,7 +183,7 @@ def test_approx_kl_early_stop_and_non_finite_loss():
     stats, _ = ppo.ppo_step(policy, ref, critic, opt, count_target, q, qm, cfg, cfg.kl_coef, EOS, g)
     assert stats["minibatches"] == 2 and stats["early_stop"] == 1   # the first has approx_kl 0, the second > limit
     nan_reward = lambda queries, responses: torch.full((len(responses),), float("nan"))  # noqa: E731
-    with pytest.raises(ppo.NonFiniteLoss, match="non-finite PPO loss"):
+    with pytest.raises(runtime.NonFiniteLoss, match="non-finite PPO loss"):
         ppo.ppo_step(policy, ref, critic, opt, nan_reward, q, qm, cfg, cfg.kl_coef, EOS, g)
 
 
@@ -214,7 +216,7 @@ def test_forward_policy_ignores_padding():
     assert torch.allclose(logits2[:, :5][m], logits[m], atol=1e-5)
     assert torch.allclose(values2[:, :5][m], values[m], atol=1e-5)
     # and so the losses computed from them are unchanged
-    lp, lp2 = ppo.logprobs_from_logits(logits, resp), ppo.logprobs_from_logits(logits2, resp2)
+    lp, lp2 = sampling.logprobs_from_logits(logits, resp), sampling.logprobs_from_logits(logits2, resp2)
     adv, ret = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     a = ppo_losses(lp, values, lp.detach() - 0.1, values.detach(), adv[:, :5], ret[:, :5], rmask, 0.2, 0.2)
     b = ppo_losses(lp2, values2, lp2.detach() - 0.1, values2.detach(), adv, ret, rmask2, 0.2, 0.2)

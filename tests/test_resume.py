@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, write_hh_dir
 from evaluate import ppo_frontier
-from train import load_checkpoint
+from runtime import load_checkpoint
 
 STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]), ("ppo", ["ppo"]),
           ("eval", [])]

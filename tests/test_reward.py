@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import data
+import model
 import pm_metrics
 import reward
+import rm
+import runtime
 from ppo import PPOConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared 2-core box
@@ -108,7 +112,7 @@ def test_normalization_gives_mean0_std1():
 
 def tiny_pm(seed=0, vocab=50, block=32):
     torch.manual_seed(seed)
-    return reward.RewardModel(reward.GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16)).eval()
+    return reward.RewardModel(model.GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16)).eval()
 
 
 def test_score_read_at_eos_and_unchanged_by_padding():
@@ -116,8 +120,8 @@ def test_score_read_at_eos_and_unchanged_by_padding():
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 50, (n,), generator=g).tolist() + [0] for n in (5, 9, 13)]  # 0 plays EOS
     alone = torch.stack([pm(torch.tensor([s]))[0][0] for s in seqs])                    # no padding at all
-    right, mask_r = reward.pad_right(seqs + [[7] * 20], pad_id=0)                        # extra long row: more padding
-    left, mask_l = reward.pad_left(seqs + [[7] * 20], pad_id=0)
+    right, mask_r = data.pad_right(seqs + [[7] * 20], pad_id=0)                        # extra long row: more padding
+    left, mask_l = data.pad_left(seqs + [[7] * 20], pad_id=0)
     torch.testing.assert_close(pm(right, mask_r)[0][:3], alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(pm(left, mask_l)[0][:3], alone, atol=1e-5, rtol=0)
     # the score is the head applied to the EOS hidden state, not to padding after it
@@ -188,12 +192,12 @@ def stage_cfg(tmp_path, data_dir):
     data = DataConfig(vocab="trimmed", max_prompt_tokens=24, max_reply_tokens=16, val_frac=0.1)
     tok = Tokenizer.trimmed(["the cat runs blue tree sky dog jumps please question train test Human Assistant ?"])
     torch.manual_seed(0)  # a random "SFT" trunk: the rule is simple enough to learn from scratch
-    gpt = reward.GPT(reward.GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
+    gpt = model.GPT(model.GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(str(out / "sft.pt"), model_checkpoint(gpt, tok, step=0, done=True))
-    rm = reward.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
-                         normalize_samples=16, pmp_steps=10)
+    rc = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
+                     normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
-    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rm,
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rc,
                            ppo=ppo)
 
 
@@ -202,39 +206,39 @@ def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
     temperature: a PM's score moves with the reply's length, so "SFT scores mean 0" holds only there."""
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
     cfg.rm.max_steps, cfg.ppo = 2, PPOConfig(max_prompt_tokens=10, max_new_tokens=5, temperature=0.7)
-    calls, real = [], reward.GPT.generate
+    calls, real = [], model.GPT.generate
 
     def recording(self, idx, attention_mask=None, max_new_tokens=0, **kwargs):
         calls.append((idx.size(1), max_new_tokens, kwargs.get("temperature")))
         return real(self, idx, attention_mask, max_new_tokens, **kwargs)
-    monkeypatch.setattr(reward.GPT, "generate", recording)
-    reward.train_reward_models(cfg)
+    monkeypatch.setattr(model.GPT, "generate", recording)
+    rm.train_reward_models(cfg)
     assert calls and all(c == (10, 5, 0.7) for c in calls), calls
 
 
 def test_pm_learns_marker_rule_end_to_end(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
-    reward.train_reward_models(cfg)
+    rm.train_reward_models(cfg)
     pm = json.load(open(tmp_path / "out" / "eval.json"))["pm"]
     assert pm["accuracy"] >= 0.9 and pm["heldout_pm_accuracy"] >= 0.9, pm
     assert pm["test_pairs"] == 60 and 0 <= pm["ece"] <= 1 and pm["score_kl_a_b"] >= 0
     model, tok, ckpt = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
     assert ckpt["done"] and {"reward_gain", "reward_bias", "model_args", "tokenizer"} <= set(ckpt)
     mtime = os.path.getmtime(tmp_path / "out" / "pm_a.pt")
-    reward.train_reward_models(cfg)                             # finished PMs are skipped, not retrained
+    rm.train_reward_models(cfg)                             # finished PMs are skipped, not retrained
     assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
 
 
 def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
     cfg.rm.split_halves, cfg.rm.epochs = False, 2
-    reward.train_reward_models(cfg)
+    rm.train_reward_models(cfg)
     path = tmp_path / "out" / "eval.json"
     doc = json.load(open(path))
     doc["policies"] = {"sft": {"pm_a": 0.1}}
     json.dump(doc, open(path, "w"))
     other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
-    pm = reward.evaluate_pms(cfg, other)                          # no training: just score the other test split
+    pm = rm.evaluate_pms(cfg, other)                          # no training: just score the other test split
     doc = json.load(open(path))
     assert pm["test_pairs"] == 30 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
 
@@ -244,8 +248,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     the run resumes from the step-6 checkpoint, between two validations, and must still end with the
     weights of step 5, the lowest validation loss of the run, which only that checkpoint remembers."""
     cfg, tok, ex = marker_examples(tmp_path, n_train=60)
-    cfg.rm = reward.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5, save_interval=3)
-    real_batch, real_validate, seen, crash_at = reward.pair_batch, reward.validate, [], [None]
+    cfg.rm = rm.RMConfig(lr=1e-3, batch_size=4, max_steps=12, warmup_steps=2, eval_interval=5, save_interval=3)
+    real_batch, real_validate, seen, crash_at = rm.pair_batch, rm.validate, [], [None]
 
     def batch(examples, index, *a):  # records the step; the kill comes as step crash_at draws its batch
         if index == crash_at[0]:
@@ -256,13 +260,13 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     def validate(*a):  # the real numbers, but the validation loss rises after step 5
         acc, loss = real_validate(*a)
         return acc, loss + (0.0 if seen[-1] + 1 == 5 else 10.0)
-    monkeypatch.setattr(reward, "pair_batch", batch)
-    monkeypatch.setattr(reward, "validate", validate)
+    monkeypatch.setattr(rm, "pair_batch", batch)
+    monkeypatch.setattr(rm, "validate", validate)
 
     def fit(path):
         torch.manual_seed(0)
-        model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-        info = reward.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
+        model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+        info = rm.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
         return model.state_dict(), info
 
     want, info = fit(None)
@@ -270,7 +274,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     crash_at[0] = 7
     with pytest.raises(KeyboardInterrupt):
         fit(str(tmp_path / "pm.pt"))
-    ckpt = reward.load_checkpoint(str(tmp_path / "pm.pt"))
+    ckpt = runtime.load_checkpoint(str(tmp_path / "pm.pt"))
     assert ckpt["step"] == 6 and ckpt["best"]["step"] == 5
     crash_at[0] = None
     got, info = fit(str(tmp_path / "pm.pt"))
@@ -283,22 +287,22 @@ def test_checkpoints_follow_save_interval_not_validations(tmp_path, monkeypatch)
     """A PM checkpoint (weights, optimizer, best-so-far) is written every save_interval steps and after
     the last, not at every validation: at 124M parameters each one is ~2 GB."""
     cfg, tok, ex = marker_examples(tmp_path, n_train=40)
-    cfg.rm = reward.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=2, save_interval=4)
-    saved, real = [], reward.save_checkpoint
-    monkeypatch.setattr(reward, "save_checkpoint", lambda path, ckpt: saved.append(ckpt["step"]) or real(path, ckpt))
-    model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-    reward.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", ckpt_path=str(tmp_path / "pm.pt"))
+    cfg.rm = rm.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=2, save_interval=4)
+    saved, real = [], runtime.save_checkpoint
+    monkeypatch.setattr(rm, "save_checkpoint", lambda path, ckpt: saved.append(ckpt["step"]) or real(path, ckpt))
+    model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+    rm.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", ckpt_path=str(tmp_path / "pm.pt"))
     assert saved == [4, 8, 10]
 
 
 def test_log_interval_sets_the_metrics_rows(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=40, n_test=4))
-    cfg.rm = reward.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=5, log_interval=4)
-    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    cfg.rm = rm.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=5, log_interval=4)
+    tok = data.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
     from data import DataConfig, read_pairs
     ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
-    model, _ = reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-    reward.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
+    model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
+    rm.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", log=runtime.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "rm/pm_a/train_loss" in r] == [0, 4, 8]
     assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [5, 10]
@@ -317,11 +321,11 @@ def test_pmp_pairs_prefer_real_replies_without_labels():
     from data import Pair
     pairs = [Pair(f"\n\nHuman: q{i}?\n\nAssistant:", f" good answer number {i} here", f" other reply {i} now", "x", 1)
              for i in range(30)]
-    pmp = reward.pmp_pairs(pairs, seed=0)
+    pmp = rm.pmp_pairs(pairs, seed=0)
     real = {p.prompt: {p.chosen, p.rejected} for p in pairs}
     assert len(pmp) > 50 and all(q.chosen in real[q.prompt] and q.rejected != q.chosen for q in pmp)
     assert sum(q.rejected in real[q.prompt] for q in pmp) == 0   # never a human-labelled pair in disguise
-    assert [q.rejected for q in pmp] == [q.rejected for q in reward.pmp_pairs(pairs, seed=0)]  # deterministic
+    assert [q.rejected for q in pmp] == [q.rejected for q in rm.pmp_pairs(pairs, seed=0)]  # deterministic
 
 
 def test_pmp_corruptions_keep_the_reply_formatting():
@@ -333,7 +337,7 @@ def test_pmp_corruptions_keep_the_reply_formatting():
     pairs = [Pair(f"\n\nHuman: q{i}?\n\nAssistant:", replies[i], f" No {i}.", "x", 1) for i in range(40)]
     real = {r for p in pairs for r in (p.chosen, p.rejected)}
     kinds = set()
-    for q in reward.pmp_pairs(pairs, seed=0):
+    for q in rm.pmp_pairs(pairs, seed=0):
         words, bad_words = re.split(r"(\s+)", q.chosen), re.split(r"(\s+)", q.rejected)
         if q.rejected in real:
             kinds.add("other")
@@ -354,7 +358,7 @@ def test_pmp_corruptions_cannot_be_told_apart_by_formatting_on_real_replies():
     root = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
     if not (root / "harmless-base" / "train.jsonl.gz").is_file():
         pytest.skip("real hh-rlhf sample not available")
-    pmp = reward.pmp_pairs(read_pairs(root, "train", DataConfig(subsets="harmless-base"))[0], seed=0)
+    pmp = rm.pmp_pairs(read_pairs(root, "train", DataConfig(subsets="harmless-base"))[0], seed=0)
     features = {"leading space": lambda r: r.startswith(" "),
                 "one space then a word": lambda r: r[:1] == " " and r[1:2] != "" and not r[1:2].isspace()}
     for name, f in features.items():
@@ -368,14 +372,14 @@ def marker_examples(tmp_path, n_train):
     """stage_cfg on the marker data, its tokenizer, and the train split as encoded comparisons."""
     from data import DataConfig, read_pairs
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=n_train, n_test=4))
-    tok = reward.Tokenizer.from_state_dict(reward.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    tok = data.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
     return cfg, tok, reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
 
 
 def recorded_validations(monkeypatch):
-    """Replace reward.validate by a recorder: a list of the examples of every call (and a fixed result)."""
+    """Replace rm.validate by a recorder: a list of the examples of every call (and a fixed result)."""
     calls = []
-    monkeypatch.setattr(reward, "validate", lambda model, examples, *a, **k: calls.append(examples) or (0.5, 0.7))
+    monkeypatch.setattr(rm, "validate", lambda model, examples, *a, **k: calls.append(examples) or (0.5, 0.7))
     return calls
 
 
@@ -385,30 +389,30 @@ def test_validation_scores_the_same_capped_subset_every_time(tmp_path, monkeypat
     cfg, tok, ex = marker_examples(tmp_path, n_train=60)
     train_ex, val_ex = ex[:30], ex[30:]
     calls = recorded_validations(monkeypatch)
-    cfg.rm = reward.RMConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=2, val_pairs=10)
-    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    cfg.rm = rm.RMConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=2, val_pairs=10)
+    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
     assert len(calls) == 3 and all(c == calls[0] for c in calls)
     assert len(calls[0]) == 10 and all(e in val_ex for e in calls[0]) and calls[0] != val_ex[:10]
     calls.clear()
     cfg.rm.val_pairs = len(val_ex)
-    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
     assert all(c == val_ex for c in calls) and len(calls) == 3
 
 
 def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path, monkeypatch):
     """eval_interval=0 validates every auto_eval_interval steps: the fewest steps for which scoring the
     validation pairs (forward only) costs at most 10% of training (forward + backward, ~3 forwards)."""
-    k = reward.auto_eval_interval(1000, 8)
+    k = rm.auto_eval_interval(1000, 8)
     share = lambda k: 2 * 1000 / (k * 3 * 2 * 8)  # noqa: E731  sequence-forwards: validation / training
     assert k == 417 and share(k) <= 0.1 < share(k - 1)
     cfg, tok, ex = marker_examples(tmp_path, n_train=60)
     calls = recorded_validations(monkeypatch)
-    cfg.rm = reward.RMConfig(batch_size=4, max_steps=20, warmup_steps=2, eval_interval=0, val_pairs=0,
+    cfg.rm = rm.RMConfig(batch_size=4, max_steps=20, warmup_steps=2, eval_interval=0, val_pairs=0,
                              log_interval=100)
-    every = reward.auto_eval_interval(len(ex[50:]), 4)
+    every = rm.auto_eval_interval(len(ex[50:]), 4)
     assert every == 9                                          # 10 pairs at batch 4
-    reward.train_pm(cfg, reward.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
-                    "ranking", log=reward.MetricsLog(cfg.out_dir), name="pm_a")
+    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
+                    "ranking", log=runtime.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20] and len(calls) == 3
 
@@ -422,7 +426,7 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     per_epoch = len(examples) // 8
 
     def batch_rows(i, group):  # the batch, and its pairs as (chosen length, rejected length)
-        idx, mask, _ = reward.pair_batch(examples, i, 8, seed=3, pad_id=0, group_by_length=group)
+        idx, mask, _ = rm.pair_batch(examples, i, 8, seed=3, pad_id=0, group_by_length=group)
         n = mask.sum(1).tolist()
         return idx, list(zip(n[:8], n[8:]))
 

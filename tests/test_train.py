@@ -11,10 +11,11 @@ import torch
 
 from data import Tokenizer, pack_examples
 from model import GPT, GPTConfig
+from runtime import (CheckpointError, MetricsLog, NonFiniteLoss, load_checkpoint, load_model, model_checkpoint,
+                     rng_state, save_checkpoint, set_rng_state)
+from train import LMTrainConfig, get_batch, lr_at, supervised_train
+import runtime
 import train
-from train import (CheckpointError, LMTrainConfig, MetricsLog, NonFiniteLoss, get_batch, load_checkpoint,
-                   load_model, lr_at, model_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                   supervised_train)
 
 
 class Cfg:  # the run-level fields supervised_train reads
@@ -64,9 +65,9 @@ def test_checkpoint_round_trip_keeps_model_and_rng(tmp_path):
 
 
 def test_gpu_peak_is_the_longest_name_that_matches():
-    assert train.cuda_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert train.cuda_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM part's 989
-    assert train.cuda_peak_flops("NVIDIA GeForce GTX 1080") is None  # unknown: no MFU is logged
+    assert runtime.cuda_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert runtime.cuda_peak_flops("NVIDIA H100 PCIe") == 756e12  # not the SXM part's 989
+    assert runtime.cuda_peak_flops("NVIDIA GeForce GTX 1080") is None  # unknown: no MFU is logged
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():

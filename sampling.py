@@ -1,0 +1,117 @@
+"""
+Sampling and scoring replies: the layer that SFT's samples, best-of-n, rejection sampling, the PM's
+normalisation, PPO's rollouts and the evaluation all share, and that none of those stages owns.
+
+A reply is sampled at a temperature with no top-k/top-p (so best-of-n's KL is the analytic one and a
+sampled KL estimate is unbiased) and ends at EOS or where the model starts a new "\n\nHuman:" turn
+(handing the dialogue back); strip_end drops that ending, the one place that knows what it looks like.
+A PM scores the prompt + reply + one EOS, read at that EOS, as it was trained (reward.score_replies).
+"""
+import torch
+
+from data import pad_left, pad_right, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from runtime import autocast
+@torch.no_grad()
+def complete(model, tok, prompts, sc, seed, dtype="auto"):
+    """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
+    the forwards under train.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
+    model.eval()
+    device = next(model.parameters()).device
+    max_prompt = model.config.block_size - sc.max_new_tokens
+    idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with autocast(device.type, dtype):
+        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
+                                         temperature=sc.temperature, top_k=sc.top_k or None,
+                                         top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
+                                         stop_ids=tok.stop_ids, generator=gen)
+    replies = []
+    for row, m in zip(tokens.tolist(), keep.tolist()):
+        text = tok.decode([t for t, k in zip(row, m) if k and t != tok.eos_id])
+        replies.append(text.split("\n\nHuman:")[0].strip())
+    return replies
+
+
+def show_samples(model, tok, pairs, sc, seed, title, dtype="auto"):
+    """Print a few replies to held-out prompts: the quickest check of what a stage learned."""
+    prompts = [p.prompt for p in pairs[:sc.num_samples]]
+    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed, dtype)):
+        last_turn = prompt.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
+        print(f"--- {title} | Human: {last_turn[:200]}\n    Assistant: {reply[:400]}")
+
+
+@torch.no_grad()
+def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0, dtype="auto"):
+    """n replies per query at `temperature` with no top-k/top-p (so best-of-n's KL is the analytic
+    one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
+    The forwards run under train.autocast(dtype); the sampling itself is fp32 (GPT.generate).
+    queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
+    device = next(policy.parameters()).device
+    rows = [q for q in queries for _ in range(n)]
+    replies = []
+    for start in range(0, len(rows), batch_size):
+        idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
+        with autocast(device.type, dtype):
+            tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                              temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids,
+                                              generator=generator)
+        replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
+    return replies
+
+
+@torch.inference_mode()
+def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0, dtype="auto"):
+    """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
+    the replies were sampled from), (len(replies),). With the policy's own samples,
+    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
+    under train.autocast(dtype); the log-softmax and the sums are fp32."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(replies), batch_size):
+        q, r = queries[start:start + batch_size], replies[start:start + batch_size]
+        q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
+        r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
+        query_reply, mask = torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask], 1).to(device)
+        with autocast(device.type, dtype):  # reply token t is predicted from column Tq + t - 1
+            hidden = model.hidden_states(query_reply, mask)[:, q_ids.size(1) - 1:-1]   # (b, N, C)
+            logits = model.logits(hidden) / temperature                              # (b, N, V)
+        lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
+        out.append(lp.sum(1).cpu())
+    return torch.cat(out)
+
+
+def strip_end(reply, eos_id, stop_ids):
+    """A sampled reply (id list) without the EOS or "\n\nHuman:" stop sequence it ended with: the text a
+    reader sees, and what a PM scores (with one EOS of its own appended)."""
+    if reply[-1:] == [eos_id]:
+        return reply[:-1]
+    for stop in stop_ids:
+        if len(stop) and reply[-len(stop):] == list(stop):
+            return reply[:-len(stop)]
+    return reply
+
+
+def score(reward_fn, queries, replies, batch_size):
+    """PM scores of (query, reply) id lists in batches -> (len(replies),) float tensor."""
+    with torch.inference_mode():
+        return torch.cat([reward_fn(queries[i:i + batch_size], replies[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(replies), batch_size)])
+
+
+def logprobs_from_logits(logits, tokens):
+    """log pi(token) for each position: logits (B, N, V), tokens (B, N) -> (B, N)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def reply_ended(reply, eos_id, stop_ids):
+    """True if a sampled reply (id list) finished by itself: EOS, or a new "\n\nHuman:" turn."""
+    return len(strip_end(reply, eos_id, stop_ids)) < len(reply)
+
+
+def rl_prompts(cfg, split, tok, max_prompt_tokens):
+    """Unique prompts of a split as (text, left-truncated ids): train for RL, test for evaluation."""
+    pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), split, cfg.data)
+    if split == "train":
+        pairs, _ = split_train_val(pairs, cfg.data.val_frac)
+    texts = list(dict.fromkeys(p.prompt for p in pairs))  # unique, in file order
+    return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]
