@@ -39,10 +39,11 @@ import torch
 
 import ppo
 import rlhf
-from data import lm_tokens
+import train
 from model import GPT
 from reward import RewardModel
 from runtime import autocast, cuda_peak_flops, pick_device, set_seed, to_device
+from tokens import lm_tokens
 from train import get_batch
 
 
@@ -173,7 +174,7 @@ def main(argv):
     _, cfg = rlhf.parse_args(["all"] + argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device, dtype = pick_device(cfg.device), getattr(cfg, "dtype", "auto")
+    device, dtype = pick_device(cfg.device), cfg.dtype
     out = {"preset": cfg.preset, "device": torch.cuda.get_device_name() if device == "cuda" else device,
            "dtype": dtype, "threads": torch.get_num_threads(), "load_avg": round(os.getloadavg()[0], 2)}
 
@@ -186,7 +187,7 @@ def main(argv):
     out["peak_gflops"] = peak
 
     # the real tokenizer (the trimmed vocabulary sets the LM head's size) and real prompts
-    tok, train_pairs, _ = rlhf.load_data(cfg)
+    tok, train_pairs, _ = train.load_data(cfg)
     cfg.model.vocab_size = tok.vocab_size
     set_seed(cfg.seed)
     model = GPT(cfg.model).to(device)

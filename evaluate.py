@@ -187,7 +187,7 @@ def run_eval(cfg):
     disable_dropout(sft).eval()
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
-    dtype = getattr(cfg, "dtype", "auto")
+    dtype = cfg.dtype
     reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size, dtype), pm_reward_fn(pm_b, tok, ec.batch_size, dtype)
     max_new = ec.max_new_tokens or cfg.ppo.max_new_tokens
     max_prompt = min(cfg.ppo.max_prompt_tokens, sft.config.block_size - max_new)

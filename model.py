@@ -410,3 +410,15 @@ class GPT(nn.Module):
                     raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
                 target[k].copy_(w)  # lm_head shares wte's storage, so it is loaded too
         return model
+
+
+# -----------------------------------------------------------------------------
+# a scalar head on the hidden states: the PM's score (reward.py) and PPO's value (actor_critic.py)
+
+def scalar_head(head, h):
+    """A scalar head (Linear(C, 1)) on hidden states h (..., C) -> (...,), computed in fp32 even under bf16
+    autocast: the PM's score (and PPO's value) is what every later number is made of, and a bf16 output
+    keeps 8 bits of mantissa (a score of 3.3 rounded to +-0.008, then multiplied by the normalising gain).
+    One dot product per sequence: fp32 costs nothing here."""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.float()).squeeze(-1)

@@ -35,14 +35,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-import rlhf
-from data import (build_tokenizer, lm_tokens, pack_examples, pm_example, prompt_ids, read_pairs, resolve_data_dir,
-                  sft_example, split_halves, split_train_val, tokenize_pairs)
+from data import read_pairs, resolve_data_dir, split_halves, split_train_val
 from model import GPT
 from ppo import prompt_batch
 from reward import pm_block
 from rm import auto_eval_interval, pair_batch, pm_steps
-from runtime import CUDA_PEAK_TFLOPS, pick_device, rng_state, set_rng_state, set_seed
+from runtime import CUDA_PEAK_TFLOPS, ConfigError, pick_device, rng_state, set_rng_state, set_seed
+from tokens import build_tokenizer, lm_tokens, pack_examples, pm_example, prompt_ids, sft_example, tokenize_pairs
 from train import validation_batches
 
 GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
@@ -277,7 +276,7 @@ def gpu_rates(name, cfg):
     on the GPU's arithmetic, so a GPU with a lower peak is not slower at it."""
     key = GPUS.get(name.lower().replace(" ", "").replace("-", "").replace("_", ""))
     if key is None:
-        raise rlhf.ConfigError(f"--plan.gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
+        raise ConfigError(f"--plan.gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
     peak, eager = CUDA_PEAK_TFLOPS[key] * 1e12, H100["eager_mfu"]
     mfu = {"pretrain": H100["pretrain_mfu"] if cfg.compile else eager,
            "train": H100["train_mfu"] if cfg.compile else eager,

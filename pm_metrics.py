@@ -10,13 +10,18 @@ can be checked by hand (tests/test_reward.py) and reused by anything that scores
     PM should reach (at a few hundred pairs it is hard to beat),
   - pm_report: all of them for eval.json's "pm" section, and format_report: that section as text.
 
-reward.py computes the scores; this file only turns them into numbers.
+reward.py computes the scores and this file turns them into numbers; its last section, evaluate_pms,
+runs PM-A and PM-B over a test split to get them (`rlhf.py eval --eval.pm_only=true` on any directory).
 """
-
+import json
 import math
+import os
 
 import numpy as np
 
+from data import DataError, read_pairs, resolve_data_dir, split_halves, split_train_val
+from reward import encode_pairs, load_reward_model, pm_block, score_pairs
+from runtime import pick_device
 
 
 def pair_accuracy(r_chosen, r_rejected):
@@ -214,3 +219,54 @@ def format_report(pm):
             + "\n  by human turns (n, PM-A, PM-B, length): " + ", ".join(
                 f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
                 for t, d in pm["accuracy_by_turns"].items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# the evaluation: both PMs on a test split -> eval.json["pm"]
+
+def update_eval_json(out_dir, pm):
+    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", earlier pm tables)."""
+    path = os.path.join(out_dir, "eval.json")
+    doc = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            doc = json.load(f)
+    doc["pm"] = {**doc.get("pm", {}), **pm}
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def reply_pairs(pairs, tok):
+    """[(chosen_ids, rejected_ids)] of the replies alone: their lengths and the bag-of-tokens baseline."""
+    ids = tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])
+    return list(zip(ids[0::2], ids[1::2]))
+
+
+def evaluate_pms(cfg, data_dir=None):
+    """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
+    print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
+    directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
+    device = pick_device(cfg.device)
+    data_dir = resolve_data_dir(data_dir or cfg.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "test", cfg.data)
+    pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
+    ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
+    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size, cfg.dtype)
+    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size, cfg.dtype)
+    test_replies = reply_pairs(pairs, tok)
+    pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
+                   a_c, a_r, b_c, b_r)
+    pm["data_dir"] = str(data_dir)
+    try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
+        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
+        half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
+        bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
+        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
+                  bag_of_tokens_train_pairs=bow["train_pairs"])
+    except DataError as e:
+        pm["bag_of_tokens_skipped"] = str(e)
+    update_eval_json(cfg.out_dir, pm)
+    print(format_report(pm))
+    return pm

@@ -28,13 +28,14 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from data import pad_left
+from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
 from model import disable_dropout
-from reward import load_reward_model, pm_reward_fn, scalar_head
+from reward import load_reward_model, pm_reward_fn
 from runtime import (MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, check_compatible,
                      dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, rng_state, save_checkpoint,
                      set_rng_state, set_seed, stage_done, token_share)
-from sampling import logprobs_from_logits, reply_ended, rl_prompts
+from sampling import reply_ended, rl_prompts
+from tokens import pad_left
 
 
 @dataclass
@@ -200,58 +201,6 @@ def explained_variance(values, returns, mask):
 # ----------------------------------------------------------------------------------------------
 # the models: policy logprobs and critic values from one pass over query + response
 
-def build_critic(trunk, head_weight, head_bias, gain=1.0, bias=0.0):
-    """The value model as lm-hp builds it: a copy of the reward model, trunk and scalar head.
-    The PM's output normalisation (gain * r + bias, fitted so SFT replies score mean 0, std 1) is
-    folded into the head, so V starts on the scale of the rewards it must predict.
-    trunk=None means the head sits on the policy's own trunk (share_trunk: one forward for both).
-    Returns an nn.ModuleDict {"head": Linear(C, 1)} plus {"trunk": GPT} when not shared."""
-    C = head_weight.numel()
-    head = torch.nn.Linear(C, 1)
-    with torch.no_grad():
-        head.weight.copy_(gain * head_weight.reshape(1, C))
-        head.bias.copy_(gain * head_bias.reshape(1) + bias)
-    parts = {"head": head} if trunk is None else {"trunk": trunk, "head": head}
-    return torch.nn.ModuleDict(parts)
-
-
-def entropy_from_logits(logits):
-    """Per-token entropy H = logsumexp(z) - sum softmax(z) z, (B, N, V) -> (B, N)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-
-
-def forward_policy(policy, critic, query_response, attention_mask, context_length, temperature):
-    """Logits and values for every response token in one pass over query + response.
-
-    query_response (B, Tq + N): left-padded queries then right-padded responses; attention_mask
-    the same shape. Response token t sits at column Tq + t and is predicted from column Tq + t - 1,
-    so logits and values are read at columns Tq - 1 .. Tq + N - 2: V_t is the value of the state
-    before the policy emits token t. Logits are divided by the sampling temperature, as in the
-    rollout, otherwise the ratio compares two different distributions (lm-hp does the same).
-    Returns logits (B, N, V) and values (B, N) in fp32 (values None if critic is None): under bf16
-    autocast the logits are bf16 (logprobs_from_logits casts them), the values fp32 (scalar_head)."""
-    hidden = policy.hidden_states(query_response, attention_mask)[:, context_length - 1:-1]  # (B, N, C)
-    logits = policy.logits(hidden) / temperature                                             # (B, N, V)
-    if critic is None:
-        return logits, None
-    if "trunk" in critic:
-        hidden = critic["trunk"].hidden_states(query_response, attention_mask)[:, context_length - 1:-1]
-    values = scalar_head(critic["head"], hidden)                                              # (B, N)
-    return logits, values
-
-
-def rollout_forward(policy, critic, query_response, attention_mask, responses, context_length, temperature, chunk):
-    """forward_policy over a rollout batch in chunks of `chunk` rows (the memory of one minibatch),
-    keeping only what PPO stores: logprobs (B, N), values (B, N) or None, and entropy (B, N)."""
-    out = []
-    for s in range(0, len(responses), chunk):
-        logits, values = forward_policy(policy, critic, query_response[s:s + chunk], attention_mask[s:s + chunk],
-                                        context_length, temperature)                          # (b, N, V), (b, N)
-        out.append((logprobs_from_logits(logits, responses[s:s + chunk]), values, entropy_from_logits(logits)))
-    logprobs, values, entropy = zip(*out)
-    return torch.cat(logprobs), None if critic is None else torch.cat(values), torch.cat(entropy)
-
 
 # ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
@@ -259,23 +208,45 @@ def rollout_forward(policy, critic, query_response, attention_mask, responses, c
 
 def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
              stop_ids=(), dtype="auto"):
-    """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps.
+    """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps: a rollout
+    (steps 1-4: sample, score, KL-penalised rewards, advantages), then the update (step 5).
 
     queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
     lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
     function a test defines. A reply ends at eos_id or at one of stop_ids (a new "\n\nHuman:" turn:
     the model handing the dialogue back), or is cut at cfg.max_new_tokens.
-    The models' forwards (sampling, scoring, the update's) run under train.autocast(dtype), bf16 on CUDA
+    The models' forwards (sampling, scoring, the update's) run under runtime.autocast(dtype), bf16 on CUDA
     by default; what they return for the RL math is fp32 (log-probs, values, scores), so rewards, KL, GAE,
     whitening and the losses are computed in fp32, and backward runs outside autocast.
     Returns (stats dict, rollout dict); the caller owns beta's update.
     """
+    ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
+                 stop_ids, dtype)
+    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype)
+    # diagnostics (not part of the algorithm)
+    mask, kl_sum = ro["mask"], ro["kl"]
+    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
+    stats.update({
+        "score": ro["scores"].mean().item(), "pm_a": ro["pm_scores"].mean().item(), "kl": kl_sum.mean().item(),
+        "kl_coef": kl_coef, "non_score_reward": (-kl_coef * kl_sum).mean().item(),
+        "entropy": masked_mean(ro["entropy"], mask).item(),
+        "explained_var": explained_variance(ro["values"], ro["returns"], mask),
+        "reply_len": ro["response_mask"].sum(1).float().mean().item(), "eos_rate": ro["ended"].float().mean().item(),
+        "returns": masked_mean(ro["returns"], mask).item(), "values": masked_mean(ro["values"], mask).item(),
+        "minibatches": len(mb_stats), "early_stop": float(stop),
+    })
+    return stats, {**ro, "mb_stats": mb_stats}
+
+
+def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator, stop_ids,
+            dtype):
+    """Steps 1-4 of ppo_step, with no gradients (the frozen models under inference_mode): sample, score,
+    per-token rewards, advantages. Returns the batch the update trains on, as a dict of (B, ...) tensors
+    (and the replies as id lists)."""
     B, Tq = queries.shape
-    device = queries.device.type
-    # ---- rollout: no gradients; the frozen models under inference_mode ----
     for m in (policy, critic, ref_policy):
         m.eval()  # dropout off (it is 0 in PPO models anyway): the ratio must be exactly 1 at first
-    with torch.no_grad(), autocast(device, dtype):
+    with torch.no_grad(), autocast(queries.device.type, dtype):
         # 1. sample responses with the batched KV-cache sampler, until EOS (or a stop sequence) or max length
         responses, _, response_mask = policy.generate(
             queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -290,9 +261,8 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             ref_logprobs, _, _ = rollout_forward(ref_policy, None, query_response, attention_mask, responses,
                                                  Tq, cfg.temperature, cfg.minibatch_size)    # (B, N)
             # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
-            lengths = response_mask.sum(1)                                                # (B,)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
-            r_list = [r[:n].tolist() for r, n in zip(responses, lengths.tolist())]
+            r_list = [r[:n].tolist() for r, n in zip(responses, response_mask.sum(1).tolist())]
             pm_scores = reward_fn(q_list, r_list).float().to(queries.device)              # (B,)
     with torch.no_grad():  # the RL math, in fp32
         ended = torch.tensor([reply_ended(r, eos_id, stop_ids) for r in r_list], device=queries.device)  # (B,)
@@ -307,20 +277,30 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
         # 4. GAE (gamma 1, lambda 0.95), then advantages whitened over the real tokens of the batch
         advantages, returns = compute_gae(values, rewards, mask, cfg.gamma, cfg.lam)    # (B, N) each
         advantages = masked_whiten(advantages, mask)
+    return {"query_response": query_response, "attention_mask": attention_mask, "responses": responses,
+            "response_mask": response_mask, "mask": mask, "context_length": Tq, "logprobs": logprobs,
+            "values": values, "entropy": entropy, "advantages": advantages, "returns": returns, "ended": ended,
+            "scores": scores, "pm_scores": pm_scores, "kl": kl.sum(1), "q_list": q_list, "r_list": r_list}
 
-    # 5. K epochs of clipped PPO updates over shuffled minibatches
+
+def ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype):
+    """Step 5 of ppo_step: cfg.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
+    rollout `ro`, stopping early once a minibatch's approximate KL passes cfg.max_approx_kl (if set).
+    Under torchrun each rank's loss is weighted by its share of the minibatch's tokens and the gradients
+    are averaged before every step. Returns (per-minibatch stats, stopped early)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    mb_stats, stop = [], False
+    B, device, mb_stats = ro["responses"].size(0), ro["responses"].device, []
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=generator, device=generator.device).to(queries.device)
+        perm = torch.randperm(B, generator=generator, device=generator.device).to(device)
         for start in range(0, B, cfg.minibatch_size):
             mb = perm[start:start + cfg.minibatch_size]
-            with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
-                mb_logits, mb_values = forward_policy(policy, critic, query_response[mb], attention_mask[mb], Tq,
-                                                      cfg.temperature)                   # (b, N, V), (b, N)
-            mb_logprobs = logprobs_from_logits(mb_logits, responses[mb])                 # (b, N) fp32
-            pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, logprobs[mb], values[mb], advantages[mb],
-                                              returns[mb], mask[mb], cfg.cliprange, cfg.cliprange_value)
+            with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
+                mb_logits, mb_values = forward_policy(policy, critic, ro["query_response"][mb], ro["attention_mask"][mb],
+                                                      ro["context_length"], cfg.temperature)  # (b, N, V), (b, N)
+            mb_logprobs = logprobs_from_logits(mb_logits, ro["responses"][mb])           # (b, N) fp32
+            pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, ro["logprobs"][mb], ro["values"][mb],
+                                              ro["advantages"][mb], ro["returns"][mb], ro["mask"][mb],
+                                              cfg.cliprange, cfg.cliprange_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
             # every rank reaches the same verdict before any collective: one rank raising alone would
             # leave the others waiting forever in the next all-reduce
@@ -328,7 +308,7 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
                 raise NonFiniteLoss(f"non-finite PPO loss (this rank: pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
             optimizer.zero_grad(set_to_none=True)
             if dist.is_initialized():  # this rank's mean, weighted by its share of the minibatch's tokens
-                loss = loss * token_share(mask[mb])
+                loss = loss * token_share(ro["mask"][mb])
             loss.backward()
             average_gradients(params)  # one process: nothing to do
             st = {k: all_ranks_mean(v) for k, v in st.items()}  # the same early-stop verdict everywhere
@@ -337,25 +317,8 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
             mb_stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": grad_norm.item(),
                              **{k: v.item() for k, v in st.items()}})
             if cfg.max_approx_kl and st["approx_kl"].item() > cfg.max_approx_kl:
-                stop = True  # the policy moved too far from the one that sampled: stop reusing the batch
-                break
-        if stop:
-            break
-
-    # diagnostics (not part of the algorithm)
-    kl_sum = kl.sum(1)                                                                    # (B,) nats per reply
-    stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
-    stats.update({
-        "score": scores.mean().item(), "pm_a": pm_scores.mean().item(), "kl": kl_sum.mean().item(), "kl_coef": kl_coef,
-        "non_score_reward": (-kl_coef * kl_sum).mean().item(), "entropy": masked_mean(entropy, mask).item(),
-        "explained_var": explained_variance(values, returns, mask), "reply_len": lengths.float().mean().item(),
-        "eos_rate": ended.float().mean().item(), "returns": masked_mean(returns, mask).item(),
-        "values": masked_mean(values, mask).item(), "minibatches": len(mb_stats), "early_stop": float(stop),
-    })
-    rollout = {"query_response": query_response, "responses": responses, "response_mask": response_mask,
-               "logprobs": logprobs, "values": values, "q_list": q_list, "r_list": r_list, "scores": scores,
-               "pm_scores": pm_scores, "kl": kl_sum, "mb_stats": mb_stats}
-    return stats, rollout
+                return mb_stats, True  # the policy moved too far from the one that sampled: stop reusing the batch
+    return mb_stats, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,50 +335,69 @@ def prompt_batch(prompts, index, batch_size, seed, pad_id):
     return pad_left(rows, pad_id)
 
 
-def train_ppo(cfg):
-    """Stage `ppo`: PPO on PM-A from the SFT policy -> out_dir/ppo.pt (skipped if done, resumed if not).
-
-    Logs every iteration to metrics.jsonl under ppo/ (PM-A score, PM-B score, KL to the reference,
-    sqrt KL, beta, entropy, clipfrac, approx_kl, vf_loss, explained variance, reply length, EOS rate)."""
-    pc, out = cfg.ppo, cfg.out_dir
-    path = os.path.join(out, "ppo.pt")
-    if stage_done(path, cfg.force, "ppo"):
-        return
-    assert pc.batch_size % pc.minibatch_size == 0, (
-        f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}")
-    # under torchrun each of the N ranks takes rows rank::N of every global batch and minibatch
-    rank, world_size = dist_info()
-    assert pc.minibatch_size % world_size == 0, (
-        f"ppo.minibatch_size {pc.minibatch_size} must be divisible by the {world_size} processes")
-    local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
+def load_models(out, pc, device):
+    """The SFT policy (trained), its frozen copy (the reference), PM-A (the reward, frozen), PM-B (the
+    held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head), or PM-A's
+    head on the policy's trunk (pc.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
     sft_path = os.path.join(out, "sft.pt")
     policy, tok, _ = load_model(sft_path, device)
     ref_policy, _, _ = load_model(sft_path, device)
     disable_dropout(policy)
     disable_dropout(ref_policy.requires_grad_(False))
-    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)   # frozen: the training signal
-    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)   # frozen: the held-out judge
-    dtype = getattr(cfg, "dtype", "auto")
-    reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
-    max_prompt = min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens)
-    # the value model: a trainable copy of PM-A (trunk and head), or PM-A's head on the policy's trunk
+    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
     trunk = None if pc.share_trunk else disable_dropout(load_model(os.path.join(out, "pm_a.pt"), device)[0])
     critic = build_critic(trunk, pm_a.head.weight, pm_a.head.bias, pm_a.reward_gain, pm_a.reward_bias).to(device)
-    params = list(policy.parameters()) + list(critic.parameters())
-    optimizer = torch.optim.Adam(params, lr=pc.lr, eps=pc.adam_eps)
-    start, kl_coef = 0, pc.kl_coef
-    if os.path.exists(path):
-        ckpt = load_checkpoint(path)
-        check_compatible(path, ckpt, policy)
-        policy.load_state_dict(ckpt["model"])
-        critic.load_state_dict(ckpt["critic"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, kl_coef = ckpt["iteration"], ckpt["kl_coef"]
-        print(f"[ppo] resuming from {path} at iteration {start}/{pc.iterations}, beta {kl_coef:.4f}")
-    prompts = rl_prompts(cfg, "train", tok, max_prompt)
+    return policy, ref_policy, critic, pm_a, pm_b, tok
+
+
+def resume(path, policy, critic, optimizer, pc):
+    """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, pc.kl_coef)."""
+    if not os.path.exists(path):
+        return 0, pc.kl_coef
+    ckpt = load_checkpoint(path)
+    check_compatible(path, ckpt, policy)
+    policy.load_state_dict(ckpt["model"])
+    critic.load_state_dict(ckpt["critic"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{pc.iterations}, beta {ckpt['kl_coef']:.4f}")
+    return ckpt["iteration"], ckpt["kl_coef"]
+
+
+def print_iteration(it, pc, stats, ro, tok):
+    """One line of an iteration's numbers, and every pc.sample_every iterations two of its replies."""
+    print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
+          f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
+          f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
+          f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
+    if pc.sample_every and it % pc.sample_every == 0:
+        for q, r, sc in list(zip(ro["q_list"], ro["r_list"], ro["scores"].tolist()))[:2]:
+            print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
+
+
+def train_ppo(cfg):
+    """Stage `ppo`: PPO on PM-A from the SFT policy -> out_dir/ppo.pt (skipped if done, resumed if not).
+
+    Logs every iteration to metrics.jsonl under ppo/ (PM-A score, PM-B score, KL to the reference,
+    sqrt KL, beta, entropy, clipfrac, approx_kl, vf_loss, explained variance, reply length, EOS rate).
+    Under torchrun each of the N ranks takes rows rank::N of every global batch and minibatch."""
+    pc, out, dtype = cfg.ppo, cfg.out_dir, cfg.dtype
+    path = os.path.join(out, "ppo.pt")
+    if stage_done(path, cfg.force, "ppo"):
+        return
+    rank, world_size = dist_info()
+    assert pc.batch_size % pc.minibatch_size == 0 and pc.minibatch_size % world_size == 0, (
+        f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}, "
+        f"which must be divisible by the {world_size} processes")
+    local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
+    device = pick_device(cfg.device)
+    set_seed(cfg.seed)
+    policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, pc, device)
+    reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
+    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    start, kl_coef = resume(path, policy, critic, optimizer, pc)
+    prompts = rl_prompts(cfg, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
     print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
           f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}"
           + (f" | {world_size} processes" if world_size > 1 else ""))
@@ -435,28 +417,21 @@ def train_ppo(cfg):
                                    for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
             generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * rank)
             try:
-                stats, rollout = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                          local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype)
+                stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
+                                     local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
             if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
                 with torch.inference_mode():
-                    stats["pm_b"] = reward_b(rollout["q_list"], rollout["r_list"]).float().mean().item()
+                    stats["pm_b"] = reward_b(ro["q_list"], ro["r_list"]).float().mean().item()
             stats = {k: all_ranks_mean(v).item() for k, v in stats.items()}  # each rank saw its own rollouts
             if pc.adaptive_kl:
                 kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
-            stats["sqrt_kl"] = math.sqrt(max(stats["kl"], 0.0))
-            stats["time"] = time.time() - t0
+            stats.update(sqrt_kl=math.sqrt(max(stats["kl"], 0.0)), time=time.time() - t0)
             if rank == 0:
                 log.log("ppo", it, **stats)
-            print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
-                  f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
-                  f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
-                  f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
-            if pc.sample_every and it % pc.sample_every == 0:
-                for q, r, sc in list(zip(rollout["q_list"], rollout["r_list"], rollout["scores"].tolist()))[:2]:
-                    print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
+            print_iteration(it, pc, stats, ro, tok)
             if pc.save_every and (it + 1) % pc.save_every == 0:
                 checkpoint(it + 1, done=False)
     except KeyboardInterrupt:  # mid-update weights are half an iteration: keep the last whole checkpoint

@@ -23,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import Tokenizer, pad_right, pm_example
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, scalar_head
 from runtime import CheckpointError, autocast, load_checkpoint
 from sampling import strip_end
+from tokens import Tokenizer, pad_right, pm_example
 
 
 # -----------------------------------------------------------------------------
@@ -69,14 +69,6 @@ def fit_normalization(raw_scores, scale=True):
 
 # -----------------------------------------------------------------------------
 # the model: GPT trunk + scalar head read at the final EOS
-
-def scalar_head(head, h):
-    """A scalar head (Linear(C, 1)) on hidden states h (..., C) -> (...,), computed in fp32 even under bf16
-    autocast: the PM's score (and PPO's value) is what every later number is made of, and a bf16 output
-    keeps 8 bits of mantissa (a score of 3.3 rounded to +-0.008, then multiplied by the normalising gain).
-    One dot product per sequence: fp32 costs nothing here."""
-    with torch.autocast(h.device.type, enabled=False):
-        return head(h.float()).squeeze(-1)
 
 
 class RewardModel(GPT):

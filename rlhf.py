@@ -29,39 +29,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 import torch.distributed as dist
 
-from data import (DataConfig, DataError, Tokenizer, build_tokenizer, format_stats, lm_tokens, read_pairs,
-                  resolve_data_dir, sft_example, split_train_val)
+from data import DataConfig, DataError
 from evaluate import EvalConfig, run_eval
-from hub import export_hf, save_safetensors
-from model import GPT, GPTConfig
+from model import GPTConfig
+from pm_metrics import evaluate_pms
 from ppo import PPOConfig, train_ppo
-from rm import RMConfig, evaluate_pms, train_reward_models
+from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
-from runtime import (CheckpointError, MetricsLog, NonFiniteLoss, dist_info, init_distributed, load_model,
-                     model_checkpoint, pick_device, save_checkpoint, set_seed, stage_done)
-from sampling import complete, show_samples
-from train import LMTrainConfig, supervised_train
-
-
-@dataclass
-class SampleConfig:
-    """`sample` and `chat`: which policy to talk to and how to decode."""
-    policy: str = "sft"          # base | sft | rs | ppo, or a checkpoint path
-    prompt: str = ""             # one Human turn to complete; "" = a few held-out test prompts
-    prompts_file: str = ""       # a text file with one Human turn per line
-    num_samples: int = 4         # prompts taken from the test split when no prompt is given
-    max_new_tokens: int = 128    # reply length cap
-    temperature: float = 0.7     # sampling temperature (0 = greedy)
-    top_k: int = 0               # 0 = off
-    top_p: float = 0.95          # nucleus sampling (1.0 = off)
-    show_score: bool = False     # chat: print the held-out PM-B's score of each reply
-
-
-@dataclass
-class ExportConfig:
-    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (weights, config, GPT-2's tokenizer files)."""
-    policy: str = "ppo"          # base | sft | rs | ppo | pm_a | pm_b, or a checkpoint path
-    to: str = ""                 # output folder ("" = out_dir/hf/<policy>)
+from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, init_distributed
+from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
+from train import LMTrainConfig, stage_pretrain, stage_sft
 
 
 @dataclass
@@ -177,9 +154,6 @@ ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.t
 # ----------------------------------------------------------------------------------------------
 # the command line: --section.field=value, typed by the dataclass fields
 
-class ConfigError(ValueError):
-    """A bad command line: unknown stage, preset or flag, or a value of the wrong type."""
-
 
 def set_field(cfg, dotted, value):
     """Set `cfg.a.b = value`, converting a string to the field's type; errors list the valid choices."""
@@ -252,150 +226,13 @@ def parse_args(argv):
 # ----------------------------------------------------------------------------------------------
 # data shared by the stages
 
-def load_data(cfg, tok=None):
-    """Read the train split once and split off validation; build the tokenizer if none is given
-    (a trimmed vocabulary is made from the training text, then stored in every checkpoint)."""
-    data_dir = resolve_data_dir(cfg.data_dir or None)
-    pairs, stats = read_pairs(data_dir, "train", cfg.data)
-    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
-    print(f"data: {data_dir} | {format_stats(stats, 'train')} | {len(train_pairs)} train / {len(val_pairs)} val")
-    return tok or build_tokenizer(cfg.data, train_pairs), train_pairs, val_pairs
-
-
-def ckpt_path(cfg, name):
-    return os.path.join(cfg.out_dir, f"{name}.pt")
-
-
-def already_done(cfg, name):
-    """A finished stage is skipped unless --force; --force starts it over (train.stage_done)."""
-    return stage_done(ckpt_path(cfg, name), cfg.force, name)
-
-
-def format_prompt(human_turn):
-    """One Human turn in hh-rlhf's dialogue format, ready for the Assistant's reply."""
-    return f"\n\nHuman: {human_turn.strip()}\n\nAssistant:"
-
 
 # ----------------------------------------------------------------------------------------------
 # stages 1 and 2: base LM and SFT
 
-def stage_pretrain(cfg, log):
-    """Stage 1: a base language model of hh-rlhf dialogue text (or OpenAI GPT-2's weights)."""
-    if already_done(cfg, "base"):
-        return
-    device = pick_device(cfg.device)
-    if cfg.pretrain.init:  # GPT-2 already is a language model: store it as the base checkpoint
-        if cfg.data.vocab != "gpt2":
-            raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
-        model = GPT.from_pretrained(cfg.pretrain.init)
-        cfg.model = model.config
-        if dist_info()[0] == 0:
-            save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
-                                                                      seed=cfg.seed, done=True))
-        if dist.is_initialized():
-            dist.barrier()
-        print(f"[pretrain] loaded {cfg.pretrain.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
-        return
-    tok, train_pairs, val_pairs = load_data(cfg)
-    cfg.model.vocab_size = tok.vocab_size
-    set_seed(cfg.seed)
-    model = GPT(cfg.model).to(device)
-    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
-    train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
-    print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
-    supervised_train(cfg, "pretrain", cfg.pretrain, model, tok, train_tokens, val_tokens, ckpt_path(cfg, "base"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base", cfg.dtype)
-
-
-def sft_examples(pairs, tok, cfg, block_size):
-    """(ids, loss_mask) for prompt + chosen reply: the assistant imitates the preferred replies."""
-    return [sft_example(p.prompt, p.chosen, tok, block_size, cfg.data.max_reply_tokens) for p in pairs]
-
-
-def stage_sft(cfg, log):
-    """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
-    if already_done(cfg, "sft"):
-        return
-    device = pick_device(cfg.device)
-    model, tok, _ = load_model(ckpt_path(cfg, "base"), device)
-    _, train_pairs, val_pairs = load_data(cfg, tok)
-    set_seed(cfg.seed)
-    block_size = model.config.block_size
-    supervised_train(cfg, "sft", cfg.sft, model, tok, sft_examples(train_pairs, tok, cfg, block_size),
-                     sft_examples(val_pairs, tok, cfg, block_size), ckpt_path(cfg, "sft"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft", cfg.dtype)
-
 
 # ----------------------------------------------------------------------------------------------
 # tools: sample and chat
-
-def policy_path(cfg):
-    p = cfg.sample.policy
-    return p if p.endswith(".pt") else ckpt_path(cfg, {"base": "base", "sft": "sft", "rs": "rs", "ppo": "ppo"}.get(p, p))
-
-
-def stage_sample(cfg):
-    """Print completions from any checkpoint, for one prompt, a file of prompts, or held-out prompts."""
-    model, tok, _ = load_model(policy_path(cfg), pick_device(cfg.device))
-    sc = cfg.sample
-    if sc.prompt or sc.prompts_file:
-        if sc.prompts_file:
-            try:
-                with open(sc.prompts_file, encoding="utf-8") as f:
-                    turns = [line.strip() for line in f if line.strip()]
-            except (OSError, UnicodeDecodeError) as e:
-                raise ConfigError(f"--sample.prompts_file: cannot read {sc.prompts_file} ({e})") from None
-        else:
-            turns = [sc.prompt]
-        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, cfg.seed, cfg.dtype)):
-            print(f"Human: {turn}\nAssistant: {reply}\n")
-    else:
-        test_pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), "test", cfg.data)
-        show_samples(model, tok, test_pairs, sc, cfg.seed, sc.policy, cfg.dtype)
-
-
-def stage_chat(cfg):
-    """An interactive multi-turn chat, kept in hh-rlhf's Human/Assistant format."""
-    from reward import load_reward_model, score_texts  # only needed with --sample.show_score
-    device = pick_device(cfg.device)
-    model, tok, _ = load_model(policy_path(cfg), device)
-    judge = load_reward_model(ckpt_path(cfg, "pm_b"), device) if cfg.sample.show_score else None
-    print(f"chatting with {policy_path(cfg)} (empty line or Ctrl-D to quit, /reset to start over)")
-    dialogue, turn = "", 0
-    while True:
-        try:
-            human = input("Human: ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return
-        if not human:
-            return
-        if human == "/reset":
-            dialogue = ""
-            continue
-        dialogue += format_prompt(human)
-        reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn, cfg.dtype)[0]
-        turn += 1
-        score = f"   [PM-B score {score_texts(*judge[:2], [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
-        print(f"Assistant: {reply}{score}")
-        dialogue += " " + reply
-
-
-def stage_export(cfg):
-    """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
-    ec = cfg.export
-    path = ec.policy if ec.policy.endswith(".pt") else ckpt_path(cfg, ec.policy)
-    model, tok, ckpt = load_model(path)
-    to = ec.to or os.path.join(cfg.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
-    sc = cfg.sample  # generate() and pipeline() then sample as `sample` and `chat` do
-    export_hf(model, to, keep=tok.keep, enc=tok.enc,
-              generation=dict(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p))
-    if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
-        head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
-        save_safetensors(head, os.path.join(to, "reward_head.safetensors"),
-                         metadata={"gain": str(ckpt.get("reward_gain", 1.0)), "bias": str(ckpt.get("reward_bias", 0.0)),
-                                   "read_at": "final hidden state (after ln_f) of the EOS token appended to the reply"})
-    print(f"[export] {path} -> {to} ({', '.join(sorted(os.listdir(to)))})")
 
 
 def preset_reason(preset):
@@ -418,17 +255,6 @@ def report_time(log, name, seconds, plan):
     planned = plan["stages"][name]["seconds"]
     print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {seconds / max(planned, 1e-9) - 1:+.0%})")
     log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
-
-
-def stage_plot(cfg):
-    """Figures from metrics.jsonl, eval.json and frontier.jsonl (needs matplotlib, an optional extra)."""
-    from plot import make_plots  # optional: nothing else imports matplotlib
-    try:
-        paths = make_plots(cfg.out_dir)
-    except (RuntimeError, FileNotFoundError) as e:  # matplotlib not installed, or no such out_dir
-        raise ConfigError(str(e)) from None
-    for path in paths:
-        print(f"[plot] {path}")
 
 
 # ----------------------------------------------------------------------------------------------

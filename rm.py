@@ -16,7 +16,6 @@ References:
   ranked vs binary preference modeling vs imitation (LM), and preference-model pretraining (PMP).
 """
 import copy
-import json
 import math
 import os
 import re
@@ -28,14 +27,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (DataError, pad_right, prompt_ids, read_pairs, resolve_data_dir, sft_example, split_halves,
-                  split_train_val)
+from data import read_pairs, resolve_data_dir, split_halves, split_train_val
 from model import GPTConfig
-from pm_metrics import bag_of_tokens_baseline, ci_str, format_report, pair_accuracy, pm_report, wilson_interval
+from pm_metrics import ci_str, evaluate_pms, pair_accuracy, update_eval_json, wilson_interval
 from reward import RewardModel, encode_pairs, load_reward_model, normalize_pm, pm_block, score_pairs, score_sequences
 from runtime import (MetricsLog, autocast, barrier, check_compatible, dist_info, load_checkpoint, load_model,
                      model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
 from sampling import sample_replies
+from tokens import pad_right, prompt_ids, sft_example
 from train import lr_at
 
 
@@ -210,7 +209,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
     gradient of the global mean, so N processes take the steps of one. Every rank validates (the same
     early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
-    rc, device, dtype = cfg.rm, next(model.parameters()).device, getattr(cfg, "dtype", "auto")
+    rc, device, dtype = cfg.rm, next(model.parameters()).device, cfg.dtype
     rank, world_size = dist_info()
     assert rc.batch_size % world_size == 0, (
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
@@ -297,57 +296,6 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
 
 
 # -----------------------------------------------------------------------------
-# evaluation on the test split: accuracy with CIs, length baseline, turns, calibration, A-vs-B robustness
-
-def update_eval_json(out_dir, pm):
-    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", earlier pm tables)."""
-    path = os.path.join(out_dir, "eval.json")
-    doc = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
-    doc["pm"] = {**doc.get("pm", {}), **pm}
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def reply_pairs(pairs, tok):
-    """[(chosen_ids, rejected_ids)] of the replies alone: their lengths and the bag-of-tokens baseline."""
-    ids = tok.encode_batch([r for p in pairs for r in (p.chosen, p.rejected)])
-    return list(zip(ids[0::2], ids[1::2]))
-
-
-def evaluate_pms(cfg, data_dir=None):
-    """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
-    print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
-    directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
-    device = pick_device(cfg.device)
-    data_dir = resolve_data_dir(data_dir or cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "test", cfg.data)
-    pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
-    pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
-    ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
-    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
-    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size, getattr(cfg, "dtype", "auto"))
-    test_replies = reply_pairs(pairs, tok)
-    pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
-                   a_c, a_r, b_c, b_r)
-    pm["data_dir"] = str(data_dir)
-    try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
-        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
-        half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
-        bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
-        pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
-                  bag_of_tokens_train_pairs=bow["train_pairs"])
-    except DataError as e:
-        pm["bag_of_tokens_skipped"] = str(e)
-    update_eval_json(cfg.out_dir, pm)
-    print(format_report(pm))
-    return pm
-
-
-# -----------------------------------------------------------------------------
 # the studies: PM objectives, and PMP against the number of human comparisons
 
 def print_table(title, header, rows):
@@ -367,7 +315,7 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
     """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
     accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
     time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
-    rc, device, rows, dtype = cfg.rm, next(policy.parameters()).device, [], getattr(cfg, "dtype", "auto")
+    rc, device, rows, dtype = cfg.rm, next(policy.parameters()).device, [], cfg.dtype
     train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, cfg)
     for objective in ("ranking", "binary", "lm"):
         t0 = time.time()
@@ -393,7 +341,7 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
     """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
     et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
     start every "with PMP" run; "wall s" is the human-pair phase only."""
-    rc, device, rows, dtype = cfg.rm, pick_device(cfg.device), [], getattr(cfg, "dtype", "auto")
+    rc, device, rows, dtype = cfg.rm, pick_device(cfg.device), [], cfg.dtype
     train_ex, test_ex = enc(pairs_a), enc(test_pairs)
     set_seed(cfg.seed)
     trunk, _ = init_reward_model(init, device)
@@ -427,7 +375,7 @@ def train_reward_models(cfg):
     the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force.
     Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
     the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    rc, (rank, _), dtype = cfg.rm, dist_info(), getattr(cfg, "dtype", "auto")
+    rc, (rank, _), dtype = cfg.rm, dist_info(), cfg.dtype
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")

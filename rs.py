@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from data import sft_example
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
 from runtime import (MetricsLog, dist_info, load_checkpoint, load_model, pick_device, save_checkpoint, set_seed,
                      stage_done)
 from sampling import reply_ended, rl_prompts, sample_replies, score, strip_end
+from tokens import sft_example
 from train import LMTrainConfig, supervised_train
 
 # ----------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def run_rs(cfg):
         print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
-        dtype = getattr(cfg, "dtype", "auto")
+        dtype = cfg.dtype
         replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature,
                                  dtype)
         rep_queries = [q for q in queries for _ in range(rc.n)]

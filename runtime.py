@@ -26,8 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import Tokenizer
 from model import GPT, GPTConfig
+from tokens import Tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,3 +262,7 @@ class MetricsLog:
 
 class NonFiniteLoss(Exception):
     """Training produced NaN/inf; the last good checkpoint is kept on disk."""
+
+
+class ConfigError(ValueError):
+    """A bad command line: unknown stage, preset or flag, or a value of the wrong type."""

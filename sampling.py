@@ -9,8 +9,10 @@ A PM scores the prompt + reply + one EOS, read at that EOS, as it was trained (r
 """
 import torch
 
-from data import pad_left, pad_right, prompt_ids, read_pairs, resolve_data_dir, split_train_val
+from actor_critic import forward_policy, logprobs_from_logits
+from data import read_pairs, resolve_data_dir, split_train_val
 from runtime import autocast
+from tokens import pad_left, pad_right, prompt_ids
 @torch.no_grad()
 def complete(model, tok, prompts, sc, seed, dtype="auto"):
     """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
@@ -71,10 +73,9 @@ def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0,
         q, r = queries[start:start + batch_size], replies[start:start + batch_size]
         q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
         r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
-        query_reply, mask = torch.cat([q_ids, r_ids], 1).to(device), torch.cat([q_mask, r_mask], 1).to(device)
-        with autocast(device.type, dtype):  # reply token t is predicted from column Tq + t - 1
-            hidden = model.hidden_states(query_reply, mask)[:, q_ids.size(1) - 1:-1]   # (b, N, C)
-            logits = model.logits(hidden) / temperature                              # (b, N, V)
+        with autocast(device.type, dtype):
+            logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
+                                       torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
         lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
         out.append(lp.sum(1).cpu())
     return torch.cat(out)
@@ -96,11 +97,6 @@ def score(reward_fn, queries, replies, batch_size):
     with torch.inference_mode():
         return torch.cat([reward_fn(queries[i:i + batch_size], replies[i:i + batch_size]).float().cpu()
                           for i in range(0, len(replies), batch_size)])
-
-
-def logprobs_from_logits(logits, tokens):
-    """log pi(token) for each position: logits (B, N, V), tokens (B, N) -> (B, N)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def reply_ended(reply, eos_id, stop_ids):

@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import (ASSISTANT, HOW_TO_FIX, HUMAN, SPLITS, SUBSETS, DataConfig, DataError, Tokenizer, _lines,
-                  format_stats, read_pairs, resolve_data_dir, subsets_present)
+from data import (ASSISTANT, DataConfig, DataError, HOW_TO_FIX, HUMAN, SPLITS, SUBSETS, _lines, format_stats,
+                  read_pairs, resolve_data_dir, subsets_present)
+from tokens import Tokenizer
 
 # (train, test) rows of each subset of the published dataset (Anthropic/hh-rlhf)
 REAL_ROWS = {"harmless-base": (42537, 2312), "helpful-base": (43835, 2354),

@@ -1,7 +1,11 @@
 """
-The supervised loop used by base-LM pretraining, SFT and rejection-sampling fine-tuning (they differ
-only in their data and their loss mask), with its learning-rate schedule, batches and validation.
-What every stage stands on (seeding, the device, checkpoints, torchrun, the metrics log) is runtime.py.
+Stages 1 and 2, pretrain and sft, and the supervised loop they share with rejection-sampling
+fine-tuning (the three differ only in their data and their loss mask): its learning-rate schedule,
+batches and validation. What every stage stands on (seeding, the device, checkpoints, torchrun, the
+metrics log) is runtime.py.
+
+    python rlhf.py pretrain --preset cpu   # base.pt: a base LM of the dialogue text (or OpenAI's GPT-2)
+    python rlhf.py sft --preset cpu        # sft.pt: imitate the chosen replies (loss on their tokens)
 
 The loop is the one in nanoGPT's train.py, written as a function:
 
@@ -28,9 +32,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import pack_examples, pad_right
-from runtime import (CheckpointError, NonFiniteLoss, autocast, barrier, check_compatible, cuda_peak_flops, dist_info,
-                     load_checkpoint, model_checkpoint, rng_state, save_checkpoint, set_rng_state, to_device)
+from data import format_stats, read_pairs, resolve_data_dir, split_train_val
+from model import GPT
+from runtime import (CheckpointError, ConfigError, NonFiniteLoss, autocast, barrier, check_compatible, cuda_peak_flops,
+                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, rng_state, save_checkpoint,
+                     set_rng_state, set_seed, stage_done, to_device)
+from sampling import show_samples
+from tokens import Tokenizer, build_tokenizer, lm_tokens, pack_examples, pad_right, sft_example
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +194,51 @@ def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device
     return loss_sum, tokens
 
 
+def resume_lm(ckpt_path, model, optimizer, sc, stage):
+    """(first step, validation loss before training, best so far) of the unfinished run in ckpt_path, its
+    weights, optimizer and RNG restored; or a fresh start, where a best file an earlier run left is removed."""
+    rank, best = dist_info()[0], {"step": None, "val_loss": math.inf}
+    if not os.path.exists(ckpt_path):
+        if rank == 0:
+            Path(best_path(ckpt_path)).unlink(missing_ok=True)
+        return 0, None, best
+    ckpt = load_checkpoint(ckpt_path)
+    check_compatible(ckpt_path, ckpt, model)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    if rank == 0:
+        print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{sc.max_steps}")
+    return ckpt["step"], ckpt.get("val_loss_before"), resume_best(ckpt_path, ckpt) if sc.keep_best else best
+
+
+def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad_id, device, dtype):
+    """One step: accumulate the gradients of sc.grad_accum micro-batches, clip, update. Returns the global
+    loss (every rank's average, so that all ranks stop together on a non-finite one), the gradient norm
+    and this rank's tokens."""
+    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, sc, seed, block_size, pad_id, device, dtype)
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        loss_sum /= dist.get_world_size()
+    loss_sum = loss_sum.item()
+    if not math.isfinite(loss_sum):
+        raise NonFiniteLoss(f"non-finite loss ({loss_sum}) at step {step}")
+    norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), sc.grad_clip or float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, norm, n_tokens
+
+
+def hold_ctrl_c():
+    """Ctrl-C is held until the step it lands in is over, so the checkpoint it writes never holds half a
+    step (weights mid-update, or RNG draws of dropout masks the rerun would not repeat). One process only:
+    under torchrun the ranks could stop at different steps. Returns (flag list, previous handler or None)."""
+    interrupted = []
+    if dist_info()[1] > 1 or threading.current_thread() is not threading.main_thread():
+        return interrupted, None
+    return interrupted, signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+
+
 def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
     """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
 
@@ -196,38 +249,20 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     Under torchrun (after init_distributed) every rank takes rows rank::world_size of each global
     micro-batch and DistributedDataParallel averages the gradients, so N processes take the same
     steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
-    device = next(model.parameters()).device.type
-    dtype = getattr(cfg, "dtype", "auto")
-    rank, world_size = dist_info()
+    device, dtype, (rank, world_size) = next(model.parameters()).device.type, cfg.dtype, dist_info()
     assert sc.batch_size % world_size == 0, (
         f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
-    raw = model
-    optimizer = raw.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
-    start, val_before, best = 0, None, {"step": None, "val_loss": math.inf}
-    if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        check_compatible(ckpt_path, ckpt, raw)
-        raw.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start, val_before = ckpt["step"], ckpt.get("val_loss_before")
-        best = resume_best(ckpt_path, ckpt) if sc.keep_best else best
-        if rank == 0:
-            print(f"[{stage}] resuming from {ckpt_path} at step {start}/{sc.max_steps}")
-    elif rank == 0:  # a fresh start: a best file left by an earlier run is not this run's
-        Path(best_path(ckpt_path)).unlink(missing_ok=True)
-    if cfg.compile:
-        model = torch.compile(model)
-    eval_model = model  # validation runs on each rank's own copy, outside DDP (no gradients to sync)
-    if world_size > 1:
-        # DDP all-reduces (averages) the gradients during backward, bucket by bucket, overlapping
-        # the communication with the rest of the backward pass
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
-    block_size = raw.config.block_size
+    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    start, val_before, best = resume_lm(ckpt_path, model, optimizer, sc, stage)
+    eval_model = train_model = torch.compile(model) if cfg.compile else model  # validation: outside DDP
+    if world_size > 1:  # DDP averages the gradients during backward, overlapping it with the communication
+        train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
+    block_size = model.config.block_size
     if sc.pack and not isinstance(train_data, np.ndarray):
         train_data, val_data = (pack_examples(d, block_size, tok.eos_id, cfg.seed) for d in (train_data, val_data))
+    validate = lambda: evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)  # noqa: E731
     if val_before is None:
-        val_before = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+        val_before = validate()
         if rank == 0:  # a fresh start only: a resumed run logged its step-0 row the first time
             log.log(stage, 0, val_loss=val_before)
             print(f"[{stage}] step 0 | val loss {val_before:.4f}")
@@ -235,21 +270,16 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     def checkpoint(step, done, val_loss=None, rng=None):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                raw, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
+                model, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
                 seed=cfg.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
 
     # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
     peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
-    model.train()
+    train_model.train()
     bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
                disable=rank != 0)
     step, t0, tokens, step_rng = start, time.time(), 0, rng_state()
-    # Ctrl-C is held until the step it lands in is over, so the checkpoint it writes never holds half a
-    # step (weights mid-update, or RNG draws of dropout masks the rerun would not repeat). One process
-    # only: under torchrun the ranks could stop at different steps.
-    interrupted, old_handler = [], None
-    if world_size == 1 and threading.current_thread() is threading.main_thread():
-        old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    interrupted, old_handler = hold_ctrl_c()
     try:
         for step in bar:
             step_rng = rng_state()  # where the rerun of this step must start
@@ -259,7 +289,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if step > start and step % sc.eval_interval == 0:
-                val_loss = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+                val_loss = validate()
                 improved = sc.keep_best and val_loss < best["val_loss"]
                 if improved:
                     best = {"step": step, "val_loss": val_loss}
@@ -267,26 +297,18 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                     log.log(stage, step, val_loss=val_loss)
                 checkpoint(step, done=False, val_loss=val_loss)
                 if improved and rank == 0:  # after the checkpoint that names it (see resume_best)
-                    save_best(ckpt_path, raw, best)
-            loss_sum, n_tokens = accumulate_gradients(model, train_data, step, sc, cfg.seed, block_size, tok.eos_id,
-                                                      device, dtype)
+                    save_best(ckpt_path, model, best)
+            try:
+                loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, cfg.seed,
+                                                      block_size, tok.eos_id, device, dtype)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"[{stage}] {e}; the last good checkpoint is kept in {ckpt_path}") from None
             tokens += n_tokens
-            if world_size > 1:  # the global loss for the log, and the same NaN verdict on every rank
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_size
-            loss_sum = loss_sum.item()
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"[{stage}] non-finite loss ({loss_sum}) at step {step}; "
-                                    f"the last good checkpoint is kept in {ckpt_path}")
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
             if step % sc.log_interval == 0 and rank == 0:
                 dt = time.time() - t0
-                mfu = {"mfu": raw.flops_per_token() * tokens / max(dt, 1e-9) / (peak * world_size)} if peak else {}
-                log.log(stage, step, loss=loss_sum, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9),
-                        **mfu)
+                mfu = {"mfu": model.flops_per_token() * tokens / max(dt, 1e-9) / (peak * world_size)} if peak else {}
+                log.log(stage, step, loss=loss, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9), **mfu)
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
@@ -298,9 +320,21 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     bar.close()
-    val_last = evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)
+    best = finish(stage, sc, model, ckpt_path, validate(), best, checkpoint, log)
+    if rank == 0:
+        print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{best['note']} | checkpoint {ckpt_path}")
+    if interrupted:  # Ctrl-C in the last step: the stage is complete and saved, the run stops here
+        raise SystemExit(130)
+    return val_before, best["val_loss"]
+
+
+def finish(stage, sc, model, ckpt_path, val_last, best, checkpoint, log):
+    """The end of a supervised stage: with keep_best and an earlier validation lower than the last, its
+    weights come back; the final checkpoint (done) holds the weights kept, and the best file goes.
+    Returns best, with a note for the log line naming the step kept."""
+    rank = dist_info()[0]
     if sc.keep_best and best["val_loss"] < val_last:  # an earlier validation was better: end with its weights
-        raw.load_state_dict(load_best(ckpt_path, best))  # every rank, before rank 0 removes the file below
+        model.load_state_dict(load_best(ckpt_path, best))  # every rank, before rank 0 removes the file below
         barrier()
     else:
         best = {"step": sc.max_steps, "val_loss": val_last}
@@ -310,11 +344,74 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     checkpoint(sc.max_steps, done=True, val_loss=best["val_loss"])
     if rank == 0:
         Path(best_path(ckpt_path)).unlink(missing_ok=True)  # the checkpoint now holds the best weights
-    if world_size > 1:
-        dist.barrier()  # the next stage reads this checkpoint: no rank moves on before rank 0 wrote it
-    if rank == 0:
-        kept = f" at step {best['step']} (the last step's: {val_last:.4f})" if best["step"] != sc.max_steps else ""
-        print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{kept} | checkpoint {ckpt_path}")
-    if interrupted:  # Ctrl-C in the last step: the stage is complete and saved, the run stops here
-        raise SystemExit(130)
-    return val_before, best["val_loss"]
+    barrier()  # the next stage reads this checkpoint: no rank moves on before rank 0 wrote it
+    note = f" at step {best['step']} (the last step's: {val_last:.4f})" if best["step"] != sc.max_steps else ""
+    return {**best, "note": note}
+
+
+# ----------------------------------------------------------------------------------------------
+# stages 1 and 2: the base LM (pretrain) and SFT
+
+def load_data(cfg, tok=None):
+    """Read the train split once and split off validation; build the tokenizer if none is given
+    (a trimmed vocabulary is made from the training text, then stored in every checkpoint)."""
+    data_dir = resolve_data_dir(cfg.data_dir or None)
+    pairs, stats = read_pairs(data_dir, "train", cfg.data)
+    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
+    print(f"data: {data_dir} | {format_stats(stats, 'train')} | {len(train_pairs)} train / {len(val_pairs)} val")
+    return tok or build_tokenizer(cfg.data, train_pairs), train_pairs, val_pairs
+
+
+def ckpt_path(cfg, name):
+    return os.path.join(cfg.out_dir, f"{name}.pt")
+
+
+def already_done(cfg, name):
+    """A finished stage is skipped unless --force; --force starts it over (train.stage_done)."""
+    return stage_done(ckpt_path(cfg, name), cfg.force, name)
+
+
+def stage_pretrain(cfg, log):
+    """Stage 1: a base language model of hh-rlhf dialogue text (or OpenAI GPT-2's weights)."""
+    if already_done(cfg, "base"):
+        return
+    device = pick_device(cfg.device)
+    if cfg.pretrain.init:  # GPT-2 already is a language model: store it as the base checkpoint
+        if cfg.data.vocab != "gpt2":
+            raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
+        model = GPT.from_pretrained(cfg.pretrain.init)
+        cfg.model = model.config
+        if dist_info()[0] == 0:
+            save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
+                                                                      seed=cfg.seed, done=True))
+        barrier()
+        print(f"[pretrain] loaded {cfg.pretrain.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
+        return
+    tok, train_pairs, val_pairs = load_data(cfg)
+    cfg.model.vocab_size = tok.vocab_size
+    set_seed(cfg.seed)
+    model = GPT(cfg.model).to(device)
+    print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
+    train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
+    print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
+    supervised_train(cfg, "pretrain", cfg.pretrain, model, tok, train_tokens, val_tokens, ckpt_path(cfg, "base"), log)
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base", cfg.dtype)
+
+
+def sft_examples(pairs, tok, cfg, block_size):
+    """(ids, loss_mask) for prompt + chosen reply: the assistant imitates the preferred replies."""
+    return [sft_example(p.prompt, p.chosen, tok, block_size, cfg.data.max_reply_tokens) for p in pairs]
+
+
+def stage_sft(cfg, log):
+    """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
+    if already_done(cfg, "sft"):
+        return
+    device = pick_device(cfg.device)
+    model, tok, _ = load_model(ckpt_path(cfg, "base"), device)
+    _, train_pairs, val_pairs = load_data(cfg, tok)
+    set_seed(cfg.seed)
+    block_size = model.config.block_size
+    supervised_train(cfg, "sft", cfg.sft, model, tok, sft_examples(train_pairs, tok, cfg, block_size),
+                     sft_examples(val_pairs, tok, cfg, block_size), ckpt_path(cfg, "sft"), log)
+    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft", cfg.dtype)

@@ -16,7 +16,7 @@ import ppo
 import reward
 import rm
 import runtime
-import train
+import actor_critic
 from model import GPT, GPTConfig
 
 torch.set_num_threads(1)
@@ -85,7 +85,7 @@ def ppo_setup():
     torch.manual_seed(0)
     policy = GPT(CONFIG)
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
-    critic = ppo.build_critic(None, torch.randn(32) * 0.1, torch.zeros(1))
+    critic = actor_critic.build_critic(None, torch.randn(32) * 0.1, torch.zeros(1))
     optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=1e-3)
 
     def fixed_replies(queries, query_mask, max_new_tokens, **kwargs):

@@ -8,6 +8,7 @@ import bench
 import ppo
 import reward
 import rlhf
+import train
 from model import GPT
 
 TINY_PPO = ["--preset", "tiny", "--pretrain.batch_size=2", "--ppo.batch_size=4", "--ppo.minibatch_size=2",
@@ -28,7 +29,7 @@ def test_ppo_split_puts_time_in_its_phase(hh_dir, monkeypatch):
     been timed (> 0, so each wrapper caught its call) and the phases must partition ppo_s."""
     delay = 0.3
     _, cfg = rlhf.parse_args(["all"] + TINY_PPO + ["--data_dir", hh_dir])
-    tok, _, _ = rlhf.load_data(cfg)
+    tok, _, _ = train.load_data(cfg)
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     queries = torch.randint(0, tok.vocab_size, (cfg.ppo.batch_size, 6))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import (DataConfig, DataError, Pair, Tokenizer, download_file, format_stats, lm_tokens, pad_left,
-                  pad_right, pm_example, prompt_ids, read_pairs, resolve_data_dir, sft_example, split_halves,
-                  split_train_val, tokenize_pairs)
+from data import (DataConfig, DataError, Pair, download_file, format_stats, read_pairs, resolve_data_dir,
+                  split_halves, split_train_val)
+from tokens import Tokenizer, lm_tokens, pad_left, pad_right, pm_example, prompt_ids, sft_example, tokenize_pairs
 
 
 def dialogue(*turns):

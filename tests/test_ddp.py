@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 
 import ppo
 from model import GPT, GPTConfig
-from ppo import PPOConfig, build_critic, ppo_step
+from actor_critic import build_critic
+from ppo import PPOConfig, ppo_step
 from reward import RewardModel
 from rm import RMConfig, train_pm
 from runtime import MetricsLog, NonFiniteLoss, init_distributed, load_checkpoint, save_checkpoint, stage_done
@@ -25,7 +26,7 @@ from train import LMTrainConfig, supervised_train
 
 
 class Cfg:  # the run-level fields supervised_train reads
-    seed, compile = 0, False
+    seed, compile, dtype = 0, False, "auto"
 
 
 class Tok:  # what supervised_train needs of a tokenizer: the pad/EOS id and something to checkpoint
@@ -76,7 +77,7 @@ def train_rm(out_dir, objective):
     model = RewardModel(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
     rm = RMConfig(objective=objective, lr=1e-2, batch_size=8, max_steps=4, warmup_steps=2, pmp_steps=2,
                   eval_interval=100, log_interval=1, center_coef=0.1, eval_batch_size=8)
-    train_pm(SimpleNamespace(rm=rm, seed=0), model, Tok(), comparisons(40, 0), comparisons(8, 1), objective,
+    train_pm(SimpleNamespace(rm=rm, seed=0, dtype="auto"), model, Tok(), comparisons(40, 0), comparisons(8, 1), objective,
              pmp_ex=comparisons(24, 2) if objective == "ranking" else None,
              ckpt_path=os.path.join(out_dir, "pm_a.pt"), log=MetricsLog(out_dir), name="pm_a")
     return model.state_dict()

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from data import DataConfig, Tokenizer, pad_left, read_pairs
+from data import DataConfig, read_pairs
 from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, run_eval
-from rs import RSConfig, best_of_n, bon_expected, bon_kl, run_rs
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
+from rs import RSConfig, best_of_n, bon_expected, bon_kl, run_rs
 from runtime import load_checkpoint, model_checkpoint, save_checkpoint
+from tokens import Tokenizer, pad_left
 
 torch.set_num_threads(1)
 
@@ -118,6 +119,7 @@ class RunConfig:  # the fields of rlhf.py's Config that the stages read
     data_dir: str = ""
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"
     compile: bool = False
     force: bool = False
     data: DataConfig = field(default_factory=lambda: DataConfig(vocab="trimmed"))
@@ -216,7 +218,7 @@ def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
 def test_reply_logprobs_are_the_sampler_logprobs_at_its_temperature():
     """The KL estimate reads log pi(reply) from a full forward at the sampling temperature: it must equal
     what the sampler reported for the tokens it drew, at that temperature."""
-    from evaluate import reply_logprobs
+    from sampling import reply_logprobs
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
     queries = [[5, 6, 7], [8, 9, 10, 11, 12]]

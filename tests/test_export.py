@@ -13,10 +13,11 @@ import torch.nn.functional as F
 
 import rlhf
 from conftest import make_dialogue
-from data import DataConfig, Tokenizer, read_pairs
+from data import DataConfig, read_pairs
 from hub import load_safetensors
 from model import GPT, GPTConfig
 from runtime import model_checkpoint, save_checkpoint
+from tokens import Tokenizer
 
 SAMPLE = Path(os.environ.get("HH_RLHF_DIR") or Path(__file__).resolve().parents[2] / "shared" / "hh-rlhf-sample")
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""  # GPT-2's encoder.py

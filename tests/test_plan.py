@@ -10,8 +10,9 @@ import torch
 
 import plan
 import rlhf
-from data import build_tokenizer, lm_tokens, read_pairs, split_halves, split_train_val
+from data import read_pairs, split_halves, split_train_val
 from model import GPT
+from tokens import build_tokenizer, lm_tokens
 
 ARITHMETIC = ["--plan.measure=false", "--plan.gflops=1"]  # 1 GFLOP/s and 1M tokens/s: seconds = gflop + tokenized/1e6
 

@@ -7,7 +7,7 @@ import torch
 
 import ppo
 import runtime
-import sampling
+import actor_critic
 from model import GPT, GPTConfig
 from ppo import adaptive_kl_coef, compute_gae, compute_rewards, masked_mean, masked_whiten, ppo_losses
 
@@ -137,7 +137,7 @@ def tiny_setup(seed=0, **overrides):
     ref = GPT(policy.config)
     ref.load_state_dict(policy.state_dict())
     trunk = GPT(policy.config)
-    critic = ppo.build_critic(trunk, torch.zeros(32), torch.zeros(1))
+    critic = actor_critic.build_critic(trunk, torch.zeros(32), torch.zeros(1))
     cfg = ppo.PPOConfig(batch_size=32, minibatch_size=8, ppo_epochs=4, lr=1e-3, max_new_tokens=8,
                         penalize_no_eos=False, kl_coef=0.02)
     for k, v in overrides.items():
@@ -163,7 +163,7 @@ def test_first_minibatch_ratio_one_and_zero_kl(share_trunk):
     # temperature != 1: the training pass must divide the logits by it too, or the ratio is not 1
     policy, ref, critic, cfg, opt = tiny_setup(temperature=0.7)
     if share_trunk:  # the value head on the policy's own trunk: one forward for logprobs and values
-        critic = ppo.build_critic(None, torch.randn(32), torch.zeros(1))
+        critic = actor_critic.build_critic(None, torch.randn(32), torch.zeros(1))
         opt = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.lr)
     g = torch.Generator().manual_seed(0)
     q, qm = tiny_queries(g)
@@ -204,19 +204,19 @@ def test_forward_policy_ignores_padding():
     q, qm = tiny_queries(g, B=4)
     resp = torch.randint(1, V, (4, 5), generator=g)
     rmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
-    logits, values = ppo.forward_policy(policy, critic, torch.cat([q, resp], 1), torch.cat([qm.bool(), rmask], 1),
+    logits, values = actor_critic.forward_policy(policy, critic, torch.cat([q, resp], 1), torch.cat([qm.bool(), rmask], 1),
                                         q.size(1), 0.7)
     # two more pad columns on the left of the queries and three on the right of the responses
     q2, qm2 = torch.cat([torch.zeros(4, 2).long(), q], 1), torch.cat([torch.zeros(4, 2).long(), qm], 1)
     resp2 = torch.cat([resp, torch.randint(1, V, (4, 3), generator=g)], 1)
     rmask2 = torch.cat([rmask, torch.zeros(4, 3).bool()], 1)
-    logits2, values2 = ppo.forward_policy(policy, critic, torch.cat([q2, resp2], 1), torch.cat([qm2.bool(), rmask2], 1),
+    logits2, values2 = actor_critic.forward_policy(policy, critic, torch.cat([q2, resp2], 1), torch.cat([qm2.bool(), rmask2], 1),
                                           q2.size(1), 0.7)
     m = rmask
     assert torch.allclose(logits2[:, :5][m], logits[m], atol=1e-5)
     assert torch.allclose(values2[:, :5][m], values[m], atol=1e-5)
     # and so the losses computed from them are unchanged
-    lp, lp2 = sampling.logprobs_from_logits(logits, resp), sampling.logprobs_from_logits(logits2, resp2)
+    lp, lp2 = actor_critic.logprobs_from_logits(logits, resp), actor_critic.logprobs_from_logits(logits2, resp2)
     adv, ret = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
     a = ppo_losses(lp, values, lp.detach() - 0.1, values.detach(), adv[:, :5], ret[:, :5], rmask, 0.2, 0.2)
     b = ppo_losses(lp2, values2, lp2.detach() - 0.1, values2.detach(), adv, ret, rmask2, 0.2, 0.2)

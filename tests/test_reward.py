@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import model
 import pm_metrics
 import reward
 import rm
 import runtime
+import tokens
 from ppo import PPOConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared 2-core box
@@ -120,8 +120,8 @@ def test_score_read_at_eos_and_unchanged_by_padding():
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(1, 50, (n,), generator=g).tolist() + [0] for n in (5, 9, 13)]  # 0 plays EOS
     alone = torch.stack([pm(torch.tensor([s]))[0][0] for s in seqs])                    # no padding at all
-    right, mask_r = data.pad_right(seqs + [[7] * 20], pad_id=0)                        # extra long row: more padding
-    left, mask_l = data.pad_left(seqs + [[7] * 20], pad_id=0)
+    right, mask_r = tokens.pad_right(seqs + [[7] * 20], pad_id=0)                        # extra long row: more padding
+    left, mask_l = tokens.pad_left(seqs + [[7] * 20], pad_id=0)
     torch.testing.assert_close(pm(right, mask_r)[0][:3], alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(pm(left, mask_l)[0][:3], alone, atol=1e-5, rtol=0)
     # the score is the head applied to the EOS hidden state, not to padding after it
@@ -185,8 +185,9 @@ def test_halves_disjoint_and_deterministic(tmp_path):
 
 
 def stage_cfg(tmp_path, data_dir):
-    from data import DataConfig, Tokenizer
-    from train import model_checkpoint, save_checkpoint
+    from data import DataConfig
+    from runtime import model_checkpoint, save_checkpoint
+    from tokens import Tokenizer
     out = tmp_path / "out"
     out.mkdir()
     data = DataConfig(vocab="trimmed", max_prompt_tokens=24, max_reply_tokens=16, val_frac=0.1)
@@ -197,8 +198,8 @@ def stage_cfg(tmp_path, data_dir):
     rc = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
                      normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
-    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", force=False, data=data, rm=rc,
-                           ppo=ppo)
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False,
+                           data=data, rm=rc, ppo=ppo)
 
 
 def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
@@ -238,7 +239,7 @@ def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     doc["policies"] = {"sft": {"pm_a": 0.1}}
     json.dump(doc, open(path, "w"))
     other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
-    pm = rm.evaluate_pms(cfg, other)                          # no training: just score the other test split
+    pm = pm_metrics.evaluate_pms(cfg, other)                          # no training: just score the other test split
     doc = json.load(open(path))
     assert pm["test_pairs"] == 30 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
 
@@ -298,7 +299,7 @@ def test_checkpoints_follow_save_interval_not_validations(tmp_path, monkeypatch)
 def test_log_interval_sets_the_metrics_rows(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=40, n_test=4))
     cfg.rm = rm.RMConfig(batch_size=4, max_steps=10, warmup_steps=2, eval_interval=5, log_interval=4)
-    tok = data.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    tok = tokens.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
     from data import DataConfig, read_pairs
     ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
     model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
@@ -372,7 +373,7 @@ def marker_examples(tmp_path, n_train):
     """stage_cfg on the marker data, its tokenizer, and the train split as encoded comparisons."""
     from data import DataConfig, read_pairs
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=n_train, n_test=4))
-    tok = data.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
+    tok = tokens.Tokenizer.from_state_dict(runtime.load_checkpoint(cfg.out_dir + "/sft.pt")["tokenizer"])
     return cfg, tok, reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
 
 

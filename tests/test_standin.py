@@ -8,7 +8,8 @@ import pytest
 
 import standin
 from conftest import write_hh_dir
-from data import HUMAN, SPLITS, SUBSETS, DataConfig, Tokenizer, read_pairs, split_dialogue
+from data import DataConfig, HUMAN, SPLITS, SUBSETS, read_pairs, split_dialogue
+from tokens import Tokenizer
 
 SCALE = 0.01
 # the real table (standin.REAL_ROWS) times SCALE, rounded half up, written out by hand

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from data import Tokenizer, pack_examples
 from model import GPT, GPTConfig
 from runtime import (CheckpointError, MetricsLog, NonFiniteLoss, load_checkpoint, load_model, model_checkpoint,
                      rng_state, save_checkpoint, set_rng_state)
+from tokens import Tokenizer, pack_examples
 from train import LMTrainConfig, get_batch, lr_at, supervised_train
 import runtime
 import train
 
 
 class Cfg:  # the run-level fields supervised_train reads
-    seed, compile = 0, False
+    seed, compile, dtype = 0, False, "auto"
 
 
 def tiny_model(vocab=300, dropout=0.0):
