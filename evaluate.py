@@ -188,12 +188,12 @@ def run_eval(cfg):
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
     dtype = cfg.dtype
-    reward_a, reward_b = pm_reward_fn(pm_a, tok, ec.batch_size, dtype), pm_reward_fn(pm_b, tok, ec.batch_size, dtype)
+    reward_a, reward_b = (pm_reward_fn(pm, tok, ec.batch_size, dtype) for pm in (pm_a, pm_b))
     max_new = ec.max_new_tokens or cfg.ppo.max_new_tokens
     max_prompt = min(cfg.ppo.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(cfg, "test", tok, max_prompt)[:ec.num_prompts or None]
-    queries, P, n, bs = [q for _, q in prompts], len(prompts), ec.n, ec.batch_size
-    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{ec.policy_samples}")
+    queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
+    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{k}")
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
     T = rl_temperature(cfg)
 
@@ -217,7 +217,6 @@ def run_eval(cfg):
     replies["bon"] = [replies["sft"][p * n + j] for p, j in enumerate(best.tolist())]
 
     # 3. rs and ppo: their own samples, scored, and their sampled KL to SFT
-    k = ec.policy_samples
     for name in ("rs", "ppo"):
         path = os.path.join(out, f"{name}.pt")
         if not os.path.exists(path):
@@ -243,24 +242,8 @@ def run_eval(cfg):
     policies["bon"].update(n=n, kl_analytic=bon_kl(n))
 
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
-    ppo_points = ppo_frontier(out, ec.frontier_windows)
-    final = [{"method": f"{m}_final", "step": None, "kl": policies[m]["kl"], "pm_a": policies[m]["pm_reward"],
-              "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test"} for m in ("rs", "ppo") if m in policies]
-    frontier = bon_curve + ppo_points + final
-    for p in frontier:
-        p["sqrt_kl"] = math.sqrt(max(p["kl"], 0.0))
-    with open(os.path.join(out, "frontier.jsonl"), "w") as f:
-        f.writelines(json.dumps(p) + "\n" for p in frontier)
-    fits = fit_frontiers(bon_curve, ppo_points)
-
-    # 5. eval.json (merged with reward.py's "pm" section), report.md
-    ev_path = os.path.join(out, "eval.json")
-    ev = json.load(open(ev_path)) if os.path.exists(ev_path) else {}
-    ev.update(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes)
-    tmp = ev_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(ev, f, indent=2)
-    os.replace(tmp, ev_path)
+    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows)
+    # 5. eval.json (merged with rm's "pm" section), report.md
     examples = []
     for p in range(min(ec.num_examples, P)):
         human = prompts[p][0].rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
@@ -268,12 +251,40 @@ def run_eval(cfg):
         examples.append({"human": human, "replies": {
             m: (tok.decode(strip_end(replies[m][col[m]], tok.eos_id, tok.stop_ids)).strip(),
                 a[m].view(-1)[col[m]].item(), b[m].view(-1)[col[m]].item()) for m in replies}})
+    return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
+                     examples)
+
+
+def write_frontier(out, bon_curve, policies, windows):
+    """frontier.jsonl: best-of-n's curve, PPO's training windows and the final RS and PPO points, each with
+    sqrt(KL); returns the fits of the three frontier forms (fit_frontiers)."""
+    ppo_points = ppo_frontier(out, windows)
+    final = [{"method": f"{m}_final", "step": None, "kl": policies[m]["kl"], "pm_a": policies[m]["pm_reward"],
+              "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test"} for m in ("rs", "ppo") if m in policies]
+    frontier = bon_curve + ppo_points + final
+    for p in frontier:
+        p["sqrt_kl"] = math.sqrt(max(p["kl"], 0.0))
+    with open(os.path.join(out, "frontier.jsonl"), "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in frontier)
+    return fit_frontiers(bon_curve, ppo_points)
+
+
+def save_eval(out, results, examples):
+    """Merge `results` into eval.json (atomically, keeping rm's "pm" section), write report.md, print the
+    table. Returns the eval.json dict."""
+    ev_path = os.path.join(out, "eval.json")
+    ev = json.load(open(ev_path)) if os.path.exists(ev_path) else {}
+    ev.update(results)
+    tmp = ev_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(ev, f, indent=2)
+    os.replace(tmp, ev_path)
     write_report(os.path.join(out, "report.md"), ev, examples)
     print(f"[eval] {'policy':6s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'tokens':>6s}")
-    for name, r in policies.items():
+    for name, r in ev["policies"].items():
         print(f"[eval] {name:6s} {r['pm_reward']:+7.3f} {r['heldout_pm_reward']:+7.3f} {r['kl']:6.2f} "
               f"{r['win_rate_vs_sft']:6.3f} {r['mean_reply_tokens']:6.1f}")
-    for note in notes[1:]:
+    for note in ev["notes"][1:]:
         print(f"[eval] note: {note}")
     print(f"[eval] wrote {ev_path}, {os.path.join(out, 'frontier.jsonl')}, {os.path.join(out, 'report.md')}")
     return ev

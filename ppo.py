@@ -31,9 +31,9 @@ import torch.distributed as dist
 from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
-from runtime import (MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, check_compatible,
-                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, rng_state, save_checkpoint,
-                     set_rng_state, set_seed, stage_done, token_share)
+from runtime import (MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows, dist_info,
+                     load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state, save_checkpoint,
+                     set_seed, stage_done, token_share)
 from sampling import reply_ended, rl_prompts
 from tokens import pad_left
 
@@ -328,11 +328,7 @@ def ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype):
 def prompt_batch(prompts, index, batch_size, seed, pad_id):
     """Batch `index` of a seeded per-epoch shuffle, a pure function of (index, seed) so resuming needs
     no loader state. Returns left-padded queries (B, T) and their mask (B, T)."""
-    per_epoch = max(1, len(prompts) // batch_size)
-    epoch, pos = divmod(index, per_epoch)
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    rows = [prompts[i][1] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
-    return pad_left(rows, pad_id)
+    return pad_left([prompts[i][1] for i in batch_rows(len(prompts), index, batch_size, seed)], pad_id)
 
 
 def load_models(out, pc, device):
@@ -355,12 +351,7 @@ def resume(path, policy, critic, optimizer, pc):
     """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, pc.kl_coef)."""
     if not os.path.exists(path):
         return 0, pc.kl_coef
-    ckpt = load_checkpoint(path)
-    check_compatible(path, ckpt, policy)
-    policy.load_state_dict(ckpt["model"])
-    critic.load_state_dict(ckpt["critic"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
+    ckpt = restore(path, policy, optimizer, critic=critic)
     print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{pc.iterations}, beta {ckpt['kl_coef']:.4f}")
     return ckpt["iteration"], ckpt["kl_coef"]
 

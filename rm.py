@@ -31,8 +31,8 @@ from data import read_pairs, resolve_data_dir, split_halves, split_train_val
 from model import GPTConfig
 from pm_metrics import ci_str, evaluate_pms, pair_accuracy, update_eval_json, wilson_interval
 from reward import RewardModel, encode_pairs, load_reward_model, normalize_pm, pm_block, score_pairs, score_sequences
-from runtime import (MetricsLog, autocast, barrier, check_compatible, dist_info, load_checkpoint, load_model,
-                     model_checkpoint, pick_device, rng_state, save_checkpoint, set_rng_state, set_seed, stage_done)
+from runtime import (MetricsLog, autocast, barrier, batch_rows, dist_info, epoch_permutation, load_model,
+                     model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done)
 from sampling import sample_replies
 from tokens import pad_right, prompt_ids, sft_example
 from train import lr_at
@@ -118,11 +118,11 @@ def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False,
     wide as its longest sequence: at 32 pairs of GPT-2 tokens on the full data, ~272 tokens wide instead of
     ~783, by `rlhf.py plan`) and each pair still comes once an epoch (the length-grouped sampler of fairseq
     and Hugging Face's group_by_length)."""
-    per_epoch = max(1, len(examples) // batch_size)
-    epoch, pos = divmod(index, per_epoch)
-    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
     if group_by_length:  # this batch's group of batches, sorted by length, dealt out in a seeded order
+        per_epoch = max(1, len(examples) // batch_size)
+        epoch, pos = divmod(index, per_epoch)
         first = pos // group * group
+        perm = epoch_permutation(len(examples), epoch, seed)
         rows = sorted(perm[first * batch_size:min(first + group, per_epoch) * batch_size],
                       key=lambda i: max(len(examples[i][0]), len(examples[i][1])))
         slots = torch.randperm(len(rows) // batch_size,
@@ -130,7 +130,7 @@ def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False,
         k = int(slots[pos - first])
         batch = [examples[i] for i in rows[k * batch_size:(k + 1) * batch_size]]
     else:
-        batch = [examples[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+        batch = [examples[i] for i in batch_rows(len(examples), index, batch_size, seed)]
     idx, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)   # (2B, T)
     labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])          # (2B,)
     return idx, mask, labels
@@ -189,11 +189,7 @@ def resume_pm(ckpt_path, model, optimizer):
     best = {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
     if not (ckpt_path and os.path.exists(ckpt_path)):
         return 0, 0.0, best
-    ckpt = load_checkpoint(ckpt_path)
-    check_compatible(ckpt_path, ckpt, model)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
+    ckpt = restore(ckpt_path, model, optimizer)
     return ckpt["step"], ckpt["wall_s"], ckpt["best"]
 
 

@@ -40,6 +40,18 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
+def epoch_permutation(n, epoch, seed):
+    """The seeded shuffle of n rows for one epoch. Batches drawn from it are a pure function of (seed,
+    step), so a resumed run sees the same batches with no loader state to save."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
+def batch_rows(n, index, batch_size, seed):
+    """The rows of batch number `index` when n rows are reshuffled every epoch (epoch_permutation)."""
+    epoch, pos = divmod(index, max(1, n // batch_size))
+    return epoch_permutation(n, epoch, seed)[pos * batch_size:(pos + 1) * batch_size]
+
+
 def pick_device(name="auto"):
     """The device is chosen once per run: CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
@@ -207,6 +219,19 @@ def stage_done(path, force, name):
         print(f"[{name}] {path} is complete; skipping (use --force to redo it)")
         return True
     return False
+
+
+def restore(path, model, optimizer, **modules):
+    """Continue an unfinished stage: its checkpoint's weights into `model` (and into each of `modules`,
+    by key), its optimizer state, and every RNG where it stopped. Returns the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    check_compatible(path, ckpt, model)
+    model.load_state_dict(ckpt["model"])
+    for key, module in modules.items():
+        module.load_state_dict(ckpt[key])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt
 
 
 def model_checkpoint(model, tok, **extra):

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from data import format_stats, read_pairs, resolve_data_dir, split_train_val
 from model import GPT
-from runtime import (CheckpointError, ConfigError, NonFiniteLoss, autocast, barrier, check_compatible, cuda_peak_flops,
-                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, rng_state, save_checkpoint,
-                     set_rng_state, set_seed, stage_done, to_device)
+from runtime import (CheckpointError, ConfigError, NonFiniteLoss, autocast, barrier, batch_rows, cuda_peak_flops,
+                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state,
+                     save_checkpoint, set_seed, stage_done, to_device)
 from sampling import show_samples
 from tokens import Tokenizer, build_tokenizer, lm_tokens, pack_examples, pad_right, sft_example
 
@@ -86,11 +86,7 @@ def get_batch(data, index, batch_size, block_size, seed, pad_id):
         chunk = torch.stack([torch.from_numpy(data[s:s + block_size + 1].astype(np.int64)) for s in starts])
         ones = torch.ones(batch_size, block_size)
         return chunk[:, :-1], chunk[:, 1:], ones, ones, None
-    n = len(data)
-    per_epoch = max(1, n // batch_size)
-    epoch, pos = divmod(index, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    examples = [data[i] for i in perm[pos * batch_size:(pos + 1) * batch_size]]
+    examples = [data[i] for i in batch_rows(len(data), index, batch_size, seed)]
     seqs = [e[0] for e in examples]
     idx, attention_mask = pad_right(seqs, pad_id)                       # (B, T+1)
     loss_mask, _ = pad_right([e[1] for e in examples], 0)               # (B, T+1)
@@ -202,11 +198,7 @@ def resume_lm(ckpt_path, model, optimizer, sc, stage):
         if rank == 0:
             Path(best_path(ckpt_path)).unlink(missing_ok=True)
         return 0, None, best
-    ckpt = load_checkpoint(ckpt_path)
-    check_compatible(ckpt_path, ckpt, model)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
+    ckpt = restore(ckpt_path, model, optimizer)
     if rank == 0:
         print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{sc.max_steps}")
     return ckpt["step"], ckpt.get("val_loss_before"), resume_best(ckpt_path, ckpt) if sc.keep_best else best
@@ -267,7 +259,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             log.log(stage, 0, val_loss=val_before)
             print(f"[{stage}] step 0 | val loss {val_before:.4f}")
 
-    def checkpoint(step, done, val_loss=None, rng=None):
+    def checkpoint(step, done, best, val_loss=None, rng=None):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 model, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
@@ -289,15 +281,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             for group in optimizer.param_groups:
                 group["lr"] = lr
             if step > start and step % sc.eval_interval == 0:
-                val_loss = validate()
-                improved = sc.keep_best and val_loss < best["val_loss"]
-                if improved:
-                    best = {"step": step, "val_loss": val_loss}
-                if rank == 0:
-                    log.log(stage, step, val_loss=val_loss)
-                checkpoint(step, done=False, val_loss=val_loss)
-                if improved and rank == 0:  # after the checkpoint that names it (see resume_best)
-                    save_best(ckpt_path, model, best)
+                best = validate_and_save(stage, step, validate(), best, sc, model, ckpt_path, checkpoint, log)
             try:
                 loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, cfg.seed,
                                                       block_size, tok.eos_id, device, dtype)
@@ -312,7 +296,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(step, done=False, rng=step_rng)  # `step` has not been applied yet: the rerun redoes it
+        checkpoint(step, False, best, rng=step_rng)  # `step` has not been applied yet: the rerun redoes it
         if rank == 0:
             print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
         raise SystemExit(130)
@@ -328,6 +312,19 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     return val_before, best["val_loss"]
 
 
+def validate_and_save(stage, step, val_loss, best, sc, model, ckpt_path, checkpoint, log):
+    """A validation inside the loop: logged, and a checkpoint written; with keep_best, a new lowest loss
+    also writes the best file (after the checkpoint that names it: see resume_best). Returns best."""
+    if sc.keep_best and val_loss < best["val_loss"]:
+        best = {"step": step, "val_loss": val_loss}
+    if dist_info()[0] == 0:
+        log.log(stage, step, val_loss=val_loss)
+    checkpoint(step, False, best, val_loss=val_loss)
+    if best["step"] == step and dist_info()[0] == 0:
+        save_best(ckpt_path, model, best)
+    return best
+
+
 def finish(stage, sc, model, ckpt_path, val_last, best, checkpoint, log):
     """The end of a supervised stage: with keep_best and an earlier validation lower than the last, its
     weights come back; the final checkpoint (done) holds the weights kept, and the best file goes.
@@ -341,7 +338,7 @@ def finish(stage, sc, model, ckpt_path, val_last, best, checkpoint, log):
     if rank == 0:
         kept = {"best_step": best["step"], "best_val_loss": best["val_loss"]} if sc.keep_best else {}
         log.log(stage, sc.max_steps, val_loss=val_last, **kept)
-    checkpoint(sc.max_steps, done=True, val_loss=best["val_loss"])
+    checkpoint(sc.max_steps, True, best, val_loss=best["val_loss"])
     if rank == 0:
         Path(best_path(ckpt_path)).unlink(missing_ok=True)  # the checkpoint now holds the best weights
     barrier()  # the next stage reads this checkpoint: no rank moves on before rank 0 wrote it
@@ -407,8 +404,7 @@ def stage_sft(cfg, log):
     """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
     if already_done(cfg, "sft"):
         return
-    device = pick_device(cfg.device)
-    model, tok, _ = load_model(ckpt_path(cfg, "base"), device)
+    model, tok, _ = load_model(ckpt_path(cfg, "base"), pick_device(cfg.device))
     _, train_pairs, val_pairs = load_data(cfg, tok)
     set_seed(cfg.seed)
     block_size = model.config.block_size
