@@ -75,7 +75,7 @@ class EvalConfig:
     batch_size: int = 64         # sequences per generate / scoring call
     num_examples: int = 3        # prompts shown side by side in report.md
     frontier_windows: int = 8    # PPO training iterations are averaged into this many frontier points
-    pm_only: bool = False        # only re-evaluate the preference models (reward.py's evaluate_pms)
+    pm_only: bool = False        # only re-evaluate the preference models (pm_metrics.evaluate_pms)
 
 
 # ----------------------------------------------------------------------------------------------

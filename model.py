@@ -170,7 +170,7 @@ def _sample(logits, temperature, top_k, top_p, generator):
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # inverse-CDF sampling: one uniform number per row, then a binary search in the cumulative
     # probabilities. torch.multinomial draws an exponential for every vocabulary entry (B * V random
-    # numbers, ~25x slower on CPU: 16 ms vs 0.6 ms per step at B=64, V=12.5k, a third of a decode step).
+    # numbers: README, Speed, for what that cost).
     # right=True picks the first token whose cdf exceeds u, so a zero-probability (filtered) token,
     # whose cdf equals its predecessor's, is never chosen.
     cdf = F.softmax(logits, -1).cumsum(-1)  # (B, V)
@@ -231,16 +231,14 @@ class GPT(nn.Module):
 
         idx (B, T) token ids; attention_mask (B, T) 1 = real token, 0 = padding (left or right);
         kv_cache: a KVCache to read earlier tokens from and append these ones to;
-        segment_ids (B, T): packed training rows (data.pack_examples), several examples per row.
+        segment_ids (B, T): packed training rows (tokens.pack_examples), several examples per row.
         Returns (B, T, C).
         """
         B, T = idx.size()
         if segment_ids is not None:
             # each segment is its own sequence: positions restart at 0 where a segment begins, and a
             # token sees only the earlier tokens of its own segment (a block-diagonal causal mask).
-            # The mask takes SDPA off its flash kernel: on an H100 packed SFT computes ~0.8x the
-            # tokens/s of pretraining, still 4x the real tokens/s of one padded example per row
-            # (flex attention's block-sparse kernel, tried in torch 2.11, was no faster)
+            # The mask takes SDPA off its flash kernel (README, Speed, for what packing still gains)
             t = torch.arange(T, device=idx.device)  # (T,)
             starts = torch.ones_like(segment_ids, dtype=torch.bool)
             starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
@@ -279,10 +277,9 @@ class GPT(nn.Module):
         """The LM head, (..., C) -> (..., V). GPT-2's 50,257-token vocabulary is an output width that
         is not a multiple of 8, which keeps a GPU matmul off its fast tensor-core kernels; so the
         weight is zero-padded to a multiple of 64 rows for the matmul (nanoGPT's 50,304) and the pad
-        logits are dropped at once, a view. On an H100 a compiled GPT-2-small training step went
-        from 0.290 to 0.275 s (MFU 0.39 -> 0.41) and peak memory from 25.4 to 22.3 GB. Checkpoints
-        keep the plain (V, C) weight; a vocabulary already a multiple of 64 (the trimmed ones)
-        takes the plain path."""
+        logits are dropped at once, a view (README, Speed: faster, and less memory). Checkpoints keep
+        the plain (V, C) weight; a vocabulary already a multiple of 64 (the trimmed ones) takes the
+        plain path."""
         weight = self.lm_head.weight  # (V, C), tied to wte
         pad = -weight.size(0) % 64
         if pad == 0:

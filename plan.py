@@ -9,7 +9,7 @@ plan.py: before a run, what each stage will do, the memory it needs and how long
 Why: the first `python rlhf.py` on the full hh-rlhf (160,800 train pairs, ~76M tokens per pass) runs for
 hours, and nothing said so before it started. `all` prints this plan first. How:
 1. Work: each stage's steps, rows and tokens from its config and the data it would read, counted with the
-   stages' own functions (reward.pm_steps, train.validation_batches, data.sft_example, ...). Pair counts are
+   stages' own functions (rm.pm_steps, train.validation_batches, tokens.sft_example, ...). Pair counts are
    exact; token counts are estimated from a seeded sample of plan.sample_rows pairs, scaled by the counts.
    Work is FLOPs (GPT.flops_per_token: 6N + 12LHQT a token to train, a third of that for a forward pass or
    a sampled token) of six kinds, pretrain and train (supervised_train, compiled with --compile), eager
@@ -93,7 +93,7 @@ def read_data(cfg):
 
 
 def rl_prompts(cfg, d, new_tokens):
-    """The sampled prompts' ids as the RL stages feed them (ppo.rl_prompts): left-truncated to
+    """The sampled prompts' ids as the RL stages feed them (sampling.rl_prompts): left-truncated to
     ppo.max_prompt_tokens, leaving room for new_tokens in the context."""
     return [prompt_ids(x[0], d.tok, min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - new_tokens)) for x in d.ids]
 
@@ -184,7 +184,7 @@ def work_sft(cfg, d, gpt, act):
 
 def work_rm(cfg, d, gpt, act):
     """PM-A and PM-B, each on its half (B pairs = 2B rows a step), validated every eval_interval steps;
-    SFT samples at PPO's shapes to normalise them; both score the test pairs (reward.evaluate_pms)."""
+    SFT samples at PPO's shapes to normalise them; both score the test pairs (pm_metrics.evaluate_pms)."""
     rc, N = cfg.rm, cfg.ppo.max_new_tokens
     block, B = pm_block(gpt, cfg), rc.batch_size
     seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
@@ -213,7 +213,7 @@ def work_rm(cfg, d, gpt, act):
 
 def work_rs(cfg, d, gpt, act):
     """Best-of-n on train prompts (sample_batch_size rows a generate call, n per prompt), scored by PM-A,
-    then a fine-tune on the winners, a tenth held out for validation (evaluate.run_rs)."""
+    then a fine-tune on the winners, a tenth held out for validation (rs.run_rs)."""
     rc = cfg.rs
     N = rc.max_new_tokens or cfg.ppo.max_new_tokens
     lens = [len(x) for x in rl_prompts(cfg, d, N)]

@@ -150,7 +150,7 @@ def plot_curves(series, path):
 
 
 # ----------------------------------------------------------------------------------------------
-# 2-3. the preference models (eval.json "pm", written by reward.py)
+# 2-3. the preference models (eval.json "pm", written by pm_metrics.evaluate_pms)
 
 def plot_calibration(pm, path):
     """Reliability diagram: mean predicted P(chosen) per bin vs the observed frequency, both PMs."""

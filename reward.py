@@ -150,7 +150,7 @@ def encode_pairs(pairs, tok, block_size, max_reply_tokens):
 def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None, dtype="auto"):
     """Raw scores (N,) numpy of token sequences, batched by similar length to waste little padding.
     model is a RewardModel, or a GPT with reply_masks (the "lm" objective). The forwards run under
-    train.autocast(dtype): bf16 on CUDA by default; the scores themselves come out in fp32."""
+    runtime.autocast(dtype): bf16 on CUDA by default; the scores themselves come out in fp32."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

@@ -261,7 +261,7 @@ def report_time(log, name, seconds, plan):
 
 def run(stage, cfg):
     """Run one stage, or all of them in order. Under torchrun, pretrain, sft, rm, rs and ppo run
-    data-parallel (train.supervised_train, reward.train_pm, evaluate.run_rs, ppo.train_ppo); eval then
+    data-parallel (train.supervised_train, rm.train_pm, rs.run_rs, ppo.train_ppo); eval then
     goes on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
     if rank != 0:

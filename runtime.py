@@ -67,7 +67,7 @@ def autocast(device, dtype="auto"):
     """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range); full fp32
     elsewhere by default, because bf16 matmuls are slower than fp32 on most CPUs. dtype="bfloat16"
     opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python bench.py --dtype=bfloat16`
-    shows it) a training step runs ~2x faster. dtype="float32" turns autocast off everywhere."""
+    shows it) a training step runs faster. dtype="float32" turns autocast off everywhere."""
     if dtype == "float32" or (dtype == "auto" and not device.startswith("cuda")):
         return nullcontext()
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)

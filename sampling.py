@@ -16,7 +16,7 @@ from tokens import pad_left, pad_right, prompt_ids
 @torch.no_grad()
 def complete(model, tok, prompts, sc, seed, dtype="auto"):
     """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
-    the forwards under train.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
+    the forwards under runtime.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
     model.eval()
     device = next(model.parameters()).device
     max_prompt = model.config.block_size - sc.max_new_tokens
@@ -46,7 +46,7 @@ def show_samples(model, tok, pairs, sc, seed, title, dtype="auto"):
 def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generator, temperature=1.0, dtype="auto"):
     """n replies per query at `temperature` with no top-k/top-p (so best-of-n's KL is the analytic
     one and a sampled KL estimate is unbiased), ending at EOS or a new "\n\nHuman:" turn, as in PPO.
-    The forwards run under train.autocast(dtype); the sampling itself is fp32 (GPT.generate).
+    The forwards run under runtime.autocast(dtype); the sampling itself is fp32 (GPT.generate).
     queries: list of P id lists. Returns P*n reply id lists (query-major, the EOS or stop included)."""
     device = next(policy.parameters()).device
     rows = [q for q in queries for _ in range(n)]
@@ -66,7 +66,7 @@ def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0,
     """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
     the replies were sampled from), (len(replies),). With the policy's own samples,
     mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
-    under train.autocast(dtype); the log-softmax and the sums are fp32."""
+    under runtime.autocast(dtype); the log-softmax and the sums are fp32."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(replies), batch_size):

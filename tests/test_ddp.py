@@ -189,18 +189,23 @@ def run_two_ranks(ddp_dir, kind, ckpt_name):
     return ranks, load_checkpoint(os.path.join(ddp_dir, ckpt_name))
 
 
+def assert_replicas_match(single, ranks, saved=None):
+    """Both ranks end with identical weights (averaged gradients), those of one process to float tolerance
+    (the summation order differs, and Adam turns the rounding noise of a gradient that is zero in exact
+    arithmetic, the key bias that softmax ignores, into lr-sized steps), and rank 0 saved exactly them."""
+    for name, w in single.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
+        assert saved is None or torch.equal(saved[name], ranks[0][name]), name
+
+
 @pytest.mark.parametrize("kind", ["stream", "examples"])
 def test_two_gloo_processes_match_one_process(tmp_path, kind):
     single_dir, ddp_dir = dirs(tmp_path)
     single = train(single_dir, kind)
     ranks, ckpt = run_two_ranks(ddp_dir, kind, "base.pt")
     assert ckpt["done"] and ckpt["step"] == 6
-    for name, w in single.items():
-        assert torch.equal(ranks[0][name], ranks[1][name]), name  # DDP keeps the replicas identical
-        # float tolerance: the summation order differs, and Adam turns the rounding noise of a gradient
-        # that is zero in exact arithmetic (the key bias: softmax ignores it) into lr-sized steps
-        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
-        assert torch.equal(ckpt["model"][name], ranks[0][name]), name
+    assert_replicas_match(single, ranks, ckpt["model"])
     logged = [json.loads(line) for line in open(os.path.join(ddp_dir, "metrics.jsonl"))]
     assert len(logged) == len(open(os.path.join(single_dir, "metrics.jsonl")).readlines())  # one writer
     assert logged[0]["step"] == 0 and "pretrain/val_loss" in logged[0]  # val loss curves start at step 0
@@ -212,10 +217,7 @@ def test_two_gloo_processes_train_the_same_pm_as_one_process(tmp_path, objective
     single = train_rm(single_dir, objective)
     ranks, ckpt = run_two_ranks(ddp_dir, f"rm_{objective}", "pm_a.pt")
     assert ckpt["step"] == (6 if objective == "ranking" else 4) and ckpt["best"]["step"] == ckpt["step"]
-    for name, w in single.items():
-        assert torch.equal(ranks[0][name], ranks[1][name]), name
-        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
-        assert torch.equal(ckpt["model"][name], ranks[0][name]), name
+    assert_replicas_match(single, ranks, ckpt["model"])
     rows = [[json.loads(line) for line in open(os.path.join(d, "metrics.jsonl"))] for d in (single_dir, ddp_dir)]
     assert len(rows[0]) == len(rows[1])  # one writer
     for a, b in zip(*rows):  # the logged loss is the global batch's, all-reduced over the ranks
@@ -227,9 +229,7 @@ def test_two_gloo_processes_take_the_same_ppo_steps_as_one_process(tmp_path):
     single = train_ppo_steps()
     mp.spawn(worker, args=(2, free_port(), str(tmp_path), "ppo"), nprocs=2, join=True)
     ranks = [torch.load(os.path.join(tmp_path, f"rank{r}.pt")) for r in range(2)]
-    for name, w in single.items():
-        assert torch.equal(ranks[0][name], ranks[1][name]), name  # averaged gradients: identical replicas
-        assert torch.allclose(ranks[0][name], w, rtol=0, atol=1e-4), name
+    assert_replicas_match(single, ranks)
     torch.manual_seed(0)
     initial = GPT(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16)).state_dict()
     assert (single["lm_head.weight"] - initial["lm_head.weight"]).abs().max() > 1e-3  # PPO did move it
