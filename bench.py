@@ -1,10 +1,11 @@
 """
 bench.py: how fast each part of the RLHF flow runs on this machine, as one JSON object.
 
-    python bench.py --preset cpu --data_dir ../shared/hh-rlhf-sample
-    python bench.py --preset cpu --model.n_embd=384 --pretrain.batch_size=32   # try another shape
+    python rlhf.py bench --preset cpu --data_dir ../shared/hh-rlhf-sample
+    python rlhf.py bench --preset cpu --model.n_embd=384 --pretrain.batch_size=32   # try another shape
 
-It takes rlhf.py's flags (same parser, same presets), so a shape measured here is the shape a stage runs.
+It takes rlhf.py's flags (same parser, same presets), so a shape measured here is the shape a stage runs;
+plan.py times a preset with the same functions.
 Every figure comes from this one run, so ratios between them are fair even on a busy machine:
 
   matmul_peak_gflops  the best fp32 (CPU) / bf16 (CUDA) square-matmul rate reached right now, measured
@@ -38,7 +39,6 @@ import time
 import torch
 
 import ppo
-import rlhf
 import train
 from model import GPT
 from reward import RewardModel
@@ -169,11 +169,9 @@ def peak_memory_mb(device):
     return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
 
 
-def main(argv):
-    repeats = 3
-    _, cfg = rlhf.parse_args(["all"] + argv)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+def run_bench(cfg, repeats=3):
+    """`rlhf.py bench`: every figure above, for the preset and flags in cfg, printed as one JSON line
+    (and returned as a dict)."""
     device, dtype = pick_device(cfg.device), cfg.dtype
     out = {"preset": cfg.preset, "device": torch.cuda.get_device_name() if device == "cuda" else device,
            "dtype": dtype, "threads": torch.get_num_threads(), "load_avg": round(os.getloadavg()[0], 2)}
@@ -221,7 +219,3 @@ def main(argv):
     out["peak_mem_mb"] = peak_memory_mb(device)
     print(json.dumps(out))
     return out
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -340,6 +340,3 @@ if __name__ == "__main__":
         raise SystemExit(2)
     for split, (pairs, stats) in splits.items():
         print(format_stats(stats, f"{data_dir} {split}"))
-    from tokens import build_tokenizer  # tokens.py builds on this file, not the other way round
-    tok = build_tokenizer(DataConfig(vocab="trimmed"), splits["train"][0])
-    print(f"a trimmed vocab of the train split has {tok.vocab_size} tokens (GPT-2: 50257)")

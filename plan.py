@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+import bench
 from data import read_pairs, resolve_data_dir, split_halves, split_train_val
 from model import GPT
 from ppo import prompt_batch
@@ -296,7 +297,6 @@ def measured_rates(cfg, d, gpt, device, repeats):
     optimizer step at pretrain's shape (pretrain and train), sampling at the PPO rollout shape, one ppo_step
     (ppo) and the PM's forward passes inside it (forward); rate = the plan's FLOPs for that work / seconds.
     The RNG state is restored afterwards, so a run that follows is unchanged."""
-    import bench  # bench imports rlhf, which imports this file only when it plans
     cfg, state, t0 = copy.deepcopy(cfg), rng_state(), time.perf_counter()
     cfg.model.vocab_size = d.tok.vocab_size
     set_seed(cfg.seed)

@@ -13,7 +13,7 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
   eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
 and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first),
-sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
+bench (speed figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
 export (a Hugging Face GPT-2 folder: `export --policy ppo --to DIR`).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
@@ -29,9 +29,11 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 import torch.distributed as dist
 
+from bench import run_bench
 from data import DataConfig, DataError
 from evaluate import EvalConfig, run_eval
 from model import GPTConfig
+from plan import fmt_time, print_plan
 from pm_metrics import evaluate_pms
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
@@ -59,7 +61,7 @@ class Config:
     seed: int = 1337             # one seed for data order, init and sampling
     device: str = "auto"         # auto = cuda > mps > cpu
     dtype: str = "auto"          # auto = bf16 autocast on CUDA, fp32 elsewhere; bfloat16 = on CPU too (2x on CPUs
-                                 # with native bf16, e.g. AVX512-BF16/AMX: `python bench.py --dtype=bfloat16`)
+                                 # with native bf16, e.g. AVX512-BF16/AMX: `python rlhf.py bench --dtype=bfloat16`)
     compile: bool = False        # torch.compile the model (GPU)
     threads: int = 0             # torch CPU threads (0 = torch's default)
     force: bool = False          # rerun a stage even if its checkpoint is marked done
@@ -146,7 +148,7 @@ PRESETS = {
                     "sft.lr": 1e-4},
 }
 
-STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "plan", "sample", "chat", "plot", "export"]
+STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -245,13 +247,11 @@ def preset_reason(preset):
 
 def stage_plan(cfg, repeats=2):
     """Print what each stage will do, its memory and its time on this device (plan.py); return the plan."""
-    from plan import print_plan  # plan imports rlhf (as bench.py does): imported when it is used
     return print_plan(cfg, preset_reason(cfg.preset), repeats)
 
 
 def report_time(log, name, seconds, plan):
     """After each stage of `all`: its wall time against the plan's estimate, printed and in metrics.jsonl."""
-    from plan import fmt_time
     planned = plan["stages"][name]["seconds"]
     print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {seconds / max(planned, 1e-9) - 1:+.0%})")
     log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
@@ -282,6 +282,7 @@ def run(stage, cfg):
         "sample": lambda: stage_sample(cfg),
         "chat": lambda: stage_chat(cfg),
         "plot": lambda: stage_plot(cfg),
+        "bench": lambda: run_bench(cfg),
         "export": lambda: stage_export(cfg),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]

@@ -66,7 +66,7 @@ def pick_device(name="auto"):
 def autocast(device, dtype="auto"):
     """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range); full fp32
     elsewhere by default, because bf16 matmuls are slower than fp32 on most CPUs. dtype="bfloat16"
-    opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python bench.py --dtype=bfloat16`
+    opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python rlhf.py bench --dtype=bfloat16`
     shows it) a training step runs faster. dtype="float32" turns autocast off everywhere."""
     if dtype == "float32" or (dtype == "auto" and not device.startswith("cuda")):
         return nullcontext()
