@@ -95,13 +95,13 @@ def prompt_se(scores):
     return float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else float("nan")
 
 
-def rl_temperature(cfg):
+def rl_temperature(out_dir, rollout):
     """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
     ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
     the one the PM normaliser centres, and best-of-n's analytic KL holds for it as for any base policy."""
-    path = os.path.join(cfg.out_dir, "ppo.pt")
+    path = os.path.join(out_dir, "ppo.pt")
     stored = load_checkpoint(path).get("config", {}).get("temperature") if os.path.exists(path) else None
-    return float(cfg.ppo.temperature if stored is None else stored)
+    return float(rollout.temperature if stored is None else stored)
 
 
 def ppo_frontier(out_dir, windows):
@@ -173,29 +173,29 @@ def write_report(path, ev, examples):
         f.write("\n".join(lines).replace("\r", " ") + "\n")
 
 
-def run_eval(cfg):
+def run_eval(run, ec, rollout):
     """Stage `eval`: sft, best-of-n, rs and ppo on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
     SFT gets n samples per prompt: their mean is the SFT row and their PM-A maxima are best-of-n for
     every n up to n at once. rs and ppo get `policy_samples` each; KL(policy || SFT) is the sampled
     estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
-    ec, out = cfg.eval, cfg.out_dir
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
+    out = run.out_dir
+    device = pick_device(run.device)
+    set_seed(run.seed)
     sft, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
     disable_dropout(sft).eval()
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
-    dtype = cfg.dtype
+    dtype = run.dtype
     reward_a, reward_b = (pm_reward_fn(pm, tok, ec.batch_size, dtype) for pm in (pm_a, pm_b))
-    max_new = ec.max_new_tokens or cfg.ppo.max_new_tokens
-    max_prompt = min(cfg.ppo.max_prompt_tokens, sft.config.block_size - max_new)
-    prompts = rl_prompts(cfg, "test", tok, max_prompt)[:ec.num_prompts or None]
+    max_new = ec.max_new_tokens or rollout.max_new_tokens
+    max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
+    prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
     print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{k}")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 2)
-    T = rl_temperature(cfg)
+    gen = torch.Generator(device=device).manual_seed(run.seed + 2)
+    T = rl_temperature(out, rollout)
 
     # 1. SFT: n samples per prompt, scored by both PMs
     replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen, T, dtype)}

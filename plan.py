@@ -187,7 +187,7 @@ def work_rm(cfg, d, gpt, act):
     """PM-A and PM-B, each on its half (B pairs = 2B rows a step), validated every eval_interval steps;
     SFT samples at PPO's shapes to normalise them; both score the test pairs (pm_metrics.evaluate_pms)."""
     rc, N = cfg.rm, cfg.ppo.max_new_tokens
-    block, B = pm_block(gpt, cfg), rc.batch_size
+    block, B = pm_block(gpt, cfg.data), rc.batch_size
     seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
     mean, pairs = float(np.mean(seqs)), [(range(a), range(b)) for a, b in seqs]  # stand-ins of those lengths
     width = float(np.mean([pair_batch(pairs, i, B, cfg.seed, 0, rc.group_by_length)[0].size(1)  # as train_pm pads

@@ -243,30 +243,30 @@ def reply_pairs(pairs, tok):
     return list(zip(ids[0::2], ids[1::2]))
 
 
-def evaluate_pms(cfg, data_dir=None):
-    """Score the test split of `data_dir` (default cfg.data_dir) with PM-A and PM-B from cfg.out_dir,
+def evaluate_pms(run, rc, data_dir=None):
+    """Score the test split of `data_dir` (default run.data_dir) with PM-A and PM-B from run.out_dir,
     print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
     directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
-    device = pick_device(cfg.device)
-    data_dir = resolve_data_dir(data_dir or cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "test", cfg.data)
-    pm_a, tok, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
-    pm_b, _, _ = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device)
-    ex = encode_pairs(pairs, tok, pm_block(pm_a, cfg), cfg.data.max_reply_tokens)
-    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, cfg.rm.eval_batch_size, cfg.dtype)
-    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, cfg.rm.eval_batch_size, cfg.dtype)
+    device = pick_device(run.device)
+    data_dir = resolve_data_dir(data_dir or run.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "test", run.data)
+    pm_a, tok, _ = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(run.out_dir, "pm_b.pt"), device)
+    ex = encode_pairs(pairs, tok, pm_block(pm_a, run.data), run.data.max_reply_tokens)
+    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, rc.eval_batch_size, run.dtype)
+    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, rc.eval_batch_size, run.dtype)
     test_replies = reply_pairs(pairs, tok)
     pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
                    a_c, a_r, b_c, b_r)
     pm["data_dir"] = str(data_dir)
     try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
-        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", cfg.data)[0], cfg.data.val_frac)
-        half_a = split_halves(train_pairs)[0] if cfg.rm.split_halves else train_pairs
+        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", run.data)[0], run.data.val_frac)
+        half_a = split_halves(train_pairs)[0] if rc.split_halves else train_pairs
         bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
         pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
                   bag_of_tokens_train_pairs=bow["train_pairs"])
     except DataError as e:
         pm["bag_of_tokens_skipped"] = str(e)
-    update_eval_json(cfg.out_dir, pm)
+    update_eval_json(run.out_dir, pm)
     print(format_report(pm))
     return pm

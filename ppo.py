@@ -206,7 +206,7 @@ def explained_variance(values, returns, mask):
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
 
 
-def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
+def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
              stop_ids=(), dtype="auto"):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps: a rollout
     (steps 1-4: sample, score, KL-penalised rewards, advantages), then the update (step 5).
@@ -214,15 +214,15 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
     lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
     function a test defines. A reply ends at eos_id or at one of stop_ids (a new "\n\nHuman:" turn:
-    the model handing the dialogue back), or is cut at cfg.max_new_tokens.
+    the model handing the dialogue back), or is cut at pc.max_new_tokens.
     The models' forwards (sampling, scoring, the update's) run under runtime.autocast(dtype), bf16 on CUDA
     by default; what they return for the RL math is fp32 (log-probs, values, scores), so rewards, KL, GAE,
     whitening and the losses are computed in fp32, and backward runs outside autocast.
     Returns (stats dict, rollout dict); the caller owns beta's update.
     """
-    ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator,
+    ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
                  stop_ids, dtype)
-    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype)
+    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, pc, generator, dtype)
     # diagnostics (not part of the algorithm)
     mask, kl_sum = ro["mask"], ro["kl"]
     stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
@@ -238,7 +238,7 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     return stats, {**ro, "mb_stats": mb_stats}
 
 
-def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_coef, eos_id, generator, stop_ids,
+def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator, stop_ids,
             dtype):
     """Steps 1-4 of ppo_step, with no gradients (the frozen models under inference_mode): sample, score,
     per-token rewards, advantages. Returns the batch the update trains on, as a dict of (B, ...) tensors
@@ -249,33 +249,33 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_
     with torch.no_grad(), autocast(queries.device.type, dtype):
         # 1. sample responses with the batched KV-cache sampler, until EOS (or a stop sequence) or max length
         responses, _, response_mask = policy.generate(
-            queries, query_mask, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+            queries, query_mask, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
             eos_id=eos_id, stop_ids=list(stop_ids), generator=generator)                  # (B, N) each
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
         mask = response_mask.float()                                                      # (B, N)
         # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
         logprobs, values, entropy = rollout_forward(policy, critic, query_response, attention_mask, responses,
-                                                    Tq, cfg.temperature, cfg.minibatch_size)  # (B, N) each
+                                                    Tq, pc.temperature, pc.minibatch_size)  # (B, N) each
         with torch.inference_mode():
             ref_logprobs, _, _ = rollout_forward(ref_policy, None, query_response, attention_mask, responses,
-                                                 Tq, cfg.temperature, cfg.minibatch_size)    # (B, N)
+                                                 Tq, pc.temperature, pc.minibatch_size)    # (B, N)
             # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, response_mask.sum(1).tolist())]
             pm_scores = reward_fn(q_list, r_list).float().to(queries.device)              # (B,)
     with torch.no_grad():  # the RL math, in fp32
         ended = torch.tensor([reply_ended(r, eos_id, stop_ids) for r in r_list], device=queries.device)  # (B,)
-        if cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
-            scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, cfg.no_eos_penalty))
+        if pc.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
+            scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, pc.no_eos_penalty))
         else:
             scores = pm_scores
         # 3. per-token KL penalty, plus the score on the last real token
         rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)      # (B, N) each
-        if cfg.whiten_rewards:
+        if pc.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         # 4. GAE (gamma 1, lambda 0.95), then advantages whitened over the real tokens of the batch
-        advantages, returns = compute_gae(values, rewards, mask, cfg.gamma, cfg.lam)    # (B, N) each
+        advantages, returns = compute_gae(values, rewards, mask, pc.gamma, pc.lam)    # (B, N) each
         advantages = masked_whiten(advantages, mask)
     return {"query_response": query_response, "attention_mask": attention_mask, "responses": responses,
             "response_mask": response_mask, "mask": mask, "context_length": Tq, "logprobs": logprobs,
@@ -283,25 +283,25 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, cfg, kl_
             "scores": scores, "pm_scores": pm_scores, "kl": kl.sum(1), "q_list": q_list, "r_list": r_list}
 
 
-def ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype):
-    """Step 5 of ppo_step: cfg.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
-    rollout `ro`, stopping early once a minibatch's approximate KL passes cfg.max_approx_kl (if set).
+def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype):
+    """Step 5 of ppo_step: pc.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
+    rollout `ro`, stopping early once a minibatch's approximate KL passes pc.max_approx_kl (if set).
     Under torchrun each rank's loss is weighted by its share of the minibatch's tokens and the gradients
     are averaged before every step. Returns (per-minibatch stats, stopped early)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     B, device, mb_stats = ro["responses"].size(0), ro["responses"].device, []
-    for epoch in range(cfg.ppo_epochs):
+    for epoch in range(pc.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=generator.device).to(device)
-        for start in range(0, B, cfg.minibatch_size):
-            mb = perm[start:start + cfg.minibatch_size]
+        for start in range(0, B, pc.minibatch_size):
+            mb = perm[start:start + pc.minibatch_size]
             with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
                 mb_logits, mb_values = forward_policy(policy, critic, ro["query_response"][mb], ro["attention_mask"][mb],
-                                                      ro["context_length"], cfg.temperature)  # (b, N, V), (b, N)
+                                                      ro["context_length"], pc.temperature)  # (b, N, V), (b, N)
             mb_logprobs = logprobs_from_logits(mb_logits, ro["responses"][mb])           # (b, N) fp32
             pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, ro["logprobs"][mb], ro["values"][mb],
                                               ro["advantages"][mb], ro["returns"][mb], ro["mask"][mb],
-                                              cfg.cliprange, cfg.cliprange_value)
-            loss = pg_loss + cfg.vf_coef * vf_loss
+                                              pc.cliprange, pc.cliprange_value)
+            loss = pg_loss + pc.vf_coef * vf_loss
             # every rank reaches the same verdict before any collective: one rank raising alone would
             # leave the others waiting forever in the next all-reduce
             if all_ranks_mean(torch.isfinite(loss).float()) < 1:
@@ -312,11 +312,11 @@ def ppo_update(policy, critic, optimizer, ro, cfg, generator, dtype):
             loss.backward()
             average_gradients(params)  # one process: nothing to do
             st = {k: all_ranks_mean(v) for k, v in st.items()}  # the same early-stop verdict everywhere
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, pc.max_grad_norm or float("inf"))
             optimizer.step()
             mb_stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": grad_norm.item(),
                              **{k: v.item() for k, v in st.items()}})
-            if cfg.max_approx_kl and st["approx_kl"].item() > cfg.max_approx_kl:
+            if pc.max_approx_kl and st["approx_kl"].item() > pc.max_approx_kl:
                 return mb_stats, True  # the policy moved too far from the one that sampled: stop reusing the batch
     return mb_stats, False
 
@@ -367,28 +367,28 @@ def print_iteration(it, pc, stats, ro, tok):
             print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
 
 
-def train_ppo(cfg):
+def train_ppo(run, pc):
     """Stage `ppo`: PPO on PM-A from the SFT policy -> out_dir/ppo.pt (skipped if done, resumed if not).
 
     Logs every iteration to metrics.jsonl under ppo/ (PM-A score, PM-B score, KL to the reference,
     sqrt KL, beta, entropy, clipfrac, approx_kl, vf_loss, explained variance, reply length, EOS rate).
     Under torchrun each of the N ranks takes rows rank::N of every global batch and minibatch."""
-    pc, out, dtype = cfg.ppo, cfg.out_dir, cfg.dtype
+    out, dtype = run.out_dir, run.dtype
     path = os.path.join(out, "ppo.pt")
-    if stage_done(path, cfg.force, "ppo"):
+    if stage_done(path, run.force, "ppo"):
         return
     rank, world_size = dist_info()
     assert pc.batch_size % pc.minibatch_size == 0 and pc.minibatch_size % world_size == 0, (
         f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}, "
         f"which must be divisible by the {world_size} processes")
     local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
+    device = pick_device(run.device)
+    set_seed(run.seed)
     policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, pc, device)
     reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
     optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
     start, kl_coef = resume(path, policy, critic, optimizer, pc)
-    prompts = rl_prompts(cfg, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
+    prompts = rl_prompts(run, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
     print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
           f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}"
           + (f" | {world_size} processes" if world_size > 1 else ""))
@@ -398,15 +398,15 @@ def train_ppo(cfg):
         if rank == 0:  # the replicas are identical: one writer
             save_checkpoint(path, model_checkpoint(
                 policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
-                kl_coef=kl_coef, rng=rng_state(), seed=cfg.seed, stage="ppo", config=asdict(pc), done=done))
+                kl_coef=kl_coef, rng=rng_state(), seed=run.seed, stage="ppo", config=asdict(pc), done=done))
 
     it = start
     try:
         for it in range(start, pc.iterations):
             t0 = time.time()
             queries, query_mask = (t[rank::world_size].to(device)
-                                   for t in prompt_batch(prompts, it, pc.batch_size, cfg.seed, tok.eos_id))
-            generator = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it + 7919 * rank)
+                                   for t in prompt_batch(prompts, it, pc.batch_size, run.seed, tok.eos_id))
+            generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + it + 7919 * rank)
             try:
                 stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
                                      local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype)

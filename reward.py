@@ -134,9 +134,9 @@ def load_reward_model(path, device="cpu"):
 # -----------------------------------------------------------------------------
 # data: token ids of comparisons, and scoring in batches
 
-def pm_block(model, cfg):
+def pm_block(model, data):
     """Longest PM sequence: prompt (left-truncated) + reply + EOS, within the model's context."""
-    return min(model.config.block_size, cfg.data.max_prompt_tokens + cfg.data.max_reply_tokens + 1)
+    return min(model.config.block_size, data.max_prompt_tokens + data.max_reply_tokens + 1)
 
 
 def encode_pairs(pairs, tok, block_size, max_reply_tokens):

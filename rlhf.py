@@ -38,7 +38,7 @@ from pm_metrics import evaluate_pms
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
-from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, init_distributed
+from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed
 from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
@@ -271,19 +271,20 @@ def run(stage, cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     log = MetricsLog(cfg.out_dir)
+    run = Run(**{f.name: getattr(cfg, f.name) for f in fields(Run)})  # what every stage shares; each gets its section
     steps = {
-        "pretrain": lambda: stage_pretrain(cfg, log),
-        "sft": lambda: stage_sft(cfg, log),
-        "rm": lambda: train_reward_models(cfg),
-        "rs": lambda: run_rs(cfg),
-        "ppo": lambda: train_ppo(cfg),
-        "eval": lambda: evaluate_pms(cfg) if cfg.eval.pm_only else run_eval(cfg),
+        "pretrain": lambda: stage_pretrain(run, cfg.pretrain, cfg.model, cfg.sample, log),
+        "sft": lambda: stage_sft(run, cfg.sft, cfg.sample, log),
+        "rm": lambda: train_reward_models(run, cfg.rm, cfg.ppo),  # the PMs are normalised at PPO's rollout shape
+        "rs": lambda: run_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
+        "ppo": lambda: train_ppo(run, cfg.ppo),
+        "eval": lambda: evaluate_pms(run, cfg.rm) if cfg.eval.pm_only else run_eval(run, cfg.eval, cfg.ppo),
         "plan": lambda: stage_plan(cfg),
-        "sample": lambda: stage_sample(cfg),
-        "chat": lambda: stage_chat(cfg),
-        "plot": lambda: stage_plot(cfg),
         "bench": lambda: run_bench(cfg),
-        "export": lambda: stage_export(cfg),
+        "sample": lambda: stage_sample(run, cfg.sample),
+        "chat": lambda: stage_chat(run, cfg.sample),
+        "plot": lambda: stage_plot(cfg.out_dir),
+        "export": lambda: stage_export(run, cfg.export, cfg.sample),
     }
     order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
     plan = None

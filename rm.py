@@ -193,7 +193,7 @@ def resume_pm(ckpt_path, model, optimizer):
     return ckpt["step"], ckpt["wall_s"], ckpt["best"]
 
 
-def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
+def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
     """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
     given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
     most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
@@ -205,13 +205,13 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     rejected rows together) and DDP averages the gradients: with equal pairs per rank that is the
     gradient of the global mean, so N processes take the steps of one. Every rank validates (the same
     early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
-    rc, device, dtype = cfg.rm, next(model.parameters()).device, cfg.dtype
+    device, dtype = next(model.parameters()).device, run.dtype
     rank, world_size = dist_info()
     assert rc.batch_size % world_size == 0, (
         f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
     n_pmp = rc.pmp_steps if pmp_ex else 0
     n_human = pm_steps(rc, len(train_ex)) if train_ex else 0
-    val = val_subset(val_ex, rc.val_pairs, cfg.seed)
+    val = val_subset(val_ex, rc.val_pairs, run.seed)
     every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
     start, wall, best = resume_pm(ckpt_path, model, optimizer)
@@ -225,7 +225,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
     def save(step):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=cfg.seed,
+                model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=run.seed,
                 rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
 
     t0 = time.time()
@@ -236,7 +236,7 @@ def train_pm(cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_pat
         lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels = pair_batch(data, i, rc.batch_size, cfg.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
+        idx, mask, labels = pair_batch(data, i, rc.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
                                        rc.group_by_length)
         B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
         rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
@@ -307,25 +307,25 @@ def accuracy_row(name, r_c, r_r, wall_s, **extra):
             "wall_s": round(wall_s, 1), **extra}
 
 
-def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs):
+def objective_ablation(run, rc, init, policy, tok, enc, pairs_a, val_ex, test_pairs):
     """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
     accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
     time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
-    rc, device, rows, dtype = cfg.rm, next(policy.parameters()).device, [], cfg.dtype
-    train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, cfg)
+    device, rows, dtype = next(policy.parameters()).device, [], run.dtype
+    train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, run.data)
     for objective in ("ranking", "binary", "lm"):
         t0 = time.time()
         if objective == "lm":
-            ex = [sft_example(p.prompt, r, tok, block, cfg.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
+            ex = [sft_example(p.prompt, r, tok, block, run.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
             s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
             rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
         if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
-            model, _, info = load_reward_model(os.path.join(cfg.out_dir, "pm_a.pt"), device)
+            model, _, info = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
         else:
-            set_seed(cfg.seed)
+            set_seed(run.seed)
             model, _ = init_reward_model(init, device)
-            info = train_pm(cfg, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
+            info = train_pm(run, rc, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
         scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
         rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
@@ -333,25 +333,25 @@ def objective_ablation(cfg, init, policy, tok, enc, pairs_a, val_ex, test_pairs)
     return rows
 
 
-def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
+def pmp_study(run, rc, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
     """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
     et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
     start every "with PMP" run; "wall s" is the human-pair phase only."""
-    rc, device, rows, dtype = cfg.rm, pick_device(cfg.device), [], cfg.dtype
+    device, rows, dtype = pick_device(run.device), [], run.dtype
     train_ex, test_ex = enc(pairs_a), enc(test_pairs)
-    set_seed(cfg.seed)
+    set_seed(run.seed)
     trunk, _ = init_reward_model(init, device)
-    pmp_wall = train_pm(cfg, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, cfg.seed)), name="pmp")["wall_s"]
+    pmp_wall = train_pm(run, rc, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, run.seed)), name="pmp")["wall_s"]
     pmp_state = copy.deepcopy(trunk.state_dict())
-    order = np.random.default_rng(cfg.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
+    order = np.random.default_rng(run.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
     for use_pmp in (False, True):
         for frac in (0.25, 0.5, 1.0):
             subset = [train_ex[i] for i in order[:int(frac * len(train_ex))]]
-            set_seed(cfg.seed)
+            set_seed(run.seed)
             model, _ = init_reward_model(init, device)
             if use_pmp:
                 model.load_state_dict(pmp_state)
-            info = train_pm(cfg, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
+            info = train_pm(run, rc, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
             scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
             rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
                                  info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
@@ -365,48 +365,48 @@ def pmp_study(cfg, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
 # -----------------------------------------------------------------------------
 # the stage: PM-A and PM-B, then the optional studies, then the test-set evaluation
 
-def train_reward_models(cfg):
+def train_reward_models(run, rc, rollout):
     """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
     normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
-    the test-set evaluation (evaluate_pms). A finished PM is skipped unless cfg.force.
+    the test-set evaluation (evaluate_pms). A finished PM is skipped unless run.force.
     Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
     the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    rc, (rank, _), dtype = cfg.rm, dist_info(), cfg.dtype
+    (rank, _), dtype = dist_info(), run.dtype
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
     if rc.init not in ("sft", "base"):
         raise ValueError(f"--rm.init must be sft or base, got {rc.init!r}")
-    device = pick_device(cfg.device)
-    init = os.path.join(cfg.out_dir, f"{rc.init}.pt")
-    sft_path = os.path.join(cfg.out_dir, "sft.pt")
+    device = pick_device(run.device)
+    init = os.path.join(run.out_dir, f"{rc.init}.pt")
+    sft_path = os.path.join(run.out_dir, "sft.pt")
     policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
-    data_dir = resolve_data_dir(cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "train", cfg.data)
-    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
+    data_dir = resolve_data_dir(run.data_dir or None)
+    pairs, _ = read_pairs(data_dir, "train", run.data)
+    train_pairs, val_pairs = split_train_val(pairs, run.data.val_frac)
     halves = split_halves(train_pairs) if rc.split_halves else (train_pairs, train_pairs)
-    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, cfg), cfg.data.max_reply_tokens)
+    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)
     val_ex = enc(val_pairs)
     if rank == 0:
         print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
               f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
-    log, ref = MetricsLog(cfg.out_dir), None
+    log, ref = MetricsLog(run.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
-        path = os.path.join(cfg.out_dir, f"{name}.pt")
-        if stage_done(path, cfg.force, "rm"):  # all ranks skip or train this PM together
+        path = os.path.join(run.out_dir, f"{name}.pt")
+        if stage_done(path, run.force, "rm"):  # all ranks skip or train this PM together
             continue
-        set_seed(cfg.seed + (name == "pm_b"))
+        set_seed(run.seed + (name == "pm_b"))
         model, _ = init_reward_model(init, device)
-        pmp_ex = enc(pmp_pairs(train_pairs, cfg.seed)) if rc.pmp else None
-        info = train_pm(cfg, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
+        pmp_ex = enc(pmp_pairs(train_pairs, run.seed)) if rc.pmp else None
+        info = train_pm(run, rc, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
         if rank == 0:
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
-                pc = cfg.ppo
+                pc = rollout
                 ref = sft_samples(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
-                                  pc.max_prompt_tokens, cfg.seed, rc.eval_batch_size, pc.temperature, dtype)
+                                  pc.max_prompt_tokens, run.seed, rc.eval_batch_size, pc.temperature, dtype)
             normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype)
             save_checkpoint(path, model_checkpoint(
-                model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=cfg.seed, rng=rng_state(), done=True,
+                model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=run.seed, rng=rng_state(), done=True,
                 reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
             print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
                   f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
@@ -414,13 +414,13 @@ def train_reward_models(cfg):
         barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
     extra = {}
     if rc.ablation or rc.pmp_study:
-        test_pairs, _ = read_pairs(data_dir, "test", cfg.data)
+        test_pairs, _ = read_pairs(data_dir, "test", run.data)
         if rc.ablation:
-            extra["objectives"] = objective_ablation(cfg, init, policy, tok, enc, halves[0], val_ex, test_pairs)
+            extra["objectives"] = objective_ablation(run, rc, init, policy, tok, enc, halves[0], val_ex, test_pairs)
         if rc.pmp_study:
-            extra["pmp_study"] = pmp_study(cfg, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
+            extra["pmp_study"] = pmp_study(run, rc, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
         if rank == 0:
-            update_eval_json(cfg.out_dir, extra)
+            update_eval_json(run.out_dir, extra)
     if rank == 0:
-        evaluate_pms(cfg)
+        evaluate_pms(run, rc)
     barrier()  # the other ranks wait for the evaluation

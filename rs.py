@@ -76,37 +76,37 @@ class RSConfig(LMTrainConfig):
     eval_interval: int = 50      # steps between validation passes and checkpoints
 
 
-def run_rs(cfg):
+def run_rs(run, rc, rollout):
     """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
     (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
     turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
     fine-tune never teaches the policy to stop mid-sentence. The winners are cached in
     out_dir/rs_data.pt, so a resumed run trains on the same examples. Under torchrun each rank samples
     prompts rank::N, the winners are gathered on every rank, and the fine-tune is data-parallel."""
-    rc, out = cfg.rs, cfg.out_dir
+    out = run.out_dir
     path, data_path = os.path.join(out, "rs.pt"), os.path.join(out, "rs_data.pt")
-    if stage_done(path, cfg.force, "rs"):
+    if stage_done(path, run.force, "rs"):
         return
-    device = pick_device(cfg.device)
-    set_seed(cfg.seed)
+    device = pick_device(run.device)
+    set_seed(run.seed)
     policy, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
     disable_dropout(policy)  # for the sampling and the fine-tune alike, whether or not the winners are on disk
-    block_size, max_new = policy.config.block_size, rc.max_new_tokens or cfg.ppo.max_new_tokens
-    if os.path.exists(data_path) and not cfg.force:
+    block_size, max_new = policy.config.block_size, rc.max_new_tokens or rollout.max_new_tokens
+    if os.path.exists(data_path) and not run.force:
         data = load_checkpoint(data_path)
     else:
         policy.eval()
         pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
-        prompts = rl_prompts(cfg, "train", tok, min(cfg.ppo.max_prompt_tokens, block_size - max_new))
-        g = torch.Generator().manual_seed(cfg.seed)
+        prompts = rl_prompts(run, "train", tok, min(rollout.max_prompt_tokens, block_size - max_new))
+        g = torch.Generator().manual_seed(run.seed)
         order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
         rank, world_size = dist_info()
         queries = [prompts[i][1] for i in order][rank::world_size]  # this rank's share
         print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 7919 * rank)
-        dtype = cfg.dtype
-        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, cfg.ppo.temperature,
+        gen = torch.Generator(device=device).manual_seed(run.seed + 1 + 7919 * rank)
+        dtype = run.dtype
+        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, rollout.temperature,
                                  dtype)
         rep_queries = [q for q in queries for _ in range(rc.n)]
         scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size, dtype), rep_queries, replies, rc.sample_batch_size)
@@ -138,5 +138,5 @@ def run_rs(cfg):
               f"| EOS rate {data['eos_rate']:.2f} | {n_cut}/{len(examples)} winners cut at max_new_tokens")
     examples = [tuple(e) for e in data["examples"]]
     n_val = max(1, len(examples) // 10)
-    set_seed(cfg.seed)  # the same start whether the winners were just sampled (which draws on the RNG) or read
-    supervised_train(cfg, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))
+    set_seed(run.seed)  # the same start whether the winners were just sampled (which draws on the RNG) or read
+    supervised_train(run, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))

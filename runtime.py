@@ -5,7 +5,7 @@ skip-if-done rule of a stage, and the metrics log.
 
 A stage's skeleton, the same in train.py (pretrain, sft), reward.py (rm), rs.py (rs) and ppo.py (ppo):
 
-    if stage_done(path, cfg.force, name): return          # finished: skip (--force: start over)
+    if stage_done(path, run.force, name): return          # finished: skip (--force: start over)
     ckpt = load_checkpoint(path) if it exists              # unfinished: resume model, optimizer, step, RNG
     for step in range(start, steps): ... MetricsLog.log(...); save_checkpoint(path, {...})
 
@@ -19,15 +19,34 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from data import DataConfig
 from model import GPT, GPTConfig
 from tokens import Tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# what every stage shares
+
+@dataclass
+class Run:
+    """The values every stage shares, passed to each with its own section of the config (rlhf.run builds
+    it from the command line's Config, whose top-level fields these are): where it reads and writes, and
+    how it runs."""
+    out_dir: str = "out"
+    data_dir: str = ""
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    force: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,10 +104,10 @@ def reply_ended(reply, eos_id, stop_ids):
     return len(strip_end(reply, eos_id, stop_ids)) < len(reply)
 
 
-def rl_prompts(cfg, split, tok, max_prompt_tokens):
+def rl_prompts(run, split, tok, max_prompt_tokens):
     """Unique prompts of a split as (text, left-truncated ids): train for RL, test for evaluation."""
-    pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), split, cfg.data)
+    pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), split, run.data)
     if split == "train":
-        pairs, _ = split_train_val(pairs, cfg.data.val_frac)
+        pairs, _ = split_train_val(pairs, run.data.val_frac)
     texts = list(dict.fromkeys(p.prompt for p in pairs))  # unique, in file order
     return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]

@@ -43,16 +43,15 @@ def format_prompt(human_turn):
     return f"\n\nHuman: {human_turn.strip()}\n\nAssistant:"
 
 
-def policy_path(cfg):
+def policy_path(out_dir, policy):
     """--sample.policy: base | sft | rs | ppo (a checkpoint in out_dir), or a path to any .pt."""
-    p = cfg.sample.policy
-    return p if p.endswith(".pt") else os.path.join(cfg.out_dir, f"{p}.pt")
+    p = policy
+    return p if p.endswith(".pt") else os.path.join(out_dir, f"{p}.pt")
 
 
-def stage_sample(cfg):
+def stage_sample(run, sc):
     """Print completions from any checkpoint, for one prompt, a file of prompts, or held-out prompts."""
-    model, tok, _ = load_model(policy_path(cfg), pick_device(cfg.device))
-    sc = cfg.sample
+    model, tok, _ = load_model(policy_path(run.out_dir, sc.policy), pick_device(run.device))
     if sc.prompt or sc.prompts_file:
         if sc.prompts_file:
             try:
@@ -62,20 +61,20 @@ def stage_sample(cfg):
                 raise ConfigError(f"--sample.prompts_file: cannot read {sc.prompts_file} ({e})") from None
         else:
             turns = [sc.prompt]
-        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, cfg.seed, cfg.dtype)):
+        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sc, run.seed, run.dtype)):
             print(f"Human: {turn}\nAssistant: {reply}\n")
     else:
-        test_pairs, _ = read_pairs(resolve_data_dir(cfg.data_dir or None), "test", cfg.data)
-        show_samples(model, tok, test_pairs, sc, cfg.seed, sc.policy, cfg.dtype)
+        test_pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), "test", run.data)
+        show_samples(model, tok, test_pairs, sc, run.seed, sc.policy, run.dtype)
 
 
-def stage_chat(cfg):
+def stage_chat(run, sc):
     """An interactive multi-turn chat, kept in hh-rlhf's Human/Assistant format."""
     from reward import load_reward_model, score_texts  # only needed with --sample.show_score
-    device = pick_device(cfg.device)
-    model, tok, _ = load_model(policy_path(cfg), device)
-    judge = load_reward_model(os.path.join(cfg.out_dir, "pm_b.pt"), device) if cfg.sample.show_score else None
-    print(f"chatting with {policy_path(cfg)} (empty line or Ctrl-D to quit, /reset to start over)")
+    device = pick_device(run.device)
+    model, tok, _ = load_model(policy_path(run.out_dir, sc.policy), device)
+    judge = load_reward_model(os.path.join(run.out_dir, "pm_b.pt"), device) if sc.show_score else None
+    print(f"chatting with {policy_path(run.out_dir, sc.policy)} (empty line or Ctrl-D to quit, /reset to start over)")
     dialogue, turn = "", 0
     while True:
         try:
@@ -89,7 +88,7 @@ def stage_chat(cfg):
             dialogue = ""
             continue
         dialogue += format_prompt(human)
-        reply = complete(model, tok, [dialogue], cfg.sample, cfg.seed + turn, cfg.dtype)[0]
+        reply = complete(model, tok, [dialogue], sc, run.seed + turn, run.dtype)[0]
         turn += 1
         score = f"   [PM-B score {score_texts(*judge[:2], [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
         print(f"Assistant: {reply}{score}")
@@ -99,13 +98,12 @@ def stage_chat(cfg):
 # ----------------------------------------------------------------------------------------------
 # export and plot
 
-def stage_export(cfg):
+def stage_export(run, ec, sc):
     """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
-    ec = cfg.export
-    path = ec.policy if ec.policy.endswith(".pt") else os.path.join(cfg.out_dir, f"{ec.policy}.pt")
+    path = ec.policy if ec.policy.endswith(".pt") else os.path.join(run.out_dir, f"{ec.policy}.pt")
     model, tok, ckpt = load_model(path)
-    to = ec.to or os.path.join(cfg.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
-    sc = cfg.sample  # generate() and pipeline() then sample as `sample` and `chat` do
+    to = ec.to or os.path.join(run.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
+    # generate() and pipeline() then sample as `sample` and `chat` do
     export_hf(model, to, keep=tok.keep, enc=tok.enc,
               generation=dict(temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p))
     if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
@@ -116,11 +114,11 @@ def stage_export(cfg):
     print(f"[export] {path} -> {to} ({', '.join(sorted(os.listdir(to)))})")
 
 
-def stage_plot(cfg):
+def stage_plot(out_dir):
     """Figures from metrics.jsonl, eval.json and frontier.jsonl (needs matplotlib, an optional extra)."""
     from plot import make_plots  # optional: nothing else imports matplotlib
     try:
-        paths = make_plots(cfg.out_dir)
+        paths = make_plots(out_dir)
     except (RuntimeError, FileNotFoundError) as e:  # matplotlib not installed, or no such out_dir
         raise ConfigError(str(e)) from None
     for path in paths:

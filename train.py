@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -231,7 +231,7 @@ def hold_ctrl_c():
     return interrupted, signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
 
 
-def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
+def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
     """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
 
     Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation
@@ -241,17 +241,17 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
     Under torchrun (after init_distributed) every rank takes rows rank::world_size of each global
     micro-batch and DistributedDataParallel averages the gradients, so N processes take the same
     steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
-    device, dtype, (rank, world_size) = next(model.parameters()).device.type, cfg.dtype, dist_info()
+    device, dtype, (rank, world_size) = next(model.parameters()).device.type, run.dtype, dist_info()
     assert sc.batch_size % world_size == 0, (
         f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
     optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
     start, val_before, best = resume_lm(ckpt_path, model, optimizer, sc, stage)
-    eval_model = train_model = torch.compile(model) if cfg.compile else model  # validation: outside DDP
+    eval_model = train_model = torch.compile(model) if run.compile else model  # validation: outside DDP
     if world_size > 1:  # DDP averages the gradients during backward, overlapping it with the communication
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     block_size = model.config.block_size
     if sc.pack and not isinstance(train_data, np.ndarray):
-        train_data, val_data = (pack_examples(d, block_size, tok.eos_id, cfg.seed) for d in (train_data, val_data))
+        train_data, val_data = (pack_examples(d, block_size, tok.eos_id, run.seed) for d in (train_data, val_data))
     validate = lambda: evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)  # noqa: E731
     if val_before is None:
         val_before = validate()
@@ -263,7 +263,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 model, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
-                seed=cfg.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
+                seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
 
     # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
     peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
@@ -283,7 +283,7 @@ def supervised_train(cfg, stage, sc, model, tok, train_data, val_data, ckpt_path
             if step > start and step % sc.eval_interval == 0:
                 best = validate_and_save(stage, step, validate(), best, sc, model, ckpt_path, checkpoint, log)
             try:
-                loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, cfg.seed,
+                loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, run.seed,
                                                       block_size, tok.eos_id, device, dtype)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[{stage}] {e}; the last good checkpoint is kept in {ckpt_path}") from None
@@ -349,65 +349,64 @@ def finish(stage, sc, model, ckpt_path, val_last, best, checkpoint, log):
 # ----------------------------------------------------------------------------------------------
 # stages 1 and 2: the base LM (pretrain) and SFT
 
-def load_data(cfg, tok=None):
+def load_data(run, tok=None):
     """Read the train split once and split off validation; build the tokenizer if none is given
     (a trimmed vocabulary is made from the training text, then stored in every checkpoint)."""
-    data_dir = resolve_data_dir(cfg.data_dir or None)
-    pairs, stats = read_pairs(data_dir, "train", cfg.data)
-    train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_frac)
+    data_dir = resolve_data_dir(run.data_dir or None)
+    pairs, stats = read_pairs(data_dir, "train", run.data)
+    train_pairs, val_pairs = split_train_val(pairs, run.data.val_frac)
     print(f"data: {data_dir} | {format_stats(stats, 'train')} | {len(train_pairs)} train / {len(val_pairs)} val")
-    return tok or build_tokenizer(cfg.data, train_pairs), train_pairs, val_pairs
+    return tok or build_tokenizer(run.data, train_pairs), train_pairs, val_pairs
 
 
-def ckpt_path(cfg, name):
-    return os.path.join(cfg.out_dir, f"{name}.pt")
+def ckpt_path(run, name):
+    return os.path.join(run.out_dir, f"{name}.pt")
 
 
-def already_done(cfg, name):
-    """A finished stage is skipped unless --force; --force starts it over (train.stage_done)."""
-    return stage_done(ckpt_path(cfg, name), cfg.force, name)
+def already_done(run, name):
+    """A finished stage is skipped unless --force; --force starts it over (runtime.stage_done)."""
+    return stage_done(ckpt_path(run, name), run.force, name)
 
 
-def stage_pretrain(cfg, log):
+def stage_pretrain(run, sc, model_cfg, sample, log):
     """Stage 1: a base language model of hh-rlhf dialogue text (or OpenAI GPT-2's weights)."""
-    if already_done(cfg, "base"):
+    if already_done(run, "base"):
         return
-    device = pick_device(cfg.device)
-    if cfg.pretrain.init:  # GPT-2 already is a language model: store it as the base checkpoint
-        if cfg.data.vocab != "gpt2":
+    device = pick_device(run.device)
+    if sc.init:  # GPT-2 already is a language model: store it as the base checkpoint
+        if run.data.vocab != "gpt2":
             raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
-        model = GPT.from_pretrained(cfg.pretrain.init)
-        cfg.model = model.config
+        model = GPT.from_pretrained(sc.init)
         if dist_info()[0] == 0:
-            save_checkpoint(ckpt_path(cfg, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
-                                                                      seed=cfg.seed, done=True))
+            save_checkpoint(ckpt_path(run, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
+                                                                      seed=run.seed, done=True))
         barrier()
-        print(f"[pretrain] loaded {cfg.pretrain.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
+        print(f"[pretrain] loaded {sc.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
         return
-    tok, train_pairs, val_pairs = load_data(cfg)
-    cfg.model.vocab_size = tok.vocab_size
-    set_seed(cfg.seed)
-    model = GPT(cfg.model).to(device)
+    tok, train_pairs, val_pairs = load_data(run)
+    model_cfg = replace(model_cfg, vocab_size=tok.vocab_size)
+    set_seed(run.seed)
+    model = GPT(model_cfg).to(device)
     print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
     train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
     print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
-    supervised_train(cfg, "pretrain", cfg.pretrain, model, tok, train_tokens, val_tokens, ckpt_path(cfg, "base"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "base", cfg.dtype)
+    supervised_train(run, "pretrain", sc, model, tok, train_tokens, val_tokens, ckpt_path(run, "base"), log)
+    show_samples(model, tok, val_pairs, sample, run.seed, "base", run.dtype)
 
 
-def sft_examples(pairs, tok, cfg, block_size):
+def sft_examples(pairs, tok, run, block_size):
     """(ids, loss_mask) for prompt + chosen reply: the assistant imitates the preferred replies."""
-    return [sft_example(p.prompt, p.chosen, tok, block_size, cfg.data.max_reply_tokens) for p in pairs]
+    return [sft_example(p.prompt, p.chosen, tok, block_size, run.data.max_reply_tokens) for p in pairs]
 
 
-def stage_sft(cfg, log):
+def stage_sft(run, sc, sample, log):
     """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
-    if already_done(cfg, "sft"):
+    if already_done(run, "sft"):
         return
-    model, tok, _ = load_model(ckpt_path(cfg, "base"), pick_device(cfg.device))
-    _, train_pairs, val_pairs = load_data(cfg, tok)
-    set_seed(cfg.seed)
+    model, tok, _ = load_model(ckpt_path(run, "base"), pick_device(run.device))
+    _, train_pairs, val_pairs = load_data(run, tok)
+    set_seed(run.seed)
     block_size = model.config.block_size
-    supervised_train(cfg, "sft", cfg.sft, model, tok, sft_examples(train_pairs, tok, cfg, block_size),
-                     sft_examples(val_pairs, tok, cfg, block_size), ckpt_path(cfg, "sft"), log)
-    show_samples(model, tok, val_pairs, cfg.sample, cfg.seed, "sft", cfg.dtype)
+    supervised_train(run, "sft", sc, model, tok, sft_examples(train_pairs, tok, run, block_size),
+                     sft_examples(val_pairs, tok, run, block_size), ckpt_path(run, "sft"), log)
+    show_samples(model, tok, val_pairs, sample, run.seed, "sft", run.dtype)

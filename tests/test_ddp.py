@@ -77,7 +77,7 @@ def train_rm(out_dir, objective):
     model = RewardModel(GPTConfig(block_size=32, vocab_size=300, n_layer=1, n_head=2, n_embd=16))
     rm = RMConfig(objective=objective, lr=1e-2, batch_size=8, max_steps=4, warmup_steps=2, pmp_steps=2,
                   eval_interval=100, log_interval=1, center_coef=0.1, eval_batch_size=8)
-    train_pm(SimpleNamespace(rm=rm, seed=0, dtype="auto"), model, Tok(), comparisons(40, 0), comparisons(8, 1), objective,
+    train_pm(SimpleNamespace(seed=0, dtype="auto"), rm, model, Tok(), comparisons(40, 0), comparisons(8, 1), objective,
              pmp_ex=comparisons(24, 2) if objective == "ranking" else None,
              ckpt_path=os.path.join(out_dir, "pm_a.pt"), log=MetricsLog(out_dir), name="pm_a")
     return model.state_dict()

@@ -153,9 +153,9 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     write_tiny_run(hh_dir, out)
     json.dump({"pm": {"accuracy": 0.6}}, open(os.path.join(out, "eval.json"), "w"))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    run_rs(cfg)
+    run_rs(cfg, cfg.rs, cfg.ppo)
     assert load_checkpoint(os.path.join(out, "rs.pt"))["done"]
-    train_ppo(cfg)
+    train_ppo(cfg, cfg.ppo)
     ck = load_checkpoint(os.path.join(out, "ppo.pt"))
     assert ck["done"] and ck["iteration"] == 3 and "critic" in ck and "optimizer" in ck and "rng" in ck
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -164,7 +164,7 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert {"ppo/pm_a", "ppo/pm_b", "ppo/kl", "ppo/sqrt_kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
             "ppo/approx_kl", "ppo/vf_loss", "ppo/explained_var", "ppo/reply_len", "ppo/eos_rate"} <= set(ppo_rows[0])
     assert ppo_rows[0]["ppo/kl"] == pytest.approx(0, abs=1e-4)
-    ev = run_eval(cfg)
+    ev = run_eval(cfg, cfg.eval, cfg.ppo)
     saved = json.load(open(os.path.join(out, "eval.json")))
     assert saved["pm"] == {"accuracy": 0.6} and set(saved["policies"]) == {"sft", "bon", "rs", "ppo"}
     for p in saved["policies"].values():
@@ -181,7 +181,7 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert "| ppo |" in open(os.path.join(out, "report.md")).read()
     # done stages are skipped; --force reruns
     mtime = os.path.getmtime(os.path.join(out, "ppo.pt"))
-    train_ppo(cfg)
+    train_ppo(cfg, cfg.ppo)
     assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
 
 
@@ -205,10 +205,10 @@ def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
                 return real(*args, **kwargs)
             monkeypatch.setattr(ppo, "ppo_step", crashing)
             with pytest.raises(SystemExit):
-                train_ppo(cfg)
+                train_ppo(cfg, cfg.ppo)
             assert load_checkpoint(os.path.join(out, "ppo.pt"))["iteration"] == 2
             monkeypatch.setattr(ppo, "ppo_step", real)
-        train_ppo(cfg)
+        train_ppo(cfg, cfg.ppo)
         finals.append(load_checkpoint(os.path.join(out, "ppo.pt")))
     for key in ("model", "critic"):
         assert all(torch.equal(finals[0][key][k], finals[1][key][k]) for k in finals[0][key])
@@ -240,7 +240,8 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     save_checkpoint(os.path.join(out, "ppo.pt"), {**sft, "config": {"temperature": 0.5}, "iteration": 3})
     temperatures, real = [], GPT.generate
     monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
-    ev = run_eval(RunConfig(out_dir=out, data_dir=hh_dir))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    ev = run_eval(cfg, cfg.eval, cfg.ppo)
     assert temperatures and set(temperatures) == {0.5}
     assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)

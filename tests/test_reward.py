@@ -213,33 +213,33 @@ def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
         calls.append((idx.size(1), max_new_tokens, kwargs.get("temperature")))
         return real(self, idx, attention_mask, max_new_tokens, **kwargs)
     monkeypatch.setattr(model.GPT, "generate", recording)
-    rm.train_reward_models(cfg)
+    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
     assert calls and all(c == (10, 5, 0.7) for c in calls), calls
 
 
 def test_pm_learns_marker_rule_end_to_end(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
-    rm.train_reward_models(cfg)
+    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
     pm = json.load(open(tmp_path / "out" / "eval.json"))["pm"]
     assert pm["accuracy"] >= 0.9 and pm["heldout_pm_accuracy"] >= 0.9, pm
     assert pm["test_pairs"] == 60 and 0 <= pm["ece"] <= 1 and pm["score_kl_a_b"] >= 0
     model, tok, ckpt = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
     assert ckpt["done"] and {"reward_gain", "reward_bias", "model_args", "tokenizer"} <= set(ckpt)
     mtime = os.path.getmtime(tmp_path / "out" / "pm_a.pt")
-    rm.train_reward_models(cfg)                             # finished PMs are skipped, not retrained
+    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)                             # finished PMs are skipped, not retrained
     assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
 
 
 def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
     cfg.rm.split_halves, cfg.rm.epochs = False, 2
-    rm.train_reward_models(cfg)
+    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
     path = tmp_path / "out" / "eval.json"
     doc = json.load(open(path))
     doc["policies"] = {"sft": {"pm_a": 0.1}}
     json.dump(doc, open(path, "w"))
     other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
-    pm = pm_metrics.evaluate_pms(cfg, other)                          # no training: just score the other test split
+    pm = pm_metrics.evaluate_pms(cfg, cfg.rm, other)                          # no training: just score the other test split
     doc = json.load(open(path))
     assert pm["test_pairs"] == 30 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
 
@@ -267,7 +267,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch)
     def fit(path):
         torch.manual_seed(0)
         model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-        info = rm.train_pm(cfg, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
+        info = rm.train_pm(cfg, cfg.rm, model, tok, ex[:40], ex[40:], "ranking", ckpt_path=path)
         return model.state_dict(), info
 
     want, info = fit(None)
@@ -292,7 +292,7 @@ def test_checkpoints_follow_save_interval_not_validations(tmp_path, monkeypatch)
     saved, real = [], runtime.save_checkpoint
     monkeypatch.setattr(rm, "save_checkpoint", lambda path, ckpt: saved.append(ckpt["step"]) or real(path, ckpt))
     model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-    rm.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", ckpt_path=str(tmp_path / "pm.pt"))
+    rm.train_pm(cfg, cfg.rm, model, tok, ex[:32], ex[32:], "ranking", ckpt_path=str(tmp_path / "pm.pt"))
     assert saved == [4, 8, 10]
 
 
@@ -303,7 +303,7 @@ def test_log_interval_sets_the_metrics_rows(tmp_path):
     from data import DataConfig, read_pairs
     ex = reward.encode_pairs(read_pairs(cfg.data_dir, "train", DataConfig())[0], tok, 40, 16)
     model, _ = rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")
-    rm.train_pm(cfg, model, tok, ex[:32], ex[32:], "ranking", log=runtime.MetricsLog(cfg.out_dir), name="pm_a")
+    rm.train_pm(cfg, cfg.rm, model, tok, ex[:32], ex[32:], "ranking", log=runtime.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "rm/pm_a/train_loss" in r] == [0, 4, 8]
     assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [5, 10]
@@ -391,12 +391,12 @@ def test_validation_scores_the_same_capped_subset_every_time(tmp_path, monkeypat
     train_ex, val_ex = ex[:30], ex[30:]
     calls = recorded_validations(monkeypatch)
     cfg.rm = rm.RMConfig(batch_size=4, max_steps=6, warmup_steps=2, eval_interval=2, val_pairs=10)
-    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    rm.train_pm(cfg, cfg.rm, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
     assert len(calls) == 3 and all(c == calls[0] for c in calls)
     assert len(calls[0]) == 10 and all(e in val_ex for e in calls[0]) and calls[0] != val_ex[:10]
     calls.clear()
     cfg.rm.val_pairs = len(val_ex)
-    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
+    rm.train_pm(cfg, cfg.rm, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, train_ex, val_ex, "ranking")
     assert all(c == val_ex for c in calls) and len(calls) == 3
 
 
@@ -412,7 +412,7 @@ def test_auto_eval_interval_keeps_validation_within_a_tenth_of_training(tmp_path
                              log_interval=100)
     every = rm.auto_eval_interval(len(ex[50:]), 4)
     assert every == 9                                          # 10 pairs at batch 4
-    rm.train_pm(cfg, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
+    rm.train_pm(cfg, cfg.rm, rm.init_reward_model(cfg.out_dir + "/sft.pt", "cpu")[0], tok, ex[:50], ex[50:],
                     "ranking", log=runtime.MetricsLog(cfg.out_dir), name="pm_a")
     rows = [json.loads(line) for line in open(os.path.join(cfg.out_dir, "metrics.jsonl"))]
     assert [r["step"] for r in rows if "rm/pm_a/val_loss" in r] == [9, 18, 20] and len(calls) == 3
