@@ -111,17 +111,14 @@ def test_ppo_frontier_reads_the_last_run(tmp_path):
 
 from dataclasses import dataclass, field  # noqa: E402
 
+from runtime import Run  # noqa: E402
+
 
 
 @dataclass
-class RunConfig:  # the fields of rlhf.py's Config that the stages read
-    out_dir: str = ""
-    data_dir: str = ""
+class RunConfig(Run):  # the shared values the stages get (runtime.Run), and the sections these tests pass them
     seed: int = 0
     device: str = "cpu"
-    dtype: str = "auto"
-    compile: bool = False
-    force: bool = False
     data: DataConfig = field(default_factory=lambda: DataConfig(vocab="trimmed"))
     rs: RSConfig = field(default_factory=lambda: RSConfig(
         n=4, num_prompts=8, max_new_tokens=6, sample_batch_size=16, max_steps=4, batch_size=4, eval_interval=2,
