@@ -93,7 +93,7 @@ def read_data(cfg):
                 len(train) / len(sample), tuple(float(np.mean([len(x[i]) for x in ids])) for i in range(3)), rate)
 
 
-def rl_prompts(cfg, d, new_tokens):
+def sampled_prompts(cfg, d, new_tokens):
     """The sampled prompts' ids as the RL stages feed them (sampling.rl_prompts): left-truncated to
     ppo.max_prompt_tokens, leaving room for new_tokens in the context."""
     return [prompt_ids(x[0], d.tok, min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - new_tokens)) for x in d.ids]
@@ -197,7 +197,7 @@ def work_rm(cfg, d, gpt, act):
     n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
     every = rc.eval_interval or auto_eval_interval(n_val, B)       # as train_pm validates
     vals = sum(math.ceil(n / every) for n in human) if n_val else 0
-    q = batch_width([len(x) for x in rl_prompts(cfg, d, N)], rc.eval_batch_size, cfg.seed)
+    q = batch_width([len(x) for x in sampled_prompts(cfg, d, N)], rc.eval_batch_size, cfg.seed)
     extra = " (+ the ablation / PMP study: not counted)" if rc.ablation or rc.pmp_study else ""
     scored = 2 * vals * n_val + 4 * d.test + 2 * rc.normalize_samples  # sequences, each ~mean tokens
     return {"what": (f"2 PMs x {steps[0]:,} steps x {B} pairs x ~{round(width)} tokens: "
@@ -217,7 +217,7 @@ def work_rs(cfg, d, gpt, act):
     then a fine-tune on the winners, a tenth held out for validation (rs.run_rs)."""
     rc = cfg.rs
     N = rc.max_new_tokens or cfg.ppo.max_new_tokens
-    lens = [len(x) for x in rl_prompts(cfg, d, N)]
+    lens = [len(x) for x in sampled_prompts(cfg, d, N)]
     prompts = min(d.prompts, rc.num_prompts or d.prompts)
     winners = prompts - max(1, prompts // 10)
     q = batch_width(lens, max(1, rc.sample_batch_size // rc.n), cfg.seed)
@@ -238,7 +238,7 @@ def work_ppo(cfg, d, gpt, act):
     """PPO iterations of batch_size episodes, ppo_epochs passes of minibatches over each; PM-B judges the
     rollouts every judge_every iterations. Memory: policy (and critic trunk) with Adam, reference, 2 PMs."""
     pc, N = cfg.ppo, cfg.ppo.max_new_tokens
-    lens = [len(x) for x in rl_prompts(cfg, d, N)]
+    lens = [len(x) for x in sampled_prompts(cfg, d, N)]
     q, episodes = batch_width(lens, pc.batch_size, cfg.seed), pc.iterations * pc.batch_size
     judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
     mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
@@ -257,7 +257,7 @@ def work_eval(cfg, d, gpt, act):
     by PM-A and PM-B; the KL of RS and PPO to SFT from both models' log-probs (evaluate.run_eval)."""
     ec = cfg.eval
     N = ec.max_new_tokens or cfg.ppo.max_new_tokens
-    lens = [len(x) for x in rl_prompts(cfg, d, N)]  # train prompts stand in for the test prompts' lengths
+    lens = [len(x) for x in sampled_prompts(cfg, d, N)]  # train prompts stand in for the test prompts' lengths
     prompts, k = min(d.test_prompts, ec.num_prompts or d.test_prompts), ec.policy_samples
     samples, q = prompts * (ec.n + 2 * k), batch_width(lens, max(1, ec.batch_size // ec.n), cfg.seed)
     scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 4 * prompts * k * fpt(gpt, q + N))
@@ -302,7 +302,7 @@ def measured_rates(cfg, d, gpt, device, repeats):
     set_seed(cfg.seed)
     model = GPT(cfg.model).to(device)
     train = bench.measure_train(cfg, model, d.tok, d.stream, device, cfg.dtype, repeats)
-    prompts = [(None, x) for x in rl_prompts(cfg, d, cfg.ppo.max_new_tokens)]
+    prompts = [(None, x) for x in sampled_prompts(cfg, d, cfg.ppo.max_new_tokens)]
     queries, mask = (t.to(device) for t in prompt_batch(prompts, 0, cfg.ppo.batch_size, cfg.seed, d.tok.eos_id))
     B, Tq, N = queries.size(0), queries.size(1), cfg.ppo.max_new_tokens
     model.eval()

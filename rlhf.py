@@ -125,7 +125,7 @@ PRESETS = {
         "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
-        # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data 256 of its ~760
+        # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data 256 of its ~660
         "rm.max_steps": 90, "rm.eval_interval": 30, "rm.val_pairs": 256,
         "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
         "rs.eval_interval": 20, "rs.eval_batches": 2,
@@ -137,7 +137,7 @@ PRESETS = {
     # the default with CUDA: OpenAI's GPT-2 (124M) weights, then every stage on the full hh-rlhf: <= 2 h on one
     # 24 GB card (RTX 4090) by `python rlhf.py plan --plan.gpu=rtx4090`; see GPU_STAGES for each stage's share
     "gpu": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2"},
-    # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.5x the compute, micro-batches halved to fit 24 GB
+    # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.9x the parameters, micro-batches halved to fit 24 GB
     "gpu-medium": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2-medium", "model.n_layer": 24, "model.n_head": 16,
                    "model.n_embd": 1024, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
                    "rs.grad_accum": 2, "rm.batch_size": 16, "ppo.share_trunk": True},
