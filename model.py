@@ -273,29 +273,38 @@ class GPT(nn.Module):
             x = block(x, attn_mask, kv_cache, layer)
         return self.transformer.ln_f(x)  # (B, T, C)
 
-    def logits(self, h):
-        """The LM head, (..., C) -> (..., V). GPT-2's 50,257-token vocabulary is an output width that
-        is not a multiple of 8, which keeps a GPU matmul off its fast tensor-core kernels; so the
-        weight is zero-padded to a multiple of 64 rows for the matmul (nanoGPT's 50,304) and the pad
-        logits are dropped at once, a view (README, Speed: faster, and less memory). Checkpoints keep
-        the plain (V, C) weight; a vocabulary already a multiple of 64 (the trimmed ones) takes the
-        plain path."""
+    def padded_logits(self, h):
+        """The LM head over a weight zero-padded to a multiple of 64 rows, (..., C) -> (..., V + pad), the pad
+        logits set to -inf: probability 0, so a softmax or a cross-entropy over all of them is the one over V.
+        GPT-2's 50,257-token vocabulary is a matmul width that is not a multiple of 8, which keeps a GPU
+        off its tensor-core kernels and a CPU off its aligned ones; so the weight is padded for the matmul
+        (nanoGPT's 50,304). The loss reads these padded logits as they are: slicing them first, then
+        flattening, would copy every logit and, in backward, zero-fill and copy them again (README, Speed).
+        Checkpoints keep the plain (V, C) weight; a vocabulary already a multiple of 64 has no pad."""
         weight = self.lm_head.weight  # (V, C), tied to wte
         pad = -weight.size(0) % 64
         if pad == 0:
             return self.lm_head(h)
-        return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., :weight.size(0)]  # (..., V)
+        logits = F.linear(h, F.pad(weight, (0, 0, 0, pad)))  # (..., V + pad)
+        with torch.no_grad():  # in place, outside autograd (which would copy every logit in backward): a
+            logits[..., weight.size(0):] = float("-inf")  # -inf logit's gradient through a softmax is 0 anyway
+        return logits
+
+    def logits(self, h):
+        """The LM head, (..., C) -> (..., V): the padded logits without their pad columns (a view)."""
+        return self.padded_logits(h)[..., :self.config.vocab_size]
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         """Next-token logits (B, T, V) and, given targets (B, T), the masked mean cross-entropy
         loss = sum(ce * loss_mask) / sum(loss_mask) (every position if loss_mask is None),
         so SFT can train on the reply tokens only."""
-        logits = self.logits(self.hidden_states(idx, attention_mask, kv_cache, segment_ids))  # (B, T, V)
+        logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache, segment_ids))  # (B, T, V + pad)
         if targets is None:
-            return logits, None
+            return logits[..., :self.config.vocab_size], None
         # cross-entropy in float32: under bf16 autocast the log-sum-exp over 50k logits is lossy
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         ce = ce.view(targets.shape)  # (B, T)
+        logits = logits[..., :self.config.vocab_size]  # (B, T, V) a view
         if loss_mask is None:
             return logits, ce.mean()
         loss_mask = loss_mask.to(ce.dtype)

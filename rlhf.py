@@ -38,7 +38,7 @@ from pm_metrics import evaluate_pms
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
-from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed
+from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, keep_freed_memory
 from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
@@ -316,19 +316,6 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)  # one line, no traceback (RLHF_DEBUG=1 shows it)
         return 2
     return 0
-
-
-# glibc hands a freed block of over 32 MB (a batch's logits: 16 x 256 x 8,192 floats on the cpu preset) back to the
-# OS at once, and the next step's first touch of a new one costs a page fault per 4 KB: ~150,000 a step, ~10% of a
-# CPU training step. These limits keep such blocks in the process for reuse; the numbers computed do not change.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
-
-
-def keep_freed_memory():
-    """Start this script again (once, Linux with glibc) with MALLOC_TUNABLES, which glibc reads only at start-up.
-    A GLIBC_TUNABLES the user set is left alone."""
-    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
-        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import pytest
 
 import rlhf
+import runtime
 
 
 def test_presets_then_flags_override_with_types():
@@ -58,13 +59,13 @@ def test_the_script_restarts_once_with_glibc_malloc_limits(monkeypatch):
     import os
     import sys
     calls = []
-    monkeypatch.setattr(rlhf.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    rlhf.keep_freed_memory()
+    runtime.keep_freed_memory()
     if sys.platform == "linux" and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
         (exe, argv, env), = calls
-        assert exe == sys.executable and argv[1:] == sys.argv and env["GLIBC_TUNABLES"] == rlhf.MALLOC_TUNABLES
+        assert exe == sys.executable and argv[1:] == sys.argv and env["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
     calls.clear()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    rlhf.keep_freed_memory()
+    runtime.keep_freed_memory()
     assert calls == []

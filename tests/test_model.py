@@ -240,6 +240,24 @@ def test_padded_lm_head_matches_the_plain_one():
     assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
 
 
+def test_loss_over_padded_logits_matches_the_plain_head():
+    # the loss reads the padded (-inf) logits in place: same loss and same gradients as the plain head's
+    model = tiny(vocab_size=101)
+    idx, targets = torch.randint(0, 101, (2, 7)), torch.randint(0, 101, (2, 7))
+    loss_mask = (torch.rand(2, 7) > 0.3).float()
+    _, loss = model(idx, targets, loss_mask)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model.hidden_states(idx) @ model.lm_head.weight.T  # (B, T, V) the plain head
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 7)
+    plain = (ce * loss_mask).sum() / loss_mask.sum()
+    plain.backward()
+    assert torch.allclose(loss, plain, atol=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6), n
+
+
 def test_loss_mask():
     model = tiny()
     idx, targets = torch.randint(0, V, (2, 10)), torch.randint(0, V, (2, 10))
