@@ -85,7 +85,7 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
     pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
     trunk = None if pc.share_trunk else copy.deepcopy(model)
     critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
-    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    optimizer = ppo.build_optimizer(policy, critic, pc, device)
     # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
     # the reward function) with a timer. The update is what is left.
     split = {"rollout": 0.0, "policy_value": 0.0, "ref": 0.0, "pm": 0.0}

@@ -174,7 +174,7 @@ def ppo_iteration(vocab, share_trunk):
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
     pm = RewardModel(ours_config(vocab)).eval().requires_grad_(False)
     critic = ppo.build_critic(None if share_trunk else copy.deepcopy(pm), pm.head.weight, pm.head.bias)
-    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    optimizer = ppo.build_optimizer(policy, critic, pc, "cpu")
     reward_fn = ppo.pm_reward_fn(pm, Tokenizer(), 16)
     gen = torch.Generator().manual_seed(0)
 

@@ -325,6 +325,13 @@ def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype):
 # the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
 
 
+def build_optimizer(policy, critic, pc, device_type):
+    """One Adam over the policy and the value model, as lm-hp (its epsilon, no weight decay); the fused
+    kernel where there is one (model.configure_optimizer says why)."""
+    params = list(policy.parameters()) + list(critic.parameters())
+    return torch.optim.Adam(params, lr=pc.lr, eps=pc.adam_eps, fused=device_type in ("cuda", "cpu"))
+
+
 def prompt_batch(prompts, index, batch_size, seed, pad_id):
     """Batch `index` of a seeded per-epoch shuffle, a pure function of (index, seed) so resuming needs
     no loader state. Returns left-padded queries (B, T) and their mask (B, T)."""
@@ -386,7 +393,7 @@ def train_ppo(run, pc):
     set_seed(run.seed)
     policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, pc, device)
     reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
-    optimizer = torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=pc.lr, eps=pc.adam_eps)
+    optimizer = build_optimizer(policy, critic, pc, torch.device(device).type)
     start, kl_coef = resume(path, policy, critic, optimizer, pc)
     prompts = rl_prompts(run, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
     print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "

@@ -93,12 +93,12 @@ class RewardModel(GPT):
         with the k-th label-0 row, so a batch is cat([chosen, rejected]); "binary" scores each row alone.
         """
         B, T = idx.size()
-        h = self.hidden_states(idx, attention_mask)  # (B, T, C)
         if attention_mask is None:
             last = torch.full((B,), T - 1, device=idx.device)
         else:  # index of the last real token: the largest position whose mask is 1
             last = (torch.arange(T, device=idx.device) * attention_mask.long()).argmax(1)  # (B,)
-        rewards = scalar_head(self.head, h[torch.arange(B, device=idx.device), last])  # (B,) fp32
+        h = self.hidden_states(idx, attention_mask, last=last)  # (B, C) at the last real token only
+        rewards = scalar_head(self.head, h)  # (B,) fp32
         if labels is None:
             return rewards, None
         if objective == "binary":

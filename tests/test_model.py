@@ -232,25 +232,45 @@ def test_packed_row_computes_what_separate_rows_would():
     assert not logits.isnan().any()
 
 
-def test_padded_lm_head_matches_the_plain_one():
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_last_position_alone_matches_the_full_forward(padding):
+    # hidden_states(last=...) runs the last block for one query per row (a PM's EOS, a prompt's end):
+    # the same hidden state as the full forward read at that position
+    model = tiny()
+    idx = torch.randint(0, V, (3, 12))
+    lengths = torch.tensor([12, 7, 9])
+    cols = torch.arange(12)[None, :]
+    mask = {"none": None, "right": cols < lengths[:, None], "left": cols >= 12 - lengths[:, None]}[padding]
+    last = torch.tensor([11, 6, 8]) if padding == "right" else torch.tensor([11, 11, 11])
+    if padding == "none":
+        last = torch.tensor([11, 4, 8])  # any position: causal attention up to it
+    full = model.hidden_states(idx, mask)[torch.arange(3), last]  # (B, C)
+    alone = model.hidden_states(idx, mask, last=last)  # (B, C)
+    assert alone.shape == full.shape
+    assert torch.allclose(alone, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [10, 300])  # a decode step's few rows take the plain head, a batch the padded one
+def test_padded_lm_head_matches_the_plain_one(rows):
     # a vocabulary that is not a multiple of 64 takes the zero-padded matmul; logits are unchanged
     model = tiny(vocab_size=101)
-    h = torch.randn(2, 5, 32)
-    assert model.logits(h).shape == (2, 5, 101)
+    h = torch.randn(2, rows // 2, 32)
+    assert model.logits(h).shape == (2, rows // 2, 101)
     assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
 
 
-def test_loss_over_padded_logits_matches_the_plain_head():
+@pytest.mark.parametrize("T", [7, 150])
+def test_loss_over_padded_logits_matches_the_plain_head(T):
     # the loss reads the padded (-inf) logits in place: same loss and same gradients as the plain head's
-    model = tiny(vocab_size=101)
-    idx, targets = torch.randint(0, 101, (2, 7)), torch.randint(0, 101, (2, 7))
-    loss_mask = (torch.rand(2, 7) > 0.3).float()
+    model = tiny(vocab_size=101, block_size=T)
+    idx, targets = torch.randint(0, 101, (2, T)), torch.randint(0, 101, (2, T))
+    loss_mask = (torch.rand(2, T) > 0.3).float()
     _, loss = model(idx, targets, loss_mask)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits = model.hidden_states(idx) @ model.lm_head.weight.T  # (B, T, V) the plain head
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, 7)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(2, T)
     plain = (ce * loss_mask).sum() / loss_mask.sum()
     plain.backward()
     assert torch.allclose(loss, plain, atol=1e-6)
