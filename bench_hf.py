@@ -9,7 +9,7 @@ An optional extra: transformers and TRL are never needed to train or to test, an
 script says so and stops. Both sides get the same shapes and the same work (4 layers, 4 heads, width
 256, context 512, fp32, dropout 0, random token ids); each figure runs ours, theirs, ours, theirs, ...
 `--repeats` times and keeps each side's best time, so load on the machine slows both alike. Like
-rlhf.py, it runs with glibc's malloc limits raised (runtime.keep_freed_memory), for both sides. The
+rlhf.py, it runs with glibc's malloc limits raised (runtime.restart_with_start_env), for both sides. The
 printed ratio is our throughput over theirs (> 1: we are faster).
 
   lm      one training step, batch 8 x 256, AdamW: GPT vs GPT2LMHeadModel (labels= computes its loss)
@@ -36,7 +36,7 @@ import torch
 import ppo
 from model import GPT, GPTConfig
 from reward import RewardModel, ranking_loss
-from runtime import keep_freed_memory
+from runtime import restart_with_start_env
 from tokens import Tokenizer
 
 L, H, C, BLOCK = 4, 4, 256, 512  # the shape of every model here
@@ -217,7 +217,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     transformers = peers()
-    keep_freed_memory()  # as rlhf.py runs: freed logits stay in the process, for both sides alike
+    restart_with_start_env()  # as rlhf.py runs: freed logits stay in the process, for both sides alike
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")

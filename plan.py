@@ -331,8 +331,11 @@ def busy_cpu_warning(device):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if device == "cuda" or load < 1.0:
         return ""
+    passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     return (f"; load average {load:.1f} on {os.cpu_count()} cores while timing: other processes shared the CPU, "
-            "so these times are longer than an idle machine's")
+            "so these times are longer than an idle machine's; "
+            + ("threads wait passively (OMP_WAIT_POLICY=PASSIVE), sharing the cores" if passive else
+               "set OMP_WAIT_POLICY=PASSIVE so idle threads do not spin on shared cores (README, Speed)"))
 
 
 def device_rates(cfg, d, gpt, repeats):

@@ -38,7 +38,7 @@ from pm_metrics import evaluate_pms
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
-from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, keep_freed_memory
+from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, restart_with_start_env
 from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
@@ -319,5 +319,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    keep_freed_memory()
+    restart_with_start_env()
     sys.exit(main(sys.argv[1:]))

@@ -319,8 +319,22 @@ class ConfigError(ValueError):
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
 
 
-def keep_freed_memory():
-    """Start this script again (once, Linux with glibc) with MALLOC_TUNABLES, which glibc reads only at start-up.
-    A GLIBC_TUNABLES the user set is left alone."""
-    if sys.platform == "linux" and "GLIBC_TUNABLES" not in os.environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
-        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "GLIBC_TUNABLES": MALLOC_TUNABLES})
+def start_env(environ, load_avg):
+    """The variables rlhf.py restarts itself with, read only at start-up (by glibc, by libgomp), each unless the
+    user set it: MALLOC_TUNABLES on Linux with glibc; and OMP_WAIT_POLICY=PASSIVE when other processes already
+    use the CPU (a 1-minute load average of 1 or more), because libgomp's threads otherwise spin between parallel
+    regions on cores those processes need (README, Speed: threads on a busy machine). Returns {name: value}."""
+    extra = {}
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
+        extra["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    if "OMP_WAIT_POLICY" not in environ and load_avg >= 1.0:
+        extra["OMP_WAIT_POLICY"] = "PASSIVE"
+    return extra
+
+
+def restart_with_start_env():
+    """Start this script again, once, with start_env's variables (none to add: carry on)."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    extra = start_env(os.environ, load)
+    if extra:
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **extra})

@@ -53,19 +53,27 @@ def test_failed_gpt2_download_is_one_clear_line(tmp_path, monkeypatch, capsys):
     assert "--pretrain.init" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_the_script_restarts_once_with_glibc_malloc_limits(monkeypatch):
-    """`python rlhf.py` re-executes itself once with GLIBC_TUNABLES (fewer page faults a CPU step), and never
-    when the variable is already set: by the user, or by the first start."""
+def test_the_script_restarts_once_with_glibc_malloc_limits_and_passive_threads_when_busy(monkeypatch):
+    """`python rlhf.py` re-executes itself once with GLIBC_TUNABLES (fewer page faults a CPU step) and, on a
+    machine already busy, OMP_WAIT_POLICY=PASSIVE; never with a variable already set: by the user, or by the
+    first start."""
     import os
     import sys
+    glibc = sys.platform == "linux" and "glibc" in os.confstr("CS_GNU_LIBC_VERSION")
+    assert runtime.start_env({}, 0.3) == ({"GLIBC_TUNABLES": runtime.MALLOC_TUNABLES} if glibc else {})
+    assert runtime.start_env({"GLIBC_TUNABLES": "x"}, 1.5) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert runtime.start_env({"GLIBC_TUNABLES": "x", "OMP_WAIT_POLICY": "ACTIVE"}, 4.0) == {}
     calls = []
     monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    runtime.keep_freed_memory()
-    if sys.platform == "linux" and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
-        (exe, argv, env), = calls
-        assert exe == sys.executable and argv[1:] == sys.argv and env["GLIBC_TUNABLES"] == runtime.MALLOC_TUNABLES
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    runtime.restart_with_start_env()
+    (exe, argv, env), = calls
+    assert exe == sys.executable and argv[1:] == sys.argv and env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert env.get("GLIBC_TUNABLES") == (runtime.MALLOC_TUNABLES if glibc else None)
     calls.clear()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    runtime.keep_freed_memory()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    runtime.restart_with_start_env()
     assert calls == []

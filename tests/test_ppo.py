@@ -176,6 +176,21 @@ def test_first_minibatch_ratio_one_and_zero_kl(share_trunk):
     assert rollout["mb_stats"][-1]["approx_kl"] > 0         # later minibatches see a moved policy
 
 
+def test_rollout_recomputes_the_samplers_logprobs_because_they_differ():
+    # which forwards PPO needs: the sampler already returns log pi_old of its tokens, but computed one
+    # token at a time through the KV cache they equal the update's full forward only up to rounding.
+    # The rollout forward is the update's own function, so the first ratio is exactly 1 (README, Speed)
+    policy, _, _, cfg, _ = tiny_setup()
+    q, qm = tiny_queries(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        responses, sampled, mask = policy.generate(q, qm, max_new_tokens=8, generator=torch.Generator().manual_seed(1))
+        qr, am = torch.cat([q, responses], 1), torch.cat([qm.bool(), mask], 1)
+        again = [actor_critic.rollout_forward(policy, None, qr, am, responses, q.size(1), 1.0, 8)[0] for _ in range(2)]
+    assert torch.equal(again[0], again[1])  # the same function twice: ratio exactly 1
+    assert torch.allclose(again[0][mask], sampled[mask], atol=1e-5)  # the sampler's: the same up to rounding,
+    assert not torch.equal(again[0][mask], sampled[mask])  # but not bit for bit
+
+
 def test_approx_kl_early_stop_and_non_finite_loss():
     policy, ref, critic, cfg, opt = tiny_setup(max_approx_kl=1e-9)
     g = torch.Generator().manual_seed(3)
