@@ -78,26 +78,29 @@ def race(ours, theirs, repeats):
 # -----------------------------------------------------------------------------
 # the figures: each returns (ours_fn, theirs_fn, units of work per call, unit name)
 
+def optimizers(ours, theirs, lr):
+    """AdamW on each side with the same settings (ours: model.configure_optimizer, as every stage builds it)."""
+    return (ours.configure_optimizer(0.1, lr, (0.9, 0.95), "cpu"),
+            torch.optim.AdamW(theirs.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1))
+
+
+def training_step(loss_fn, optimizer):
+    """One optimizer step as a closure: the loss, backward, the update, the gradients cleared."""
+    def step():
+        loss_fn().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def lm_step(vocab):
     from transformers import GPT2LMHeadModel
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (8, 257))
-    ours = GPT(ours_config(vocab)).train()
-    opt = ours.configure_optimizer(0.1, 3e-4, (0.9, 0.95), "cpu")
-    theirs = GPT2LMHeadModel(hf_config(vocab)).train()
-    opt_hf = torch.optim.AdamW(theirs.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def step_ours():
-        _, loss = ours(x[:, :-1], x[:, 1:])  # 256 inputs, 256 targets
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step_theirs():
-        loss = theirs(input_ids=x, labels=x).loss  # 257 tokens, 256 shifted targets
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
+    ours, theirs = GPT(ours_config(vocab)).train(), GPT2LMHeadModel(hf_config(vocab)).train()
+    opt, opt_hf = optimizers(ours, theirs, 3e-4)
+    step_ours = training_step(lambda: ours(x[:, :-1], x[:, 1:])[1], opt)  # 256 inputs, 256 targets
+    step_theirs = training_step(lambda: theirs(input_ids=x, labels=x).loss, opt_hf)  # 257 tokens, 256 shifted targets
     return step_ours, step_theirs, 8 * 256, "tok/s"
 
 
@@ -136,23 +139,13 @@ def pm_step(vocab):
     idx, mask = pm_batch(vocab)
     labels = torch.tensor([1] * 8 + [0] * 8)
     ours = RewardModel(ours_config(vocab)).train()
-    opt = ours.configure_optimizer(0.1, 1e-5, (0.9, 0.95), "cpu")
     theirs = GPT2ForSequenceClassification(hf_config(vocab, num_labels=1)).train()
-    opt_hf = torch.optim.AdamW(theirs.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    opt, opt_hf = optimizers(ours, theirs, 1e-5)
 
-    def step_ours():
-        _, loss = ours(idx, mask, labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def step_theirs():
+    def loss_theirs():
         scores = theirs(input_ids=idx, attention_mask=mask).logits.squeeze(-1)  # (16,), read at the last real token
-        loss = ranking_loss(scores[:8], scores[8:])
-        loss.backward()
-        opt_hf.step()
-        opt_hf.zero_grad(set_to_none=True)
-    return step_ours, step_theirs, 8, "pairs/s"
+        return ranking_loss(scores[:8], scores[8:])
+    return training_step(lambda: ours(idx, mask, labels)[1], opt), training_step(loss_theirs, opt_hf), 8, "pairs/s"
 
 
 def ppo_iteration(vocab, share_trunk):

@@ -2,6 +2,7 @@
 iteration puts time in the phase that spent it."""
 import time
 
+import pytest
 import torch
 
 import bench
@@ -46,3 +47,19 @@ def test_ppo_split_puts_time_in_its_phase(hh_dir, monkeypatch):
     assert min(out["ppo_rollout_s"], out["ppo_update_s"], *scoring.values()) > 0, out
     parts = out["ppo_rollout_s"] + sum(scoring.values()) + out["ppo_update_s"]
     assert abs(parts - out["ppo_s"]) <= 5 * 0.5e-4, out  # equal up to the rounding of five figures
+
+
+def test_bench_hf_without_transformers_says_how_to_install_it(monkeypatch, capsys):
+    # the side-by-side race is an optional extra: without transformers, one clear message, no traceback
+    import builtins
+    import bench_hf
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name.split(".")[0] in ("transformers", "trl"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    monkeypatch.setattr("sys.argv", ["bench_hf.py"])
+    with pytest.raises(SystemExit, match="pip install transformers"):
+        bench_hf.main()
