@@ -333,7 +333,8 @@ def start_env(environ, load_avg):
 
 
 def restart_with_start_env():
-    """Start this script again, once, with start_env's variables (none to add: carry on)."""
+    """Start this script again with start_env's variables (none to add: carry on). Once, or twice should the
+    load average cross 1 between the two starts; each variable, once set, stays."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     extra = start_env(os.environ, load)
     if extra:
