@@ -320,6 +320,14 @@ def split_train_val(pairs, val_frac):
     return [p for p in pairs if _stable_hash01(p.prompt, "val") >= val_frac], val
 
 
+def train_comparisons(data_dir, cfg, halves=True):
+    """The train split as every comparison stage reads it: (train, val, (half A, half B)), the validation
+    pairs split off first; with halves=False both "halves" are all of train (--rm.split_halves=false)."""
+    pairs, _ = read_pairs(data_dir, "train", cfg)
+    train, val = split_train_val(pairs, cfg.val_frac)
+    return train, val, split_halves(train) if halves else (train, train)
+
+
 def split_halves(pairs):
     """Two disjoint ~50/50 halves by a stable hash of the prompt. Bai et al. train two preference
     models on disjoint halves: one is the PPO reward, the other an unbiased judge of the policy."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from dpo import betas
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
@@ -86,6 +87,28 @@ def win_rate(policy_scores, sft_scores):
     every policy sample against every SFT sample. policy_scores (P, k), sft_scores (P, n) -> float."""
     diff = policy_scores[:, :, None] - sft_scores[:, None, :]                          # (P, k, n)
     return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+def lc_win_rate(policy_scores, sft_scores, policy_lengths, sft_lengths, ridge=1e-3):
+    """The win rate vs SFT with reply length taken out (the idea of AlpacaEval 2's length-controlled win rate,
+    Dubois et al. 2024): a logistic regression of the judge's verdict on every (policy sample, SFT sample)
+    pair of a prompt, P(policy wins) = sigmoid(theta + gamma * dlen / sd(dlen)), dlen = the policy reply's
+    tokens minus the SFT reply's, fitted by Newton's method (ties count half; a small ridge on gamma keeps
+    it finite when length alone decides). sigmoid(theta) is the win rate of a policy reply against an SFT
+    reply of the same length. Scores and lengths (P, k) and (P, n) -> (lc win rate, gamma: the judge's
+    log-odds per standard deviation of the length difference; < 0 = it prefers shorter replies)."""
+    diff = (policy_scores[:, :, None] - sft_scores[:, None, :]).double()                    # (P, k, n)
+    y = ((diff > 0).double() + 0.5 * (diff == 0).double()).flatten().numpy()
+    dlen = (policy_lengths[:, :, None] - sft_lengths[:, None, :]).double().flatten().numpy()
+    X = np.stack([np.ones_like(dlen), dlen / (dlen.std() or 1.0)], 1)                      # (M, 2)
+    w, penalty = np.zeros(2), np.diag([0.0, ridge * len(y)])
+    for _ in range(100):  # Newton steps on the mean log-likelihood; converges in ~10
+        p = 1 / (1 + np.exp(-X @ w))
+        step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + penalty, X.T @ (y - p) - penalty @ w)
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-w[0]))), float(w[1])
 
 
 def prompt_se(scores):
@@ -150,11 +173,12 @@ def write_report(path, ev, examples):
     lines = ["# Evaluation on held-out test prompts", "",
              "PM-A is the reward the policies were optimised against; PM-B, trained on the other half of the "
              "comparisons, is the held-out judge. KL is to the SFT policy in nats (analytic for best-of-n).", "",
-             "| policy | PM-A | PM-B | KL | sqrt KL | win rate vs SFT (PM-B) | reply tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| policy | PM-A | PM-B | KL | sqrt KL | win rate vs SFT (PM-B) | length-controlled | reply tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in ev["policies"].items():
         lines.append(f"| {name} | {p['pm_reward']:+.3f} | {p['heldout_pm_reward']:+.3f} | {p['kl']:.2f} | "
-                     f"{math.sqrt(max(p['kl'], 0)):.2f} | {p['win_rate_vs_sft']:.3f} | {p['mean_reply_tokens']:.1f} |")
+                     f"{math.sqrt(max(p['kl'], 0)):.2f} | {p['win_rate_vs_sft']:.3f} | {p['lc_win_rate_vs_sft']:.3f} | "
+                     f"{p['mean_reply_tokens']:.1f} |")
     lines += ["", *[f"- {n}" for n in ev["notes"]], "", "## Best-of-n (PM-A picks, unbiased estimator of Gao et al.)", "",
               "| n | KL = log n - (n-1)/n | PM-A | PM-B |", "| --- | --- | --- | --- |"]
     lines += [f"| {p['n']} | {p['kl']:.3f} | {p['pm_a']:+.3f} | {p['pm_b']:+.3f} |" for p in ev["bon_curve"]]
@@ -173,8 +197,8 @@ def write_report(path, ev, examples):
         f.write("\n".join(lines).replace("\r", " ") + "\n")
 
 
-def run_eval(run, ec, rollout):
-    """Stage `eval`: sft, best-of-n, rs and ppo on held-out test prompts -> eval.json (its "pm" section,
+def run_eval(run, ec, rollout, dc):
+    """Stage `eval`: sft, best-of-n, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
     SFT gets n samples per prompt: their mean is the SFT row and their PM-A maxima are best-of-n for
@@ -193,7 +217,7 @@ def run_eval(run, ec, rollout):
     max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
-    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo x{k}")
+    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo, dpo x{k}")
     gen = torch.Generator(device=device).manual_seed(run.seed + 2)
     T = rl_temperature(out, rollout)
 
@@ -216,14 +240,17 @@ def run_eval(run, ec, rollout):
     a["bon"], b["bon"], lengths["bon"], kl["bon"] = pick(a["sft"]), pick(b["sft"]), pick(lengths["sft"]), bon_kl(n)
     replies["bon"] = [replies["sft"][p * n + j] for p, j in enumerate(best.tolist())]
 
-    # 3. rs and ppo: their own samples, scored, and their sampled KL to SFT
-    for name in ("rs", "ppo"):
+    # 3. rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
+    beta = {}
+    for name in ("rs", "ppo", *[n for n, _ in betas(dc)]):
         path = os.path.join(out, f"{name}.pt")
         if not os.path.exists(path):
-            notes.append(f"{name}: skipped ({path} not found; run `python rlhf.py {name}` first)")
+            notes.append(f"{name}: skipped ({path} not found; run `python rlhf.py {name.split('_')[0]}` first)")
             continue
         policy, _, ckpt = load_model(path, device)
         disable_dropout(policy).eval()
+        if "beta" in ckpt:
+            beta[name] = ckpt["beta"]
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
@@ -238,8 +265,12 @@ def run_eval(run, ec, rollout):
     policies = {name: {"pm_reward": a[name].mean().item(), "pm_reward_se": prompt_se(a[name]),
                        "heldout_pm_reward": b[name].mean().item(), "heldout_pm_reward_se": prompt_se(b[name]),
                        "kl": kl[name], "win_rate_vs_sft": win_rate(b[name], b["sft"]),
+                       **dict(zip(("lc_win_rate_vs_sft", "judge_length_coef"),
+                                  lc_win_rate(b[name], b["sft"], lengths[name], lengths["sft"]))),
                        "mean_reply_tokens": lengths[name].mean().item(), "temperature": T} for name in a}
     policies["bon"].update(n=n, kl_analytic=bon_kl(n))
+    for name, value in beta.items():
+        policies[name]["beta"] = value
 
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
     fits = write_frontier(out, bon_curve, policies, ec.frontier_windows)
@@ -247,7 +278,7 @@ def run_eval(run, ec, rollout):
     examples = []
     for p in range(min(ec.num_examples, P)):
         human = prompts[p][0].rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
-        col = {"sft": p * n, "bon": p, "rs": p * k, "ppo": p * k}
+        col = {m: p * n if m == "sft" else p if m == "bon" else p * k for m in replies}
         examples.append({"human": human, "replies": {
             m: (tok.decode(strip_end(replies[m][col[m]], tok.eos_id, tok.stop_ids)).strip(),
                 a[m].view(-1)[col[m]].item(), b[m].view(-1)[col[m]].item()) for m in replies}})
@@ -256,11 +287,13 @@ def run_eval(run, ec, rollout):
 
 
 def write_frontier(out, bon_curve, policies, windows):
-    """frontier.jsonl: best-of-n's curve, PPO's training windows and the final RS and PPO points, each with
+    """frontier.jsonl: best-of-n's curve, PPO's training windows and the final RS, PPO and DPO points, each with
     sqrt(KL); returns the fits of the three frontier forms (fit_frontiers)."""
     ppo_points = ppo_frontier(out, windows)
     final = [{"method": f"{m}_final", "step": None, "kl": policies[m]["kl"], "pm_a": policies[m]["pm_reward"],
-              "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test"} for m in ("rs", "ppo") if m in policies]
+              "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test", **({"beta": policies[m]["beta"]} if "beta" in
+                                                                          policies[m] else {})}
+             for m in policies if m not in ("sft", "bon")]
     frontier = bon_curve + ppo_points + final
     for p in frontier:
         p["sqrt_kl"] = math.sqrt(max(p["kl"], 0.0))
@@ -280,10 +313,10 @@ def save_eval(out, results, examples):
         json.dump(ev, f, indent=2)
     os.replace(tmp, ev_path)
     write_report(os.path.join(out, "report.md"), ev, examples)
-    print(f"[eval] {'policy':6s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'tokens':>6s}")
+    print(f"[eval] {'policy':12s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'LC win':>6s} {'tokens':>6s}")
     for name, r in ev["policies"].items():
-        print(f"[eval] {name:6s} {r['pm_reward']:+7.3f} {r['heldout_pm_reward']:+7.3f} {r['kl']:6.2f} "
-              f"{r['win_rate_vs_sft']:6.3f} {r['mean_reply_tokens']:6.1f}")
+        print(f"[eval] {name:12s} {r['pm_reward']:+7.3f} {r['heldout_pm_reward']:+7.3f} {r['kl']:6.2f} "
+              f"{r['win_rate_vs_sft']:6.3f} {r['lc_win_rate_vs_sft']:6.3f} {r['mean_reply_tokens']:6.1f}")
     for note in ev["notes"][1:]:
         print(f"[eval] note: {note}")
     print(f"[eval] wrote {ev_path}, {os.path.join(out, 'frontier.jsonl')}, {os.path.join(out, 'report.md')}")

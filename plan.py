@@ -36,13 +36,15 @@ import numpy as np
 import torch
 
 import bench
-from data import read_pairs, resolve_data_dir, split_halves, split_train_val
+import dpo
+from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPT
 from ppo import prompt_batch
 from reward import pm_block
 from rm import auto_eval_interval, pair_batch, pm_steps
 from runtime import CUDA_PEAK_TFLOPS, ConfigError, pick_device, rng_state, set_rng_state, set_seed
-from tokens import build_tokenizer, lm_tokens, pack_examples, pm_example, prompt_ids, sft_example, tokenize_pairs
+from tokens import (build_tokenizer, dpo_example, lm_tokens, pack_examples, pm_example, prompt_ids, sft_example,
+                    tokenize_pairs)
 from train import validation_batches
 
 GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
@@ -78,9 +80,7 @@ def read_data(cfg):
     seeded sample of plan.sample_rows train pairs is tokenised. A trimmed vocabulary is built from that
     sample: the run's own when train holds no more pairs than the sample, else an estimate of it."""
     data_dir = resolve_data_dir(cfg.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "train", cfg.data)
-    train, val = split_train_val(pairs, cfg.data.val_frac)
-    halves = split_halves(train) if cfg.rm.split_halves else (train, train)
+    train, val, halves = train_comparisons(data_dir, cfg.data, cfg.rm.split_halves)
     test, _ = read_pairs(data_dir, "test", cfg.data)
     rows = np.random.default_rng(cfg.seed).permutation(len(train))[:max(1, cfg.plan.sample_rows)]
     sample = [train[i] for i in sorted(rows)]
@@ -210,6 +210,25 @@ def work_rm(cfg, d, gpt, act):
             "decode": math.ceil(rc.normalize_samples / rc.eval_batch_size) * N,
             "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
             "memory": memory_bytes(gpt, act, 1, [(2 * B, width, False)])}
+
+
+def work_dpo(cfg, d, gpt, act):
+    """One DPO policy per beta (dpo.betas), each trained like a PM on half A (rm.train_pm): a step trains the
+    policy on B pairs (2B rows) with the LM head, and the frozen reference runs forward on the same rows."""
+    dc, names = cfg.dpo, dpo.betas(cfg.dpo)
+    seqs = [[len(dpo_example(*x, d.tok, cfg.model.block_size, cfg.data.max_reply_tokens)[i]) for i in (0, 1)]
+            for x in d.ids]
+    width = batch_width([max(a, b) for a, b in seqs], dc.batch_size, cfg.seed)
+    steps = pm_steps(dpo.pm_config(dc), d.halves[0])
+    n_val = min(d.val, dc.val_pairs) if dc.val_pairs else d.val
+    vals = math.ceil(steps / (dc.eval_interval or auto_eval_interval(n_val, dc.batch_size)))
+    rows = len(names) * (steps * 2 * dc.batch_size * (1 + 1 / 3) + vals * 4 * n_val / 3)  # training rows' worth
+    return {"what": (f"{len(names)} beta{'s' if len(names) > 1 else ''} ({', '.join(f'{b:g}' for _, b in names)}) x "
+                     f"{steps:,} steps x {dc.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
+                     f"pairs), the SFT reference forward on each; {vals} validations x {n_val:,} pairs"),
+            "policies": [n for n, _ in names], "steps": steps,
+            "flops": {"eager": rows * width * fpt(gpt, width)}, "tokenize": (d.halves[0] + d.val) * sum(d.mean),
+            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, True)])}
 
 
 def work_rs(cfg, d, gpt, act):
@@ -367,7 +386,7 @@ def make_plan(cfg, repeats=2):
     act = 2 if bf16 else 4  # bytes of an activation
     stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act),
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
-              "eval": work_eval(cfg, d, gpt, act)}
+              "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
     for s in stages.values():
         flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
         seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"] + decode / rates["decode"]

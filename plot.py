@@ -9,7 +9,7 @@ plot.py: the figures of a run, drawn from the files the stages already write (no
   pm_agreement.png    how often PM-A and PM-B agree, by PM-A score decile (eval.json "pm")
   frontier.png        reward vs sqrt(KL) for best-of-n and PPO with the fitted curves (frontier.jsonl and
                       eval.json "frontier_fits")
-  policies.png        PM-A / PM-B reward and win rate vs SFT of sft, bon, rs, ppo (eval.json "policies")
+  policies.png        PM-A / PM-B reward and win rate vs SFT, raw and length-controlled, of every policy (eval.json)
 
 A figure whose data is missing is skipped with a note, so any partial out_dir works. matplotlib is an
 optional extra (`pip install matplotlib`), imported only when make_plots runs.
@@ -24,7 +24,7 @@ import json
 import math
 import os
 
-POLICY_ORDER = ["sft", "bon", "rs", "ppo"]
+POLICY_ORDER = ["sft", "bon", "rs", "ppo", "dpo"]
 
 
 def read_json(path):
@@ -247,7 +247,7 @@ def plot_policies(policies, path):
     names = [n for n in POLICY_ORDER if n in policies] + [n for n in policies if n not in POLICY_ORDER]
     if not names:
         return False
-    fig, (ax_r, ax_w) = new_figure((7, 3.2), 1, 2)
+    fig, (ax_r, ax_w) = new_figure((max(7, 1.4 * len(names)), 3.2), 1, 2)
     x = range(len(names))
     ax_r.bar([i - 0.2 for i in x], [policies[n]["pm_reward"] for n in names], 0.4, color="C0", label="PM-A (proxy)")
     ax_r.bar([i + 0.2 for i in x], [policies[n]["heldout_pm_reward"] for n in names], 0.4, color="C1",
@@ -255,10 +255,13 @@ def plot_policies(policies, path):
     ax_r.axhline(0, color="black", lw=0.6)
     ax_r.set(xticks=list(x), xticklabels=names, ylabel="mean reward", title="reward on test prompts")
     ax_r.legend()
-    ax_w.bar(list(x), [policies[n]["win_rate_vs_sft"] for n in names], 0.5, color="C1")
+    ax_w.bar([i - 0.2 for i in x], [policies[n]["win_rate_vs_sft"] for n in names], 0.4, color="C1", label="raw")
+    ax_w.bar([i + 0.2 for i in x], [policies[n].get("lc_win_rate_vs_sft", float("nan")) for n in names], 0.4,
+             color="C2", label="length-controlled")
     ax_w.axhline(0.5, color="gray", ls=":")
     ax_w.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="P(PM-B prefers it to SFT)",
              title="win rate vs SFT (PM-B judge)")
+    ax_w.legend()
     save_png(fig, path)
     return True
 

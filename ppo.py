@@ -31,7 +31,7 @@ import torch.distributed as dist
 from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
-from runtime import (MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows, dist_info,
+from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows, dist_info,
                      load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state, save_checkpoint,
                      set_seed, stage_done, token_share)
 from sampling import reply_ended, rl_prompts
@@ -65,6 +65,7 @@ class PPOConfig:
     vf_coef: float = 0.1         # weight of vf_loss in the summed loss
     max_approx_kl: float = 0.0   # stop this iteration's updates once minibatch approx_kl exceeds it (0 = off)
     share_trunk: bool = False    # value head on the policy's trunk (one forward) instead of a PM-A copy
+    length_debias: bool = False  # reward = PM-A minus its linear trend in reply length on SFT samples (reward.py)
     judge_every: int = 1         # iterations between PM-B (held-out judge) scorings of the rollouts
     sample_every: int = 10       # iterations between printed sample replies
     save_every: int = 10         # iterations between checkpoints
@@ -392,7 +393,11 @@ def train_ppo(run, pc):
     device = pick_device(run.device)
     set_seed(run.seed)
     policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, pc, device)
-    reward_a, reward_b = pm_reward_fn(pm_a, tok, dtype=dtype), pm_reward_fn(pm_b, tok, dtype=dtype)
+    if pc.length_debias and not pm_a.length_mean:
+        raise ConfigError(f"--ppo.length_debias: {os.path.join(out, 'pm_a.pt')} has no length trend (it was written "
+                          "before PMs stored one); rerun `python rlhf.py rm --force`")
+    reward_a = pm_reward_fn(pm_a, tok, dtype=dtype, length_debias=pc.length_debias)  # the reward
+    reward_b = pm_reward_fn(pm_b, tok, dtype=dtype)                                  # the held-out judge, as is
     optimizer = build_optimizer(policy, critic, pc, torch.device(device).type)
     start, kl_coef = resume(path, policy, critic, optimizer, pc)
     prompts = rl_prompts(run, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))

@@ -67,6 +67,17 @@ def fit_normalization(raw_scores, scale=True):
     return float(gain), float(-gain * x.mean())
 
 
+def fit_length_trend(scores, lengths):
+    """(slope, mean length): the least-squares line of scores on reply lengths (tokens), on SFT's samples.
+    A PM trained on hh-rlhf learns that the shorter reply often wins (README); score - slope * (length -
+    mean) is its score with that linear trend taken out, the same on average over SFT's replies. The
+    length-debiased PPO reward (--ppo.length_debias), one remedy for a policy that wins by shortening."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    var = lengths.var()
+    slope = float(np.mean((scores - np.mean(scores)) * (lengths - lengths.mean())) / var) if var > 0 else 0.0
+    return slope, float(lengths.mean())
+
+
 # -----------------------------------------------------------------------------
 # the model: GPT trunk + scalar head read at the final EOS
 
@@ -85,6 +96,7 @@ class RewardModel(GPT):
         nn.init.normal_(self.head.weight, std=1 / math.sqrt(config.n_embd + 1))
         nn.init.zeros_(self.head.bias)
         self.reward_gain, self.reward_bias = 1.0, 0.0  # normalised score = gain * raw + bias (set after training)
+        self.length_coef, self.length_mean = 0.0, 0.0  # its linear trend in reply length (normalize_pm)
 
     def forward(self, idx, attention_mask=None, labels=None, objective="ranking", margin=0.0, center_coef=0.0):
         """Raw scores (B,) and, given labels (B,) (1 = chosen/good, 0 = rejected/bad), the loss.
@@ -106,6 +118,18 @@ class RewardModel(GPT):
         return rewards, ranking_loss(rewards[labels == 1], rewards[labels == 0], margin, center_coef)
 
 
+def reply_logprobs(gpt, idx, attention_mask, reply_mask):
+    """log p(reply | prompt) = sum over the reply tokens of log p(x_t | x_<t), (B,) fp32: the likelihood
+    the "lm" baseline scores by (its mean, lm_scores) and DPO's implicit reward is made of (its sum, dpo.py).
+    idx, attention_mask (B, T) right-padded prompt + reply rows, reply_mask (B, T) 1 on the reply tokens
+    (and EOS): a prompt or pad token never enters. Position t predicts token t + 1; the cross-entropy reads
+    the LM head's padded logits in place (GPT.padded_logits), with gradients when the caller wants them."""
+    B, T = idx.size()
+    logits = gpt.padded_logits(gpt.hidden_states(idx[:, :-1], attention_mask[:, :-1]))  # (B, T-1, V + pad)
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
+    return (logp.view(B, T - 1) * reply_mask[:, 1:]).sum(1)                                # (B,)
+
+
 @torch.no_grad()
 def lm_scores(gpt, idx, attention_mask, reply_mask):
     """The "lm" baseline's score: mean log-prob of the reply tokens under a language model.
@@ -113,10 +137,7 @@ def lm_scores(gpt, idx, attention_mask, reply_mask):
     Askell et al. 2021 compare PMs to scoring by the likelihood of an imitation-trained LM: here
     the SFT model, trained on chosen replies. idx, attention_mask, reply_mask (B, T) -> (B,).
     """
-    logits, _ = gpt(idx, attention_mask=attention_mask)                                 # (B, T, V)
-    logp = F.log_softmax(logits[:, :-1].float(), -1).gather(2, idx[:, 1:, None])[..., 0]  # (B, T-1)
-    m = reply_mask[:, 1:].float()                    # position t predicts token t+1
-    return (logp * m).sum(1) / m.sum(1).clamp(min=1)
+    return reply_logprobs(gpt, idx, attention_mask, reply_mask) / reply_mask[:, 1:].sum(1).clamp(min=1)
 
 
 def load_reward_model(path, device="cpu"):
@@ -128,6 +149,7 @@ def load_reward_model(path, device="cpu"):
     model = RewardModel(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.reward_gain, model.reward_bias = ckpt.get("reward_gain", 1.0), ckpt.get("reward_bias", 0.0)
+    model.length_coef, model.length_mean = ckpt.get("length_coef", 0.0), ckpt.get("length_mean", 0.0)
     return model.to(device).eval(), Tokenizer.from_state_dict(ckpt["tokenizer"]), ckpt
 
 
@@ -149,7 +171,8 @@ def encode_pairs(pairs, tok, block_size, max_reply_tokens):
 @torch.no_grad()
 def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None, dtype="auto"):
     """Raw scores (N,) numpy of token sequences, batched by similar length to waste little padding.
-    model is a RewardModel, or a GPT with reply_masks (the "lm" objective). The forwards run under
+    model is a RewardModel; or, with reply_masks, a GPT (the "lm" objective's mean log-prob) or a DPO policy
+    (its implicit reward, dpo.DPOPolicy). The forwards run under
     runtime.autocast(dtype): bf16 on CUDA by default; the scores themselves come out in fp32."""
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
@@ -159,43 +182,55 @@ def score_sequences(model, seqs, pad_id, batch_size, reply_masks=None, dtype="au
         rows = order[s:s + batch_size]
         idx, mask = pad_right([seqs[i] for i in rows], pad_id)                         # (b, T)
         with autocast(device.type, dtype):
-            if reply_masks is None:
-                scores = model(idx.to(device), mask.to(device))[0]
+            idx, mask = idx.to(device), mask.to(device)
+            rmask = None if reply_masks is None else pad_right([reply_masks[i] for i in rows], 0)[0].to(device)
+            if rmask is not None and type(model) is GPT:
+                scores = lm_scores(model, idx, mask, rmask)
             else:
-                rmask, _ = pad_right([reply_masks[i] for i in rows], 0)
-                scores = lm_scores(model, idx.to(device), mask.to(device), rmask.to(device))
+                scores = model(idx, mask)[0] if rmask is None else model(idx, mask, reply_mask=rmask)[0]
         out[rows] = scores.float().cpu().numpy()
     model.train(was_training)
     return out
 
 
 def score_pairs(model, examples, pad_id, batch_size, dtype="auto"):
-    """(r_chosen, r_rejected) numpy arrays for [(chosen_ids, rejected_ids)]."""
-    scores = score_sequences(model, [c for c, _ in examples] + [r for _, r in examples], pad_id, batch_size,
-                             dtype=dtype)
+    """(r_chosen, r_rejected) numpy arrays for [(chosen_ids, rejected_ids)], or for DPO's
+    [(chosen_ids, rejected_ids, prompt_length)] (a DPO policy's implicit rewards of the two replies)."""
+    seqs = [ex[0] for ex in examples] + [ex[1] for ex in examples]
+    masks = None
+    if examples and len(examples[0]) == 3:  # 1 from the prompt's end on: the reply and its EOS
+        masks = [[0] * ex[2] + [1] * (len(ex[i]) - ex[2]) for i in (0, 1) for ex in examples]
+    scores = score_sequences(model, seqs, pad_id, batch_size, masks, dtype)
     return scores[:len(examples)], scores[len(examples):]
 
 
 @torch.no_grad()
-def score_replies(reward_model, tok, prompts, replies, batch_size=32, dtype="auto"):
+def score_replies(reward_model, tok, prompts, replies, batch_size=32, dtype="auto", length_debias=False):
     """Normalised PM scores (N,) float tensor on the model's device, for PPO and best-of-n.
 
     prompts, replies: lists of token-id lists (a reply as the policy sampled it, without padding).
     A trailing EOS or "\\n\\nHuman:" stop sequence is dropped and exactly one EOS appended, so the
     score is read at an EOS as in training; the prompt is left-truncated to fit the context.
+    length_debias: minus the score's linear trend in reply length on SFT's samples (normalize_pm), so a
+    reply gains nothing by its length alone: a PM that learned "shorter wins" pays for no shortcut.
     """
     block = reward_model.config.block_size
-    seqs = [pm_example(list(p), strip_end(list(r), tok.eos_id, tok.stop_ids), tok, block, block)
-            for p, r in zip(prompts, replies)]
+    replies = [strip_end(list(r), tok.eos_id, tok.stop_ids) for r in replies]
+    seqs = [pm_example(list(p), r, tok, block, block) for p, r in zip(prompts, replies)]
     raw = torch.as_tensor(score_sequences(reward_model, seqs, tok.eos_id, batch_size, dtype=dtype), dtype=torch.float32)
-    return (reward_model.reward_gain * raw + reward_model.reward_bias).to(next(reward_model.parameters()).device)
+    scores = reward_model.reward_gain * raw + reward_model.reward_bias
+    if length_debias:
+        lengths = torch.tensor([len(r) for r in replies], dtype=torch.float32)
+        scores = scores - reward_model.length_coef * (lengths - reward_model.length_mean)
+    return scores.to(next(reward_model.parameters()).device)
 
 
-def pm_reward_fn(reward_model, tok, batch_size=64, dtype="auto"):
+def pm_reward_fn(reward_model, tok, batch_size=64, dtype="auto", length_debias=False):
     """reward_fn for ppo_step from a preference model: reward.score_replies, the PM's normalised score
     of query + reply + EOS read at that EOS (the input it was trained on). A trailing EOS or stop
     sequence is replaced by one EOS, so an unfinished reply is scored as it stands: the truncated reply."""
-    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size, dtype)
+    return lambda queries, responses: score_replies(reward_model, tok, queries, responses, batch_size, dtype,
+                                                    length_debias)
 
 
 def score_texts(reward_model, tok, prompts, replies, batch_size=32):
@@ -212,6 +247,8 @@ def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="
     if mode not in ("scale", "shift", "none"):
         raise ValueError(f"--rm.normalize must be scale, shift or none, got {mode!r}")
     model.reward_gain, model.reward_bias = 1.0, 0.0
+    raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size, dtype).cpu().numpy()
     if mode != "none":
-        raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size, dtype).cpu().numpy()
         model.reward_gain, model.reward_bias = fit_normalization(raw, scale=mode == "scale")
+    lengths = np.array([len(strip_end(list(r), tok.eos_id, tok.stop_ids)) for r in ref_replies], dtype=np.float64)
+    model.length_coef, model.length_mean = fit_length_trend(model.reward_gain * raw + model.reward_bias, lengths)

@@ -11,6 +11,7 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   rm        preference models PM-A and PM-B on disjoint halves of the comparisons      pm_a.pt, pm_b.pt
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
+  dpo       DPO from SFT on PM-A's half of the comparisons, no PM (and a beta sweep)       dpo.pt
   eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
 and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first),
 bench (speed figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from bench import run_bench
 from data import DataConfig, DataError
+from dpo import DPOConfig, run_dpo
 from evaluate import EvalConfig, run_eval
 from model import GPTConfig
 from plan import fmt_time, print_plan
@@ -72,6 +74,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     rs: RSConfig = field(default_factory=RSConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -112,6 +115,7 @@ PRESETS = {
         "rs.eval_batches": 2, "rs.log_interval": 2, "rs.warmup_steps": 2,
         "ppo.iterations": 3, "ppo.batch_size": 8, "ppo.minibatch_size": 4, "ppo.ppo_epochs": 2,
         "ppo.max_prompt_tokens": 96, "ppo.max_new_tokens": 24, "ppo.sample_every": 2, "ppo.save_every": 2,
+        "dpo.max_steps": 10, "dpo.eval_interval": 5,
         "eval.num_prompts": 8, "eval.n": 4, "eval.policy_samples": 2, "eval.num_examples": 2,
     },
     # the default without CUDA: <= 15 min on a 2-core CPU on the sample and on the full hh-rlhf alike, the numbers in
@@ -132,6 +136,7 @@ PRESETS = {
         "ppo.iterations": 16, "ppo.batch_size": 32, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 2,
         "ppo.lr": 1.5e-4, "ppo.kl_coef": 0.05, "ppo.max_prompt_tokens": 128, "ppo.max_new_tokens": 48,
         "ppo.share_trunk": True, "ppo.sample_every": 5, "ppo.save_every": 4,
+        "dpo.lr": 1e-4,  # one pass over half A, ~2 min a beta: a sweep (--dpo.betas=0.03,0.3) adds 2 min a value
         "eval.num_prompts": 48, "eval.n": 16, "eval.policy_samples": 4,
     },
     # the default with CUDA: OpenAI's GPT-2 (124M) weights, then every stage on the full hh-rlhf: <= 2 h on one
@@ -148,7 +153,7 @@ PRESETS = {
                     "sft.lr": 1e-4},
 }
 
-STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
+STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -260,8 +265,8 @@ def report_time(log, name, seconds, plan):
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
-    """Run one stage, or all of them in order. Under torchrun, pretrain, sft, rm, rs and ppo run
-    data-parallel (train.supervised_train, rm.train_pm, rs.run_rs, ppo.train_ppo); eval then
+    """Run one stage, or all of them in order. Under torchrun, pretrain, sft, rm, rs, ppo and dpo run
+    data-parallel (train.supervised_train, rm.train_pm, rs.run_rs, ppo.train_ppo, dpo.run_dpo); eval then
     goes on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
     if rank != 0:
@@ -278,7 +283,8 @@ def run(stage, cfg):
         "rm": lambda: train_reward_models(run, cfg.rm, cfg.ppo),  # the PMs are normalised at PPO's rollout shape
         "rs": lambda: run_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
         "ppo": lambda: train_ppo(run, cfg.ppo),
-        "eval": lambda: evaluate_pms(run, cfg.rm) if cfg.eval.pm_only else run_eval(run, cfg.eval, cfg.ppo),
+        "dpo": lambda: run_dpo(run, cfg.dpo, cfg.rm.split_halves),  # on the comparisons PM-A trained on
+        "eval": lambda: evaluate_pms(run, cfg.rm) if cfg.eval.pm_only else run_eval(run, cfg.eval, cfg.ppo, cfg.dpo),
         "plan": lambda: stage_plan(cfg),
         "bench": lambda: run_bench(cfg),
         "sample": lambda: stage_sample(run, cfg.sample),
@@ -286,12 +292,12 @@ def run(stage, cfg):
         "plot": lambda: stage_plot(cfg.out_dir),
         "export": lambda: stage_export(run, cfg.export, cfg.sample),
     }
-    order = ["pretrain", "sft", "rm", "rs", "ppo", "eval"] if stage == "all" else [stage]
+    order = ["pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval"] if stage == "all" else [stage]
     plan = None
     if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
         plan = stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
     for name in order:
-        if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo"):
+        if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo", "dpo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
             dist.destroy_process_group()  # the rest runs in one process
             world_size = 1

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import read_pairs, resolve_data_dir, split_halves, split_train_val
+from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPTConfig
 from pm_metrics import ci_str, evaluate_pms, pair_accuracy, update_eval_json, wilson_interval
 from reward import RewardModel, encode_pairs, load_reward_model, normalize_pm, pm_block, score_pairs, score_sequences
@@ -113,7 +113,7 @@ def pmp_pairs(pairs, seed):
 def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
     """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a
     resumed run sees the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]),
-    and labels (2B,). group_by_length: each run of `group` batches of the epoch's permutation is sorted
+    labels (2B,), and for DPO's (chosen, rejected, prompt_length) examples the reply mask (2B, T), else None. group_by_length: each run of `group` batches of the epoch's permutation is sorted
     by length and dealt out in a seeded order, so a batch holds pairs of similar length (a batch is as
     wide as its longest sequence: at 32 pairs of GPT-2 tokens on the full data, ~272 tokens wide instead of
     ~783, by `rlhf.py plan`) and each pair still comes once an epoch (the length-grouped sampler of fairseq
@@ -131,9 +131,16 @@ def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False,
         batch = [examples[i] for i in rows[k * batch_size:(k + 1) * batch_size]]
     else:
         batch = [examples[i] for i in batch_rows(len(examples), index, batch_size, seed)]
-    idx, mask = pad_right([c for c, _ in batch] + [r for _, r in batch], pad_id)   # (2B, T)
-    labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])          # (2B,)
-    return idx, mask, labels
+    idx, mask = pad_right([ex[0] for ex in batch] + [ex[1] for ex in batch], pad_id)  # (2B, T)
+    labels = torch.cat([torch.ones(len(batch)), torch.zeros(len(batch))])            # (2B,)
+    return idx, mask, labels, reply_mask(mask, [ex[2] for ex in batch] * 2) if len(batch[0]) == 3 else None
+
+
+def reply_mask(attention_mask, prompt_lengths):
+    """1 on the reply tokens (and EOS) of right-padded prompt + reply rows, 0 on prompt and padding: for DPO's
+    (chosen, rejected, prompt_length) examples (tokens.dpo_example). (B, T), [B] -> (B, T) long."""
+    start = torch.as_tensor(prompt_lengths)[:, None]                                   # (B, 1)
+    return attention_mask * (torch.arange(attention_mask.size(1)) >= start)
 
 
 # -----------------------------------------------------------------------------
@@ -236,13 +243,14 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
         lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels = pair_batch(data, i, rc.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
-                                       rc.group_by_length)
+        idx, mask, labels, replies = pair_batch(data, i, rc.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
+                                                rc.group_by_length)
         B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
         rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
         idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))
+        extra = () if replies is None else (replies[rows].to(device),)  # DPO's reply mask (dpo.DPOPolicy)
         with autocast(device.type, dtype):  # the forward only; the loss is fp32 (the head's output is)
-            _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef)
+            _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef, *extra)
         loss.backward()  # under DDP: gradients all-reduced (averaged over ranks) here
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
         optimizer.step()
@@ -382,9 +390,7 @@ def train_reward_models(run, rc, rollout):
     sft_path = os.path.join(run.out_dir, "sft.pt")
     policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
     data_dir = resolve_data_dir(run.data_dir or None)
-    pairs, _ = read_pairs(data_dir, "train", run.data)
-    train_pairs, val_pairs = split_train_val(pairs, run.data.val_frac)
-    halves = split_halves(train_pairs) if rc.split_halves else (train_pairs, train_pairs)
+    train_pairs, val_pairs, halves = train_comparisons(data_dir, run.data, rc.split_halves)
     enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)
     val_ex = enc(val_pairs)
     if rank == 0:
@@ -407,9 +413,11 @@ def train_reward_models(run, rc, rollout):
             normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype)
             save_checkpoint(path, model_checkpoint(
                 model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=run.seed, rng=rng_state(), done=True,
-                reward_gain=model.reward_gain, reward_bias=model.reward_bias, train_pairs=len(half), **info))
+                reward_gain=model.reward_gain, reward_bias=model.reward_bias, length_coef=model.length_coef,
+                length_mean=model.length_mean, train_pairs=len(half), **info))
             print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
                   f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
+                  f"{model.length_coef:+.4f} a reply token, "
                   f"{info['wall_s']:.0f}s -> {path}")
         barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
     extra = {}

@@ -152,11 +152,26 @@ def sft_example(prompt, reply, tok, block_size, max_reply_tokens):
     the LEFT, keeping its last turns, so that everything fits in block_size.
     prompt and reply may be strings or ids already encoded by tok."""
     assert block_size >= 2, "need room for a prompt token and a reply token"
-    reply_ids = _ids(reply, tok)
-    r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if len(reply_ids) <= max_reply_tokens else [])
-    r = r[:block_size - 1]  # keep at least one prompt token to condition on
+    r = _reply(reply, tok, block_size, max_reply_tokens)
     p = _ids(prompt, tok)[-(block_size - len(r)):]
     return p + r, [0] * len(p) + [1] * len(r)
+
+
+def _reply(reply, tok, block_size, max_reply_tokens):
+    """The reply's ids as a policy learns them: cut to max_reply_tokens, + EOS only if it was not cut,
+    and at most block_size - 1 tokens, so at least one prompt token is left to condition on."""
+    reply_ids = _ids(reply, tok)
+    r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if len(reply_ids) <= max_reply_tokens else [])
+    return r[:block_size - 1]
+
+
+def dpo_example(prompt, chosen, rejected, tok, block_size, max_reply_tokens):
+    """(chosen_ids, rejected_ids, prompt_length) for DPO: one prompt, left-truncated the same for both so
+    that both fit block_size, then each reply as sft_example makes it (EOS unless cut). DPO compares the
+    two replies' log-probabilities given the same context, summed from position prompt_length on."""
+    c, r = (_reply(x, tok, block_size, max_reply_tokens) for x in (chosen, rejected))
+    p = _ids(prompt, tok)[-(block_size - max(len(c), len(r))):]
+    return p + c, p + r, len(p)
 
 
 def pack_examples(examples, block_size, pad_id, seed=0):

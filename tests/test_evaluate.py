@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data import DataConfig, read_pairs
+from dpo import DPOConfig, run_dpo
 from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, run_eval
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
@@ -93,6 +94,39 @@ def test_win_rate_counts_ties_half():
     assert win_rate(policy, sft) == pytest.approx((1.5 + 3) / 8)
 
 
+def judged(quality, length_bias, policy_len, sft_len, seed=0):
+    """Synthetic PM-B scores for P prompts: quality (the policy's true edge) - length_bias * tokens + noise, for
+    k policy replies and n SFT replies a prompt -> (policy scores (P, k), SFT scores (P, n))."""
+    g = torch.Generator().manual_seed(seed)
+    noise = lambda x: torch.randn(x.shape, generator=g)  # noqa: E731
+    return quality - length_bias * policy_len + noise(policy_len), -length_bias * sft_len + noise(sft_len)
+
+
+def lengths(P, k, mean, seed):
+    return torch.randint(mean - 8, mean + 9, (P, k), generator=torch.Generator().manual_seed(seed)).float()
+
+
+def test_a_judge_that_only_prefers_shorter_replies_gives_an_lc_win_rate_of_one_half():
+    from evaluate import lc_win_rate, win_rate
+    policy_len, sft_len = lengths(400, 4, 12, 1), lengths(400, 8, 30, 2)  # the policy's replies are much shorter
+    policy, sft = judged(0.0, 0.1, policy_len, sft_len)
+    lc, coef = lc_win_rate(policy, sft, policy_len, sft_len)
+    assert win_rate(policy, sft) > 0.85      # raw: the shortcut looks like a big win
+    assert lc == pytest.approx(0.5, abs=0.03) and coef < 0
+
+
+def test_a_real_quality_edge_survives_length_control():
+    from evaluate import lc_win_rate, win_rate
+    policy_len, sft_len = lengths(400, 4, 30, 1), lengths(400, 8, 30, 2)  # same lengths: nothing to take out
+    policy, sft = judged(1.0, 0.1, policy_len, sft_len)
+    lc, _ = lc_win_rate(policy, sft, policy_len, sft_len)
+    assert lc > 0.7 and lc == pytest.approx(win_rate(policy, sft), abs=0.05)
+    short_len = lengths(400, 4, 12, 3)  # the same edge, now also shorter: LC keeps the edge, not the length
+    policy, sft = judged(1.0, 0.1, short_len, sft_len)
+    assert lc_win_rate(policy, sft, short_len, sft_len)[0] == pytest.approx(lc, abs=0.05)
+    assert win_rate(policy, sft) > lc + 0.1
+
+
 def test_ppo_frontier_reads_the_last_run(tmp_path):
     from evaluate import ppo_frontier
     rows = [{"stage": "ppo", "step": s, "ppo/kl": 9.0, "ppo/pm_a": 9.0, "ppo/pm_b": 9.0} for s in range(3)]  # old run
@@ -125,6 +159,7 @@ class RunConfig(Run):  # the shared values the stages get (runtime.Run), and the
         eval_batches=1, log_interval=1, warmup_steps=1))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         iterations=3, batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, save_every=2, sample_every=2))
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(max_steps=3, batch_size=4, eval_interval=2))
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(
         num_prompts=6, n=4, max_new_tokens=6, policy_samples=2, batch_size=16, num_examples=2))
 
@@ -161,11 +196,18 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert {"ppo/pm_a", "ppo/pm_b", "ppo/kl", "ppo/sqrt_kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
             "ppo/approx_kl", "ppo/vf_loss", "ppo/explained_var", "ppo/reply_len", "ppo/eos_rate"} <= set(ppo_rows[0])
     assert ppo_rows[0]["ppo/kl"] == pytest.approx(0, abs=1e-4)
-    ev = run_eval(cfg, cfg.eval, cfg.ppo)
+    run_dpo(cfg, cfg.dpo)
+    ck = load_checkpoint(os.path.join(out, "dpo.pt"))
+    assert ck["done"] and ck["beta"] == 0.1 and ck["steps"] == 3 and set(ck["model"]) == set(GPT(
+        GPTConfig(**ck["model_args"])).state_dict())  # a plain GPT's weights: the reference is not saved
+    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     saved = json.load(open(os.path.join(out, "eval.json")))
-    assert saved["pm"] == {"accuracy": 0.6} and set(saved["policies"]) == {"sft", "bon", "rs", "ppo"}
+    assert saved["pm"] == {"accuracy": 0.6} and set(saved["policies"]) == {"sft", "bon", "rs", "ppo", "dpo"}
+    assert saved["policies"]["dpo"]["beta"] == 0.1
     for p in saved["policies"].values():
-        assert {"pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "mean_reply_tokens"} <= set(p)
+        assert {"pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "lc_win_rate_vs_sft", "judge_length_coef",
+                "mean_reply_tokens"} <= set(p)
+        assert 0 <= p["lc_win_rate_vs_sft"] <= 1
     assert saved["policies"]["bon"]["n"] == 4 and saved["policies"]["bon"]["kl_analytic"] == pytest.approx(bon_kl(4))
     assert ev["policies"] == saved["policies"] and saved["temperature"] == 1.0
     for p in saved["policies"].values():
@@ -173,7 +215,7 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
         assert p["mean_reply_tokens"] <= 6 and p["temperature"] == 1.0
     assert saved["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     frontier = [json.loads(line) for line in open(os.path.join(out, "frontier.jsonl"))]
-    assert {"bon", "ppo"} <= {p["method"] for p in frontier}
+    assert {"bon", "ppo", "dpo_final"} <= {p["method"] for p in frontier}
     assert all({"method", "kl", "sqrt_kl", "pm_a", "pm_b"} <= set(p) for p in frontier)
     assert "| ppo |" in open(os.path.join(out, "report.md")).read()
     # done stages are skipped; --force reruns
@@ -238,7 +280,7 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     temperatures, real = [], GPT.generate
     monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    ev = run_eval(cfg, cfg.eval, cfg.ppo)
+    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     assert temperatures and set(temperatures) == {0.5}
     assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)

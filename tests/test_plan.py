@@ -46,6 +46,7 @@ def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
     ppo = stages["ppo"]
     assert (ppo["episodes"], ppo["minibatch_steps"]) == (3 * 8, 3 * 2 * (8 // 4))  # iterations x epochs x minibatches
     assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 2 * 2))
+    assert (stages["dpo"]["policies"], stages["dpo"]["steps"]) == (["dpo"], 10)  # tiny: dpo.max_steps 10, one beta
     # sampled token steps: one generate call of up to 24 tokens per batch (PPO: per iteration)
     assert [stages[s]["decode_steps"] for s in ("rm", "rs", "ppo", "eval")] == [
         math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24, (math.ceil(8 * 4 / 64) + 2 * math.ceil(8 * 2 / 64)) * 24]
@@ -58,7 +59,7 @@ def test_last_line_is_json_and_total_is_the_sum_of_the_stages(hh_dir, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     doc = json.loads(lines[-1])
     assert {"preset", "device", "stages", "total_seconds"} <= set(doc) and doc["preset"] == "tiny"
-    assert list(doc["stages"]) == ["pretrain", "sft", "rm", "rs", "ppo", "eval"]
+    assert list(doc["stages"]) == ["pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval"]
     assert doc["total_seconds"] == pytest.approx(sum(s["seconds"] for s in doc["stages"].values()), abs=0.05)
     for name in doc["stages"]:  # one table row per stage
         assert any(line.startswith(f"{name} ") for line in lines), name
@@ -91,11 +92,11 @@ def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_di
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):
     calls = []
-    for stage in ("stage_pretrain", "stage_sft", "train_reward_models", "run_rs", "train_ppo", "run_eval"):
+    for stage in ("stage_pretrain", "stage_sft", "train_reward_models", "run_rs", "train_ppo", "run_dpo", "run_eval"):
         monkeypatch.setattr(rlhf, stage, lambda *a, name=stage: calls.append((name, capsys.readouterr().out)))
     assert rlhf.main(["all", "--preset", "tiny", "--data_dir", hh_dir, "--out_dir", str(tmp_path)] + ARITHMETIC) == 0
     first, printed = calls[0]
-    assert first == "stage_pretrain" and len(calls) == 6
+    assert first == "stage_pretrain" and len(calls) == 7
     assert "preset tiny (--preset)" in printed and '"total_seconds"' in printed.strip().splitlines()[-1]
 
 

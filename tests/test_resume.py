@@ -18,11 +18,11 @@ from evaluate import ppo_frontier
 from runtime import load_checkpoint
 
 STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]), ("ppo", ["ppo"]),
-          ("eval", [])]
+          ("dpo", ["dpo"]), ("eval", [])]
 # small checkpoint intervals, so that a kill usually lands between two checkpoints; dropout on, as in the
 # cpu preset, so that resuming must restore the RNG and every stage that should run without dropout does
 FLAGS = ["--preset", "tiny", "--model.dropout=0.1", "--pretrain.eval_interval=10", "--sft.eval_interval=5",
-         "--rm.eval_interval=5", "--rm.save_interval=3",
+         "--rm.eval_interval=5", "--rm.save_interval=3", "--dpo.save_interval=3",
          "--ppo.save_every=1", "--sample.num_samples=1", "--threads=1"]
 
 

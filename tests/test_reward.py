@@ -150,6 +150,24 @@ def test_normalization_gives_mean0_std1_on_reference_replies():
     torch.testing.assert_close(again, torch.as_tensor(z[:2]), atol=1e-5, rtol=0)
 
 
+def test_the_length_debiased_score_has_no_trend_in_length_on_the_reference_replies():
+    """normalize_pm also fits the score's line in reply length on SFT's replies; with length_debias the reward is
+    the score minus that line: on those replies, uncorrelated with length and with the same mean (0)."""
+    pm, tok = tiny_pm(), SimpleNamespace(eos_id=0, stop_ids=[[3, 4]])
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 50, (6,), generator=g).tolist() for _ in range(40)]
+    replies = [torch.randint(5, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 20, (40,), generator=g)]
+    reward.normalize_pm(pm, tok, prompts, replies, "scale", batch_size=8)
+    lengths = np.array([len(r) for r in replies], dtype=np.float64)
+    z = reward.score_replies(pm, tok, prompts, replies, batch_size=8).numpy()
+    assert abs(np.corrcoef(z, lengths)[0, 1]) > 0.05 and pm.length_mean == pytest.approx(lengths.mean())
+    d = reward.score_replies(pm, tok, prompts, replies, batch_size=8, length_debias=True).numpy()
+    assert np.corrcoef(d, lengths)[0, 1] == pytest.approx(0.0, abs=1e-5) and d.mean() == pytest.approx(0.0, abs=1e-5)
+    torch.testing.assert_close(torch.as_tensor(d), torch.as_tensor(z - pm.length_coef * (lengths - lengths.mean()),
+                                                                   dtype=torch.float32),
+                               atol=1e-5, rtol=0)
+
+
 # --- data and the whole stage -----------------------------------------------------
 
 def marker_dir(root, n_train=200, n_test=60, seed=0):
@@ -427,7 +445,7 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     per_epoch = len(examples) // 8
 
     def batch_rows(i, group):  # the batch, and its pairs as (chosen length, rejected length)
-        idx, mask, _ = rm.pair_batch(examples, i, 8, seed=3, pad_id=0, group_by_length=group)
+        idx, mask, *_ = rm.pair_batch(examples, i, 8, seed=3, pad_id=0, group_by_length=group)
         n = mask.sum(1).tolist()
         return idx, list(zip(n[:8], n[8:]))
 
