@@ -193,7 +193,7 @@ def work_rm(cfg, d, gpt, act):
     width = float(np.mean([pair_batch(pairs, i, B, cfg.seed, 0, rc.group_by_length)[0].size(1)  # as train_pm pads
                            for i in range(max(1, len(pairs) // B))]))
     human = [pm_steps(rc, n) for n in d.halves]
-    steps = [n + (rc.pmp_steps if rc.pmp else 0) for n in human]
+    steps = [n + (rc.pmp_steps if rc.pmp or rc.pmp_dir else 0) for n in human]
     n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
     every = rc.eval_interval or auto_eval_interval(n_val, B)       # as train_pm validates
     vals = sum(math.ceil(n / every) for n in human) if n_val else 0

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from data import DataError, read_pairs, resolve_data_dir, split_halves, split_train_val
+from data import DataError, read_pairs, resolve_data_dir, train_comparisons
 from reward import encode_pairs, load_reward_model, pm_block, score_pairs
 from runtime import pick_device
 
@@ -157,9 +157,20 @@ def bag_of_tokens_baseline(train, val, test, lams=(1e-3, 1e-2, 0.1, 0.3, 1.0), m
             "features": len(vocab) + 1, "train_pairs": len(train)}
 
 
-def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
+def by_group(groups, a_c, a_r, b_c, b_r, length):
+    """{group: {n, accuracy (PM-A), heldout_pm_accuracy (PM-B), length_baseline}} over the test pairs of each
+    value of `groups` (one label a pair, e.g. its subset), in sorted order: does a PM hold up on every kind?"""
+    groups = np.asarray(groups)
+    return {str(g): {"n": int((groups == g).sum()), "accuracy": pair_accuracy(a_c[groups == g], a_r[groups == g]),
+                     "heldout_pm_accuracy": pair_accuracy(b_c[groups == g], b_r[groups == g]),
+                     "length_baseline": pair_accuracy(length[0][groups == g], length[1][groups == g])}
+            for g in sorted(set(groups.tolist()))}
+
+
+def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10, subsets=None):
     """Every PM metric of the eval.json "pm" section, from test-pair scores of PM-A and PM-B (raw)
-    and the reply lengths (tokens) and human-turn counts of the same pairs."""
+    and the reply lengths (tokens), human-turn counts and hh-rlhf subsets (harmless-base, helpful-base, ...)
+    of the same pairs."""
     n = len(a_c)
 
     def acc_ci(c, r):
@@ -178,12 +189,9 @@ def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10):
     longer = length[0] < length[1]  # pairs where "shorter wins" is wrong: did the PM learn more than length?
     out["accuracy_chosen_longer"] = {"n": int(longer.sum()), "accuracy": pair_accuracy(a_c[longer], a_r[longer]),
                                      "heldout_pm_accuracy": pair_accuracy(b_c[longer], b_r[longer])}
-    turns = np.minimum(np.asarray(n_turns), 4)
-    out["accuracy_by_turns"] = {
-        (f"{t}" if t < 4 else "4+"): {"n": int((turns == t).sum()), "accuracy": pair_accuracy(a_c[turns == t], a_r[turns == t]),
-                                     "heldout_pm_accuracy": pair_accuracy(b_c[turns == t], b_r[turns == t]),
-                                     "length_baseline": pair_accuracy(length[0][turns == t], length[1][turns == t])}
-        for t in sorted(set(turns.tolist()))}
+    out["accuracy_by_turns"] = by_group([str(t) if t < 4 else "4+" for t in n_turns], a_c, a_r, b_c, b_r, length)
+    if subsets is not None:
+        out["by_subset"] = by_group(subsets, a_c, a_r, b_c, b_r, length)
     out["calibration"], out["ece"] = calib(a_c, a_r)
     out["heldout_pm_calibration"], out["heldout_pm_ece"] = calib(b_c, b_r)
     out["score_kl_a_b"] = score_kl(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))
@@ -216,9 +224,10 @@ def format_report(pm):
             f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
             f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
             + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
-            + "\n  by human turns (n, PM-A, PM-B, length): " + ", ".join(
+            + "".join(f"\n  by {what} (n, PM-A, PM-B, length): " + ", ".join(
                 f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
-                for t, d in pm["accuracy_by_turns"].items()))
+                for t, d in pm[key].items()) for what, key in (("human turns", "accuracy_by_turns"), ("subset", "by_subset"))
+                      if key in pm))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,11 +266,10 @@ def evaluate_pms(run, rc, data_dir=None):
     b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, rc.eval_batch_size, run.dtype)
     test_replies = reply_pairs(pairs, tok)
     pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
-                   a_c, a_r, b_c, b_r)
+                   a_c, a_r, b_c, b_r, subsets=[p.subset for p in pairs])
     pm["data_dir"] = str(data_dir)
     try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
-        train_pairs, val_pairs = split_train_val(read_pairs(data_dir, "train", run.data)[0], run.data.val_frac)
-        half_a = split_halves(train_pairs)[0] if rc.split_halves else train_pairs
+        _, val_pairs, (half_a, _) = train_comparisons(data_dir, run.data, rc.split_halves)
         bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
         pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
                   bag_of_tokens_train_pairs=bow["train_pairs"])

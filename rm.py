@@ -58,6 +58,8 @@ class RMConfig:
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
+    pmp_dir: str = ""            # PMP on real preference data in hh-rlhf's layout (DIR/NAME/train.jsonl.gz rows of
+                                 # {"chosen", "rejected"}: StackExchange, Reddit, ...) instead of pmp_pairs'; implies pmp
     group_by_length: bool = False  # batches of pairs of similar length (pair_batch): far less padding on long data
     eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
                                  # 0 = auto_eval_interval: validation at most 10% of the training compute
@@ -108,6 +110,14 @@ def pmp_pairs(pairs, seed):
             if bad != reply:
                 out.append(type(p)(p.prompt, reply, bad, "pmp", p.n_turns))
     return out
+
+
+def pmp_data(run, rc, train_pairs):
+    """PMP's comparisons: every train pair of rc.pmp_dir when given (read as hh-rlhf is, every subset in it),
+    else the automatic ones of pmp_pairs; None without PMP."""
+    if rc.pmp_dir:
+        return read_pairs(rc.pmp_dir, "train", replace(run.data, max_pairs=0, subsets=""))[0]
+    return pmp_pairs(train_pairs, run.seed) if rc.pmp else None
 
 
 def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
@@ -328,7 +338,7 @@ def objective_ablation(run, rc, init, policy, tok, enc, pairs_a, val_ex, test_pa
             s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
             rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
-        if objective == rc.objective and not rc.pmp and rc.split_halves:  # the same run as PM-A: reuse it
+        if objective == rc.objective and not (rc.pmp or rc.pmp_dir) and rc.split_halves:  # PM-A itself: reuse it
             model, _, info = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
         else:
             set_seed(run.seed)
@@ -349,7 +359,8 @@ def pmp_study(run, rc, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs)
     train_ex, test_ex = enc(pairs_a), enc(test_pairs)
     set_seed(run.seed)
     trunk, _ = init_reward_model(init, device)
-    pmp_wall = train_pm(run, rc, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_pairs(train_pairs, run.seed)), name="pmp")["wall_s"]
+    pmp_wall = train_pm(run, rc, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_data(run, replace(rc, pmp=True), train_pairs)),
+                        name="pmp")["wall_s"]
     pmp_state = copy.deepcopy(trunk.state_dict())
     order = np.random.default_rng(run.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
     for use_pmp in (False, True):
@@ -395,7 +406,8 @@ def train_reward_models(run, rc, rollout):
     val_ex = enc(val_pairs)
     if rank == 0:
         print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
-              f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}{' + PMP' if rc.pmp else ''}")
+              f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}"
+              + (f" + PMP on {rc.pmp_dir or 'automatic comparisons'}" if rc.pmp or rc.pmp_dir else ""))
     log, ref = MetricsLog(run.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
         path = os.path.join(run.out_dir, f"{name}.pt")
@@ -403,7 +415,8 @@ def train_reward_models(run, rc, rollout):
             continue
         set_seed(run.seed + (name == "pm_b"))
         model, _ = init_reward_model(init, device)
-        pmp_ex = enc(pmp_pairs(train_pairs, run.seed)) if rc.pmp else None
+        pmp = pmp_data(run, rc, train_pairs)
+        pmp_ex = enc(pmp) if pmp else None
         info = train_pm(run, rc, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
         if rank == 0:
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs

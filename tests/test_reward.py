@@ -15,6 +15,7 @@ import reward
 import rm
 import runtime
 import tokens
+from data import read_pairs
 from ppo import PPOConfig
 
 torch.set_num_threads(1)  # tiny models: more threads only add contention on a shared 2-core box
@@ -170,7 +171,7 @@ def test_the_length_debiased_score_has_no_trend_in_length_on_the_reference_repli
 
 # --- data and the whole stage -----------------------------------------------------
 
-def marker_dir(root, n_train=200, n_test=60, seed=0):
+def marker_dir(root, n_train=200, n_test=60, seed=0, subset="harmless-base", flip=False):
     """hh-layout data where the chosen reply contains "please" and the rejected one does not;
     reply lengths are drawn independently, so length says nothing."""
     rng = np.random.default_rng(seed)
@@ -182,13 +183,30 @@ def marker_dir(root, n_train=200, n_test=60, seed=0):
             w[rng.integers(len(w))] = "please"
         return " ".join(w)
 
-    (root / "harmless-base").mkdir(parents=True)
+    (root / subset).mkdir(parents=True)
     for split, n in (("train", n_train), ("test", n_test)):
-        with gzip.open(root / "harmless-base" / f"{split}.jsonl.gz", "wt") as f:
+        with gzip.open(root / subset / f"{split}.jsonl.gz", "wt") as f:
             for i in range(n):
                 prompt = f"\n\nHuman: {split} question {i}?\n\nAssistant:"
-                f.write(json.dumps({"chosen": prompt + " " + reply(True), "rejected": prompt + " " + reply(False)}) + "\n")
+                good, bad = reply(True), reply(False)
+                f.write(json.dumps({"chosen": prompt + " " + (bad if flip else good),
+                                    "rejected": prompt + " " + (good if flip else bad)}) + "\n")
     return str(root)
+
+
+def test_pmp_reads_real_comparisons_from_pmp_dir_when_given(tmp_path):
+    """--rm.pmp_dir: PMP on another corpus of comparisons in hh-rlhf's layout (every subset in it), instead of
+    the automatic ones; a directory without that layout is one line naming it (data.DataError)."""
+    from data import DataConfig, DataError, read_pairs
+    run = SimpleNamespace(seed=0, data=DataConfig(subsets="harmless-base"))
+    pmp_dir = marker_dir(tmp_path / "se", n_train=30, n_test=1, subset="stackexchange")
+    pairs = rm.pmp_data(run, rm.RMConfig(pmp_dir=pmp_dir), [])
+    assert pairs == read_pairs(pmp_dir, "train", DataConfig())[0] and len(pairs) == 30
+    train, _ = read_pairs(marker_dir(tmp_path / "hh"), "train", DataConfig())
+    auto = rm.pmp_data(run, rm.RMConfig(pmp=True), train)
+    assert auto == rm.pmp_pairs(train, 0) and rm.pmp_data(run, rm.RMConfig(), train) is None
+    with pytest.raises(DataError, match="nope"):
+        rm.pmp_data(run, rm.RMConfig(pmp_dir=str(tmp_path / "nope")), train)
 
 
 def test_halves_disjoint_and_deterministic(tmp_path):
@@ -257,9 +275,21 @@ def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     doc["policies"] = {"sft": {"pm_a": 0.1}}
     json.dump(doc, open(path, "w"))
     other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
+    marker_dir(tmp_path / "other", n_train=2, n_test=12, seed=2, subset="helpful-base", flip=True)  # "please" loses
     pm = pm_metrics.evaluate_pms(cfg, cfg.rm, other)                          # no training: just score the other test split
     doc = json.load(open(path))
-    assert pm["test_pairs"] == 30 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
+    assert pm["test_pairs"] == 42 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
+    # by subset: n, and each PM's accuracy, counted by hand from its scores of that subset's pairs alone
+    pairs, _ = read_pairs(other, "test", cfg.data)
+    pm_a, tok, _ = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
+    assert list(pm["by_subset"]) == ["harmless-base", "helpful-base"]
+    for subset, n in (("harmless-base", 30), ("helpful-base", 12)):
+        ex = reward.encode_pairs([p for p in pairs if p.subset == subset], tok, reward.pm_block(pm_a, cfg.data),
+                                 cfg.data.max_reply_tokens)
+        r_c, r_r = reward.score_pairs(pm_a, ex, tok.eos_id, 8)
+        row = pm["by_subset"][subset]
+        assert row["n"] == n and row["accuracy"] == pytest.approx(np.mean(r_c > r_r))
+    assert pm["by_subset"]["harmless-base"]["accuracy"] > 0.8 > 0.2 > pm["by_subset"]["helpful-base"]["accuracy"]
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
