@@ -10,6 +10,7 @@ plot.py: the figures of a run, drawn from the files the stages already write (no
   frontier.png        reward vs sqrt(KL) for best-of-n and PPO with the fitted curves (frontier.jsonl and
                       eval.json "frontier_fits")
   policies.png        PM-A / PM-B reward and win rate vs SFT, raw and length-controlled, of every policy (eval.json)
+  pm_size_study.png   PM accuracy and PM-A/PM-B score KL vs trunk size (pm_size_study.json, rm --rm.size_study=true)
 
 A figure whose data is missing is skipped with a note, so any partial out_dir works. matplotlib is an
 optional extra (`pip install matplotlib`), imported only when make_plots runs.
@@ -266,6 +267,27 @@ def plot_policies(policies, path):
     return True
 
 
+def plot_size_study(rows, path):
+    """PM size vs robustness (pm_size_study.json): PM-A and PM-B test accuracy, and the KL between their score
+    distributions, against trunk parameters (log scale). The HH paper: the KL falls as the PMs grow."""
+    if not rows:
+        return False
+    fig, (ax_a, ax_k) = new_figure((7, 3.2), 1, 2)
+    params = [r["params"] for r in rows]
+    for key, label, color in (("accuracy", "PM-A", "C0"), ("heldout_pm_accuracy", "PM-B", "C1")):
+        ci = [r.get(f"{key}_ci", [r[key], r[key]]) for r in rows]
+        ax_a.errorbar(params, [r[key] for r in rows], yerr=[[r[key] - c[0] for r, c in zip(rows, ci)],
+                      [c[1] - r[key] for r, c in zip(rows, ci)]], fmt="o-", color=color, label=label, capsize=3)
+    ax_a.set(xscale="log", xlabel="trunk parameters", ylabel="test accuracy", title="accuracy (95% CI)")
+    ax_a.legend()
+    ax_k.plot(params, [r["score_kl_a_b"] for r in rows], "s-", color="C2")
+    for r in rows:
+        ax_k.annotate(r["size"], (r["params"], r["score_kl_a_b"]), xytext=(3, 3), textcoords="offset points")
+    ax_k.set(xscale="log", xlabel="trunk parameters", ylabel="KL(A || B), nats", title="PM-A vs PM-B score KL")
+    save_png(fig, path)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 
 def make_plots(out_dir, fig_dir=None):
@@ -288,6 +310,8 @@ def make_plots(out_dir, fig_dir=None):
         ("frontier.png", "frontier.jsonl", lambda p: plot_frontier(
             read_jsonl(os.path.join(out_dir, "frontier.jsonl")), ev.get("frontier_fits") or {}, p)),
         ("policies.png", 'eval.json "policies"', lambda p: plot_policies(policies, p)),
+        ("pm_size_study.png", "pm_size_study.json", lambda p: plot_size_study(
+            read_json(os.path.join(out_dir, "pm_size_study.json")) or [], p)),
     ]
     style = {"axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 9, "axes.labelsize": 8, "font.size": 7,
              "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}

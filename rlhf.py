@@ -37,6 +37,7 @@ from evaluate import EvalConfig, run_eval
 from model import GPTConfig
 from plan import fmt_time, print_plan
 from pm_metrics import evaluate_pms
+from pm_studies import run_studies
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
@@ -262,6 +263,12 @@ def report_time(log, name, seconds, plan):
     log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
 
 
+def stage_rm(run, cfg):
+    """PM-A and PM-B (normalised at PPO's rollout shape), then the studies --rm.* asks for (pm_studies.py)."""
+    train_reward_models(run, cfg.rm, cfg.ppo)
+    run_studies(run, cfg.rm, cfg.pretrain, cfg.model)
+
+
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
@@ -280,7 +287,7 @@ def run(stage, cfg):
     steps = {
         "pretrain": lambda: stage_pretrain(run, cfg.pretrain, cfg.model, cfg.sample, log),
         "sft": lambda: stage_sft(run, cfg.sft, cfg.sample, log),
-        "rm": lambda: train_reward_models(run, cfg.rm, cfg.ppo),  # the PMs are normalised at PPO's rollout shape
+        "rm": lambda: stage_rm(run, cfg),
         "rs": lambda: run_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
         "ppo": lambda: train_ppo(run, cfg.ppo),
         "dpo": lambda: run_dpo(run, cfg.dpo, cfg.rm.split_halves),  # on the comparisons PM-A trained on

@@ -3,11 +3,10 @@ Stage `rm`: preference models PM-A and PM-B, each trained on a disjoint half of 
 (the PM itself, its losses and scoring are reward.py). PM-A is the reward for rejection sampling and
 PPO; PM-B is a held-out judge of the policies PM-A trained (Bai et al. 2022, sec. 4.5). The numbers
 reported about the PMs (accuracy, calibration, A-vs-B robustness) are plain numpy functions of their
-scores, in pm_metrics.py.
+scores, in pm_metrics.py; the studies that train more PMs (objectives, PMP, helpful vs harmless, size) are in
+pm_studies.py.
 
     python rlhf.py rm --preset=cpu                     # pm_a.pt, pm_b.pt, eval.json["pm"]
-    python rlhf.py rm --preset=cpu --rm.ablation=true  # ranking vs binary vs lm table
-    python rlhf.py rm --preset=cpu --rm.pmp_study=true # accuracy vs #pairs, with/without PMP
 
 References:
 - Bai et al. 2022, "Training a Helpful and Harmless Assistant with RLHF", arXiv:2204.05862: PM
@@ -15,7 +14,6 @@ References:
 - Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", arXiv:2112.00861:
   ranked vs binary preference modeling vs imitation (LM), and preference-model pretraining (PMP).
 """
-import copy
 import math
 import os
 import re
@@ -29,12 +27,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPTConfig
-from pm_metrics import ci_str, evaluate_pms, pair_accuracy, update_eval_json, wilson_interval
-from reward import RewardModel, encode_pairs, load_reward_model, normalize_pm, pm_block, score_pairs, score_sequences
+from pm_metrics import evaluate_pms, pair_accuracy
+from reward import RewardModel, encode_pairs, normalize_pm, pm_block, score_pairs
 from runtime import (MetricsLog, autocast, barrier, batch_rows, dist_info, epoch_permutation, load_model,
                      model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done)
 from sampling import sample_replies
-from tokens import pad_right, prompt_ids, sft_example
+from tokens import pad_right, prompt_ids
 from train import lr_at
 
 
@@ -72,8 +70,13 @@ class RMConfig:
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 512 # SFT samples (train prompts, PPO's shapes and temperature) that fit gain and bias;
                                  # the fitted mean is off by ~1/sqrt(this) SFT standard deviations
+    # the studies (pm_studies.py), each one table after the PMs
     ablation: bool = False       # also train binary and score lm on half A: one table of objectives
     pmp_study: bool = False      # accuracy with 25/50/100% of half A, with and without PMP: one table
+    hh_study: bool = False       # PMs on helpful only, harmless only, and a mix: each one's accuracy on each subset
+    size_study: bool = False     # PM-A/PM-B pairs at growing trunk sizes: accuracy, score KL A||B -> pm_size_study.json
+    size_study_sizes: str = "1x64,2x128,4x192"  # trunks, LAYERSxWIDTH (pretrained here) or GPT-2 names (gpt2, ...)
+    size_study_steps: int = 150  # pretraining steps of each LAYERSxWIDTH trunk (the pretrain section's other settings)
 
 
 # -----------------------------------------------------------------------------
@@ -310,87 +313,24 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
 
 
 # -----------------------------------------------------------------------------
-# the studies: PM objectives, and PMP against the number of human comparisons
-
-def print_table(title, header, rows):
-    """Print a markdown table (easy to paste into report.md); rank 0 alone under torchrun."""
-    if dist_info()[0] == 0:
-        print("\n".join([f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                        + ["| " + " | ".join(str(x) for x in r) + " |" for r in rows]))
-
-
-def accuracy_row(name, r_c, r_r, wall_s, **extra):
-    acc = pair_accuracy(r_c, r_r)
-    return {"name": name, "accuracy": acc, "accuracy_ci": list(wilson_interval(acc * len(r_c), len(r_c))),
-            "wall_s": round(wall_s, 1), **extra}
-
-
-def objective_ablation(run, rc, init, policy, tok, enc, pairs_a, val_ex, test_pairs):
-    """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
-    accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
-    time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
-    device, rows, dtype = next(policy.parameters()).device, [], run.dtype
-    train_ex, test_ex, block = enc(pairs_a), enc(test_pairs), pm_block(policy, run.data)
-    for objective in ("ranking", "binary", "lm"):
-        t0 = time.time()
-        if objective == "lm":
-            ex = [sft_example(p.prompt, r, tok, block, run.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
-            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
-            rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
-            continue
-        if objective == rc.objective and not (rc.pmp or rc.pmp_dir) and rc.split_halves:  # PM-A itself: reuse it
-            model, _, info = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
-        else:
-            set_seed(run.seed)
-            model, _ = init_reward_model(init, device)
-            info = train_pm(run, rc, model, tok, train_ex, val_ex, objective, name=f"ablation_{objective}")
-        scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
-        rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
-    print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
-                ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
-    return rows
-
-
-def pmp_study(run, rc, init, tok, enc, pairs_a, train_pairs, val_ex, test_pairs):
-    """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
-    et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
-    start every "with PMP" run; "wall s" is the human-pair phase only."""
-    device, rows, dtype = pick_device(run.device), [], run.dtype
-    train_ex, test_ex = enc(pairs_a), enc(test_pairs)
-    set_seed(run.seed)
-    trunk, _ = init_reward_model(init, device)
-    pmp_wall = train_pm(run, rc, trunk, tok, [], [], "ranking", pmp_ex=enc(pmp_data(run, replace(rc, pmp=True), train_pairs)),
-                        name="pmp")["wall_s"]
-    pmp_state = copy.deepcopy(trunk.state_dict())
-    order = np.random.default_rng(run.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
-    for use_pmp in (False, True):
-        for frac in (0.25, 0.5, 1.0):
-            subset = [train_ex[i] for i in order[:int(frac * len(train_ex))]]
-            set_seed(run.seed)
-            model, _ = init_reward_model(init, device)
-            if use_pmp:
-                model.load_state_dict(pmp_state)
-            info = train_pm(run, rc, model, tok, subset, val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
-            scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
-            rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
-                                 info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
-    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
-                ["human pairs", "no PMP", "with PMP"],
-                [[r["pairs"], f"{ci_str(r['accuracy'], r['accuracy_ci'])} ({r['wall_s']:.0f}s)",
-                  f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"] for r, p in zip(rows[:3], rows[3:])])
-    return {"pmp_steps": rc.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
-
-
-# -----------------------------------------------------------------------------
 # the stage: PM-A and PM-B, then the optional studies, then the test-set evaluation
 
-def train_reward_models(run, rc, rollout):
-    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
-    normalised on replies sampled from the SFT policy; then the objective / PMP tables if asked; then
-    the test-set evaluation (evaluate_pms). A finished PM is skipped unless run.force.
-    Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
-    the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    (rank, _), dtype = dist_info(), run.dtype
+@dataclass
+class PMInputs:
+    """What the rm stage and the PM studies (pm_studies.py) start from."""
+    device: str
+    init: str            # the trunk's checkpoint: out_dir/sft.pt or base.pt (--rm.init)
+    policy: object       # the SFT policy (the base LM before SFT exists): samples to normalise on, the lm baseline
+    tok: object
+    train_pairs: list
+    val_pairs: list
+    halves: tuple        # (half A, half B) of train_pairs (data.train_comparisons)
+    enc: object          # pairs -> [(chosen_ids, rejected_ids)] as the PM reads them (reward.encode_pairs)
+    val_ex: list
+
+
+def pm_inputs(run, rc):
+    """Check rc's choices, then read the model and data every PM of a run trains from (PMInputs)."""
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
@@ -400,10 +340,20 @@ def train_reward_models(run, rc, rollout):
     init = os.path.join(run.out_dir, f"{rc.init}.pt")
     sft_path = os.path.join(run.out_dir, "sft.pt")
     policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
-    data_dir = resolve_data_dir(run.data_dir or None)
-    train_pairs, val_pairs, halves = train_comparisons(data_dir, run.data, rc.split_halves)
-    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)
-    val_ex = enc(val_pairs)
+    train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rc.split_halves)
+    enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)  # noqa: E731
+    return PMInputs(device, init, policy, tok, train_pairs, val_pairs, halves, enc, enc(val_pairs))
+
+
+def train_reward_models(run, rc, rollout):
+    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
+    normalised on replies sampled from the SFT policy; then the test-set evaluation (evaluate_pms). The
+    studies that train more PMs (--rm.ablation, pmp_study, hh_study, size_study) are pm_studies.py's. A finished PM is skipped unless run.force.
+    Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
+    the evaluation are rank 0's, and the other ranks wait at a barrier."""
+    (rank, _), dtype, inp = dist_info(), run.dtype, pm_inputs(run, rc)
+    init, policy, tok, train_pairs, halves, enc, val_ex = (inp.init, inp.policy, inp.tok, inp.train_pairs, inp.halves,
+                                                           inp.enc, inp.val_ex)
     if rank == 0:
         print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
               f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}"
@@ -414,7 +364,7 @@ def train_reward_models(run, rc, rollout):
         if stage_done(path, run.force, "rm"):  # all ranks skip or train this PM together
             continue
         set_seed(run.seed + (name == "pm_b"))
-        model, _ = init_reward_model(init, device)
+        model, _ = init_reward_model(init, inp.device)
         pmp = pmp_data(run, rc, train_pairs)
         pmp_ex = enc(pmp) if pmp else None
         info = train_pm(run, rc, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
@@ -433,15 +383,6 @@ def train_reward_models(run, rc, rollout):
                   f"{model.length_coef:+.4f} a reply token, "
                   f"{info['wall_s']:.0f}s -> {path}")
         barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
-    extra = {}
-    if rc.ablation or rc.pmp_study:
-        test_pairs, _ = read_pairs(data_dir, "test", run.data)
-        if rc.ablation:
-            extra["objectives"] = objective_ablation(run, rc, init, policy, tok, enc, halves[0], val_ex, test_pairs)
-        if rc.pmp_study:
-            extra["pmp_study"] = pmp_study(run, rc, init, tok, enc, halves[0], train_pairs, val_ex, test_pairs)
-        if rank == 0:
-            update_eval_json(run.out_dir, extra)
     if rank == 0:
         evaluate_pms(run, rc)
     barrier()  # the other ranks wait for the evaluation
