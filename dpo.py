@@ -32,7 +32,7 @@ from data import resolve_data_dir, train_comparisons
 from model import GPT, disable_dropout
 from reward import ranking_loss, reply_logprobs
 from rm import RMConfig, train_pm
-from runtime import (ConfigError, MetricsLog, barrier, dist_info, load_model, model_checkpoint, pick_device, rng_state,
+from runtime import (ConfigError, MetricsLog, barrier, dist_info, initial_policy, load_model, model_checkpoint, pick_device, rng_state,
                      save_checkpoint, set_seed, stage_done)
 from tokens import dpo_example, tokenize_pairs
 
@@ -122,12 +122,12 @@ def pm_config(dc):
 
 
 def run_dpo(run, dc, split_halves=True):
-    """Stage dpo: for each beta (betas), a DPOPolicy initialised from sft.pt with sft.pt as its reference,
+    """Stage dpo: for each beta (betas), a DPOPolicy initialised from sft.pt (or cd.pt: --policy_init), its reference,
     trained by rm.train_pm on half A's comparisons (all of train with split_halves=False, as PM-A) and
     validated on the val pairs by the DPO loss -> out_dir/dpo.pt (and dpo_beta{b}.pt). Finished ones are
     skipped unless run.force; an unfinished one resumes. Under torchrun, data-parallel as a PM is."""
     device, rank, rc = pick_device(run.device), dist_info()[0], pm_config(dc)
-    sft_path = os.path.join(run.out_dir, "sft.pt")
+    sft_path = initial_policy(run)  # the SFT policy (or the CD one: --policy_init), trained and the reference
     train_ex = val_ex = None  # read once, only if some beta is still to train
     for name, beta in betas(dc):
         path = os.path.join(run.out_dir, f"{name}.pt")

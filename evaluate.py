@@ -198,7 +198,7 @@ def write_report(path, ev, examples):
 
 
 def run_eval(run, ec, rollout, dc):
-    """Stage `eval`: sft, best-of-n, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
+    """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
     SFT gets n samples per prompt: their mean is the SFT row and their PM-A maxima are best-of-n for
@@ -217,7 +217,7 @@ def run_eval(run, ec, rollout, dc):
     max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
-    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | rs, ppo, dpo x{k}")
+    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | cd, rs, ppo, dpo x{k}")
     gen = torch.Generator(device=device).manual_seed(run.seed + 2)
     T = rl_temperature(out, rollout)
 
@@ -229,7 +229,10 @@ def run_eval(run, ec, rollout, dc):
     lengths = {"sft": torch.tensor([len(r) for r in replies["sft"]], dtype=torch.float).view(P, n)}
     kl = {"sft": 0.0}
     notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
-             f"tokens; SFT and best-of-n from {n} SFT samples per prompt, rs/ppo from {ec.policy_samples} per prompt."]
+             f"tokens; SFT and best-of-n from {n} SFT samples per prompt, the others from {ec.policy_samples} per prompt."]
+    if run.policy_init != "sft":
+        notes.append(f"rs, ppo and dpo started from {run.policy_init}.pt (--policy_init), and the PMs' trunks too; "
+                     "KL and win rates are still measured against SFT")
 
     # 2. best-of-n: PM-A picks among the SFT samples; the unbiased estimator gives every n <= N
     bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(a["sft"], a["sft"], k).mean().item(),
@@ -240,9 +243,9 @@ def run_eval(run, ec, rollout, dc):
     a["bon"], b["bon"], lengths["bon"], kl["bon"] = pick(a["sft"]), pick(b["sft"]), pick(lengths["sft"]), bon_kl(n)
     replies["bon"] = [replies["sft"][p * n + j] for p, j in enumerate(best.tolist())]
 
-    # 3. rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
+    # 3. cd, rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
     beta = {}
-    for name in ("rs", "ppo", *[n for n, _ in betas(dc)]):
+    for name in ("cd", "rs", "ppo", *[n for n, _ in betas(dc)]):
         path = os.path.join(out, f"{name}.pt")
         if not os.path.exists(path):
             notes.append(f"{name}: skipped ({path} not found; run `python rlhf.py {name.split('_')[0]}` first)")

@@ -37,6 +37,7 @@ import torch
 
 import bench
 import dpo
+from cd import cd_examples, read_prompt
 from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPT
 from ppo import prompt_batch
@@ -212,6 +213,23 @@ def work_rm(cfg, d, gpt, act):
             "memory": memory_bytes(gpt, act, 1, [(2 * B, width, False)])}
 
 
+def work_cd(cfg, d, gpt, act):
+    """Context distillation (cd.stage_cd): supervised_train's work on the dialogues, cut to leave room for the
+    HHH prompt, plus the frozen teacher's forward pass over prompt + dialogue for every row, trained or validated."""
+    cc, T = cfg.cd, cfg.model.block_size
+    L = len(read_prompt(cc, d.tok, T)[0])
+    ex = cd_examples([x[:2] for x in d.ids], d.tok, T - L + 1)
+    width = batch_width([len(e[0]) - 1 for e in ex], cc.batch_size, cfg.seed)
+    w = lm_work(gpt, cc, width, d.train, round(d.val), "train")
+    w["flops"]["forward"] *= 1 + (width + L) / width  # validation: the student's and the teacher's forward
+    w["flops"]["forward"] += w["tokens"] * (width + L) / width * fpt(gpt, width + L) / 3  # the teacher, training
+    w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens of dialogue, the teacher reading the "
+                   f"{L}-token HHH prompt first: {w['passes']} passes over {d.train:,} dialogues"),
+             tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
+             memory=memory_bytes(gpt, act, 1, [(cc.batch_size, width, True)]))
+    return w
+
+
 def work_dpo(cfg, d, gpt, act):
     """One DPO policy per beta (dpo.betas), each trained like a PM on half A (rm.train_pm): a step trains the
     policy on B pairs (2B rows) with the LM head, and the frozen reference runs forward on the same rows."""
@@ -272,19 +290,21 @@ def work_ppo(cfg, d, gpt, act):
 
 
 def work_eval(cfg, d, gpt, act):
-    """Test prompts: n SFT samples each (best-of-n) and policy_samples from RS and PPO, every sample scored
-    by PM-A and PM-B; the KL of RS and PPO to SFT from both models' log-probs (evaluate.run_eval)."""
+    """Test prompts: n SFT samples each (best-of-n) and policy_samples from cd, RS, PPO and each DPO beta, every
+    sample scored by PM-A and PM-B; each policy's KL to SFT from both models' log-probs (evaluate.run_eval)."""
     ec = cfg.eval
     N = ec.max_new_tokens or cfg.ppo.max_new_tokens
     lens = [len(x) for x in sampled_prompts(cfg, d, N)]  # train prompts stand in for the test prompts' lengths
     prompts, k = min(d.test_prompts, ec.num_prompts or d.test_prompts), ec.policy_samples
-    samples, q = prompts * (ec.n + 2 * k), batch_width(lens, max(1, ec.batch_size // ec.n), cfg.seed)
-    scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 4 * prompts * k * fpt(gpt, q + N))
-    return {"what": (f"{prompts:,} test prompts x ({ec.n} SFT + {k} RS + {k} PPO) samples of <= {N} tokens = "
-                     f"{samples:,}, each scored by PM-A and PM-B; the KL of RS and PPO to SFT"),
+    policies = ["cd", "rs", "ppo"] + [name for name, _ in dpo.betas(cfg.dpo)]
+    P = len(policies)
+    samples, q = prompts * (ec.n + P * k), batch_width(lens, max(1, ec.batch_size // ec.n), cfg.seed)
+    scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 2 * P * prompts * k * fpt(gpt, q + N))
+    return {"what": (f"{prompts:,} test prompts x ({ec.n} SFT + {k} each from {', '.join(policies)}) samples of "
+                     f"<= {N} tokens = {samples:,}, each scored by PM-A and PM-B; each policy's KL to SFT"),
             "prompts": prompts, "samples": samples,
             "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
-            "decode": (math.ceil(prompts * ec.n / ec.batch_size) + 2 * math.ceil(prompts * k / ec.batch_size)) * N,
+            "decode": (math.ceil(prompts * ec.n / ec.batch_size) + P * math.ceil(prompts * k / ec.batch_size)) * N,
             "tokenize": d.test_prompts * d.mean[0], "memory": memory_bytes(gpt, act, 4, kv=(ec.batch_size, q + N))}
 
 
@@ -384,7 +404,7 @@ def make_plan(cfg, repeats=2):
     rates, device, basis = rates or device_rates(cfg, d, gpt, repeats)
     bf16 = cfg.plan.gpu or cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and pick_device(cfg.device) == "cuda")
     act = 2 if bf16 else 4  # bytes of an activation
-    stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act),
+    stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act), "cd": work_cd(cfg, d, gpt, act),
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
               "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
     for s in stages.values():

@@ -25,7 +25,7 @@ import json
 import math
 import os
 
-POLICY_ORDER = ["sft", "bon", "rs", "ppo", "dpo"]
+POLICY_ORDER = ["sft", "cd", "bon", "rs", "ppo", "dpo"]
 
 
 def read_json(path):

@@ -32,8 +32,8 @@ from actor_critic import build_critic, forward_policy, logprobs_from_logits, rol
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
 from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows, dist_info,
-                     load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state, save_checkpoint,
-                     set_seed, stage_done, token_share)
+                     initial_policy, load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state,
+                     save_checkpoint, set_seed, stage_done, token_share)
 from sampling import reply_ended, rl_prompts
 from tokens import pad_left
 
@@ -339,13 +339,12 @@ def prompt_batch(prompts, index, batch_size, seed, pad_id):
     return pad_left([prompts[i][1] for i in batch_rows(len(prompts), index, batch_size, seed)], pad_id)
 
 
-def load_models(out, pc, device):
-    """The SFT policy (trained), its frozen copy (the reference), PM-A (the reward, frozen), PM-B (the
-    held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head), or PM-A's
-    head on the policy's trunk (pc.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
-    sft_path = os.path.join(out, "sft.pt")
-    policy, tok, _ = load_model(sft_path, device)
-    ref_policy, _, _ = load_model(sft_path, device)
+def load_models(out, init_path, pc, device):
+    """The initial policy (init_path: SFT, or CD; trained), its frozen copy (the reference), PM-A (the reward,
+    frozen), PM-B (the held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head),
+    or PM-A's head on the policy's trunk (pc.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
+    policy, tok, _ = load_model(init_path, device)
+    ref_policy, _, _ = load_model(init_path, device)
     disable_dropout(policy)
     disable_dropout(ref_policy.requires_grad_(False))
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
@@ -392,7 +391,7 @@ def train_ppo(run, pc):
     local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
     device = pick_device(run.device)
     set_seed(run.seed)
-    policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, pc, device)
+    policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, initial_policy(run), pc, device)
     if pc.length_debias and not pm_a.length_mean:
         raise ConfigError(f"--ppo.length_debias: {os.path.join(out, 'pm_a.pt')} has no length trend (it was written "
                           "before PMs stored one); rerun `python rlhf.py rm --force`")

@@ -8,6 +8,7 @@ rlhf.py: the one script that runs the whole HH-RLHF flow, stage by stage.
 Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once done unless --force):
   pretrain  base LM on hh-rlhf dialogue text, or OpenAI GPT-2 weights (the gpu presets)  base.pt
   sft       imitate the chosen replies, loss on reply tokens only                         sft.pt
+  cd        context distillation: the base LM with an HHH prompt, distilled into its weights cd.pt
   rm        preference models PM-A and PM-B on disjoint halves of the comparisons      pm_a.pt, pm_b.pt
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bench import run_bench
+from cd import CDConfig, stage_cd
 from data import DataConfig, DataError
 from dpo import DPOConfig, run_dpo
 from evaluate import EvalConfig, run_eval
@@ -68,10 +70,12 @@ class Config:
     compile: bool = False        # torch.compile the model (GPU)
     threads: int = 0             # torch CPU threads (0 = torch's default)
     force: bool = False          # rerun a stage even if its checkpoint is marked done
+    policy_init: str = "sft"     # the initial policy of RS, PPO, DPO and the PMs' trunk: sft, or cd (context distilled)
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=6e-4, max_steps=2000, keep_best=True))
     sft: LMTrainConfig = field(default_factory=lambda: LMTrainConfig(lr=1e-4, max_steps=500, warmup_steps=20))
+    cd: CDConfig = field(default_factory=CDConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     rs: RSConfig = field(default_factory=RSConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -104,7 +108,7 @@ GPU_STAGES = {
 PRESETS = {
     # the whole flow in a couple of minutes on a 2-core CPU: a smoke test, not a model
     "tiny": {
-        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.block_size": 192,
+        "model.n_layer": 2, "model.n_head": 2, "model.n_embd": 64, "model.block_size": 256,
         "data.vocab": "trimmed", "data.max_pairs": 300, "data.max_test_pairs": 300,
         "data.max_prompt_tokens": 96, "data.max_reply_tokens": 64,
         "pretrain.max_steps": 40, "pretrain.batch_size": 8, "pretrain.eval_interval": 20,
@@ -117,6 +121,8 @@ PRESETS = {
         "ppo.iterations": 3, "ppo.batch_size": 8, "ppo.minibatch_size": 4, "ppo.ppo_epochs": 2,
         "ppo.max_prompt_tokens": 96, "ppo.max_new_tokens": 24, "ppo.sample_every": 2, "ppo.save_every": 2,
         "dpo.max_steps": 10, "dpo.eval_interval": 5,
+        "cd.max_steps": 10, "cd.batch_size": 8, "cd.eval_interval": 5, "cd.eval_batches": 2, "cd.log_interval": 5,
+        "cd.warmup_steps": 2,
         "eval.num_prompts": 8, "eval.n": 4, "eval.policy_samples": 2, "eval.num_examples": 2,
     },
     # the default without CUDA: <= 15 min on a 2-core CPU on the sample and on the full hh-rlhf alike, the numbers in
@@ -130,6 +136,7 @@ PRESETS = {
         "pretrain.max_steps": 500, "pretrain.batch_size": 16, "pretrain.lr": 2e-3, "pretrain.eval_interval": 125,
         "pretrain.warmup_steps": 25,
         "sft.max_steps": 100, "sft.batch_size": 16, "sft.lr": 3e-4, "sft.eval_interval": 50, "sft.warmup_steps": 10,
+        "cd.max_steps": 60, "cd.batch_size": 16, "cd.lr": 3e-4, "cd.eval_interval": 30, "cd.eval_batches": 4,
         # rm: the sample's 63 val pairs every 30 steps are ~9% of training; on the full data 256 of its ~660
         "rm.max_steps": 90, "rm.eval_interval": 30, "rm.val_pairs": 256,
         "rs.n": 16, "rs.num_prompts": 64, "rs.max_steps": 40, "rs.batch_size": 16, "rs.lr": 1e-4,
@@ -154,7 +161,7 @@ PRESETS = {
                     "sft.lr": 1e-4},
 }
 
-STAGES = ["all", "pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
+STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -272,7 +279,7 @@ def stage_rm(run, cfg):
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
-    """Run one stage, or all of them in order. Under torchrun, pretrain, sft, rm, rs, ppo and dpo run
+    """Run one stage, or all of them in order. Under torchrun, pretrain, sft, cd, rm, rs, ppo and dpo run
     data-parallel (train.supervised_train, rm.train_pm, rs.run_rs, ppo.train_ppo, dpo.run_dpo); eval then
     goes on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
@@ -287,6 +294,7 @@ def run(stage, cfg):
     steps = {
         "pretrain": lambda: stage_pretrain(run, cfg.pretrain, cfg.model, cfg.sample, log),
         "sft": lambda: stage_sft(run, cfg.sft, cfg.sample, log),
+        "cd": lambda: stage_cd(run, cfg.cd, cfg.sample, log),
         "rm": lambda: stage_rm(run, cfg),
         "rs": lambda: run_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
         "ppo": lambda: train_ppo(run, cfg.ppo),
@@ -299,12 +307,12 @@ def run(stage, cfg):
         "plot": lambda: stage_plot(cfg.out_dir),
         "export": lambda: stage_export(run, cfg.export, cfg.sample),
     }
-    order = ["pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval"] if stage == "all" else [stage]
+    order = ["pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval"] if stage == "all" else [stage]
     plan = None
     if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
         plan = stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
     for name in order:
-        if world_size > 1 and name not in ("pretrain", "sft", "rm", "rs", "ppo", "dpo"):
+        if world_size > 1 and name not in ("pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking
             dist.destroy_process_group()  # the rest runs in one process
             world_size = 1

@@ -29,7 +29,7 @@ from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPTConfig
 from pm_metrics import evaluate_pms, pair_accuracy
 from reward import RewardModel, encode_pairs, normalize_pm, pm_block, score_pairs
-from runtime import (MetricsLog, autocast, barrier, batch_rows, dist_info, epoch_permutation, load_model,
+from runtime import (MetricsLog, autocast, barrier, batch_rows, dist_info, epoch_permutation, initial_policy, load_model,
                      model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done)
 from sampling import sample_replies
 from tokens import pad_right, prompt_ids
@@ -42,7 +42,7 @@ from train import lr_at
 @dataclass
 class RMConfig:
     objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
-    init: str = "sft"            # trunk initialisation: "sft" (out_dir/sft.pt) or "base" (out_dir/base.pt)
+    init: str = "policy"         # trunk: "policy" (the initial policy: --policy_init), or "sft", "cd", "base" (out_dir/NAME.pt)
     lr: float = 1e-4             # peak AdamW learning rate (linear warmup + cosine)
     min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
     warmup_steps: int = 20       # linear LR warmup (per phase: PMP, then human pairs)
@@ -319,7 +319,7 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
 class PMInputs:
     """What the rm stage and the PM studies (pm_studies.py) start from."""
     device: str
-    init: str            # the trunk's checkpoint: out_dir/sft.pt or base.pt (--rm.init)
+    init: str            # the trunk's checkpoint: the initial policy, or out_dir/sft.pt, cd.pt or base.pt (--rm.init)
     policy: object       # the SFT policy (the base LM before SFT exists): samples to normalise on, the lm baseline
     tok: object
     train_pairs: list
@@ -334,12 +334,11 @@ def pm_inputs(run, rc):
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
-    if rc.init not in ("sft", "base"):
-        raise ValueError(f"--rm.init must be sft or base, got {rc.init!r}")
-    device = pick_device(run.device)
-    init = os.path.join(run.out_dir, f"{rc.init}.pt")
-    sft_path = os.path.join(run.out_dir, "sft.pt")
-    policy, tok, _ = load_model(sft_path if os.path.exists(sft_path) else init, device)  # the policy PPO starts from
+    if rc.init not in ("policy", "sft", "cd", "base"):
+        raise ValueError(f"--rm.init must be policy, sft, cd or base, got {rc.init!r}")
+    device, policy_path = pick_device(run.device), initial_policy(run)
+    init = policy_path if rc.init == "policy" else os.path.join(run.out_dir, f"{rc.init}.pt")
+    policy, tok, _ = load_model(policy_path if os.path.exists(policy_path) else init, device)  # PPO's first policy
     train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rc.split_halves)
     enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)  # noqa: E731
     return PMInputs(device, init, policy, tok, train_pairs, val_pairs, halves, enc, enc(val_pairs))

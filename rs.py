@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
-from runtime import (MetricsLog, dist_info, load_checkpoint, load_model, pick_device, save_checkpoint, set_seed,
+from runtime import (MetricsLog, dist_info, initial_policy, load_checkpoint, load_model, pick_device, save_checkpoint, set_seed,
                      stage_done)
 from sampling import reply_ended, rl_prompts, sample_replies, score, strip_end
 from tokens import sft_example
@@ -89,7 +89,7 @@ def run_rs(run, rc, rollout):
         return
     device = pick_device(run.device)
     set_seed(run.seed)
-    policy, tok, _ = load_model(os.path.join(out, "sft.pt"), device)
+    policy, tok, _ = load_model(initial_policy(run), device)
     disable_dropout(policy)  # for the sampling and the fine-tune alike, whether or not the winners are on disk
     block_size, max_new = policy.config.block_size, rc.max_new_tokens or rollout.max_new_tokens
     if os.path.exists(data_path) and not run.force:

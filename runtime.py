@@ -47,7 +47,17 @@ class Run:
     dtype: str = "auto"
     compile: bool = False
     force: bool = False
+    policy_init: str = "sft"
     data: DataConfig = field(default_factory=DataConfig)
+
+
+def initial_policy(run):
+    """out_dir/sft.pt or out_dir/cd.pt (--policy_init): the policy RS, PPO and DPO start from and anchor to
+    (PPO's reference, DPO's pi_ref), the trunk of the PMs (--rm.init=policy) and the replies they are
+    normalised on. SFT by default; cd is the HH work's order (base -> context distillation -> PM -> RL)."""
+    if run.policy_init not in ("sft", "cd"):
+        raise ConfigError(f"--policy_init must be sft or cd, got {run.policy_init!r}")
+    return os.path.join(run.out_dir, f"{run.policy_init}.pt")
 
 
 # ----------------------------------------------------------------------------------------------

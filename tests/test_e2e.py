@@ -14,7 +14,7 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
     # a PPO learning rate high enough that three iterations move the policy well clear of the sampled KL's noise
     args = ["--preset", "tiny", "--data_dir", hh_dir, "--out_dir", out, "--sample.num_samples=1", "--ppo.lr=1e-3"]
     assert rlhf.main(["all"] + args) == 0
-    for name in ("base", "sft", "pm_a", "pm_b", "rs", "ppo", "dpo"):
+    for name in ("base", "sft", "cd", "pm_a", "pm_b", "rs", "ppo", "dpo"):
         assert load_checkpoint(os.path.join(out, f"{name}.pt"))["done"], name
     base, sft = load_checkpoint(os.path.join(out, "base.pt")), load_checkpoint(os.path.join(out, "sft.pt"))
     assert base["val_loss"] < base["val_loss_before"] and sft["val_loss"] < sft["val_loss_before"]
@@ -24,7 +24,7 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
                 "ece", "score_kl_a_b"):
         assert key in ev["pm"], key
     assert list(ev["pm"]["by_subset"]) == ["harmless-base"] and ev["pm"]["by_subset"]["harmless-base"]["n"] == 40
-    for policy in ("sft", "bon", "rs", "ppo", "dpo"):
+    for policy in ("sft", "bon", "cd", "rs", "ppo", "dpo"):
         for key in ("pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "lc_win_rate_vs_sft", "mean_reply_tokens"):
             assert isinstance(ev["policies"][policy][key], float), (policy, key)
     assert ev["policies"]["bon"]["n"] == 4 and ev["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)

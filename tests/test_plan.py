@@ -28,13 +28,13 @@ def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
     stages = plan.make_plan(cfg)["stages"]
     train, val = split_train_val(read_pairs(hh_dir, "train", cfg.data)[0], cfg.data.val_frac)
     tok = build_tokenizer(cfg.data, train)  # every pair is in the sample: the counts are exact
-    pre = stages["pretrain"]
-    assert (pre["steps"], pre["rows"], pre["width"], pre["tokens"]) == (40, 8, 192, 40 * 8 * 192)
-    assert pre["passes"] == pytest.approx(40 * 8 * 192 / len(lm_tokens(train, tok)), abs=0.005)
+    pre, T = stages["pretrain"], 256  # tiny: model.block_size 256
+    assert (pre["steps"], pre["rows"], pre["width"], pre["tokens"]) == (40, 8, T, 40 * 8 * T)
+    assert pre["passes"] == pytest.approx(40 * 8 * T / len(lm_tokens(train, tok)), abs=0.005)
     n = GPT(replace(cfg.model, vocab_size=tok.vocab_size)).num_params()
-    per_token = 6 * n + 12 * 2 * 2 * 32 * 192  # 6N + 12 L H Q T
-    val_tokens = ((40 - 1) // 20 + 2) * 2 * 8 * 192  # validation before, at step 20, after: 2 batches of 8 x 192
-    assert pre["gflop"] == pytest.approx((40 * 8 * 192 + val_tokens / 3) * per_token / 1e9, abs=0.05)
+    per_token = 6 * n + 12 * 2 * 2 * 32 * T  # 6N + 12 L H Q T
+    val_tokens = ((40 - 1) // 20 + 2) * 2 * 8 * T  # validation before, at step 20, after: 2 batches of 8 x T
+    assert pre["gflop"] == pytest.approx((40 * 8 * T + val_tokens / 3) * per_token / 1e9, abs=0.05)
     assert stages["sft"]["steps"] * stages["sft"]["rows"] == 20 * 8
     assert stages["sft"]["passes"] == pytest.approx(20 * 8 / len(train), abs=0.005)
     halves = split_halves(train)
@@ -45,11 +45,11 @@ def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
     assert rs["passes"] == pytest.approx(8 * 8 / 15, abs=0.005)
     ppo = stages["ppo"]
     assert (ppo["episodes"], ppo["minibatch_steps"]) == (3 * 8, 3 * 2 * (8 // 4))  # iterations x epochs x minibatches
-    assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 2 * 2))
+    assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 4 * 2))  # 4 SFT + 2 each from cd, rs, ppo, dpo
     assert (stages["dpo"]["policies"], stages["dpo"]["steps"]) == (["dpo"], 10)  # tiny: dpo.max_steps 10, one beta
     # sampled token steps: one generate call of up to 24 tokens per batch (PPO: per iteration)
     assert [stages[s]["decode_steps"] for s in ("rm", "rs", "ppo", "eval")] == [
-        math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24, (math.ceil(8 * 4 / 64) + 2 * math.ceil(8 * 2 / 64)) * 24]
+        math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24, (math.ceil(8 * 4 / 64) + 4 * math.ceil(8 * 2 / 64)) * 24]
     for name, s in stages.items():
         assert s["seconds"] == pytest.approx(s["gflop"] + s["tokenized"] / 1e6, abs=0.1), name
 
@@ -59,7 +59,7 @@ def test_last_line_is_json_and_total_is_the_sum_of_the_stages(hh_dir, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     doc = json.loads(lines[-1])
     assert {"preset", "device", "stages", "total_seconds"} <= set(doc) and doc["preset"] == "tiny"
-    assert list(doc["stages"]) == ["pretrain", "sft", "rm", "rs", "ppo", "dpo", "eval"]
+    assert list(doc["stages"]) == ["pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval"]
     assert doc["total_seconds"] == pytest.approx(sum(s["seconds"] for s in doc["stages"].values()), abs=0.05)
     for name in doc["stages"]:  # one table row per stage
         assert any(line.startswith(f"{name} ") for line in lines), name
@@ -92,11 +92,12 @@ def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_di
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):
     calls = []
-    for stage in ("stage_pretrain", "stage_sft", "train_reward_models", "run_rs", "train_ppo", "run_dpo", "run_eval"):
+    for stage in ("stage_pretrain", "stage_sft", "stage_cd", "train_reward_models", "run_rs", "train_ppo", "run_dpo",
+                  "run_eval"):
         monkeypatch.setattr(rlhf, stage, lambda *a, name=stage: calls.append((name, capsys.readouterr().out)))
     assert rlhf.main(["all", "--preset", "tiny", "--data_dir", hh_dir, "--out_dir", str(tmp_path)] + ARITHMETIC) == 0
     first, printed = calls[0]
-    assert first == "stage_pretrain" and len(calls) == 7
+    assert first == "stage_pretrain" and len(calls) == 8
     assert "preset tiny (--preset)" in printed and '"total_seconds"' in printed.strip().splitlines()[-1]
 
 

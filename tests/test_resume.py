@@ -17,7 +17,7 @@ from conftest import ROOT, write_hh_dir
 from evaluate import ppo_frontier
 from runtime import load_checkpoint
 
-STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]), ("ppo", ["ppo"]),
+STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("cd", ["cd"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]), ("ppo", ["ppo"]),
           ("dpo", ["dpo"]), ("eval", [])]
 # small checkpoint intervals, so that a kill usually lands between two checkpoints; dropout on, as in the
 # cpu preset, so that resuming must restore the RNG and every stage that should run without dropout does

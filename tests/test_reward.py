@@ -235,7 +235,7 @@ def stage_cfg(tmp_path, data_dir):
                      normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
     return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False,
-                           data=data, rm=rc, ppo=ppo)
+                           policy_init="sft", data=data, rm=rc, ppo=ppo)
 
 
 def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):

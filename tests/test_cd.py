@@ -1,0 +1,86 @@
+"""Context distillation (cd.py): the loss is 0 when teacher and student see the same context, its gradient is
+softmax(student) - softmax(teacher), and the student's loss is the KL of two plain forwards (the teacher's
+read after the prompt). A bad prompt file or --policy_init is one line."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rlhf
+from cd import CDConfig, ContextDistilled, distill_loss, read_prompt
+from model import GPT, GPTConfig
+from runtime import ConfigError
+
+
+def teacher_and_student(context, move=0.0):
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16))
+    student = ContextDistilled(teacher.config, teacher, context)
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(move * torch.randn_like(p))
+    return teacher, student
+
+
+def test_the_loss_is_zero_when_teacher_and_student_see_the_same_context():
+    _, student = teacher_and_student(context=[])
+    idx = torch.randint(0, 40, (3, 10), generator=torch.Generator().manual_seed(1))
+    _, loss = student(idx, idx, loss_mask=torch.ones(3, 10))
+    assert abs(loss.item()) < 1e-6
+    _, with_prompt = teacher_and_student(context=[5, 6, 7])
+    assert with_prompt(idx, idx, loss_mask=torch.ones(3, 10))[1].item() > 1e-4  # the prompt changes the teacher
+
+
+def test_the_gradient_is_student_minus_teacher_probabilities_on_a_tiny_vocabulary():
+    student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]], requires_grad=True)  # (1, 2, 3): V = 3
+    teacher = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
+    mask = torch.tensor([[1.0, 0.0]])                                                    # the second position off
+    loss = distill_loss(student, teacher, mask)
+    p, q = F.softmax(teacher[0, 0], -1), F.softmax(student[0, 0].detach(), -1)
+    assert loss.item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-6)     # KL(teacher || student)
+    loss.backward()
+    assert torch.allclose(student.grad[0, 0], q - p, atol=1e-6)
+    assert torch.equal(student.grad[0, 1], torch.zeros(3))
+
+
+def test_the_student_loss_is_the_kl_of_two_plain_forwards():
+    """The slow reference: the teacher's full forward over prompt + dialogue, read from the prompt's end on,
+    against the student's forward over the dialogue alone, at the positions the mask keeps."""
+    context = [3, 4, 5, 6]
+    teacher, student = teacher_and_student(context, move=0.2)
+    idx = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 9)
+    mask[1, 6:] = 0  # a shorter dialogue: right padding
+    _, loss = student(idx, idx, loss_mask=mask)
+    with torch.no_grad():
+        t_logits = GPT.forward(teacher, torch.cat([torch.tensor([context] * 2), idx], 1))[0][:, len(context):]
+        s_logits = GPT.forward(student, idx)[0]
+    p, log_q = F.softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+    kl = (p * (p.log() - log_q)).sum(-1)                                                 # (2, 9)
+    assert loss.item() == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-5)
+    assert set(student.state_dict()) == set(teacher.state_dict())  # saved as a plain GPT: no teacher, no prompt
+
+
+class Tok:
+    def encode(self, text):
+        return [ord(c) % 40 for c in text]
+
+
+def test_a_bad_prompt_file_is_one_line_and_a_long_one_keeps_its_end(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        read_prompt(CDConfig(prompt_file=str(tmp_path / "missing.txt")), Tok(), 256)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ConfigError, match="empty"):
+        read_prompt(CDConfig(prompt_file=str(tmp_path / "empty.txt")), Tok(), 256)
+    long = tmp_path / "long.txt"
+    long.write_text("\n\nHuman: hi\n\nAssistant: " + "yes " * 100)
+    ids, cut = read_prompt(CDConfig(prompt_file=str(long)), Tok(), 256)
+    assert len(ids) == 192 and cut == len(Tok().encode(long.read_text().rstrip())) - 192  # 64 left to the dialogue
+    assert ids == Tok().encode(long.read_text().rstrip())[-192:]
+    assert read_prompt(CDConfig(), Tok(), 1024)[1] == 0  # the shipped hhh_prompt.txt, whole
+
+
+def test_a_bad_policy_init_is_one_line(tmp_path, capsys):
+    assert rlhf.main(["ppo", "--preset", "tiny", "--out_dir", str(tmp_path), "--policy_init=dpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --policy_init must be sft or cd, got 'dpo'"
