@@ -118,6 +118,29 @@ def prompt_se(scores):
     return float(per_prompt.std() / math.sqrt(len(per_prompt))) if len(per_prompt) > 1 else float("nan")
 
 
+def prompt_bootstrap_se(stat, *arrays, reps=200, seed=0):
+    """Standard error of stat(*arrays) over the test prompts: the spread of stat over `reps` resamples of the P
+    prompts (every array's first axis) with replacement. A win rate pairs each policy reply with every SFT reply
+    to the same prompt, so its M = P * k * n verdicts are far from independent: the prompts are the draws."""
+    g = torch.Generator().manual_seed(seed)
+    P = arrays[0].size(0)
+    values = [stat(*(x[idx] for x in arrays)) for idx in (torch.randint(P, (P,), generator=g) for _ in range(reps))]
+    return float(np.std(values, ddof=1))
+
+
+def policy_row(a, b, policy_len, sft_len, kl, sft_b, T):
+    """One policy's eval.json entry from its PM-A and PM-B scores a, b (P, k), reply lengths (P, k), KL to SFT,
+    and SFT's PM-B scores (P, n) and lengths: rewards, win rates vs SFT under PM-B (raw and length-controlled),
+    each with its standard error over prompts."""
+    lc, coef = lc_win_rate(b, sft_b, policy_len, sft_len)
+    return {"pm_reward": a.mean().item(), "pm_reward_se": prompt_se(a),
+            "heldout_pm_reward": b.mean().item(), "heldout_pm_reward_se": prompt_se(b), "kl": kl,
+            "win_rate_vs_sft": win_rate(b, sft_b), "win_rate_se": prompt_bootstrap_se(win_rate, b, sft_b),
+            "lc_win_rate_vs_sft": lc, "lc_win_rate_se": prompt_bootstrap_se(lambda *x: lc_win_rate(*x)[0], b, sft_b,
+                                                                              policy_len, sft_len),
+            "judge_length_coef": coef, "mean_reply_tokens": policy_len.mean().item(), "temperature": T}
+
+
 def rl_temperature(out_dir, rollout):
     """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
     ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
@@ -172,12 +195,14 @@ def write_report(path, ev, examples):
     """out_dir/report.md: the policy table, best-of-n curve, frontier fits and a few replies."""
     lines = ["# Evaluation on held-out test prompts", "",
              "PM-A is the reward the policies were optimised against; PM-B, trained on the other half of the "
-             "comparisons, is the held-out judge. KL is to the SFT policy in nats (analytic for best-of-n).", "",
+             "comparisons, is the held-out judge. KL is to the SFT policy in nats (analytic for best-of-n). Win rates are "
+             "± their standard error over prompts (a bootstrap of the prompts).", "",
              "| policy | PM-A | PM-B | KL | sqrt KL | win rate vs SFT (PM-B) | length-controlled | reply tokens |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in ev["policies"].items():
         lines.append(f"| {name} | {p['pm_reward']:+.3f} | {p['heldout_pm_reward']:+.3f} | {p['kl']:.2f} | "
-                     f"{math.sqrt(max(p['kl'], 0)):.2f} | {p['win_rate_vs_sft']:.3f} | {p['lc_win_rate_vs_sft']:.3f} | "
+                     f"{math.sqrt(max(p['kl'], 0)):.2f} | {p['win_rate_vs_sft']:.3f} ± {p.get('win_rate_se', math.nan):.3f} | "
+                     f"{p['lc_win_rate_vs_sft']:.3f} ± {p.get('lc_win_rate_se', math.nan):.3f} | "
                      f"{p['mean_reply_tokens']:.1f} |")
     lines += ["", *[f"- {n}" for n in ev["notes"]], "", "## Best-of-n (PM-A picks, unbiased estimator of Gao et al.)", "",
               "| n | KL = log n - (n-1)/n | PM-A | PM-B |", "| --- | --- | --- | --- |"]
@@ -265,12 +290,7 @@ def run_eval(run, ec, rollout, dc):
                     - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
         del policy
 
-    policies = {name: {"pm_reward": a[name].mean().item(), "pm_reward_se": prompt_se(a[name]),
-                       "heldout_pm_reward": b[name].mean().item(), "heldout_pm_reward_se": prompt_se(b[name]),
-                       "kl": kl[name], "win_rate_vs_sft": win_rate(b[name], b["sft"]),
-                       **dict(zip(("lc_win_rate_vs_sft", "judge_length_coef"),
-                                  lc_win_rate(b[name], b["sft"], lengths[name], lengths["sft"]))),
-                       "mean_reply_tokens": lengths[name].mean().item(), "temperature": T} for name in a}
+    policies = {name: policy_row(a[name], b[name], lengths[name], lengths["sft"], kl[name], b["sft"], T) for name in a}
     policies["bon"].update(n=n, kl_analytic=bon_kl(n))
     for name, value in beta.items():
         policies[name]["beta"] = value
@@ -316,10 +336,11 @@ def save_eval(out, results, examples):
         json.dump(ev, f, indent=2)
     os.replace(tmp, ev_path)
     write_report(os.path.join(out, "report.md"), ev, examples)
-    print(f"[eval] {'policy':12s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>6s} {'LC win':>6s} {'tokens':>6s}")
+    print(f"[eval] {'policy':12s} {'PM-A':>7s} {'PM-B':>7s} {'KL':>6s} {'win':>13s} {'LC win':>13s} {'tokens':>6s}")
     for name, r in ev["policies"].items():
         print(f"[eval] {name:12s} {r['pm_reward']:+7.3f} {r['heldout_pm_reward']:+7.3f} {r['kl']:6.2f} "
-              f"{r['win_rate_vs_sft']:6.3f} {r['lc_win_rate_vs_sft']:6.3f} {r['mean_reply_tokens']:6.1f}")
+              f"{r['win_rate_vs_sft']:6.3f} ± {r.get('win_rate_se', math.nan):.3f} "
+              f"{r['lc_win_rate_vs_sft']:6.3f} ± {r.get('lc_win_rate_se', math.nan):.3f} {r['mean_reply_tokens']:6.1f}")
     for note in ev["notes"][1:]:
         print(f"[eval] note: {note}")
     print(f"[eval] wrote {ev_path}, {os.path.join(out, 'frontier.jsonl')}, {os.path.join(out, 'report.md')}")

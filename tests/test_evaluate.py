@@ -127,6 +127,19 @@ def test_a_real_quality_edge_survives_length_control():
     assert win_rate(policy, sft) > lc + 0.1
 
 
+def test_win_rate_standard_errors_resample_prompts_not_replies():
+    """Replies to one prompt share its difficulty, so the error of a mean over P prompts x k replies is about
+    sd(per-prompt means) / sqrt(P), not sd(replies) / sqrt(P k): the bootstrap must resample whole prompts."""
+    from evaluate import prompt_bootstrap_se, prompt_se
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(200, 1, generator=g) + 0.1 * torch.randn(200, 16, generator=g)  # (P, k): mostly the prompt
+    mean = lambda x: x.mean().item()  # noqa: E731
+    se = prompt_bootstrap_se(mean, scores, reps=400)
+    assert se == pytest.approx(prompt_se(scores), rel=0.15)
+    assert se > 3 * scores.std().item() / math.sqrt(scores.numel())  # what resampling single replies would give
+    assert prompt_bootstrap_se(mean, scores, reps=400) == se  # seeded
+
+
 def test_ppo_frontier_reads_the_last_run(tmp_path):
     from evaluate import ppo_frontier
     rows = [{"stage": "ppo", "step": s, "ppo/kl": 9.0, "ppo/pm_a": 9.0, "ppo/pm_b": 9.0} for s in range(3)]  # old run
@@ -207,7 +220,7 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     for p in saved["policies"].values():
         assert {"pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "lc_win_rate_vs_sft", "judge_length_coef",
                 "mean_reply_tokens"} <= set(p)
-        assert 0 <= p["lc_win_rate_vs_sft"] <= 1
+        assert 0 <= p["lc_win_rate_vs_sft"] <= 1 and p["win_rate_se"] >= 0 and p["lc_win_rate_se"] >= 0
     assert saved["policies"]["bon"]["n"] == 4 and saved["policies"]["bon"]["kl_analytic"] == pytest.approx(bon_kl(4))
     assert ev["policies"] == saved["policies"] and saved["temperature"] == 1.0
     for p in saved["policies"].values():
