@@ -244,21 +244,23 @@ def plot_frontier(points, fits, path):
 
 
 def plot_policies(policies, path):
-    """Two panels: mean PM-A and PM-B reward per policy, and PM-B win rate against SFT samples."""
+    """Two panels: mean PM-A and PM-B reward per policy, and PM-B win rate against SFT samples, raw and
+    length-controlled; error bars are one standard error over prompts (absent in older eval.json files)."""
     names = [n for n in POLICY_ORDER if n in policies] + [n for n in policies if n not in POLICY_ORDER]
     if not names:
         return False
     fig, (ax_r, ax_w) = new_figure((max(7, 1.4 * len(names)), 3.2), 1, 2)
     x = range(len(names))
-    ax_r.bar([i - 0.2 for i in x], [policies[n]["pm_reward"] for n in names], 0.4, color="C0", label="PM-A (proxy)")
-    ax_r.bar([i + 0.2 for i in x], [policies[n]["heldout_pm_reward"] for n in names], 0.4, color="C1",
+    col = lambda key: [policies[n].get(key, float("nan")) for n in names]  # noqa: E731
+    ax_r.bar([i - 0.2 for i in x], col("pm_reward"), 0.4, yerr=col("pm_reward_se"), color="C0", label="PM-A (proxy)")
+    ax_r.bar([i + 0.2 for i in x], col("heldout_pm_reward"), 0.4, yerr=col("heldout_pm_reward_se"), color="C1",
              label="PM-B (held out)")
     ax_r.axhline(0, color="black", lw=0.6)
     ax_r.set(xticks=list(x), xticklabels=names, ylabel="mean reward", title="reward on test prompts")
     ax_r.legend()
-    ax_w.bar([i - 0.2 for i in x], [policies[n]["win_rate_vs_sft"] for n in names], 0.4, color="C1", label="raw")
-    ax_w.bar([i + 0.2 for i in x], [policies[n].get("lc_win_rate_vs_sft", float("nan")) for n in names], 0.4,
-             color="C2", label="length-controlled")
+    ax_w.bar([i - 0.2 for i in x], col("win_rate_vs_sft"), 0.4, yerr=col("win_rate_se"), color="C1", label="raw")
+    ax_w.bar([i + 0.2 for i in x], col("lc_win_rate_vs_sft"), 0.4, yerr=col("lc_win_rate_se"), color="C2",
+             label="length-controlled")
     ax_w.axhline(0.5, color="gray", ls=":")
     ax_w.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="P(PM-B prefers it to SFT)",
              title="win rate vs SFT (PM-B judge)")
