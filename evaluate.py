@@ -27,6 +27,7 @@ import torch
 
 from dpo import betas
 from model import disable_dropout
+from pm_metrics import bootstrap
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
 from runtime import load_checkpoint, load_model, pick_device, set_seed
@@ -122,9 +123,7 @@ def prompt_bootstrap_se(stat, *arrays, reps=200, seed=0):
     """Standard error of stat(*arrays) over the test prompts: the spread of stat over `reps` resamples of the P
     prompts (every array's first axis) with replacement. A win rate pairs each policy reply with every SFT reply
     to the same prompt, so its M = P * k * n verdicts are far from independent: the prompts are the draws."""
-    g = torch.Generator().manual_seed(seed)
-    P = arrays[0].size(0)
-    values = [stat(*(x[idx] for x in arrays)) for idx in (torch.randint(P, (P,), generator=g) for _ in range(reps))]
+    values = bootstrap(lambda idx: stat(*(x[torch.as_tensor(idx)] for x in arrays)), arrays[0].size(0), reps, seed)
     return float(np.std(values, ddof=1))
 
 

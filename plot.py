@@ -276,16 +276,19 @@ def plot_size_study(rows, path):
         return False
     fig, (ax_a, ax_k) = new_figure((7, 3.2), 1, 2)
     params = [r["params"] for r in rows]
-    for key, label, color in (("accuracy", "PM-A", "C0"), ("heldout_pm_accuracy", "PM-B", "C1")):
+    def with_ci(ax, key, **style):  # a value per row and its 95% interval as error bars
         ci = [r.get(f"{key}_ci", [r[key], r[key]]) for r in rows]
-        ax_a.errorbar(params, [r[key] for r in rows], yerr=[[r[key] - c[0] for r, c in zip(rows, ci)],
-                      [c[1] - r[key] for r, c in zip(rows, ci)]], fmt="o-", color=color, label=label, capsize=3)
+        ax.errorbar(params, [r[key] for r in rows], yerr=[[r[key] - c[0] for r, c in zip(rows, ci)],
+                    [c[1] - r[key] for r, c in zip(rows, ci)]], capsize=3, **style)
+
+    for key, label, color in (("accuracy", "PM-A", "C0"), ("heldout_pm_accuracy", "PM-B", "C1")):
+        with_ci(ax_a, key, fmt="o-", color=color, label=label)
     ax_a.set(xscale="log", xlabel="trunk parameters", ylabel="test accuracy", title="accuracy (95% CI)")
     ax_a.legend()
-    ax_k.plot(params, [r["score_kl_a_b"] for r in rows], "s-", color="C2")
+    with_ci(ax_k, "score_kl_a_b", fmt="s-", color="C2")
     for r in rows:
         ax_k.annotate(r["size"], (r["params"], r["score_kl_a_b"]), xytext=(3, 3), textcoords="offset points")
-    ax_k.set(xscale="log", xlabel="trunk parameters", ylabel="KL(A || B), nats", title="PM-A vs PM-B score KL")
+    ax_k.set(xscale="log", xlabel="trunk parameters", ylabel="KL(A || B), nats", title="PM-A vs PM-B score KL (95% CI)")
     save_png(fig, path)
     return True
 

@@ -89,6 +89,22 @@ def score_kl(scores_a, scores_b, n_bins=20, lim=4.0, alpha=1.0):
     return float(np.sum(p * np.log(p / q)))
 
 
+def bootstrap(stat, n, reps=200, seed=0):
+    """stat(idx) for `reps` resamples idx (n,) of range(n) with replacement: the spread of a statistic over the
+    independent units it is computed from (test pairs here, test prompts in evaluate.py). -> (reps,) array."""
+    rng = np.random.default_rng(seed)
+    return np.array([stat(rng.integers(0, n, n)) for _ in range(reps)])
+
+
+def score_kl_ci(a_c, a_r, b_c, b_r, reps=200):
+    """A 95% percentile-bootstrap interval of score_kl(A, B) over the test pairs (each pair's two replies go
+    together). The histogram KL of a finite sample is biased upward, more so for fewer pairs: compare
+    intervals from the same test set only."""
+    a, b = np.stack([a_c, a_r], 1), np.stack([b_c, b_r], 1)                              # (N, 2)
+    kls = bootstrap(lambda idx: score_kl(a[idx].ravel(), b[idx].ravel()), len(a), reps)
+    return [float(np.percentile(kls, 2.5)), float(np.percentile(kls, 97.5))]
+
+
 def decile_agreement(a_chosen, a_rejected, b_chosen, b_rejected, n_bins=10):
     """How often PM-A and PM-B agree on which reply of a pair is better, by score decile.
 
@@ -195,6 +211,7 @@ def pm_report(n_turns, len_c, len_r, a_c, a_r, b_c, b_r, n_bins=10, subsets=None
     out["calibration"], out["ece"] = calib(a_c, a_r)
     out["heldout_pm_calibration"], out["heldout_pm_ece"] = calib(b_c, b_r)
     out["score_kl_a_b"] = score_kl(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))
+    out["score_kl_a_b_ci"] = score_kl_ci(a_c, a_r, b_c, b_r)
     out["score_corr_a_b"] = float(np.corrcoef(np.concatenate([a_c, a_r]), np.concatenate([b_c, b_r]))[0, 1])
     out["agreement_a_b"] = float(np.mean(np.sign(a_c - a_r) == np.sign(b_c - b_r)))
     out["agreement_by_decile"] = decile_agreement(a_c, a_r, b_c, b_r)
@@ -214,6 +231,7 @@ def format_report(pm):
     else:
         bow = f"skipped: {pm.get('bag_of_tokens_skipped')}"
     longer = pm["accuracy_chosen_longer"]
+    kl_lo, kl_hi = pm.get("score_kl_a_b_ci", [math.nan, math.nan])  # absent from eval.json files before it
     return (f"[rm] test pairs {pm['test_pairs']} ({pm['data_dir']})\n"
             f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
             f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
@@ -221,7 +239,7 @@ def format_report(pm):
             f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
             f"{longer['n']} pairs where the chosen reply is longer: PM-A {longer['accuracy']:.3f}, "
             f"PM-B {longer['heldout_pm_accuracy']:.3f}\n"
-            f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats, corr {pm['score_corr_a_b']:.2f}, "
+            f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats [{kl_lo:.3f}, {kl_hi:.3f}], corr {pm['score_corr_a_b']:.2f}, "
             f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
             + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
             + "".join(f"\n  by {what} (n, PM-A, PM-B, length): " + ", ".join(

@@ -188,7 +188,8 @@ def size_study(run, rc, inp, test_pairs, sc, model_cfg):
             scores += score_pairs(model, test_ex, inp.tok.eos_id, rc.eval_batch_size, run.dtype)
         pm = pm_report([p.n_turns for p in test_pairs], *zip(*replies), *scores)
         rows.append({"size": spec, "params": model.num_params(), **{k: pm[k] for k in (
-            "accuracy", "accuracy_ci", "heldout_pm_accuracy", "heldout_pm_accuracy_ci", "score_kl_a_b", "agreement_a_b")},
+            "accuracy", "accuracy_ci", "heldout_pm_accuracy", "heldout_pm_accuracy_ci", "score_kl_a_b", "score_kl_a_b_ci",
+            "agreement_a_b")},
             "agreement_by_decile": [d["agreement"] for d in pm["agreement_by_decile"]], "wall_s": round(time.time() - t0, 1)})
     if dist_info()[0] == 0:
         with open(os.path.join(run.out_dir, "pm_size_study.json.tmp"), "w") as f:
@@ -197,7 +198,8 @@ def size_study(run, rc, inp, test_pairs, sc, model_cfg):
     print_table(f"PM size vs robustness: PM-A / PM-B on halves of {len(inp.train_pairs)} pairs, {len(test_ex)} test "
                 "pairs", ["trunk", "params", "PM-A accuracy", "PM-B accuracy", "score KL A||B", "agreement", "wall s"],
                 [[r["size"], f"{r['params'] / 1e6:.2f}M", ci_str(r["accuracy"], r["accuracy_ci"]),
-                  ci_str(r["heldout_pm_accuracy"], r["heldout_pm_accuracy_ci"]), f"{r['score_kl_a_b']:.3f}",
+                  ci_str(r["heldout_pm_accuracy"], r["heldout_pm_accuracy_ci"]),
+                  f"{r['score_kl_a_b']:.3f} [{r['score_kl_a_b_ci'][0]:.3f}, {r['score_kl_a_b_ci'][1]:.3f}]",
                   f"{r['agreement_a_b']:.2f}", r["wall_s"]] for r in rows])
     return rows
 

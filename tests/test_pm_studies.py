@@ -55,4 +55,5 @@ def test_the_size_study_writes_a_row_per_trunk_that_depends_only_on_the_seed(tmp
     for r in rows:
         assert {"accuracy", "heldout_pm_accuracy", "score_kl_a_b", "agreement_by_decile"} <= set(r)
         assert 0 <= r["accuracy"] <= 1 and r["score_kl_a_b"] >= 0 and len(r["agreement_by_decile"]) > 0
+        assert 0 <= r["score_kl_a_b_ci"][0] <= r["score_kl_a_b_ci"][1]
     assert size_rows(tmp_path / "b") == rows  # a fresh run with the same seed: the same rows

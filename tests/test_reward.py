@@ -72,6 +72,20 @@ def test_score_kl_by_hand():
     assert pm_metrics.score_kl(a, b, n_bins=2, lim=1.0, alpha=1.0) == pytest.approx(want)
 
 
+def test_score_kl_interval_resamples_pairs_and_narrows_with_more_of_them():
+    """The size study compares KLs across PM sizes: only their intervals say whether a difference is real."""
+    rng = np.random.default_rng(0)
+    a_c, a_r = rng.normal(size=(2, 400))
+    assert pm_metrics.score_kl_ci(a_c, a_r, 3 * a_c + 1, 3 * a_r + 1) == [0.0, 0.0]  # the same PM, rescaled
+    skew = lambda x: x + 0.4 * x ** 2 + 0.3 * rng.normal(size=x.shape)  # noqa: E731  B spreads replies unlike A
+    b_c, b_r = skew(a_c), skew(a_r)
+    lo, hi = pm_metrics.score_kl_ci(a_c, a_r, b_c, b_r)
+    assert 0 < lo < pm_metrics.score_kl(np.r_[a_c, a_r], np.r_[b_c, b_r]) < hi
+    lo100, hi100 = pm_metrics.score_kl_ci(a_c[:100], a_r[:100], b_c[:100], b_r[:100])
+    assert hi100 - lo100 > 1.2 * (hi - lo)  # a quarter of the pairs: wider (less than 2x: the smoothing)
+    assert pm_metrics.score_kl_ci(a_c, a_r, b_c, b_r) == [lo, hi]  # seeded
+
+
 def test_bag_of_tokens_learns_a_marker_token_and_is_symmetric():
     """The chosen reply holds token 7, the rejected one does not (both of random length): the
     lexical baseline must find it, and swapping the replies must flip every prediction."""
