@@ -87,18 +87,24 @@ class CDConfig(LMTrainConfig):
     eval_interval: int = 50      # steps between validation passes (held-out KL) and checkpoints
 
 
-def read_prompt(cc, tok, block_size):
-    """C's token ids, from cc.prompt_file (one line of error if it is missing or empty), and how many tokens were
-    cut from its start so that 64 or more of the context are left to the dialogue (a small trimmed vocabulary
-    spells words it lacks in pieces, which can make the prompt long): (ids, cut)."""
+def prompt_text(cc):
+    """The HHH prompt's text, from cc.prompt_file (hhh_prompt.txt by default); one line of error if it cannot be
+    read or is empty. rlhf.py calls it before any stage runs, so a typo does not cost the stages before cd."""
     path = cc.prompt_file or PROMPT_FILE
     try:
         text = open(path, encoding="utf-8").read().rstrip()
-    except OSError as e:
-        raise ConfigError(f"--cd.prompt_file: {path}: cannot read it ({e.strerror})") from None
-    ids = tok.encode(text)
-    if not ids:
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--cd.prompt_file: {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if not text.strip():
         raise ConfigError(f"--cd.prompt_file: {path} is empty")
+    return text
+
+
+def read_prompt(cc, tok, block_size):
+    """C's token ids (prompt_text) and how many tokens were cut from its start so that 64 or more of the context
+    are left to the dialogue (a small trimmed vocabulary spells words it lacks in pieces, which can make the prompt
+    long): (ids, cut)."""
+    ids = tok.encode(prompt_text(cc))
     keep = min(len(ids), block_size - 64)
     return ids[len(ids) - keep:], len(ids) - keep
 

@@ -142,6 +142,29 @@ def hh_study(run, rc, inp, test_pairs):
 # -----------------------------------------------------------------------------
 # PM size vs robustness (Bai et al. 2022 sec. 4.5)
 
+def trunk_sizes(sizes, vocab):
+    """--rm.size_study_sizes -> {spec: (n_layer, n_embd)}, or None for GPT-2's weights by name (which need
+    --data.vocab=gpt2); one line of error for anything else. rlhf.py checks it before any stage runs."""
+    out = {}
+    for spec in [s.strip() for s in sizes.split(",") if s.strip()]:
+        if spec in GPT2_SIZES:
+            if vocab != "gpt2":
+                raise ConfigError(f"--rm.size_study_sizes: {spec} is GPT-2's weights, which need --data.vocab=gpt2")
+            out[spec] = None
+            continue
+        try:
+            n_layer, n_embd = (int(x) for x in spec.split("x"))
+        except ValueError:
+            n_layer = n_embd = 0
+        if n_layer < 1 or n_embd < 1:
+            raise ConfigError(f"--rm.size_study_sizes: {spec!r} is neither LAYERSxWIDTH (e.g. 4x192) nor one of "
+                              f"{', '.join(GPT2_SIZES)}")
+        out[spec] = (n_layer, n_embd)
+    if len(out) < 2:
+        raise ConfigError(f"--rm.size_study_sizes needs two or more trunks to compare, got {sizes!r}")
+    return out
+
+
 def size_trunk(run, rc, spec, inp, sc, model_cfg, log):
     """The trunk of one size, as a checkpoint path (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's
     weights by name (gpt2, gpt2-medium, gpt2-large: needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of
@@ -150,18 +173,13 @@ def size_trunk(run, rc, spec, inp, sc, model_cfg, log):
     path = os.path.join(run.out_dir, f"pm_size_{spec}.pt")
     if os.path.exists(path) and load_checkpoint(path).get("done"):
         return path
-    if spec in GPT2_SIZES:
-        if run.data.vocab != "gpt2":
-            raise ConfigError(f"--rm.size_study_sizes: {spec} is GPT-2's weights, which need --data.vocab=gpt2")
+    size = trunk_sizes(rc.size_study_sizes, run.data.vocab)[spec]
+    if size is None:  # GPT-2's weights
         if dist_info()[0] == 0:
             save_checkpoint(path, model_checkpoint(GPT.from_pretrained(spec), inp.tok, done=True))
         barrier()
         return path
-    try:
-        n_layer, n_embd = (int(x) for x in spec.split("x"))
-    except ValueError:
-        raise ConfigError(f"--rm.size_study_sizes: {spec!r} is neither LAYERSxWIDTH (e.g. 4x192) nor one of "
-                          f"{', '.join(GPT2_SIZES)}") from None
+    n_layer, n_embd = size
     set_seed(run.seed)
     trunk = GPT(replace(model_cfg, n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64),
                         vocab_size=inp.tok.vocab_size)).to(inp.device)
@@ -177,7 +195,7 @@ def size_study(run, rc, inp, test_pairs, sc, model_cfg):
     the PMs, the closer the two (lower KL), agreeing less where scores are high. -> out_dir/pm_size_study.json"""
     test_ex, log, rows = inp.enc(test_pairs), MetricsLog(run.out_dir), []
     replies = [(len(c), len(r)) for c, r in reply_pairs(test_pairs, inp.tok)]  # for pm_report's length baseline
-    for spec in [s.strip() for s in rc.size_study_sizes.split(",") if s.strip()]:
+    for spec in trunk_sizes(rc.size_study_sizes, run.data.vocab):
         t0 = time.time()
         path = size_trunk(run, rc, spec, inp, sc, model_cfg, log)
         scores = []

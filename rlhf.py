@@ -32,18 +32,19 @@ import torch
 import torch.distributed as dist
 
 from bench import run_bench
-from cd import CDConfig, stage_cd
+from cd import CDConfig, prompt_text, stage_cd
 from data import DataConfig, DataError
-from dpo import DPOConfig, run_dpo
+from dpo import DPOConfig, betas, run_dpo
 from evaluate import EvalConfig, run_eval
 from model import GPTConfig
 from plan import fmt_time, print_plan
 from pm_metrics import evaluate_pms
-from pm_studies import run_studies
+from pm_studies import run_studies, trunk_sizes
 from ppo import PPOConfig, train_ppo
 from rm import RMConfig, train_reward_models
 from rs import RSConfig, run_rs
-from runtime import CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, restart_with_start_env
+from runtime import (CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, initial_policy,
+                     restart_with_start_env)
 from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
@@ -235,7 +236,18 @@ def parse_args(argv):
     cfg = Config(preset=preset)
     for key, value in list(PRESETS[preset].items()) + overrides:
         set_field(cfg, key, value)
+    check_values(stage, cfg)
     return stage, cfg
+
+
+def check_values(stage, cfg):
+    """The values a type cannot check, checked before any stage runs: a typo found after pretraining loses it."""
+    initial_policy(cfg)                      # --policy_init
+    betas(cfg.dpo)                           # --dpo.beta, --dpo.betas
+    if stage in ("all", "cd"):
+        prompt_text(cfg.cd)                  # --cd.prompt_file
+    if cfg.rm.size_study and stage in ("all", "rm"):
+        trunk_sizes(cfg.rm.size_study_sizes, cfg.data.vocab)
 
 
 # ----------------------------------------------------------------------------------------------

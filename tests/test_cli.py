@@ -1,4 +1,6 @@
 """The command line: presets and flags are typed, and every mistake is one clear line, not a traceback."""
+import re
+
 import pytest
 
 import rlhf
@@ -30,6 +32,22 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
     assert rlhf.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--policy_init=base"], "--policy_init must be sft or cd, got 'base'"),
+    (["--dpo.betas=0.1,x"], "--dpo.betas expects comma-separated numbers, got '0.1,x'"),
+    (["--dpo.beta=0"], "--dpo.beta and --dpo.betas must be > 0"),
+    (["--cd.prompt_file=/no/such/prompt.txt"], "--cd.prompt_file: /no/such/prompt.txt: cannot read it"),
+    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,3y7"], "--rm.size_study_sizes: '3y7' is neither"),
+    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,0x64"], "--rm.size_study_sizes: '0x64' is neither"),
+    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,gpt2"], "gpt2 is GPT-2's weights, which need"),
+    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=2x64"], "needs two or more trunks"),
+])
+def test_bad_values_stop_before_any_stage_runs(argv, message):
+    """parse_args, not the stage that reads the value: `all` would otherwise train for minutes first."""
+    with pytest.raises(runtime.ConfigError, match=re.escape(message)):
+        rlhf.parse_args(argv + ["--preset", "tiny"])
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path, capsys):
