@@ -20,6 +20,7 @@ References
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -242,11 +243,11 @@ def run_eval(run, ec, rollout, dc):
     prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
     print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | cd, rs, ppo, dpo x{k}")
-    gen = torch.Generator(device=device).manual_seed(run.seed + 2)
+    gen = lambda name: torch.Generator(device=device).manual_seed(run.seed + zlib.crc32(name.encode()))  # noqa: E731
     T = rl_temperature(out, rollout)
 
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen, T, dtype)}
+    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen("sft"), T, dtype)}
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
@@ -281,7 +282,7 @@ def run_eval(run, ec, rollout, dc):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen, T, dtype)
+        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen(name), T, dtype)  # its own draws
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
         lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)

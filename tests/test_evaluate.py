@@ -297,3 +297,18 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     assert temperatures and set(temperatures) == {0.5}
     assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_policy_row_does_not_depend_on_which_other_policies_were_evaluated(hh_dir, tmp_path):
+    """Each policy samples from its own seeded generator: retraining or removing one policy must not move
+    another's numbers, or a before/after comparison of eval.json would blame the wrong change."""
+    out = str(tmp_path / "out")
+    write_tiny_run(hh_dir, out)
+    sft = load_checkpoint(os.path.join(out, "sft.pt"))
+    for name in ("rs", "ppo"):
+        save_checkpoint(os.path.join(out, f"{name}.pt"), sft)
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    both = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
+    os.remove(os.path.join(out, "rs.pt"))
+    alone = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
+    assert "rs" not in alone and alone["ppo"] == both["ppo"] and alone["sft"] == both["sft"]
