@@ -35,7 +35,6 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--policy_init=base"], "--policy_init must be sft or cd, got 'base'"),
     (["--dpo.betas=0.1,x"], "--dpo.betas expects comma-separated numbers, got '0.1,x'"),
     (["--dpo.beta=0"], "--dpo.beta and --dpo.betas must be > 0"),
     (["--cd.prompt_file=/no/such/prompt.txt"], "--cd.prompt_file: /no/such/prompt.txt: cannot read it"),
