@@ -93,6 +93,7 @@ class DPOConfig:
     warmup_steps: int = 10       # linear LR warmup
     weight_decay: float = 0.0    # AdamW weight decay on matrices
     batch_size: int = 8          # comparisons per step (2x sequences)
+    group_by_length: bool = False  # batches of pairs of similar length (rm.pair_batch): far less padding on long data
     epochs: int = 1              # passes over half A
     max_steps: int = 0           # >0: exactly this many steps (overrides epochs)
     grad_clip: float = 1.0       # clip the global grad norm (0 = off)

@@ -108,6 +108,14 @@ def batch_width(lengths, rows, seed):
     return float(np.mean([lengths[rng.choice(len(lengths), k, replace=False)].max() for _ in range(64)]))
 
 
+def pair_width(seqs, batch_size, seed, group_by_length):
+    """Mean width of a comparison batch as rm.pair_batch pads it (length-grouped or not), over one epoch of
+    stand-in pairs with the sample's (chosen, rejected) lengths `seqs`."""
+    pairs = [(range(a), range(b)) for a, b in seqs]
+    return float(np.mean([pair_batch(pairs, i, batch_size, seed, 0, group_by_length)[0].size(1)
+                          for i in range(max(1, len(pairs) // batch_size))]))
+
+
 def fpt(gpt, T, head=True):
     """Training FLOPs a token with T tokens of context (GPT.flops_per_token); without the LM head (a PM,
     a critic) 6 V C fewer. A forward pass alone, or one sampled token, costs a third of it."""
@@ -190,9 +198,7 @@ def work_rm(cfg, d, gpt, act):
     rc, N = cfg.rm, cfg.ppo.max_new_tokens
     block, B = pm_block(gpt, cfg.data), rc.batch_size
     seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
-    mean, pairs = float(np.mean(seqs)), [(range(a), range(b)) for a, b in seqs]  # stand-ins of those lengths
-    width = float(np.mean([pair_batch(pairs, i, B, cfg.seed, 0, rc.group_by_length)[0].size(1)  # as train_pm pads
-                           for i in range(max(1, len(pairs) // B))]))
+    mean, width = float(np.mean(seqs)), pair_width(seqs, B, cfg.seed, rc.group_by_length)
     human = [pm_steps(rc, n) for n in d.halves]
     steps = [n + (rc.pmp_steps if rc.pmp or rc.pmp_dir else 0) for n in human]
     n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
@@ -236,7 +242,7 @@ def work_dpo(cfg, d, gpt, act):
     dc, names = cfg.dpo, dpo.betas(cfg.dpo)
     seqs = [[len(dpo_example(*x, d.tok, cfg.model.block_size, cfg.data.max_reply_tokens)[i]) for i in (0, 1)]
             for x in d.ids]
-    width = batch_width([max(a, b) for a, b in seqs], dc.batch_size, cfg.seed)
+    width = pair_width(seqs, dc.batch_size, cfg.seed, dc.group_by_length)
     steps = pm_steps(dpo.pm_config(dc), d.halves[0])
     n_val = min(d.val, dc.val_pairs) if dc.val_pairs else d.val
     vals = math.ceil(steps / (dc.eval_interval or auto_eval_interval(n_val, dc.batch_size)))

@@ -103,6 +103,9 @@ GPU_STAGES = {
     # PPO: 20,480 episodes (320 iterations of 64), as minChatGPT-scale runs use
     "ppo.iterations": 320, "ppo.batch_size": 64, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 4,
     "ppo.sample_every": 20, "ppo.save_every": 20,
+    # DPO: one epoch over half A, as PM-A, in the same length-grouped batches of 32 pairs
+    "dpo.batch_size": 32, "dpo.lr": 1e-5, "dpo.warmup_steps": 100, "dpo.eval_batch_size": 64,
+    "dpo.group_by_length": True,
     # eval: 500 test prompts, so a win rate is good to about +-0.02
     "eval.num_prompts": 500, "eval.batch_size": 256,
 }
@@ -145,7 +148,9 @@ PRESETS = {
         "ppo.iterations": 16, "ppo.batch_size": 32, "ppo.minibatch_size": 16, "ppo.ppo_epochs": 2,
         "ppo.lr": 1.5e-4, "ppo.kl_coef": 0.05, "ppo.max_prompt_tokens": 128, "ppo.max_new_tokens": 48,
         "ppo.share_trunk": True, "ppo.sample_every": 5, "ppo.save_every": 4,
-        "dpo.lr": 1e-4,  # one pass over half A, ~2 min a beta: a sweep (--dpo.betas=0.03,0.3) adds 2 min a value
+        # dpo: PM-A's steps, validation and pairs (rm.*), ~1 min a beta (a sweep, --dpo.betas=0.03,0.3, adds that
+        # a value); uncapped, one pass over the full data's half A would take ~21 min
+        "dpo.lr": 1e-4, "dpo.max_steps": 90, "dpo.eval_interval": 30, "dpo.val_pairs": 256,
         "eval.num_prompts": 48, "eval.n": 16, "eval.policy_samples": 4,
     },
     # the default with CUDA: OpenAI's GPT-2 (124M) weights, then every stage on the full hh-rlhf: <= 2 h on one

@@ -87,7 +87,8 @@ def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_di
     for name, s in h100["stages"].items():
         fixed = s["tokenized"] / plan.TOKENIZE_PER_S + s["decode_steps"] * 64 / 9466  # the CPU's, and launches
         other = rtx["stages"][name]["seconds"] - fixed
-        assert other == pytest.approx((s["seconds"] - fixed) * 989 / 165, rel=0.01, abs=0.2), name
+        # seconds are rounded to 0.1: the H100's rounding error (<= 0.05 s) comes back 989 / 165 times larger
+        assert other == pytest.approx((s["seconds"] - fixed) * 989 / 165, rel=0.01, abs=0.05 * (1 + 989 / 165)), name
 
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):
