@@ -246,12 +246,14 @@ def work_dpo(cfg, d, gpt, act):
     steps = pm_steps(dpo.pm_config(dc), d.halves[0])
     n_val = min(d.val, dc.val_pairs) if dc.val_pairs else d.val
     vals = math.ceil(steps / (dc.eval_interval or auto_eval_interval(n_val, dc.batch_size)))
-    rows = len(names) * (steps * 2 * dc.batch_size * (1 + 1 / 3) + vals * 4 * n_val / 3)  # training rows' worth
+    trained = len(names) * steps * 2 * dc.batch_size                           # policy rows, forward and backward
+    forward = len(names) * (steps * 2 * dc.batch_size + vals * 4 * n_val)     # reference rows; validation: both
     return {"what": (f"{len(names)} beta{'s' if len(names) > 1 else ''} ({', '.join(f'{b:g}' for _, b in names)}) x "
                      f"{steps:,} steps x {dc.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
                      f"pairs), the SFT reference forward on each; {vals} validations x {n_val:,} pairs"),
             "policies": [n for n, _ in names], "steps": steps,
-            "flops": {"eager": rows * width * fpt(gpt, width)}, "tokenize": (d.halves[0] + d.val) * sum(d.mean),
+            "flops": {"eager": trained * width * fpt(gpt, width), "forward": forward * width * fpt(gpt, width) / 3},
+            "tokenize": (d.halves[0] + d.val) * sum(d.mean),
             "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, True)])}
 
 
