@@ -159,7 +159,7 @@ PRESETS = {
     # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.9x the parameters, micro-batches halved to fit 24 GB
     "gpu-medium": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2-medium", "model.n_layer": 24, "model.n_head": 16,
                    "model.n_embd": 1024, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
-                   "rs.grad_accum": 2, "rm.batch_size": 16, "ppo.share_trunk": True},
+                   "rs.grad_accum": 2, "rm.batch_size": 16, "dpo.batch_size": 16, "ppo.share_trunk": True},
     # GPT-2-small's shape pretrained from scratch on hh-rlhf dialogue text (~9 passes over it, the best-validation
     # weights kept), then the gpu preset's stages: a study of what pretraining alone gives, not a good policy
     "gpu-scratch": {**GPU_MODEL, **GPU_STAGES, "pretrain.max_steps": 5000, "pretrain.batch_size": 16,
