@@ -265,6 +265,8 @@ def plot_policies(policies, path):
     ax_w.set(xticks=list(x), xticklabels=names, ylim=(0, 1), ylabel="P(PM-B prefers it to SFT)",
              title="win rate vs SFT (PM-B judge)")
     ax_w.legend()
+    for ax in (ax_r, ax_w):
+        ax.tick_params(axis="x", labelrotation=30 if len(names) > 6 else 0)  # a beta sweep's long names
     save_png(fig, path)
     return True
 
