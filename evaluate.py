@@ -298,15 +298,22 @@ def run_eval(run, ec, rollout, dc):
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
     fits = write_frontier(out, bon_curve, policies, ec.frontier_windows)
     # 5. eval.json (merged with rm's "pm" section), report.md
+    examples = side_by_side(prompts[:ec.num_examples], replies, a, b, n, k, tok)
+    return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
+                     examples)
+
+
+def side_by_side(prompts, replies, a, b, n, k, tok):
+    """report.md's examples: for each of these prompts (text, ids), its Human turn and every policy's first reply
+    with its PM-A and PM-B scores (replies hold n SFT samples a prompt, one best-of-n, k from each other policy)."""
     examples = []
-    for p in range(min(ec.num_examples, P)):
-        human = prompts[p][0].rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
+    for p, (text, _) in enumerate(prompts):
+        human = text.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
         col = {m: p * n if m == "sft" else p if m == "bon" else p * k for m in replies}
         examples.append({"human": human, "replies": {
             m: (tok.decode(strip_end(replies[m][col[m]], tok.eos_id, tok.stop_ids)).strip(),
                 a[m].view(-1)[col[m]].item(), b[m].view(-1)[col[m]].item()) for m in replies}})
-    return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
-                     examples)
+    return examples
 
 
 def write_frontier(out, bon_curve, policies, windows):
