@@ -41,7 +41,7 @@ from plan import fmt_time, print_plan
 from pm_metrics import evaluate_pms
 from pm_studies import run_studies, trunk_sizes
 from ppo import PPOConfig, train_ppo
-from rm import RMConfig, train_reward_models
+from rm import RMConfig, check_choices, train_reward_models
 from rs import RSConfig, run_rs
 from runtime import (CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, initial_policy,
                      restart_with_start_env)
@@ -249,6 +249,7 @@ def check_values(stage, cfg):
     """The values a type cannot check, checked before any stage runs: a typo found after pretraining loses it."""
     initial_policy(cfg)                      # --policy_init
     betas(cfg.dpo)                           # --dpo.beta, --dpo.betas
+    check_choices(cfg.rm)                    # --rm.objective, --rm.init
     if stage in ("all", "cd"):
         prompt_text(cfg.cd)                  # --cd.prompt_file
     if cfg.rm.size_study and stage in ("all", "rm"):

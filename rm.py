@@ -329,13 +329,18 @@ class PMInputs:
     val_ex: list
 
 
-def pm_inputs(run, rc):
-    """Check rc's choices, then read the model and data every PM of a run trains from (PMInputs)."""
+def check_choices(rc):
+    """--rm.objective and --rm.init, one line each if neither of their choices (rlhf.py calls it as it reads them)."""
     if rc.objective not in ("ranking", "binary"):
         raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
                          "(lm has no head to train; it is one row of --rm.ablation=true)")
     if rc.init not in ("policy", "sft", "cd", "base"):
         raise ValueError(f"--rm.init must be policy, sft, cd or base, got {rc.init!r}")
+
+
+def pm_inputs(run, rc):
+    """Check rc's choices, then read the model and data every PM of a run trains from (PMInputs)."""
+    check_choices(rc)
     device, policy_path = pick_device(run.device), initial_policy(run)
     init = policy_path if rc.init == "policy" else os.path.join(run.out_dir, f"{rc.init}.pt")
     policy, tok, _ = load_model(policy_path if os.path.exists(policy_path) else init, device)  # PPO's first policy

@@ -36,6 +36,8 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dpo.betas=0.1,x"], "--dpo.betas expects comma-separated numbers, got '0.1,x'"),
+    (["--rm.init=pm_a"], "--rm.init must be policy, sft, cd or base, got 'pm_a'"),
+    (["--rm.objective=lm"], "--rm.objective must be ranking or binary"),
     (["--dpo.beta=0"], "--dpo.beta and --dpo.betas must be > 0"),
     (["--cd.prompt_file=/no/such/prompt.txt"], "--cd.prompt_file: /no/such/prompt.txt: cannot read it"),
     (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,3y7"], "--rm.size_study_sizes: '3y7' is neither"),
@@ -45,7 +47,7 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
 ])
 def test_bad_values_stop_before_any_stage_runs(argv, message):
     """parse_args, not the stage that reads the value: `all` would otherwise train for minutes first."""
-    with pytest.raises(runtime.ConfigError, match=re.escape(message)):
+    with pytest.raises(ValueError, match=re.escape(message)):  # ConfigError is one
         rlhf.parse_args(argv + ["--preset", "tiny"])
 
 
