@@ -22,15 +22,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPTConfig
 from pm_metrics import evaluate_pms, pair_accuracy
 from reward import RewardModel, encode_pairs, normalize_pm, pm_block, score_pairs
-from runtime import (MetricsLog, autocast, barrier, batch_rows, dist_info, epoch_permutation, initial_policy, load_model,
-                     model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done)
+from runtime import (MetricsLog, all_ranks_mean, autocast, barrier, batch_rows, dist_info, epoch_permutation,
+                     initial_policy, load_model, model_checkpoint, pick_device, restore, rng_state, save_checkpoint,
+                     set_seed, stage_done)
 from sampling import sample_replies
 from tokens import pad_right, prompt_ids
 from train import lr_at
@@ -268,10 +268,7 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss.detach()
-        if world_size > 1:  # the global batch's loss, for the log
-            dist.all_reduce(loss)
-            loss /= world_size
+        loss = all_ranks_mean(loss.detach())  # the global batch's loss, for the log
         phase = "pmp" if pmp else "train"
         if log and rank == 0 and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})

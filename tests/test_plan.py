@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import plan
+import rates
 import rlhf
 from data import read_pairs, split_halves, split_train_val
 from model import GPT
@@ -85,7 +86,7 @@ def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_di
     assert h100["stages"]["pretrain"]["seconds"] == pytest.approx(pretrain, rel=2e-3)
     assert rtx["stages"]["ppo"]["decode_steps"] == 320 * 64  # iterations x max_new_tokens
     for name, s in h100["stages"].items():
-        fixed = s["tokenized"] / plan.TOKENIZE_PER_S + s["decode_steps"] * 64 / 9466  # the CPU's, and launches
+        fixed = s["tokenized"] / rates.TOKENIZE_PER_S + s["decode_steps"] * 64 / 9466  # the CPU's, and launches
         other = rtx["stages"][name]["seconds"] - fixed
         # seconds are rounded to 0.1: the H100's rounding error (<= 0.05 s) comes back 989 / 165 times larger
         assert other == pytest.approx((s["seconds"] - fixed) * 989 / 165, rel=0.01, abs=0.05 * (1 + 989 / 165)), name
@@ -121,9 +122,9 @@ def test_pm_and_dpo_training_are_timed_without_dropout(hh_dir, monkeypatch):
             return {"train_batch": [8, 256], "train_step_s": 1.0, "train_tokens_per_s": 1.0, "train_gflops": rate}
         return measure_train
     flags = ["--preset", "tiny", "--model.dropout=0.1"]
-    monkeypatch.setattr(plan.bench, "measure_train", fake(1.0))
+    monkeypatch.setattr(rates.bench, "measure_train", fake(1.0))
     same = make(hh_dir, *flags)["stages"]
-    monkeypatch.setattr(plan.bench, "measure_train", fake(2.0))
+    monkeypatch.setattr(rates.bench, "measure_train", fake(2.0))
     faster = make(hh_dir, *flags)
     assert "without dropout" in faster["basis"]
     assert faster["stages"]["pretrain"]["seconds"] == same["pretrain"]["seconds"]  # pretraining keeps its dropout
@@ -133,7 +134,7 @@ def test_pm_and_dpo_training_are_timed_without_dropout(hh_dir, monkeypatch):
 
 def test_a_busy_cpu_is_named_in_the_basis(monkeypatch):
     """Timed while other processes load the CPU, the plan says so: its times are then too long."""
-    monkeypatch.setattr(plan.os, "getloadavg", lambda: (4.3, 4.0, 3.0))
-    assert "load average 4.3" in plan.busy_cpu_warning("cpu") and plan.busy_cpu_warning("cuda") == ""
-    monkeypatch.setattr(plan.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
-    assert plan.busy_cpu_warning("cpu") == ""
+    monkeypatch.setattr(rates.os, "getloadavg", lambda: (4.3, 4.0, 3.0))
+    assert "load average 4.3" in rates.busy_cpu_warning("cpu") and rates.busy_cpu_warning("cuda") == ""
+    monkeypatch.setattr(rates.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
+    assert rates.busy_cpu_warning("cpu") == ""
