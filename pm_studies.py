@@ -165,15 +165,14 @@ def trunk_sizes(sizes, vocab):
     return out
 
 
-def size_trunk(run, rc, spec, inp, sc, model_cfg, log):
-    """The trunk of one size, as a checkpoint path (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's
-    weights by name (gpt2, gpt2-medium, gpt2-large: needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of
+def size_trunk(run, rc, spec, size, inp, sc, model_cfg, log):
+    """The trunk of one size (trunk_sizes' (n_layer, n_embd), or None), as a checkpoint path
+    (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large: needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of
     model_cfg's shape otherwise, pretrained here on the train dialogues for rc.size_study_steps steps with
     the pretrain section's other settings (heads of 64 dimensions). No SFT: every size starts alike."""
     path = os.path.join(run.out_dir, f"pm_size_{spec}.pt")
     if os.path.exists(path) and load_checkpoint(path).get("done"):
         return path
-    size = trunk_sizes(rc.size_study_sizes, run.data.vocab)[spec]
     if size is None:  # GPT-2's weights
         if dist_info()[0] == 0:
             save_checkpoint(path, model_checkpoint(GPT.from_pretrained(spec), inp.tok, done=True))
@@ -195,9 +194,9 @@ def size_study(run, rc, inp, test_pairs, sc, model_cfg):
     the PMs, the closer the two (lower KL), agreeing less where scores are high. -> out_dir/pm_size_study.json"""
     test_ex, log, rows = inp.enc(test_pairs), MetricsLog(run.out_dir), []
     replies = [(len(c), len(r)) for c, r in reply_pairs(test_pairs, inp.tok)]  # for pm_report's length baseline
-    for spec in trunk_sizes(rc.size_study_sizes, run.data.vocab):
+    for spec, size in trunk_sizes(rc.size_study_sizes, run.data.vocab).items():
         t0 = time.time()
-        path = size_trunk(run, rc, spec, inp, sc, model_cfg, log)
+        path = size_trunk(run, rc, spec, size, inp, sc, model_cfg, log)
         scores = []
         for k, half in enumerate(inp.halves):
             set_seed(run.seed + k)
