@@ -167,8 +167,8 @@ def trunk_sizes(sizes, vocab):
 
 def size_trunk(run, rc, spec, size, inp, sc, model_cfg, log):
     """The trunk of one size (trunk_sizes' (n_layer, n_embd), or None), as a checkpoint path
-    (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large: needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of
-    model_cfg's shape otherwise, pretrained here on the train dialogues for rc.size_study_steps steps with
+    (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large:
+    needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of model_cfg's shape otherwise, pretrained here on the train dialogues for rc.size_study_steps steps with
     the pretrain section's other settings (heads of 64 dimensions). No SFT: every size starts alike."""
     path = os.path.join(run.out_dir, f"pm_size_{spec}.pt")
     if os.path.exists(path) and load_checkpoint(path).get("done"):
