@@ -71,7 +71,7 @@ class ContextDistilled(GPT):
             prompted = torch.cat([self.context.expand(B, L), idx], 1)                         # (B, L + T)
             teacher_logits = self.teacher.logits(self.teacher.hidden_states(prompted)[:, L:])  # (B, T, V)
         mask = torch.ones(B, T, device=idx.device) if loss_mask is None else loss_mask
-        return logits, distill_loss(logits, teacher_logits, mask)
+        return None, distill_loss(logits, teacher_logits, mask)  # as GPT.forward: the loss, no logits
 
 
 # ----------------------------------------------------------------------------------------------

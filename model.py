@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hub import CONV1D, GPT2_SIZES, N_HEAD_BY_EMBD, download_gpt2, load_safetensors
+from lm_loss import lm_loss
 
 # -----------------------------------------------------------------------------
 # the transformer blocks
@@ -295,8 +296,9 @@ class GPT(nn.Module):
         logits set to -inf: probability 0, so a softmax or a cross-entropy over all of them is the one over V.
         GPT-2's 50,257-token vocabulary is a matmul width that is not a multiple of 8, which keeps a GPU
         off its tensor-core kernels and a CPU off its aligned ones; so the weight is padded for the matmul
-        (nanoGPT's 50,304). The loss reads these padded logits as they are: slicing them first, then
-        flattening, would copy every logit and, in backward, zero-fill and copy them again (README, Speed).
+        (nanoGPT's 50,304). A cross-entropy reads these padded logits as they are (reward.reply_logprobs):
+        slicing them first, then flattening, would copy every logit and, in backward, zero-fill and copy them
+        again (README, Speed).
         Few rows (a decode step) take the plain (..., V) head: their matmul only streams the weight, so the
         padded copy of it would cost more than it saves. Checkpoints keep the plain (V, C) weight."""
         weight = self.lm_head.weight  # (V, C), tied to wte
@@ -313,21 +315,13 @@ class GPT(nn.Module):
         return self.padded_logits(h)[..., :self.config.vocab_size]
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
-        """Next-token logits (B, T, V) and, given targets (B, T), the masked mean cross-entropy
-        loss = sum(ce * loss_mask) / sum(loss_mask) (every position if loss_mask is None),
-        so SFT can train on the reply tokens only."""
-        logits = self.padded_logits(self.hidden_states(idx, attention_mask, kv_cache, segment_ids))  # (B, T, V + pad)
+        """Next-token logits (B, T, V), or, given targets (B, T), (None, the masked mean cross-entropy
+        loss = sum(ce * loss_mask) / sum(loss_mask)) (every position if loss_mask is None), so SFT can
+        train on the reply tokens only. The loss never builds the (B, T, V) logits: lm_loss.py."""
+        h = self.hidden_states(idx, attention_mask, kv_cache, segment_ids)  # (B, T, C)
         if targets is None:
-            return logits[..., :self.config.vocab_size], None
-        # cross-entropy in float32: under bf16 autocast the log-sum-exp over 50k logits is lossy
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        ce = ce.view(targets.shape)  # (B, T)
-        logits = logits[..., :self.config.vocab_size]  # (B, T, V) a view
-        if loss_mask is None:
-            return logits, ce.mean()
-        loss_mask = loss_mask.to(ce.dtype)
-        # clamp: a batch with no loss tokens gives loss 0, not NaN
-        return logits, (ce * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+            return self.logits(h), None
+        return None, lm_loss(h, self.lm_head.weight, targets, loss_mask)
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):
         """AdamW with weight decay only on matrices (matmul weights, embeddings); biases and

@@ -1,0 +1,69 @@
+"""lm_loss.py: the chunked LM loss computes what F.cross_entropy over the full logits computes (the slow,
+obvious reference), loss and gradients, whatever the chunking, the mask and the autocast."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lm_loss as lm_loss_module
+from lm_loss import lm_loss
+
+
+def reference(hidden, weight, targets, loss_mask=None):
+    """The plain loss: materialise the (..., V) logits, cross-entropy per token, masked mean."""
+    ce = F.cross_entropy((hidden @ weight.t()).float().flatten(0, -2), targets.flatten(), reduction="none")
+    if loss_mask is None:
+        return ce.mean()
+    return (ce * loss_mask.flatten()).sum() / loss_mask.sum().clamp(min=1.0)
+
+
+def inputs(V=101, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 17, 16, generator=g, requires_grad=True)  # (B, T, C)
+    weight = torch.randn(V, 16, generator=g, requires_grad=True)      # (V, C)
+    targets = torch.randint(0, V, (3, 17), generator=g)
+    loss_mask = (torch.rand(3, 17, generator=g) > 0.3).float()
+    return hidden, weight, targets, loss_mask
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 17, 51, 1000])  # one token per chunk .. all in one chunk
+@pytest.mark.parametrize("masked", [False, True])
+def test_loss_and_gradients_match_cross_entropy_over_the_logits(monkeypatch, chunk_tokens, masked):
+    hidden, weight, targets, loss_mask = inputs()
+    monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", chunk_tokens * weight.size(0))
+    mask = loss_mask if masked else None
+    fast = lm_loss(hidden, weight, targets, mask)
+    fast_grads = torch.autograd.grad(2.5 * fast, (hidden, weight))  # a scale, as grad accumulation applies
+    plain = reference(hidden, weight, targets, mask)
+    plain_grads = torch.autograd.grad(2.5 * plain, (hidden, weight))
+    assert torch.allclose(fast, plain, atol=1e-5)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_empty_mask_gives_zero_loss_and_zero_gradients():
+    hidden, weight, targets, _ = inputs()
+    loss = lm_loss(hidden, weight, targets, torch.zeros(3, 17))
+    loss.backward()
+    assert loss.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
+def test_without_gradients_it_computes_the_loss_only():
+    hidden, weight, targets, loss_mask = inputs()
+    with torch.no_grad():
+        loss = lm_loss(hidden, weight, targets, loss_mask)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, reference(hidden, weight, targets, loss_mask), atol=1e-5)
+
+
+def test_under_bf16_autocast_the_loss_stays_near_the_fp32_one():
+    # the head's matmul runs in bf16, the log-softmax in fp32: as the plain loss does under autocast
+    hidden, weight, targets, loss_mask = inputs(V=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = lm_loss(hidden, weight, targets, loss_mask)
+        fast_grads = torch.autograd.grad(fast, (hidden, weight))
+        plain = reference(hidden, weight, targets, loss_mask)
+        plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    assert fast.dtype == torch.float32 and [g.dtype for g in fast_grads] == [torch.float32] * 2
+    assert torch.allclose(fast, plain, rtol=1e-2)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())
