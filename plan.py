@@ -36,6 +36,7 @@ import torch
 import dpo
 from cd import cd_examples, read_prompt
 from data import read_pairs, resolve_data_dir, train_comparisons
+from lm_loss import CHUNK_LOGITS
 from model import GPT
 from rates import device_rates, fpt, gpu_rates, ppo_iteration_flops, sampled_prompts
 from reward import pm_block
@@ -101,13 +102,15 @@ def memory_bytes(gpt, act_bytes, frozen=0, trained=(), kv=None):
     """A stage's model memory: 4 bytes a parameter for each frozen model (fp32 weights); for each trained
     one, (rows, T, head): 16 bytes a parameter (weights, gradients, Adam's two moments), activations of
     about 34 C bytes a token and layer in 16 bits (Korthikanti et al. 2022, eq. 2 without the T x T scores,
-    which SDPA does not keep) scaled to act_bytes, and with a head the logits (V values a token in
-    act_bytes, their fp32 copy for the loss, its gradient); the KV cache of sampling kv = (rows, T)."""
+    which SDPA does not keep) scaled to act_bytes, and the head's: "logits" keeps V values a token (in
+    act_bytes, their fp32 copy for the loss, its gradient), "lm_loss" one chunk of them and an fp32 gradient
+    of the hidden states (lm_loss.py), None (a scalar head) nothing; the KV cache of sampling kv = (rows, T)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
     total = 4 * P * frozen + (2 * c.n_layer * kv[0] * kv[1] * c.n_embd * act_bytes if kv else 0)
     for rows, T, head in trained:
-        logits = c.vocab_size * (act_bytes + 8) if head else 0
-        total += 16 * P + rows * T * (c.n_layer * 34 * c.n_embd * act_bytes / 2 + logits)
+        per_token = c.n_layer * 34 * c.n_embd * act_bytes / 2
+        per_token += {"logits": c.vocab_size * (act_bytes + 8), "lm_loss": 4 * c.n_embd, None: 0}[head]
+        total += 16 * P + rows * T * per_token + (CHUNK_LOGITS * (act_bytes + 4) if head == "lm_loss" else 0)
     return total
 
 
@@ -135,7 +138,7 @@ def work_pretrain(cfg, d, gpt, act):
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x {T} tokens = {w['tokens'] / 1e6:,.1f}M tokens: "
                    f"{w['passes']} passes over ~{stream / 1e6:,.2f}M"),
              tokenize=stream * (d.train + d.val) / d.train + trim,
-             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, T, True)]))
+             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, T, "lm_loss")]))
     return w
 
 
@@ -149,7 +152,7 @@ def work_sft(cfg, d, gpt, act):
     packed = f" packed into ~{rows:,.0f} rows" if sc.pack else ""
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {d.train:,} "
                    f"chosen replies{packed}"), tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, width, True)]))
+             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, width, "lm_loss")]))
     return w
 
 
@@ -177,7 +180,7 @@ def work_rm(cfg, d, gpt, act):
                       "sample": rc.normalize_samples * N * fpt(gpt, q + N) / 3},
             "decode": math.ceil(rc.normalize_samples / rc.eval_batch_size) * N,
             "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
-            "memory": memory_bytes(gpt, act, 1, [(2 * B, width, False)])}
+            "memory": memory_bytes(gpt, act, 1, [(2 * B, width, None)])}
 
 
 def work_cd(cfg, d, gpt, act):
@@ -193,7 +196,7 @@ def work_cd(cfg, d, gpt, act):
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens of dialogue, the teacher reading the "
                    f"{L}-token HHH prompt first: {w['passes']} passes over {d.train:,} dialogues"),
              tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_bytes(gpt, act, 1, [(cc.batch_size, width, True)]))
+             memory=memory_bytes(gpt, act, 1, [(cc.batch_size, width, "logits")]))
     return w
 
 
@@ -215,7 +218,7 @@ def work_dpo(cfg, d, gpt, act):
             "policies": [n for n, _ in names], "steps": steps,
             "flops": {"eager": trained * width * fpt(gpt, width), "forward": forward * width * fpt(gpt, width) / 3},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
-            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, True)])}
+            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, "logits")])}
 
 
 def work_rs(cfg, d, gpt, act):
@@ -234,7 +237,7 @@ def work_rs(cfg, d, gpt, act):
     w.update(prompts=prompts, samples=prompts * rc.n, winners=winners, tokenize=d.prompts * d.mean[0],
              decode=math.ceil(prompts * rc.n / rc.sample_batch_size) * N,
              memory=max(memory_bytes(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
-                        memory_bytes(gpt, act, 0, [(rc.batch_size, w["width"], True)])),
+                        memory_bytes(gpt, act, 0, [(rc.batch_size, w["width"], "lm_loss")])),
              what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
                    f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
     return w
@@ -248,7 +251,7 @@ def work_ppo(cfg, d, gpt, act):
     q, episodes = batch_width(lens, pc.batch_size, cfg.seed), pc.iterations * pc.batch_size
     judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
     mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
-    trained = [(pc.minibatch_size, q + N, True)] + ([] if pc.share_trunk else [(pc.minibatch_size, q + N, False)])
+    trained = [(pc.minibatch_size, q + N, "logits")] + ([] if pc.share_trunk else [(pc.minibatch_size, q + N, None)])
     return {"what": (f"{pc.iterations:,} iterations x {pc.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
                      f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {pc.minibatch_size}; "
                      f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
