@@ -1,18 +1,20 @@
 """
-The language-modelling loss without the (N, V) logits.
+The language-modelling loss, and the log-probs of given tokens, without the (N, V) logits.
 
 The LM head's logits are the largest tensor of a training step: tokens x vocabulary floats (16 x 1024 x 50,257
 x 4 bytes = 3.3 GB on the GPU default). The plain loss writes them, reads and writes them again in the
 log-softmax, keeps that for backward and builds a gradient of the same size. None of it is needed at once:
-a token's cross-entropy, ce_i = logsumexp(z_i) - z_i[y_i] with z_i = W h_i, has the closed-form gradient
+a token's log-probability, logp_i = z_i[y_i] - logsumexp(z_i) with z_i = W h_i, has the closed-form gradient
 
-    d ce_i / d z_i = softmax(z_i) - onehot(y_i)
+    d logp_i / d z_i = onehot(y_i) - softmax(z_i)
 
-so the loss can walk the tokens in chunks and, while a chunk's logits are still in cache, turn them straight
-into the gradients of the hidden states and of the head (dh = dz W, dW += dz^T h). Backward then only scales
-those by the gradient of the scalar loss. The numbers are F.cross_entropy's on the full logits (tests/
-test_lm_loss.py), in a fraction of the memory; the time saved is in README, Speed. Liger Kernel's "fused
-linear cross-entropy" does the same on the GPU in Triton; this is its plain-PyTorch form.
+so a pass can walk the tokens in chunks and, while a chunk's logits are still in cache, turn them straight
+into the gradients of the hidden states and of the head (dh = dz W, dW += dz^T h). For the LM loss (SFT,
+pretraining, RS) d loss / d logp_i is known up front (-1/N, or the loss mask's weight), so that one forward
+pass computes the loss and its gradients, and backward only scales them. For DPO's log-probs it is known only
+in backward, which then recomputes each chunk's logits. The numbers are F.cross_entropy's and log_softmax's on
+the full logits (tests/test_lm_loss.py), in a fraction of the memory; the time is in README, Speed. Liger
+Kernel's "fused linear cross-entropy" does the same on the GPU in Triton; this is its plain-PyTorch form.
 """
 
 import torch
@@ -20,35 +22,66 @@ import torch
 CHUNK_LOGITS = 2 ** 25  # logits per chunk (128 MB in fp32): 667 tokens at vocab 50,257, 4,096 at 8,192
 
 
-class _ChunkedLMLoss(torch.autograd.Function):
-    """sum_i row_weights_i * ce_i over hidden (N, C) and the head weight (V, C); see the module docstring."""
+def head_pass(hidden, weight, targets, token_grads=None):
+    """One pass over the LM head in chunks of tokens: log p(target) of each token, (N,) fp32, and, given
+    token_grads (N,) = d out / d logp_i, the gradients of hidden (N, C) and weight (V, C), from
+    d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
+    N, V = hidden.size(0), weight.size(0)
+    chunk = max(1, CHUNK_LOGITS // V)
+    token_logprobs = torch.empty(N, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
+    grad_weight = torch.zeros_like(weight) if token_grads is not None else None  # (V, C)
+    for s in range(0, N, chunk):
+        h, y = hidden[s:s + chunk], targets[s:s + chunk]  # (n, C), (n,)
+        rows = torch.arange(len(y), device=y.device)
+        # fp32 log-softmax: under bf16 autocast the log-sum-exp over 50k logits is lossy
+        logprobs = torch.log_softmax((h @ weight.t()).float(), -1)  # (n, V)
+        token_logprobs[s:s + chunk] = logprobs[rows, y]
+        if token_grads is not None:
+            dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
+            dlogits[rows, y] -= 1.0  # softmax - onehot = -d logp / d z
+            dlogits *= -token_grads[s:s + chunk, None]  # (n, V) d out / d logits
+            grad_hidden[s:s + chunk] = dlogits @ weight  # (n, C)
+            grad_weight.addmm_(dlogits.t(), h.to(grad_weight.dtype))  # (V, C)
+    return token_logprobs, grad_hidden, grad_weight
+
+
+class _LMLoss(torch.autograd.Function):
+    """-sum_i token_weights_i * logp_i: the gradients come out of the forward's one pass (module docstring),
+    since d loss / d logp_i = -token_weights_i is known before backward; backward only scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, row_weights, want_grads):
-        N, V = hidden.size(0), weight.size(0)
-        chunk = max(1, CHUNK_LOGITS // V)
-        loss = torch.zeros((), device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grads else None  # (N, C)
-        grad_weight = torch.zeros_like(weight) if want_grads else None  # (V, C)
-        for s in range(0, N, chunk):
-            h, y, w = hidden[s:s + chunk], targets[s:s + chunk], row_weights[s:s + chunk]  # (n, C), (n,), (n,)
-            rows = torch.arange(len(y), device=y.device)
-            # fp32 log-softmax: under bf16 autocast the log-sum-exp over 50k logits is lossy
-            logprobs = torch.log_softmax((h @ weight.t()).float(), -1)  # (n, V)
-            loss -= (logprobs[rows, y] * w).sum()
-            if want_grads:
-                dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
-                dlogits[rows, y] -= 1.0
-                dlogits *= w[:, None]  # (n, V) d loss / d logits
-                grad_hidden[s:s + chunk] = dlogits @ weight  # (n, C)
-                grad_weight.addmm_(dlogits.t(), h.to(grad_weight.dtype))  # (V, C)
+    def forward(ctx, hidden, weight, targets, token_weights, want_grads):
+        token_grads = -token_weights if want_grads else None  # d loss / d logp_i
+        logprobs, grad_hidden, grad_weight = head_pass(hidden, weight, targets, token_grads)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return loss
+        return -(logprobs * token_weights).sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """logp_i for each token, (N,), for a caller whose loss is not linear in them (DPO): backward gets
+    d out / d logp_i only then, so it recomputes each chunk's logits (one more head matmul) instead of
+    keeping them all, under the autocast the forward ran in."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        device = hidden.device.type
+        ctx.amp = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.save_for_backward(hidden, weight, targets)
+        return head_pass(hidden, weight, targets)[0]
+
+    @staticmethod
+    def backward(ctx, grad_logprobs):
+        hidden, weight, targets = ctx.saved_tensors
+        device, dtype, enabled = ctx.amp
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            _, grad_hidden, grad_weight = head_pass(hidden, weight, targets, grad_logprobs)
+        return grad_hidden, grad_weight, None
 
 
 def lm_loss(hidden, weight, targets, loss_mask=None):
@@ -57,9 +90,15 @@ def lm_loss(hidden, weight, targets, loss_mask=None):
     Equal to F.cross_entropy over the materialised logits, without materialising them (module docstring)."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()  # (N, C), (N,)
     if loss_mask is None:
-        row_weights = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
+        token_weights = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
     else:
         loss_mask = loss_mask.flatten().float()
-        row_weights = loss_mask / loss_mask.sum().clamp(min=1.0)  # a batch with no loss tokens gives 0, not NaN
+        token_weights = loss_mask / loss_mask.sum().clamp(min=1.0)  # a batch with no loss tokens gives 0, not NaN
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLMLoss.apply(hidden, weight, targets, row_weights, want_grads)
+    return _LMLoss.apply(hidden, weight, targets, token_weights, want_grads)
+
+
+def token_logprobs(hidden, weight, targets):
+    """log softmax(hidden @ weight.T)[target] for each token, hidden (..., C), weight (V, C), targets (...)
+    -> (...) fp32: log_softmax + gather over the materialised logits, without materialising them."""
+    return _TokenLogprobs.apply(hidden.flatten(0, -2), weight, targets.flatten()).view(targets.shape)

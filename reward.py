@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lm_loss import token_logprobs
 from model import GPT, GPTConfig, scalar_head
 from runtime import CheckpointError, autocast, load_checkpoint
 from sampling import strip_end
@@ -122,12 +123,15 @@ def reply_logprobs(gpt, idx, attention_mask, reply_mask):
     """log p(reply | prompt) = sum over the reply tokens of log p(x_t | x_<t), (B,) fp32: the likelihood
     the "lm" baseline scores by (its mean, lm_scores) and DPO's implicit reward is made of (its sum, dpo.py).
     idx, attention_mask (B, T) right-padded prompt + reply rows, reply_mask (B, T) 1 on the reply tokens
-    (and EOS): a prompt or pad token never enters. Position t predicts token t + 1; the cross-entropy reads
-    the LM head's padded logits in place (GPT.padded_logits), with gradients when the caller wants them."""
+    (and EOS): a prompt or pad token never enters. Position t predicts token t + 1; the LM head runs on the
+    reply positions only and never builds their logits whole (lm_loss.token_logprobs), with gradients when
+    the caller wants them."""
     B, T = idx.size()
-    logits = gpt.padded_logits(gpt.hidden_states(idx[:, :-1], attention_mask[:, :-1]))  # (B, T-1, V + pad)
-    logp = -F.cross_entropy(logits.float().flatten(0, 1), idx[:, 1:].flatten(), reduction="none")
-    return (logp.view(B, T - 1) * reply_mask[:, 1:]).sum(1)                                # (B,)
+    hidden = gpt.hidden_states(idx[:, :-1], attention_mask[:, :-1])                    # (B, T-1, C)
+    reply = reply_mask[:, 1:].bool()                                                   # (B, T-1)
+    logp = token_logprobs(hidden[reply], gpt.lm_head.weight, idx[:, 1:][reply])       # (M,) the reply tokens
+    rows = torch.arange(B, device=idx.device)[:, None].expand(B, T - 1)[reply]         # (M,) their row
+    return torch.zeros(B, device=idx.device).index_add(0, rows, logp)                  # (B,)
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
-"""lm_loss.py: the chunked LM loss computes what F.cross_entropy over the full logits computes (the slow,
-obvious reference), loss and gradients, whatever the chunking, the mask and the autocast."""
+"""lm_loss.py: the chunked LM loss and token log-probs compute what F.cross_entropy and log_softmax + gather
+over the full logits compute (the slow, obvious references), values and gradients, whatever the chunking,
+the mask and the autocast."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lm_loss as lm_loss_module
-from lm_loss import lm_loss
+from lm_loss import lm_loss, token_logprobs
 
 
 def reference(hidden, weight, targets, loss_mask=None):
@@ -67,3 +68,34 @@ def test_under_bf16_autocast_the_loss_stays_near_the_fp32_one():
     assert torch.allclose(fast, plain, rtol=1e-2)
     for a, b in zip(fast_grads, plain_grads):
         assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 51, 1000])
+def test_token_logprobs_and_their_gradients_match_log_softmax_over_the_logits(monkeypatch, chunk_tokens):
+    # a loss that is not linear in the log-probs (DPO's is not): backward recomputes each chunk's logits
+    hidden, weight, targets, loss_mask = inputs()
+    monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", chunk_tokens * weight.size(0))
+    def dpo_like(logprobs):  # (B, T) -> a scalar through per-row sums and a nonlinearity
+        return -F.logsigmoid((logprobs * loss_mask).sum(1) * torch.tensor([1.0, -0.5, 2.0])).sum()
+    fast = token_logprobs(hidden, weight, targets)
+    fast_grads = torch.autograd.grad(dpo_like(fast), (hidden, weight))
+    plain = F.log_softmax(hidden @ weight.t(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    plain_grads = torch.autograd.grad(dpo_like(plain), (hidden, weight))
+    assert fast.shape == targets.shape and torch.allclose(fast, plain, atol=1e-5)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_token_logprobs_backward_runs_under_the_forwards_autocast(monkeypatch):
+    # backward's recomputed head matmuls run in bf16 when the forward's did (as autograd's own would)
+    hidden, weight, targets, _ = inputs(V=64)
+    seen = []
+    real_pass = lm_loss_module.head_pass
+    def spy(*args):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real_pass(*args)
+    monkeypatch.setattr(lm_loss_module, "head_pass", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs = token_logprobs(hidden, weight, targets)
+    logprobs.sum().backward()  # outside the autocast block, as a training loop calls it
+    assert seen == [True, True] and logprobs.dtype == torch.float32 and hidden.grad.dtype == torch.float32
