@@ -218,7 +218,7 @@ def work_dpo(cfg, d, gpt, act):
             "policies": [n for n, _ in names], "steps": steps,
             "flops": {"eager": trained * width * fpt(gpt, width), "forward": forward * width * fpt(gpt, width) / 3},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
-            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, "logits")])}
+            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, "lm_loss")])}
 
 
 def work_rs(cfg, d, gpt, act):
