@@ -127,7 +127,9 @@ def test_pm_and_dpo_training_are_timed_without_dropout(hh_dir, monkeypatch):
     monkeypatch.setattr(rates.bench, "measure_train", fake(2.0))
     faster = make(hh_dir, *flags)
     assert "without dropout" in faster["basis"]
-    assert faster["stages"]["pretrain"]["seconds"] == same["pretrain"]["seconds"]  # pretraining keeps its dropout
+    # pretraining keeps its dropout: its seconds stay (up to its tokenising, timed afresh by each plan), where
+    # the twice-as-fast rate would halve them
+    assert faster["stages"]["pretrain"]["seconds"] == pytest.approx(same["pretrain"]["seconds"], rel=0.15)
     for name in ("rm", "dpo"):
         assert faster["stages"][name]["seconds"] < 0.75 * same[name]["seconds"], name
 
