@@ -18,6 +18,7 @@ Kernel's "fused linear cross-entropy" does the same on the GPU in Triton; this i
 """
 
 import torch
+import torch.nn.functional as F
 
 CHUNK_LOGITS = 2 ** 25  # logits per chunk (128 MB in fp32): 667 tokens at vocab 50,257, 4,096 at 8,192
 
@@ -28,22 +29,26 @@ def head_pass(hidden, weight, targets, token_grads=None):
     d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
+    # zero rows up to a multiple of 64, as GPT.padded_logits does (tensor-core and aligned kernels); their
+    # logits are set to -inf below: probability 0, gradient 0
+    padded = F.pad(weight, (0, 0, 0, -V % 64))  # (V + pad, C)
     token_logprobs = torch.empty(N, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
-    grad_weight = torch.zeros_like(weight) if token_grads is not None else None  # (V, C)
+    grad_weight = torch.zeros_like(padded) if token_grads is not None else None  # (V + pad, C)
     for s in range(0, N, chunk):
         h, y = hidden[s:s + chunk], targets[s:s + chunk]  # (n, C), (n,)
         rows = torch.arange(len(y), device=y.device)
-        # fp32 log-softmax: under bf16 autocast the log-sum-exp over 50k logits is lossy
-        logprobs = torch.log_softmax((h @ weight.t()).float(), -1)  # (n, V)
+        logits = (h @ padded.t()).float()  # (n, V + pad) fp32: under bf16 autocast the log-sum-exp would be lossy
+        logits[:, V:] = float("-inf")
+        logprobs = torch.log_softmax(logits, -1)  # (n, V + pad)
         token_logprobs[s:s + chunk] = logprobs[rows, y]
         if token_grads is not None:
             dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
             dlogits[rows, y] -= 1.0  # softmax - onehot = -d logp / d z
-            dlogits *= -token_grads[s:s + chunk, None]  # (n, V) d out / d logits
-            grad_hidden[s:s + chunk] = dlogits @ weight  # (n, C)
-            grad_weight.addmm_(dlogits.t(), h.to(grad_weight.dtype))  # (V, C)
-    return token_logprobs, grad_hidden, grad_weight
+            dlogits *= -token_grads[s:s + chunk, None]  # (n, V + pad) d out / d logits
+            grad_hidden[s:s + chunk] = dlogits @ padded  # (n, C)
+            grad_weight.addmm_(dlogits.t(), h.to(grad_weight.dtype))  # (V + pad, C)
+    return token_logprobs, grad_hidden, None if grad_weight is None else grad_weight[:V]
 
 
 class _LMLoss(torch.autograd.Function):
