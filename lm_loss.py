@@ -31,7 +31,7 @@ def head_pass(hidden, weight, targets, token_grads=None):
     chunk = max(1, CHUNK_LOGITS // V)
     # zero rows up to a multiple of 64, as GPT.padded_logits does (tensor-core and aligned kernels); their
     # logits are set to -inf below: probability 0, gradient 0
-    padded = F.pad(weight, (0, 0, 0, -V % 64))  # (V + pad, C)
+    padded = F.pad(weight, (0, 0, 0, -V % 64)) if V % 64 else weight  # (V + pad, C)
     token_logprobs = torch.empty(N, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
     grad_weight = torch.zeros_like(padded) if token_grads is not None else None  # (V + pad, C)
@@ -44,10 +44,11 @@ def head_pass(hidden, weight, targets, token_grads=None):
         token_logprobs[s:s + chunk] = logprobs[rows, y]
         if token_grads is not None:
             dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
-            dlogits[rows, y] -= 1.0  # softmax - onehot = -d logp / d z
-            dlogits *= -token_grads[s:s + chunk, None]  # (n, V + pad) d out / d logits
-            grad_hidden[s:s + chunk] = dlogits @ padded  # (n, C)
-            grad_weight.addmm_(dlogits.t(), h.to(grad_weight.dtype))  # (V + pad, C)
+            dlogits[rows, y] -= 1.0  # softmax - onehot = -d logp / d z; d out / d z is that times g
+            # g scales whole rows: applied to the (n, C) sides of the two matmuls, not to the (n, V) logits
+            g = -token_grads[s:s + chunk, None]  # (n, 1)
+            grad_hidden[s:s + chunk] = g * (dlogits @ padded)  # (n, C)
+            grad_weight.addmm_(dlogits.t(), g * h.to(grad_weight.dtype))  # (V + pad, C)
     return token_logprobs, grad_hidden, None if grad_weight is None else grad_weight[:V]
 
 
