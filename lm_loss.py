@@ -29,7 +29,7 @@ def head_pass(hidden, weight, targets, token_grads=None):
     d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
-    # zero rows up to a multiple of 64, as GPT.padded_logits does (tensor-core and aligned kernels); their
+    # zero rows up to a multiple of 64, as GPT.logits does (tensor-core and aligned kernels); their
     # logits are set to -inf below: probability 0, gradient 0
     padded = F.pad(weight, (0, 0, 0, -V % 64)) if V % 64 else weight  # (V + pad, C)
     token_logprobs = torch.empty(N, device=hidden.device)

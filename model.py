@@ -291,28 +291,18 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C), or (B, 1, C) with `last`
         return x if last is None else x[:, 0]
 
-    def padded_logits(self, h):
-        """The LM head over a weight zero-padded to a multiple of 64 rows, (..., C) -> (..., V + pad), the pad
-        logits set to -inf: probability 0, so a softmax or a cross-entropy over all of them is the one over V.
-        GPT-2's 50,257-token vocabulary is a matmul width that is not a multiple of 8, which keeps a GPU
-        off its tensor-core kernels and a CPU off its aligned ones; so the weight is padded for the matmul
-        (nanoGPT's 50,304). A cross-entropy reads these padded logits as they are (reward.reply_logprobs):
-        slicing them first, then flattening, would copy every logit and, in backward, zero-fill and copy them
-        again (README, Speed).
-        Few rows (a decode step) take the plain (..., V) head: their matmul only streams the weight, so the
-        padded copy of it would cost more than it saves. Checkpoints keep the plain (V, C) weight."""
+    def logits(self, h):
+        """The LM head, (..., C) -> (..., V). GPT-2's 50,257-token vocabulary is a matmul width that is not a
+        multiple of 8, which keeps a GPU off its tensor-core kernels and a CPU off its aligned ones; so the
+        weight is zero-padded to a multiple of 64 rows for the matmul (nanoGPT's 50,304) and the logits are
+        the view without the pad columns. Few rows (a decode step) take the plain head: their matmul only
+        streams the weight, so the padded copy of it would cost more than it saves. Checkpoints keep the
+        plain (V, C) weight; the losses pad the same way, chunk by chunk (lm_loss.py)."""
         weight = self.lm_head.weight  # (V, C), tied to wte
         pad = -weight.size(0) % 64
         if pad == 0 or h.numel() < 256 * h.size(-1):
             return self.lm_head(h)
-        logits = F.linear(h, F.pad(weight, (0, 0, 0, pad)))  # (..., V + pad)
-        with torch.no_grad():  # in place, outside autograd (which would copy every logit in backward): a
-            logits[..., weight.size(0):] = float("-inf")  # -inf logit's gradient through a softmax is 0 anyway
-        return logits
-
-    def logits(self, h):
-        """The LM head, (..., C) -> (..., V): the padded logits without their pad columns (a view)."""
-        return self.padded_logits(h)[..., :self.config.vocab_size]
+        return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         """Next-token logits (B, T, V), or, given targets (B, T), (None, the masked mean cross-entropy
