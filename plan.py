@@ -202,7 +202,8 @@ def work_cd(cfg, d, gpt, act):
 
 def work_dpo(cfg, d, gpt, act):
     """One DPO policy per beta (dpo.betas), each trained like a PM on half A (rm.train_pm): a step trains the
-    policy on B pairs (2B rows) with the LM head, and the frozen reference runs forward on the same rows."""
+    policy on B pairs (2B rows), and the frozen reference runs forward on the same rows. The LM head runs on
+    the reply tokens only (reward.reply_logprobs), and in training a second time in backward (lm_loss.py)."""
     dc, names = cfg.dpo, dpo.betas(cfg.dpo)
     seqs = [[len(dpo_example(*x, d.tok, cfg.model.block_size, cfg.data.max_reply_tokens)[i]) for i in (0, 1)]
             for x in d.ids]
@@ -212,11 +213,14 @@ def work_dpo(cfg, d, gpt, act):
     vals = math.ceil(steps / (dc.eval_interval or auto_eval_interval(n_val, dc.batch_size)))
     trained = len(names) * steps * 2 * dc.batch_size                           # policy rows, forward and backward
     forward = len(names) * (steps * 2 * dc.batch_size + vals * 4 * n_val)     # reference rows; validation: both
+    head = 2 * gpt.config.vocab_size * gpt.config.n_embd                       # the head's forward FLOPs a token
+    reply = min(width, (d.mean[1] + d.mean[2]) / 2 + 1)                        # reply tokens a row, with EOS
     return {"what": (f"{len(names)} beta{'s' if len(names) > 1 else ''} ({', '.join(f'{b:g}' for _, b in names)}) x "
                      f"{steps:,} steps x {dc.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
                      f"pairs), the SFT reference forward on each; {vals} validations x {n_val:,} pairs"),
             "policies": [n for n, _ in names], "steps": steps,
-            "flops": {"eager": trained * width * fpt(gpt, width), "forward": forward * width * fpt(gpt, width) / 3},
+            "flops": {"eager": trained * (width * fpt(gpt, width, head=False) + reply * 4 * head),
+                      "forward": forward * (width * fpt(gpt, width, head=False) / 3 + reply * head)},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
             "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, "lm_loss")])}
 
