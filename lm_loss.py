@@ -47,8 +47,9 @@ def head_pass(hidden, weight, targets, token_grads=None):
             dlogits[rows, y] -= 1.0  # softmax - onehot = -d logp / d z; d out / d z is that times g
             # g scales whole rows: applied to the (n, C) sides of the two matmuls, not to the (n, V) logits
             g = -token_grads[s:s + chunk, None]  # (n, 1)
+            # out-of-place matmuls, which autocast runs in bf16 where it is on (an in-place addmm_ it would not)
             grad_hidden[s:s + chunk] = g * (dlogits @ padded)  # (n, C)
-            grad_weight.addmm_(dlogits.t(), g * h.to(grad_weight.dtype))  # (V + pad, C)
+            grad_weight += dlogits.t() @ (g * h)  # (V + pad, C)
     return token_logprobs, grad_hidden, None if grad_weight is None else grad_weight[:V]
 
 

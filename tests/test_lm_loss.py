@@ -99,3 +99,28 @@ def test_token_logprobs_backward_runs_under_the_forwards_autocast(monkeypatch):
         logprobs = token_logprobs(hidden, weight, targets)
     logprobs.sum().backward()  # outside the autocast block, as a training loop calls it
     assert seen == [True, True] and logprobs.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+
+def test_under_autocast_every_head_matmul_runs_in_bf16():
+    # the gradient matmuls too: run in fp32 they would cost a GPU many times the bf16 ones
+    from torch.utils._python_dispatch import TorchDispatchMode
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default)
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in matmuls:
+                self.seen |= {a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() == 2}
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, targets, loss_mask = inputs(V=64)
+    losses = (lambda: lm_loss(hidden, weight, targets, loss_mask), lambda: token_logprobs(hidden, weight, targets).sum())
+    for loss_fn in losses:
+        with MatmulDtypes() as mode:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_fn()
+            loss.backward()
+        assert mode.seen == {torch.bfloat16}
