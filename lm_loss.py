@@ -23,15 +23,20 @@ import torch.nn.functional as F
 CHUNK_LOGITS = 2 ** 25  # logits per chunk (128 MB in fp32): 667 tokens at vocab 50,257, 4,096 at 8,192
 
 
+def padded_head(weight):
+    """The head's (V, C) weight zero-padded to a multiple of 64 rows, (V + pad, C) (nanoGPT's 50,304 for GPT-2):
+    a 50,257-wide matmul is not a multiple of 8, which keeps a GPU off its tensor-core kernels and a CPU off its
+    aligned ones. The pad logits are not real tokens: GPT.logits slices them off, head_pass sets them to -inf."""
+    return F.pad(weight, (0, 0, 0, -weight.size(0) % 64)) if weight.size(0) % 64 else weight
+
+
 def head_pass(hidden, weight, targets, token_grads=None):
     """One pass over the LM head in chunks of tokens: log p(target) of each token, (N,) fp32, and, given
     token_grads (N,) = d out / d logp_i, the gradients of hidden (N, C) and weight (V, C), from
     d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
-    # zero rows up to a multiple of 64, as GPT.logits does (tensor-core and aligned kernels); their
-    # logits are set to -inf below: probability 0, gradient 0
-    padded = F.pad(weight, (0, 0, 0, -V % 64)) if V % 64 else weight  # (V + pad, C)
+    padded = padded_head(weight)  # (V + pad, C); the pad logits are set to -inf below: probability 0, gradient 0
     token_logprobs = torch.empty(N, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
     grad_weight = torch.zeros_like(padded) if token_grads is not None else None  # (V + pad, C)

@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hub import CONV1D, GPT2_SIZES, N_HEAD_BY_EMBD, download_gpt2, load_safetensors
-from lm_loss import lm_loss
+from lm_loss import lm_loss, padded_head
 
 # -----------------------------------------------------------------------------
 # the transformer blocks
@@ -292,17 +292,14 @@ class GPT(nn.Module):
         return x if last is None else x[:, 0]
 
     def logits(self, h):
-        """The LM head, (..., C) -> (..., V). GPT-2's 50,257-token vocabulary is a matmul width that is not a
-        multiple of 8, which keeps a GPU off its tensor-core kernels and a CPU off its aligned ones; so the
-        weight is zero-padded to a multiple of 64 rows for the matmul (nanoGPT's 50,304) and the logits are
+        """The LM head, (..., C) -> (..., V): the matmul over the padded weight (lm_loss.padded_head), the logits
         the view without the pad columns. Few rows (a decode step) take the plain head: their matmul only
-        streams the weight, so the padded copy of it would cost more than it saves. Checkpoints keep the
-        plain (V, C) weight; the losses pad the same way, chunk by chunk (lm_loss.py)."""
+        streams the weight, so the padded copy of it would cost more than it saves. Checkpoints keep the plain
+        (V, C) weight."""
         weight = self.lm_head.weight  # (V, C), tied to wte
-        pad = -weight.size(0) % 64
-        if pad == 0 or h.numel() < 256 * h.size(-1):
+        if weight.size(0) % 64 == 0 or h.numel() < 256 * h.size(-1):
             return self.lm_head(h)
-        return F.linear(h, F.pad(weight, (0, 0, 0, pad)))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
+        return F.linear(h, padded_head(weight))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         """Next-token logits (B, T, V), or, given targets (B, T), (None, the masked mean cross-entropy
