@@ -169,12 +169,55 @@ def download_gpt2(name, cache_dir=None):
         raise DataError(f"could not get the {name} weights: {e}. {instead}") from None
 
 
+def read_gpt2(name_or_path, cache_dir=None, n_head=None):
+    """GPT-2 weights by name (downloaded once) or from a local GPT-2-layout .safetensors file, for
+    GPT.from_pretrained. Returns (path, the GPTConfig fields their shapes give, the state dict in our layout:
+    no "transformer." prefix, no lm_head, Conv1D weights transposed to (out, in)), or raises a ValueError
+    naming the file. The inverse of gpt2_hub_state_dict."""
+    if name_or_path in GPT2_SIZES:
+        path = download_gpt2(name_or_path, cache_dir)
+        n_head = GPT2_SIZES[name_or_path][1]
+    else:
+        path = name_or_path
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: not a file, nor one of {', '.join(GPT2_SIZES)}")
+    # some exports keep the "transformer." prefix, the masked-attention buffers or a copy of lm_head
+    # (ours, of a trimmed vocabulary, an untied one: the rows it adds only rule out ids never trained)
+    sd = {k.removeprefix("transformer."): w.t() if k.endswith(CONV1D) else w for k, w in load_safetensors(path).items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
+    for k in ("wte.weight", "wpe.weight"):
+        if k not in sd:
+            raise ValueError(f"{path}: no {k!r}, not a GPT-2 checkpoint")
+    vocab_size, n_embd = sd["wte.weight"].shape
+    n_head = n_head or N_HEAD_BY_EMBD.get(n_embd)
+    if n_head is None:
+        raise ValueError(f"{path}: cannot infer n_head for n_embd={n_embd}; pass n_head=")
+    layers = {k.split(".")[1] for k in sd if k.startswith("h.")}  # h.N.*
+    n_layer = 1 + max((int(i) for i in layers if i.isdigit()), default=-1)
+    shape = dict(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
+                 n_embd=n_embd, bias="ln_f.bias" in sd)
+    return path, shape, sd
+
+
+def load_gpt2_weights(model, sd, path):
+    """Copy read_gpt2's state dict into a GPT built from its shape: every key and every shape checked."""
+    target = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    if set(sd) != set(target):
+        raise ValueError(f"{path}: missing keys {sorted(set(target) - set(sd))[:5]}, "
+                         f"unexpected keys {sorted(set(sd) - set(target))[:5]}")
+    with torch.no_grad():
+        for k, w in sd.items():
+            if w.shape != target[k].shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
+            target[k].copy_(w)  # lm_head shares wte's storage, so it is loaded too
+
+
 # -----------------------------------------------------------------------------
 # Export to the Hugging Face GPT-2 layout, with GPT-2's tokenizer files
 
 def gpt2_hub_state_dict(model):
     """The model's weights in the hub's GPT-2 layout: no "transformer." prefix, Conv1D (in, out)
-    weights, no lm_head (tied). The inverse of the key handling in from_pretrained."""
+    weights, no lm_head (tied). The inverse of read_gpt2."""
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":

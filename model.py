@@ -17,14 +17,13 @@ References:
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from hub import CONV1D, GPT2_SIZES, N_HEAD_BY_EMBD, download_gpt2, load_safetensors
+from hub import load_gpt2_weights, read_gpt2
 from lm_loss import lm_loss, padded_head
 
 # -----------------------------------------------------------------------------
@@ -380,42 +379,11 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, n_head=None):
         """GPT-2 weights by name ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl'; downloaded once)
-        or from a local GPT-2-layout .safetensors file, with the config inferred from the shapes.
-        (GPT2_SIZES, CONV1D and the pinned download are in hub.py.)"""
-        if name_or_path in GPT2_SIZES:
-            path = download_gpt2(name_or_path, cache_dir)
-            n_head = GPT2_SIZES[name_or_path][1]
-        else:
-            path = name_or_path
-            if not os.path.isfile(path):
-                raise ValueError(f"{path}: not a file, nor one of {', '.join(GPT2_SIZES)}")
-        sd = load_safetensors(path)
-        # some exports keep the "transformer." prefix, the masked-attention buffers or a copy of lm_head
-        # (ours, of a trimmed vocabulary, an untied one: the rows it adds only rule out ids never trained)
-        sd = {k.removeprefix("transformer."): v for k, v in sd.items()
-              if not k.endswith((".attn.bias", ".attn.masked_bias")) and k != "lm_head.weight"}
-        for k in ("wte.weight", "wpe.weight"):
-            if k not in sd:
-                raise ValueError(f"{path}: no {k!r}, not a GPT-2 checkpoint")
-        vocab_size, n_embd = sd["wte.weight"].shape
-        n_head = n_head or N_HEAD_BY_EMBD.get(n_embd)
-        if n_head is None:
-            raise ValueError(f"{path}: cannot infer n_head for n_embd={n_embd}; pass n_head=")
-        layers = {k.split(".")[1] for k in sd if k.startswith("h.")}  # h.N.*
-        n_layer = 1 + max((int(i) for i in layers if i.isdigit()), default=-1)
-        config = GPTConfig(block_size=sd["wpe.weight"].shape[0], vocab_size=vocab_size, n_layer=n_layer,
-                           n_head=n_head, n_embd=n_embd, bias="ln_f.bias" in sd)
-        model = cls(config)
-        target = {k.removeprefix("transformer."): v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        if set(sd) != set(target):
-            raise ValueError(f"{path}: missing keys {sorted(set(target) - set(sd))[:5]}, "
-                             f"unexpected keys {sorted(set(sd) - set(target))[:5]}")
-        with torch.no_grad():
-            for k, w in sd.items():
-                w = w.t() if k.endswith(CONV1D) else w
-                if w.shape != target[k].shape:
-                    raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, expected {tuple(target[k].shape)}")
-                target[k].copy_(w)  # lm_head shares wte's storage, so it is loaded too
+        or from a local GPT-2-layout .safetensors file, with the config inferred from the shapes
+        (hub.py reads the file, checks it, and copies its weights in)."""
+        path, shape, sd = read_gpt2(name_or_path, cache_dir, n_head)
+        model = cls(GPTConfig(**shape))
+        load_gpt2_weights(model, sd, path)
         return model
 
 
