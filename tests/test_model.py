@@ -259,6 +259,36 @@ def test_padded_lm_head_matches_the_plain_one(rows):
     assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(1, 32), (3, 1, 32), (16, 32), (4, 16, 32), (65, 32), (3, 100, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_few_row_linear_matches_f_linear(shape, bias):
+    # model.linear computes few rows as (W @ x^T)^T (rows <= 64; more take F.linear): the same outputs and
+    # gradients, and contiguous ones (a transposed view would, for one, take attention off its flash kernel)
+    torch.manual_seed(0)
+    x = torch.randn(*shape, requires_grad=True)
+    weight = torch.randn(48, 32, requires_grad=True)
+    b = torch.randn(48, requires_grad=True) if bias else None
+    y = model_py.linear(x, weight, b)
+    ref = F.linear(x, weight, b)
+    assert y.shape == ref.shape and y.is_contiguous()
+    assert torch.allclose(y, ref, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(y, [x, weight] + ([b] if bias else []), g)
+    ref_grads = torch.autograd.grad(ref, [x, weight] + ([b] if bias else []), g)
+    for a, r in zip(grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-4)
+
+
+def test_blocks_use_the_few_row_linear_with_nn_linear_state_dict_keys():
+    model = tiny()
+    block = model.transformer.h[0]
+    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+        assert isinstance(layer, model_py.Linear) and isinstance(layer, torch.nn.Linear)
+    keys = set(model.state_dict())
+    assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+            "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.bias"} <= keys
+
+
 @pytest.mark.parametrize("T", [7, 150])
 def test_loss_matches_the_plain_head(T):
     # the loss never builds the logits (lm_loss.py): same loss and same gradients as the plain head's
