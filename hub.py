@@ -157,7 +157,7 @@ def download_gpt2(name, cache_dir=None):
     instead = ("Or download model.safetensors yourself and pass its local path "
                "(--pretrain.init=PATH, GPT.from_pretrained(PATH))")
     if sha256 is None:
-        warnings.warn(f"{name}: sha256 unknown (not pinned in model.GPT2_PINS), its weights are used unverified",
+        warnings.warn(f"{name}: sha256 unknown (not pinned in hub.GPT2_PINS), its weights are used unverified",
                       stacklevel=3)
     if path.exists():
         if problem := file_mismatch(path, sha256, size):

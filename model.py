@@ -5,10 +5,11 @@ reference policy and (with a scalar head, see reward.py) the preference model.
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
 
 Contents, top to bottom:
-  - the GPT-2 blocks in plain PyTorch (pre-LayerNorm, GELU MLP, GPT-2 parameter names)
+  - the GPT-2 blocks in plain PyTorch (pre-LayerNorm, GELU MLP, GPT-2 parameter names; `linear` for few rows)
   - a preallocated KV cache and the sampling rule (temperature, top-k, top-p)
   - GPT: forward with padding masks, batched generation, GPT.from_pretrained
-The files (safetensors, OpenAI's GPT-2 weights from the hub, the Hugging Face export) are in hub.py.
+The files (safetensors, reading a GPT-2 checkpoint, OpenAI's weights from the hub, the Hugging Face export)
+are in hub.py.
 
 References:
   GPT-2 paper: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"
