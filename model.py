@@ -34,13 +34,15 @@ from lm_loss import lm_loss, padded_head
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), (..., C_in) -> (..., C_out). For a few rows on the CPU (a decode step, a PM's
     last token) it computes (weight @ x^T)^T instead: the same dot products, but with the weight as the GEMM's
-    left operand, which CPU BLAS streams faster when x has few rows (README, Speed: sampling)."""
+    left operand, which CPU BLAS streams faster when x has few rows (README, Speed: sampling). That output is
+    a transposed view, left so: copying it contiguous cost more than the matmul saved, the next Linear reads it
+    as its x^T without a copy, and the few readers that need a unit last stride copy it (attention's q, logits)."""
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or rows > 64:
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.size(-1)).t()  # (C_in, rows)
     y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (C_out, rows)
-    return y.t().contiguous().view(*x.shape[:-1], weight.size(0))
+    return y.t().view(*x.shape[:-1], weight.size(0))
 
 
 class Linear(nn.Linear):
@@ -90,6 +92,8 @@ class CausalSelfAttention(nn.Module):
             else:
                 attn_mask = attn_mask[rows, :, query].unsqueeze(2)  # (B, 1, 1, S)
             T = 1
+        # a few-row `linear`'s output is a transposed view: SDPA's flash kernel needs unit last strides
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         # attn_mask None -> plain causal attention (the fast flash kernel); otherwise a boolean
         # (B, 1, T, S) mask, True = may attend, built once per forward in GPT.hidden_states
         y = F.scaled_dot_product_attention(
@@ -317,7 +321,7 @@ class GPT(nn.Module):
         the plain (V, C) weight."""
         weight = self.lm_head.weight  # (V, C), tied to wte
         if weight.size(0) % 64 == 0 or h.numel() < 256 * h.size(-1):
-            return linear(h, weight)
+            return linear(h, weight).contiguous()  # (..., V) softmax and cumsum read along V
         return F.linear(h, padded_head(weight))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
