@@ -35,14 +35,17 @@ def linear(x, weight, bias=None):
     """F.linear(x, weight, bias), (..., C_in) -> (..., C_out). For a few rows on the CPU (a decode step, a PM's
     last token) it computes (weight @ x^T)^T instead: the same dot products, but with the weight as the GEMM's
     left operand, which CPU BLAS streams faster when x has few rows (README, Speed: sampling). That output is
-    a transposed view, left so: copying it contiguous cost more than the matmul saved, the next Linear reads it
-    as its x^T without a copy, and the few readers that need a unit last stride copy it (attention's q, logits)."""
+    a transposed view, left so when no gradient flows (sampling, scoring): copying it contiguous cost more than
+    the matmul saved, the next Linear reads it as its x^T without a copy, and the few readers that need a unit
+    last stride copy it (attention's q, k, v; logits). With gradients it is copied, so that backward runs the
+    same BLAS calls as F.linear's layout and training stays bit for bit what it was."""
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or rows > 64:
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.size(-1)).t()  # (C_in, rows)
     y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (C_out, rows)
-    return y.t().view(*x.shape[:-1], weight.size(0))
+    y = y.t().view(*x.shape[:-1], weight.size(0))  # (..., C_out)
+    return y.contiguous() if y.requires_grad else y
 
 
 class Linear(nn.Linear):

@@ -263,15 +263,20 @@ def test_padded_lm_head_matches_the_plain_one(rows):
 @pytest.mark.parametrize("bias", [True, False])
 def test_few_row_linear_matches_f_linear(shape, bias):
     # model.linear computes few rows as (W @ x^T)^T (rows <= 64; more take F.linear): the same outputs and
-    # gradients (a transposed view for few rows: test_attention_and_logits_get_unit_stride_inputs)
+    # gradients. Without gradients a few-row output is left a transposed view (its readers:
+    # test_attention_and_logits_get_unit_stride_inputs); with them it is contiguous, so backward keeps its layout
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     weight = torch.randn(48, 32, requires_grad=True)
     b = torch.randn(48, requires_grad=True) if bias else None
     y = model_py.linear(x, weight, b)
     ref = F.linear(x, weight, b)
-    assert y.shape == ref.shape
+    assert y.shape == ref.shape and y.is_contiguous()
     assert torch.allclose(y, ref, atol=1e-5)
+    with torch.no_grad():
+        y_nograd = model_py.linear(x, weight, b)
+    rows = x.numel() // 32
+    assert torch.equal(y_nograd, y) and y_nograd.is_contiguous() == (rows == 1 or rows > 64)  # 1 row: either
     g = torch.randn_like(ref)
     grads = torch.autograd.grad(y, [x, weight] + ([b] if bias else []), g)
     ref_grads = torch.autograd.grad(ref, [x, weight] + ([b] if bias else []), g)
