@@ -37,8 +37,8 @@ def linear(x, weight, bias=None):
     left operand, which CPU BLAS streams faster when x has few rows (README, Speed: sampling). That output is
     a transposed view, left so when no gradient flows (sampling, scoring): copying it contiguous cost more than
     the matmul saved, the next Linear reads it as its x^T without a copy, and the few readers that need a unit
-    last stride copy it (attention's q, k, v; logits). With gradients it is copied, so that backward runs the
-    same BLAS calls as F.linear's layout and training stays bit for bit what it was."""
+    last stride copy it (attention's q, k, v; logits). With gradients it is copied contiguous: backward through
+    the view ran BLAS on the other layout and moved a PM's gradients at 1e-7 (README, Speed)."""
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or rows > 64:
         return F.linear(x, weight, bias)

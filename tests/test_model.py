@@ -285,8 +285,8 @@ def test_few_row_linear_matches_f_linear(shape, bias):
 
 
 def test_attention_and_logits_get_unit_stride_inputs(monkeypatch):
-    # a few-row linear leaves its output a transposed view; SDPA given a q without a unit last stride falls
-    # from its flash kernel to the slow math path, and the sampling's softmax and cumsum read along V
+    # without gradients a few-row linear leaves its output a transposed view; SDPA given q, k or v without a
+    # unit last stride falls from its flash kernel to the slow math path; sampling's softmax and cumsum read along V
     model = tiny(vocab_size=128)
     sdpa, strides = F.scaled_dot_product_attention, []
 
@@ -296,10 +296,11 @@ def test_attention_and_logits_get_unit_stride_inputs(monkeypatch):
     monkeypatch.setattr(model_py.F, "scaled_dot_product_attention", spy)
     idx = torch.randint(0, 128, (4, 6))
     model.generate(idx, max_new_tokens=3, generator=torch.Generator().manual_seed(0))  # decode steps: 4 rows
-    model.hidden_states(idx, last=torch.full((4,), 5))  # a PM's last token: 4 rows in the last block
-    assert len(strides) == 2 * 3 + 2 and set(strides) == {(1, 1, 1)}
-    h = model.hidden_states(idx)[:, -1]  # (4, C)
-    assert model.logits(h).is_contiguous()
+    with torch.no_grad():  # as a PM scores: 4 rows in the last block; every layer 24 rows
+        model.hidden_states(idx, last=torch.full((4,), 5))
+        assert len(strides) == 2 * 3 + 2 and set(strides) == {(1, 1, 1)}
+        h = model.hidden_states(idx)[:, -1]  # (4, C)
+        assert model.logits(h).is_contiguous()
 
 
 def test_blocks_use_the_few_row_linear_with_nn_linear_state_dict_keys():
