@@ -8,7 +8,8 @@ bench_hf.py: the project's speed against Hugging Face transformers and TRL, side
 An optional extra: transformers and TRL are never needed to train or to test, and without them this
 script says so and stops. Both sides get the same shapes and the same work (4 layers, 4 heads, width
 256, context 512, fp32, dropout 0, random token ids); each figure runs ours, theirs, ours, theirs, ...
-`--repeats` times and keeps each side's best time, so load on the machine slows both alike. Like
+`--repeats` times and keeps each side's best time, so load on the machine slows both alike; the range after
+each ratio is the lowest and highest of the rounds' own ratios, the noise a best-time ratio sits in. Like
 rlhf.py, it runs with glibc's malloc limits raised (runtime.restart_with_start_env), for both sides. The
 printed ratio is our throughput over theirs (> 1: we are faster).
 
@@ -64,15 +65,19 @@ def ours_config(vocab):
 
 
 def race(ours, theirs, repeats):
-    """Best seconds of each side over `repeats` alternating runs (after one warm-up each)."""
+    """Best seconds of each side over `repeats` alternating runs (after one warm-up each), and each round's
+    ratio theirs / ours: their spread shows how much of a best-time ratio the machine's noise could move."""
     ours(), theirs()
-    best = [float("inf"), float("inf")]
+    best, rounds = [float("inf"), float("inf")], []
     for _ in range(repeats):
+        seconds = []
         for side, fn in enumerate((ours, theirs)):
             t0 = time.perf_counter()
             fn()
-            best[side] = min(best[side], time.perf_counter() - t0)
-    return best
+            seconds.append(time.perf_counter() - t0)
+            best[side] = min(best[side], seconds[-1])
+        rounds.append(seconds[1] / seconds[0])
+    return best[0], best[1], rounds
 
 
 # -----------------------------------------------------------------------------
@@ -214,13 +219,14 @@ def main():
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}")
-    print(f"{'figure':<34} {'vocab':>6} {'ours':>10} {'theirs':>10} {'unit':<14} ours/theirs")
+    print(f"{'figure':<34} {'vocab':>6} {'ours':>10} {'theirs':>10} {'unit':<14} ours/theirs  (each round)")
     for fig in args.figures:
         for vocab in args.vocab:
             for name, (ours, theirs, work, unit) in FIGURES[fig](vocab):
-                t_ours, t_theirs = race(ours, theirs, args.repeats)
+                t_ours, t_theirs, rounds = race(ours, theirs, args.repeats)
                 print(f"{name:<34} {vocab:>6} {work / t_ours:>10.1f} {work / t_theirs:>10.1f} {unit:<14} "
-                      f"{t_theirs / t_ours:.2f}x", flush=True)
+                      f"{t_theirs / t_ours:.2f}x        ({min(rounds):.2f}-{max(rounds):.2f}x)", flush=True)
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

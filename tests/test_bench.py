@@ -63,3 +63,22 @@ def test_bench_hf_without_transformers_says_how_to_install_it(monkeypatch, capsy
     monkeypatch.setattr("sys.argv", ["bench_hf.py"])
     with pytest.raises(SystemExit, match="pip install transformers"):
         bench_hf.main()
+
+
+def test_bench_hf_race_interleaves_the_sides_and_reports_each_rounds_ratio(monkeypatch):
+    # a fake clock: each call advances it by that side's next duration, so the best times and the rounds'
+    # ratios are known exactly; the calls must alternate ours, theirs (one warm-up each first)
+    import bench_hf
+    now, calls = [0.0], []
+    durations = {"ours": iter([9.0, 1.0, 2.0, 1.5]), "theirs": iter([9.0, 3.0, 2.0, 6.0])}
+
+    def side(name):
+        def run():
+            calls.append(name)
+            now[0] += next(durations[name])
+        return run
+    monkeypatch.setattr(bench_hf.time, "perf_counter", lambda: now[0])
+    t_ours, t_theirs, rounds = bench_hf.race(side("ours"), side("theirs"), repeats=3)
+    assert calls == ["ours", "theirs"] * 4
+    assert (t_ours, t_theirs) == (1.0, 2.0)  # the warm-up's 9 s counts for neither side
+    assert rounds == [3.0, 1.0, 4.0]
