@@ -347,7 +347,7 @@ class GPT(nn.Module):
         # the fused kernel updates each tensor in one pass (CUDA: one launch; CPU: ~3x the foreach default's speed)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping (version counters, view tracking) on any op
     def generate(self, idx, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=None,
                  top_p=None, eos_id=None, stop_ids=None, generator=None, use_cache=True):
         """Sample continuations of a batch of LEFT-padded prompts idx (B, T).
@@ -401,7 +401,10 @@ class GPT(nn.Module):
                 seq, seq_mask = new, new_mask
             else:
                 seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
-        return tokens[:, :n], logprobs[:, :n], mask[:, :n]
+        # ordinary tensors out: an inference-mode one could not be saved for backward (a gather over the
+        # sampled tokens, say) nor changed in place outside it
+        with torch.inference_mode(False):
+            return tokens[:, :n].clone(), logprobs[:, :n].clone(), mask[:, :n].clone()
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, n_head=None):

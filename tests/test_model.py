@@ -605,6 +605,19 @@ def test_generate_logprobs_match_forward_on_padded_batch():
     assert torch.allclose(lp[m], logprobs[m], atol=1e-5)
 
 
+def test_generate_returns_ordinary_tensors_that_autograd_can_use():
+    # generate runs in inference mode for speed; its outputs must not be inference tensors, which autograd
+    # refuses to save for backward and which cannot be edited in place afterwards
+    model = tiny().train()
+    idx, mask = left_pad(prompts())
+    tokens, logprobs, m = model.generate(idx, mask, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
+    assert not any(t.is_inference() for t in (tokens, logprobs, m))
+    logits = model(torch.cat([idx, tokens], 1))[0][:, idx.size(1) - 1:-1]  # (B, N, V), with gradients
+    F.log_softmax(logits, -1).gather(2, tokens[..., None]).sum().backward()  # gather saves tokens
+    tokens[~m] = 0  # in place, outside inference mode
+    assert model.lm_head.weight.grad is not None
+
+
 def test_disable_dropout_switches_off_every_kind_of_dropout():
     """Attention dropout happens inside SDPA (dropout_p), not in a module's forward: disable_dropout must
     reach it too, so that a model in train mode computes the same function twice."""
