@@ -100,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         # attn_mask None -> plain causal attention (the fast flash kernel); otherwise a boolean
         # (B, 1, T, S) mask, True = may attend, built once per forward in GPT.hidden_states
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T == k.size(2),
             dropout_p=self.attn_dropout.p if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
@@ -164,20 +164,25 @@ class KVCache:
         self.max_len = max_len
         self.start, self.length = 0, 0  # slots [start, length) are being written by this forward
         self.kv = {}  # layer -> (k, v), each (B, nh, max_len, hs), allocated on first use
-        self.key_mask = None  # (B, max_len) bool
+        self.key_mask = None  # (B, max_len) bool; None while every call was unpadded (reserve)
         self.next_pos = None  # (B,) long
 
     def extend(self, mask):
         """Reserve slots for T new tokens with mask (B, T). Returns (key_mask (B, S), first position (B, 1))."""
         B, T = mask.shape
-        assert self.length + T <= self.max_len, "KV cache is full"
-        if self.key_mask is None:
-            self.key_mask = mask.new_zeros(B, self.max_len)
-            self.next_pos = torch.zeros(B, dtype=torch.long, device=mask.device)
-        self.start, self.length = self.length, self.length + T
+        if self.key_mask is None:  # the slots filled so far, if any (reserve: no padding), hold real tokens
+            self.key_mask = torch.arange(self.max_len, device=mask.device).expand(B, -1) < self.length
+            self.next_pos = torch.full((B,), self.length, dtype=torch.long, device=mask.device)
+        self.reserve(T)
         self.key_mask[:, self.start:self.length] = mask
         first, self.next_pos = self.next_pos, self.next_pos + mask.sum(1)
         return self.key_mask[:, :self.length], first.unsqueeze(1)
+
+    def reserve(self, T):
+        """Reserve slots for T new tokens; returns the first one's slot."""
+        assert self.length + T <= self.max_len, "KV cache is full"
+        self.start, self.length = self.length, self.length + T
+        return self.start
 
     def update(self, layer, k, v):
         """Store this layer's new k, v (B, nh, T, hs); return all keys/values so far (B, nh, S, hs)."""
@@ -287,9 +292,12 @@ class GPT(nn.Module):
             pos = t - torch.where(starts, t, 0).cummax(1).values  # (B, T) minus the segment's first index
             same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
             attn_mask = (same & (t[None, :] <= t[:, None])).unsqueeze(1)  # (B, 1, T, T)
-        elif attention_mask is None and kv_cache is None:
-            # no padding: positions 0..T-1 and plain causal attention (the flash kernel)
-            pos = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        elif attention_mask is None and (kv_cache is None or  # no padding, here or in the cache:
+                                         kv_cache.key_mask is None and (kv_cache.length == 0 or T == 1)):
+            # positions follow the slots and no mask is built: plain causal attention from slot 0 (the flash
+            # kernel), or one new token that sees every cached one (generate's steps after an unpadded prompt)
+            start = 0 if kv_cache is None else kv_cache.reserve(T)
+            pos = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
             attn_mask = None
         else:
             mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -376,7 +384,9 @@ class GPT(nn.Module):
         mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         kv_cache = KVCache(T + max_new_tokens) if use_cache else None
-        seq, seq_mask = idx, attention_mask  # with the cache: only the tokens not yet seen
+        # with the cache: only the tokens not yet seen, and no attention mask at all if no prompt is padded
+        masked = not use_cache or not attention_mask.all()  # the one host sync before the loop
+        seq, seq_mask = idx, attention_mask if masked else None
         n = 0
         for t in range(max_new_tokens):
             last = torch.full((B,), seq.size(1) - 1, device=device) if seq.size(1) > 1 else None  # the prompt's
@@ -398,7 +408,7 @@ class GPT(nn.Module):
             new = tokens[:, t:t + 1]  # (B, 1)
             new_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
             if use_cache:
-                seq, seq_mask = new, new_mask
+                seq, seq_mask = new, new_mask if masked else None
             else:
                 seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
         # ordinary tensors out: an inference-mode one could not be saved for backward (a gather over the

@@ -68,6 +68,46 @@ def test_batched_left_padded_matches_one_at_a_time():
         assert torch.allclose(logprobs[i], lp1[0], atol=1e-5)
 
 
+def cached_steps(model, idx, masks):
+    """Hidden states of idx (B, T) read through a KV cache: the prompt idx[:, :T - 4], then its last 4 tokens
+    one at a time (decode steps); masks[i] is the attention_mask of the i-th call (None: no padding)."""
+    T = idx.size(1)
+    cache, calls = model_py.KVCache(T), [idx[:, :T - 4]] + [idx[:, t:t + 1] for t in range(T - 4, T)]
+    with torch.no_grad():
+        return [model.hidden_states(x, m if m is None else m[:, :x.size(1)], cache) for x, m in zip(calls, masks)]
+
+
+def test_unpadded_batch_decodes_without_a_mask_bit_for_bit(monkeypatch):
+    # a batch without padding needs no attention mask: the prompt takes the causal flash kernel and each new
+    # token attends to every cached key, maskless, with the same numbers as through an all-True mask
+    model = tiny()
+    idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(idx)
+    masked = cached_steps(model, idx, [ones] * 5)
+    sdpa, masks_seen = F.scaled_dot_product_attention, []
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        masks_seen.append(attn_mask)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+    monkeypatch.setattr(model_py.F, "scaled_dot_product_attention", spy)
+    maskless = cached_steps(model, idx, [None] * 5)
+    assert all(m is None for m in masks_seen) and len(masks_seen) == 5 * 2  # 5 calls x 2 layers
+    assert all(torch.equal(a, b) for a, b in zip(masked, maskless))
+    masks_seen.clear()
+    model.generate(idx, max_new_tokens=3, generator=torch.Generator().manual_seed(0))
+    assert len(masks_seen) == 3 * 2 and all(m is None for m in masks_seen[2:])  # the decode steps, after the prompt
+
+
+def test_cache_filled_without_padding_then_given_a_mask():
+    # a masked call after maskless ones: the slots already filled hold real tokens, and positions go on from them
+    model = tiny()
+    idx = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(0))
+    ones = torch.ones_like(idx)
+    reference = cached_steps(model, idx, [ones] * 5)
+    mixed = cached_steps(model, idx, [None, None, ones, None, ones])  # after a mask, the cache keeps its key_mask
+    assert all(torch.equal(a, b) for a, b in zip(reference, mixed))
+
+
 def test_logprobs_are_of_the_unfiltered_tempered_distribution():
     model = tiny()
     idx = torch.tensor([prompts()[0]])
