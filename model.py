@@ -97,8 +97,9 @@ class CausalSelfAttention(nn.Module):
             T = 1
         # a few-row `linear`'s output is a transposed view: SDPA's flash kernel needs unit last strides
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        # attn_mask None -> plain causal attention (the fast flash kernel); otherwise a boolean
-        # (B, 1, T, S) mask, True = may attend, built once per forward in GPT.hidden_states
+        # attn_mask None -> no padding (the fast flash kernel): plain causal attention, or one new token after the
+        # cached ones, which sees all of them; otherwise a boolean (B, 1, T, S) mask, True = may attend, built
+        # once per forward in GPT.hidden_states
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T == k.size(2),
             dropout_p=self.attn_dropout.p if self.training else 0.0)  # (B, nh, T, hs)
@@ -406,9 +407,9 @@ class GPT(nn.Module):
             if done.all():  # the one host sync per step
                 break
             new = tokens[:, t:t + 1]  # (B, 1)
-            new_mask = torch.ones(B, 1, dtype=torch.bool, device=device)
+            new_mask = torch.ones(B, 1, dtype=torch.bool, device=device) if masked else None
             if use_cache:
-                seq, seq_mask = new, new_mask if masked else None
+                seq, seq_mask = new, new_mask
             else:
                 seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
         # ordinary tensors out: an inference-mode one could not be saved for backward (a gather over the
