@@ -14,6 +14,9 @@ Every figure comes from this one run, so ratios between them are fair even on a 
                       optimizer step = forward + backward + clip + AdamW, as supervised_train does it:
                       tokens_per_s; gflops = flops_per_token * tokens_per_s, where flops_per_token is
                       6N + 12*L*H*Q*T (PaLM appendix B, nanoGPT's estimate_mfu); mfu = gflops / peak
+  sft_*               SFT at its shape (sft.batch_size x grad_accum examples a step) on real dialogues, one
+                      example per row (padded) and several per row (packed, as the GPU presets train):
+                      real (non-pad) tokens/s, their share of the batch (real_frac) and the MFU on them
   gen_*               GPT.generate at the PPO rollout shape (ppo.batch_size real prompts, left-padded to
                       at most ppo.max_prompt_tokens, ppo.max_new_tokens new tokens, no early stop):
                       new tokens per second with the KV cache; without it (use_cache=False, which
@@ -42,8 +45,8 @@ import ppo
 import train
 from model import GPT
 from reward import RewardModel
-from runtime import autocast, cuda_peak_flops, pick_device, set_seed, to_device
-from tokens import lm_tokens
+from runtime import autocast, cuda_peak_flops, pick_device, set_seed
+from tokens import lm_tokens, pack_examples
 from train import get_batch
 
 
@@ -121,34 +124,55 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
             "ppo_update_s": round(total - sum(split.values()), 4)}
 
 
-def measure_train(cfg, model, tok, stream, device, dtype, repeats):
-    """One optimizer step at pretrain's shape (batch_size x block_size, grad_accum micro-batches), as
-    supervised_train runs it, on windows of the token stream: the fastest of `repeats` after a warm-up
-    (which also compiles, with cfg.compile). Returns train_batch, train_step_s, train_tokens_per_s and
-    train_gflops = flops_per_token * tokens_per_s."""
-    sc, T = cfg.pretrain, cfg.model.block_size
+def timed_steps(cfg, sc, model, tok, data, device, dtype, repeats, steps=1):
+    """Optimizer steps 0..steps-1 of `sc` on `data` (a token stream, or SFT examples or packed rows), each
+    train.optimizer_step as supervised_train runs it (compiled with cfg.compile): one pass first as a warm-up
+    (which also compiles every batch shape), then the fastest of `repeats` passes over the same steps.
+    Returns (seconds a pass, real tokens a pass, batch positions a pass: real + pad)."""
     optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
     train_model = torch.compile(model) if cfg.compile else model
-    step_no = [0]
+    T = cfg.model.block_size
+    tokens = []
 
-    def train_step():
-        for _ in range(sc.grad_accum):
-            batch = get_batch(stream, step_no[0], sc.batch_size, T, cfg.seed, tok.eos_id)
-            idx, targets = to_device(batch[:2], device)  # pinned + non_blocking on CUDA
-            with autocast(device, dtype):
-                _, loss = train_model(idx, targets)
-            (loss / sc.grad_accum).backward()
-            step_no[0] += 1
-        torch.nn.utils.clip_grad_norm_(model.parameters(), sc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run():
+        tokens.clear()
+        for step in range(steps):
+            tokens.append(train.optimizer_step(train_model, optimizer, data, step, sc, cfg.seed, T, tok.eos_id,
+                                               device, dtype)[2])
+    run()  # warm-up (and compile)
+    dt = best_time(run, device, repeats)
+    positions = sum(get_batch(data, i, sc.batch_size, T, cfg.seed, tok.eos_id)[0].numel()
+                    for i in range(steps * sc.grad_accum))
+    return dt, sum(tokens), positions
 
-    train_step()  # warm-up (and compile)
-    dt = best_time(train_step, device, repeats)
-    tokens = sc.batch_size * sc.grad_accum * T
-    return {"train_batch": [sc.batch_size * sc.grad_accum, T], "train_step_s": round(dt, 4),
+
+def measure_train(cfg, model, tok, stream, device, dtype, repeats):
+    """One optimizer step at pretrain's shape (batch_size x block_size, grad_accum micro-batches) on windows
+    of the token stream: train_batch, train_step_s, train_tokens_per_s and train_gflops = flops_per_token *
+    tokens_per_s."""
+    sc = cfg.pretrain
+    dt, tokens, _ = timed_steps(cfg, sc, model, tok, stream, device, dtype, repeats)
+    return {"train_batch": [sc.batch_size * sc.grad_accum, cfg.model.block_size], "train_step_s": round(dt, 4),
             "train_tokens_per_s": round(tokens / dt, 1),
             "train_gflops": round(model.flops_per_token() * tokens / dt / 1e9, 1)}
+
+
+def measure_sft(cfg, model, tok, pairs, device, dtype, repeats, peak, steps=2):
+    """SFT at its shape (sft.batch_size x grad_accum examples a step) on real hh-rlhf dialogues, two ways: one
+    example per row, right-padded to the batch's longest (padded), and several per block_size row
+    (tokens.pack_examples, as the GPU presets train: packed). For each: real (non-pad) tokens/s, their share of
+    the batch's positions (real_frac: the rest is padding, computed and thrown away), and the MFU on the real
+    tokens, as supervised_train logs it. Only the dialogues the timed steps can reach are tokenised."""
+    sc, T = cfg.sft, cfg.model.block_size
+    rows = steps * sc.batch_size * sc.grad_accum
+    examples = train.sft_examples(pairs[:rows * -(-T // 64)], tok, cfg, T)  # enough to fill `rows` packed rows
+    out = {"sft_batch": [sc.batch_size * sc.grad_accum, T]}
+    for name, data in (("padded", examples), ("packed", pack_examples(examples, T, tok.eos_id, cfg.seed))):
+        dt, tokens, positions = timed_steps(cfg, sc, model, tok, data, device, dtype, repeats, steps)
+        out[f"sft_{name}_tokens_per_s"] = round(tokens / dt, 1)
+        out[f"sft_{name}_real_frac"] = round(tokens / positions, 3)
+        out[f"sft_{name}_mfu"] = round(model.flops_per_token() * tokens / dt / 1e9 / peak, 3)
+    return out
 
 
 def sample_rate(model, queries, query_mask, max_new_tokens, device, dtype, repeats, use_cache=True):
@@ -195,6 +219,9 @@ def run_bench(cfg, repeats=3):
     # ---- 1. training: one optimizer step at pretrain's shape, as supervised_train runs it ----
     out.update(measure_train(cfg, model, tok, lm_tokens(train_pairs, tok), device, dtype, repeats + 2))
     out["train_mfu"] = round(out["train_gflops"] / peak, 3)
+
+    # ---- 1b. SFT at its shape, one example per row and packed: real tokens/s and MFU ----
+    out.update(measure_sft(cfg, model, tok, train_pairs, device, dtype, repeats, peak))
 
     # ---- 2. generation at the rollout shape: KV cache vs full recompute ----
     pc = cfg.ppo

@@ -22,6 +22,9 @@ def test_bench_reports_every_figure(hh_dir, capsys):
                 "gen_tokens_per_s_nocache", "gen_cache_speedup", "peak_mem_mb", "ppo_s", "ppo_rollout_s", "ppo_update_s"):
         assert out[key] > 0, key
     assert set(out["ppo_scoring_s"]) == {"policy_value", "ref", "pm"}
+    for way in ("padded", "packed"):
+        assert out[f"sft_{way}_tokens_per_s"] > 0 and out[f"sft_{way}_mfu"] > 0, way
+        assert 0 < out[f"sft_{way}_real_frac"] <= 1, way
     assert '"train_mfu"' in capsys.readouterr().out  # one JSON object on stdout
 
 
