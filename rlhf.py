@@ -92,8 +92,8 @@ GPU_MODEL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "mode
              "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256, "compile": True}
 # The GPU presets' stages, sized for the full hh-rlhf (153,558 train pairs after validation, 64,825 prompts):
 GPU_STAGES = {
-    # SFT: ~1 pass over the chosen replies, packed ~3.7 dialogues a 1,024-token row (~41,700 rows)
-    "sft.max_steps": 650, "sft.batch_size": 16, "sft.grad_accum": 4, "sft.lr": 3e-5, "sft.eval_interval": 100,
+    # SFT: ~1 pass over the chosen replies, packed by best fit ~4.4 dialogues a 1,024-token row (~34,800 rows)
+    "sft.max_steps": 545, "sft.batch_size": 16, "sft.grad_accum": 4, "sft.lr": 3e-5, "sft.eval_interval": 100,
     "sft.warmup_steps": 30, "sft.pack": True,
     # each PM: one epoch over its half (~76,800 pairs, 2,400 steps of 32), validated on 1,000 val pairs <= 10% of it
     "rm.batch_size": 32, "rm.lr": 3e-5, "rm.warmup_steps": 100, "rm.eval_batch_size": 64, "rm.group_by_length": True,

@@ -8,6 +8,7 @@ stage trains on, built from data.py's Pairs:
   - RL prompts        (prompt_ids):  the prompt alone, left-truncated, for the policy to continue
 and the padding that batches them (pad_right to train, pad_left to generate).
 """
+import bisect
 import itertools
 import os
 
@@ -175,28 +176,40 @@ def dpo_example(prompt, chosen, rejected, tok, block_size, max_reply_tokens):
 
 
 def pack_examples(examples, block_size, pad_id, seed=0):
-    """Pack (ids, loss_mask) SFT examples into rows of exactly block_size + 1 tokens, greedily in a
-    seeded random order: (ids, loss_mask, segment_ids) per row, segment k = the row's k-th example,
-    -1 = padding at the row's end. Why: hh-rlhf dialogues are short (GPT-2 tokens: median ~130, long
-    tail to 1024), so one right-padded example per row wastes ~70% of a batch of 32 on pads. The model
-    keeps each example to itself (GPT.hidden_states with segment_ids: positions restart, attention
-    stays inside the segment), so a packed row computes exactly what separate rows would. The row is
-    shifted as a whole (inputs ids[:-1], targets ids[1:]); the one target that crosses a boundary is
-    the next example's first token, a prompt token with loss_mask 0, so no loss crosses either."""
+    """Pack (ids, loss_mask) SFT examples into rows of exactly block_size + 1 tokens: (ids, loss_mask,
+    segment_ids) per row, segment k = the row's k-th example, -1 = padding at the row's end. Why: hh-rlhf
+    dialogues are short (GPT-2 tokens: median ~130, long tail to 1024), so one right-padded example per row
+    wastes ~70% of a batch of 32 on pads. The model keeps each example to itself (GPT.hidden_states with
+    segment_ids: positions restart, attention stays inside the segment), so a packed row computes exactly what
+    separate rows would. The row is shifted as a whole (inputs ids[:-1], targets ids[1:]); the one target that
+    crosses a boundary is the next example's first token, a prompt token with loss_mask 0, so no loss crosses.
+    Best fit decreasing (as in Ding et al. 2024, "Fewer Truncations Improve Language Modeling"): longest first,
+    each into the row with the least room that still holds it, else a new row; equal lengths in a seeded random
+    order. It leaves ~1% of the sample's 1,025-token rows as padding, filling rows in random order ~13%."""
     assert all(len(ids) <= block_size and mask[0] == 0 for ids, mask in examples), (
         "each example must fit block_size and start with a prompt (loss_mask 0) token")
+    width = block_size + 1
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
-    rows, ids, mask, seg = [], [], [], []
+    order.sort(key=lambda i: -len(examples[i][0]))  # stable: equal lengths keep the random order
+    rows, with_room, rooms = [], {}, []  # rows: example indices; room -> rows with that room; rooms: sorted keys
     for i in order:
-        ex_ids, ex_mask = examples[i]
-        if len(ids) + len(ex_ids) > block_size + 1:  # full: pad to the fixed width, start a new row
-            rows.append(_pad_row(ids, mask, seg, block_size + 1, pad_id))
-            ids, mask, seg = [], [], []
-        seg += [seg[-1] + 1 if seg else 0] * len(ex_ids)
-        ids, mask = ids + list(ex_ids), mask + list(ex_mask)
-    if ids:
-        rows.append(_pad_row(ids, mask, seg, block_size + 1, pad_id))
-    return rows
+        n = len(examples[i][0])
+        k = bisect.bisect_left(rooms, n)  # the least room that holds n tokens
+        if k == len(rooms):
+            r, room = len(rows), width
+            rows.append([])
+        else:
+            room, r = rooms[k], with_room[rooms[k]].pop()
+            if not with_room[room]:
+                del with_room[room], rooms[k]
+        rows[r].append(i)
+        if room - n:
+            if room - n not in with_room:
+                with_room[room - n] = []
+                bisect.insort(rooms, room - n)
+            with_room[room - n].append(r)
+    return [_pad_row([t for i in row for t in examples[i][0]], [m for i in row for m in examples[i][1]],
+                     [k for k, i in enumerate(row) for _ in examples[i][0]], width, pad_id) for row in rows]
 
 
 def _pad_row(ids, mask, seg, width, pad_id):

@@ -115,6 +115,15 @@ def test_packed_batches_give_the_same_loss_as_padded_ones():
     assert torch.allclose(packed, model(idx, targets, loss_mask=loss_mask)[1], atol=1e-5)
 
 
+def test_packing_fills_rows_by_best_fit():
+    # six 9-token and six 8-token examples fill six 17-token rows exactly (9 + 8): best fit finds that, where
+    # filling rows in a random order leaves room a 9 cannot use; the examples inside stay whole and in order
+    examples = [([1] * n, [0] + [1] * (n - 1)) for n in (9, 8) * 6]
+    rows = pack_examples(examples, 16, pad_id=0, seed=0)
+    assert len(rows) == 6
+    assert all(seg.count(0) + seg.count(1) == 17 and -1 not in seg for _, _, seg in rows)
+
+
 def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max_steps=12, val_curve=None,
               dropout=0.0, stop_in_forward_at=None):
     """A 12-step pretraining run; `fail_at` makes the data loader die at that micro-batch,
