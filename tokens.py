@@ -183,19 +183,20 @@ def pack_examples(examples, block_size, pad_id, seed=0):
     segment_ids: positions restart, attention stays inside the segment), so a packed row computes exactly what
     separate rows would. The row is shifted as a whole (inputs ids[:-1], targets ids[1:]); the one target that
     crosses a boundary is the next example's first token, a prompt token with loss_mask 0, so no loss crosses.
-    Best fit decreasing (as in Ding et al. 2024, "Fewer Truncations Improve Language Modeling"): longest first,
-    each into the row with the least room that still holds it, else a new row; equal lengths in a seeded random
-    order. It leaves ~1% of the sample's 1,025-token rows as padding, filling rows in random order ~13%."""
+    Best fit decreasing (Ding et al. 2024, "Fewer Truncations Improve Language Modeling", arXiv:2404.10830):
+    longest first, each into the row with the least room that still holds it, else a new row; equal lengths in a
+    seeded random order. It leaves ~1% of the sample's 1,025-token rows as padding, filling rows in random order
+    ~13%."""
     assert all(len(ids) <= block_size and mask[0] == 0 for ids, mask in examples), (
         "each example must fit block_size and start with a prompt (loss_mask 0) token")
     width = block_size + 1
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     order.sort(key=lambda i: -len(examples[i][0]))  # stable: equal lengths keep the random order
-    rows, with_room, rooms = [], {}, []  # rows: example indices; room -> rows with that room; rooms: sorted keys
+    rows, with_room, rooms = [], {}, []  # example indices per row; room -> rows with that room; sorted rooms
     for i in order:
         n = len(examples[i][0])
-        k = bisect.bisect_left(rooms, n)  # the least room that holds n tokens
-        if k == len(rooms):
+        k = bisect.bisect_left(rooms, n)  # the least room that holds n tokens, if any row has it
+        if k == len(rooms):  # none: a new row
             r, room = len(rows), width
             rows.append([])
         else:
@@ -203,11 +204,12 @@ def pack_examples(examples, block_size, pad_id, seed=0):
             if not with_room[room]:
                 del with_room[room], rooms[k]
         rows[r].append(i)
-        if room - n:
-            if room - n not in with_room:
-                with_room[room - n] = []
-                bisect.insort(rooms, room - n)
-            with_room[room - n].append(r)
+        left = room - n
+        if left:  # a full row is never looked at again
+            if left not in with_room:
+                with_room[left] = []
+                bisect.insort(rooms, left)
+            with_room[left].append(r)
     return [_pad_row([t for i in row for t in examples[i][0]], [m for i in row for m in examples[i][1]],
                      [k for k, i in enumerate(row) for _ in examples[i][0]], width, pad_id) for row in rows]
 
