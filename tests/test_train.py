@@ -117,7 +117,7 @@ def test_packed_batches_give_the_same_loss_as_padded_ones():
 
 def test_packing_fills_rows_by_best_fit():
     # six 9-token and six 8-token examples fill six 17-token rows exactly (9 + 8): best fit finds that, where
-    # filling rows in a random order leaves room a 9 cannot use; the examples inside stay whole and in order
+    # filling rows in a random order leaves room a 9 cannot use; each row holds two whole examples, no padding
     examples = [([1] * n, [0] + [1] * (n - 1)) for n in (9, 8) * 6]
     rows = pack_examples(examples, 16, pad_id=0, seed=0)
     assert len(rows) == 6
