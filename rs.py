@@ -35,6 +35,22 @@ def best_of_n(scores):
     return scores.argmax(dim=1)
 
 
+def pick_winners(scores, ended):
+    """Each prompt's winner for the fine-tune: its best finished reply, or, where none of its n replies
+    finished, its best cut one. scores, ended (P, n) -> (P,) long."""
+    best_finished = best_of_n(scores.masked_fill(~ended, float("-inf")))  # (P,) arbitrary where none finished
+    return torch.where(ended.any(1), best_finished, best_of_n(scores))
+
+
+def winner_example(query, reply, ended, tok, block_size):
+    """(ids, loss_mask) to fine-tune on a winner: a finished reply without the EOS or stop sequence it ended
+    with, then one EOS (sft_example's); a cut reply as sampled, with no EOS, so that the fine-tune never
+    teaches the policy to stop where max_new_tokens cut it."""
+    if ended:
+        reply = strip_end(reply, tok.eos_id, tok.stop_ids)
+    return sft_example(query, reply, tok, block_size, len(reply), eos=ended)
+
+
 def bon_kl(n):
     """KL(best-of-n || base) = log n - (n - 1) / n nats (Stiennon et al. 2020 app. G.3).
 
@@ -112,18 +128,11 @@ def run_rs(run, rc, rollout):
         scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size, dtype), rep_queries, replies, rc.sample_batch_size)
         scores = scores.view(-1, rc.n)                                                             # (P, n)
         ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rc.n)
-        # the best finished reply; only where none finished, the best cut one (trained without EOS)
-        best = best_of_n(torch.where(ended, scores, scores - 1e9))                                # (P,)
-        examples, kept, n_cut = [], [], 0
-        for p, j in enumerate(best.tolist()):
-            reply = replies[p * rc.n + j]
-            if ended[p, j]:  # drop the EOS or stop sequence; sft_example appends one EOS, since the reply fits
-                reply = strip_end(reply, tok.eos_id, tok.stop_ids)
-                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply)))
-            else:            # a cut reply gets no EOS: the policy must not learn to stop there
-                examples.append(sft_example(queries[p], reply, tok, block_size, len(reply) - 1))
-                n_cut += 1
-            kept.append(scores[p, j].item())
+        best = pick_winners(scores, ended)                                                       # (P,)
+        examples = [winner_example(queries[p], replies[p * rc.n + j], bool(ended[p, j]), tok, block_size)
+                    for p, j in enumerate(best.tolist())]
+        kept = scores.gather(1, best[:, None]).squeeze(1).tolist()
+        n_cut = int((~ended.gather(1, best[:, None])).sum())
         parts = [(examples, kept, scores.flatten().tolist(), ended.flatten().tolist(), n_cut)]
         if world_size > 1:  # every rank gets every rank's winners (and the numbers for the summary)
             parts = [None] * world_size

@@ -145,24 +145,25 @@ def _ids(x, tok):
     return tok.encode(x) if isinstance(x, str) else list(x)  # text, or ids encoded earlier
 
 
-def sft_example(prompt, reply, tok, block_size, max_reply_tokens):
+def sft_example(prompt, reply, tok, block_size, max_reply_tokens, eos=True):
     """(ids, loss_mask) for supervised fine-tuning on prompt + reply + EOS. loss_mask is 1 on the
     reply tokens and the EOS (the tokens the model should learn to produce), 0 on the prompt; train
     with inputs ids[:-1], targets ids[1:], mask loss_mask[1:]. A reply longer than max_reply_tokens
-    is cut and gets no EOS (the model must not learn to stop mid-reply). The prompt is truncated from
-    the LEFT, keeping its last turns, so that everything fits in block_size.
+    is cut and gets no EOS (the model must not learn to stop mid-reply); so does one known to be
+    unfinished (eos=False: a sample cut at max_new_tokens). The prompt is truncated from the LEFT,
+    keeping its last turns, so that everything fits in block_size.
     prompt and reply may be strings or ids already encoded by tok."""
     assert block_size >= 2, "need room for a prompt token and a reply token"
-    r = _reply(reply, tok, block_size, max_reply_tokens)
+    r = _reply(reply, tok, block_size, max_reply_tokens, eos)
     p = _ids(prompt, tok)[-(block_size - len(r)):]
     return p + r, [0] * len(p) + [1] * len(r)
 
 
-def _reply(reply, tok, block_size, max_reply_tokens):
-    """The reply's ids as a policy learns them: cut to max_reply_tokens, + EOS only if it was not cut,
-    and at most block_size - 1 tokens, so at least one prompt token is left to condition on."""
+def _reply(reply, tok, block_size, max_reply_tokens, eos=True):
+    """The reply's ids as a policy learns them: cut to max_reply_tokens, + EOS only if it was not cut (and
+    eos), and at most block_size - 1 tokens, so at least one prompt token is left to condition on."""
     reply_ids = _ids(reply, tok)
-    r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if len(reply_ids) <= max_reply_tokens else [])
+    r = reply_ids[:max_reply_tokens] + ([tok.eos_id] if eos and len(reply_ids) <= max_reply_tokens else [])
     return r[:block_size - 1]
 
 

@@ -14,7 +14,7 @@ from dpo import DPOConfig, run_dpo
 from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, run_eval
 from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
-from rs import RSConfig, best_of_n, bon_expected, bon_kl, run_rs
+from rs import RSConfig, best_of_n, bon_expected, bon_kl, pick_winners, run_rs, winner_example
 from runtime import load_checkpoint, model_checkpoint, save_checkpoint
 from tokens import Tokenizer, pad_left
 
@@ -24,6 +24,25 @@ torch.set_num_threads(1)
 def test_best_of_n_picks_argmax():
     scores = torch.tensor([[0.1, 2.0, -1.0], [5.0, 4.0, 5.0], [-3.0, -2.0, -1.0]])
     assert best_of_n(scores).tolist() == [1, 0, 2]
+
+
+def test_rs_winner_is_the_best_finished_reply_else_the_best_cut_one():
+    """Rejection sampling keeps each prompt's best finished reply; where none finished, the PM still picks
+    among the cut ones (scores of the PMs' normalised size, where float32 has its full precision)."""
+    scores = torch.tensor([[-0.5, 2.5, 1.0, 0.3], [0.1, 0.2, 3.0, -1.0], [1.5, -2.0, 0.7, 0.9]])
+    ended = torch.tensor([[False, False, False, False], [True, False, False, True], [False, True, False, False]])
+    assert pick_winners(scores, ended).tolist() == [1, 0, 1]
+
+
+def test_rs_winner_example_keeps_a_cut_reply_whole_without_eos():
+    """A winner cut at max_new_tokens is trained on every token it sampled and no EOS; a finished one on
+    its reply without the stop sequence, then one EOS."""
+    tok = Tokenizer()
+    query, reply = tok.encode("\n\nHuman: hi\n\nAssistant:"), tok.encode(" Hello there, friend")
+    ids, mask = winner_example(query, reply, False, tok, 64)
+    assert ids == query + reply and mask == [0] * len(query) + [1] * len(reply)
+    ids, mask = winner_example(query, reply + tok.stop_ids[0], True, tok, 64)
+    assert ids == query + reply + [tok.eos_id] and sum(mask) == len(reply) + 1
 
 
 def test_bon_kl_values():
