@@ -7,6 +7,8 @@ sampled KL estimate is unbiased) and ends at EOS or where the model starts a new
 (handing the dialogue back); strip_end drops that ending, the one place that knows what it looks like.
 A PM scores the prompt + reply + one EOS, read at that EOS, as it was trained (reward.score_replies).
 """
+import itertools
+
 import torch
 
 from actor_critic import forward_policy, logprobs_from_logits
@@ -109,5 +111,9 @@ def rl_prompts(run, split, tok, max_prompt_tokens):
     pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), split, run.data)
     if split == "train":
         pairs, _ = split_train_val(pairs, run.data.val_frac)
-    texts = list(dict.fromkeys(p.prompt for p in pairs))  # unique, in file order
+    # unique prompts, the subsets taken in turn (each in file order): the data comes subset after subset, so the
+    # evaluation's first num_prompts would otherwise all be the first subset's
+    subsets = dict.fromkeys(p.subset for p in pairs)
+    per_subset = [list(dict.fromkeys(p.prompt for p in pairs if p.subset == s)) for s in subsets]
+    texts = list(dict.fromkeys(t for turn in itertools.zip_longest(*per_subset) for t in turn if t is not None))
     return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]

@@ -1,9 +1,11 @@
 """Tests for evaluate.py: best-of-n selection and its KL, the unbiased estimator, the frontier fits."""
 
+import gzip
 import itertools
 import json
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from rs import RSConfig, best_of_n, bon_expected, bon_kl, pick_winners, run_rs, winner_example
 from runtime import load_checkpoint, model_checkpoint, save_checkpoint
+from sampling import rl_prompts
 from tokens import Tokenizer, pad_left
 
 torch.set_num_threads(1)
@@ -43,6 +46,21 @@ def test_rs_winner_example_keeps_a_cut_reply_whole_without_eos():
     assert ids == query + reply and mask == [0] * len(query) + [1] * len(reply)
     ids, mask = winner_example(query, reply + tok.stop_ids[0], True, tok, 64)
     assert ids == query + reply + [tok.eos_id] and sum(mask) == len(reply) + 1
+
+
+def test_eval_prompts_take_the_subsets_in_turn(tmp_path):
+    """rl_prompts takes the subsets in turn, each in file order: the data comes subset after subset, so the
+    evaluation's first num_prompts would otherwise all be the first subset's (harmless-base, on the full set)."""
+    for subset in ("harmless-base", "helpful-base"):
+        (tmp_path / subset).mkdir()
+        with gzip.open(tmp_path / subset / "test.jsonl.gz", "wt", encoding="utf-8") as f:
+            for i in range(3):
+                prompt = f"\n\nHuman: {subset} question {i}?\n\nAssistant:"
+                f.write(json.dumps({"chosen": prompt + " Yes.", "rejected": prompt + " No."}) + "\n")
+    run = SimpleNamespace(data_dir=str(tmp_path), data=DataConfig())
+    prompts = [text for text, _ in rl_prompts(run, "test", Tokenizer(), 64)]
+    assert [text.split()[1] for text in prompts] == ["harmless-base", "helpful-base"] * 3
+    assert len(set(prompts)) == 6
 
 
 def test_bon_kl_values():
