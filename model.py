@@ -211,7 +211,8 @@ def _sample(logits, temperature, top_k, top_p, generator):
         # nucleus: keep the most likely tokens whose cumulative probability first reaches top_p
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         probs = F.softmax(sorted_logits, -1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already >= top_p; top-1 kept
+        drop = probs.cumsum(-1) - probs >= top_p  # (B, V) mass before this token already reaches top_p
+        drop[:, 0] = False  # the most likely token is always kept (top_p <= 0 included)
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # inverse-CDF sampling: one uniform number per row, then a binary search in the cumulative
     # probabilities. torch.multinomial draws an exponential for every vocabulary entry (B * V random

@@ -157,6 +157,16 @@ def test_filtered_sampler_draws_only_from_the_kept_tokens(temperature, top_k, to
     assert stat < CHI2_CRIT[kept - 1], stat
 
 
+def test_top_p_keeps_the_fewest_tokens_whose_mass_reaches_it():
+    """Nucleus sampling keeps the most likely tokens until their mass reaches top_p (Holtzman et al. 2019; so
+    does transformers' top-p warper): of two tokens of probability 0.5 each (exact in floating point), top_p = 0.5
+    keeps one. The chi-square tests above cannot see this boundary."""
+    tok, _ = model_py._sample(torch.zeros(1000, 2), 1.0, None, 0.5, torch.Generator().manual_seed(0))
+    assert tok.unique().numel() == 1
+    tok, _ = model_py._sample(LOGITS.expand(8, -1), 1.0, None, 0.0, torch.Generator().manual_seed(0))
+    assert (tok == LOGITS.argmax()).all()  # top_p = 0: the most likely token, not an empty set
+
+
 def test_sampler_at_u_0_skips_filtered_tokens_in_front(monkeypatch):
     """torch.rand can return exactly 0, and a filtered token in front has cdf 0: searchsorted(right=True)
     takes the first token whose cdf exceeds u, a kept one (right=False would take the filtered token 0).
