@@ -32,7 +32,7 @@ from pm_metrics import bootstrap
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
 from runtime import load_checkpoint, load_model, pick_device, set_seed
-from sampling import reply_logprobs, rl_prompts, sample_replies, score, strip_end
+from sampling import reply_lengths, reply_logprobs, rl_prompts, sample_replies, score, strip_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def run_eval(run, ec, rollout, dc):
     rep_q = {"sft": [q for q in queries for _ in range(n)]}
     a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
     b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
-    lengths = {"sft": torch.tensor([len(r) for r in replies["sft"]], dtype=torch.float).view(P, n)}
+    lengths = {"sft": reply_lengths(replies["sft"], tok.eos_id, tok.stop_ids).view(P, n)}
     kl = {"sft": 0.0}
     notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
              f"tokens; SFT and best-of-n from {n} SFT samples per prompt, the others from {ec.policy_samples} per prompt."]
@@ -285,7 +285,7 @@ def run_eval(run, ec, rollout, dc):
         replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen(name), T, dtype)  # its own draws
         a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
         b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
-        lengths[name] = torch.tensor([len(r) for r in replies[name]], dtype=torch.float).view(P, k)
+        lengths[name] = reply_lengths(replies[name], tok.eos_id, tok.stop_ids).view(P, k)
         kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
                     - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
         del policy

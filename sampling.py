@@ -94,6 +94,13 @@ def strip_end(reply, eos_id, stop_ids):
     return reply
 
 
+def reply_lengths(replies, eos_id, stop_ids):
+    """Each reply's length in tokens as a PM reads it, (len(replies),) float: without the EOS or stop sequence it
+    ended with, so that a reply handing the turn back with "\n\nHuman:" does not count four tokens longer than
+    one ending at EOS (the length-controlled win rate compares lengths across policies)."""
+    return torch.tensor([len(strip_end(r, eos_id, stop_ids)) for r in replies], dtype=torch.float)
+
+
 def score(reward_fn, queries, replies, batch_size):
     """PM scores of (query, reply) id lists in batches -> (len(replies),) float tensor."""
     with torch.inference_mode():

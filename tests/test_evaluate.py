@@ -18,7 +18,7 @@ from model import GPT, GPTConfig
 from ppo import PPOConfig, train_ppo
 from rs import RSConfig, best_of_n, bon_expected, bon_kl, pick_winners, run_rs, winner_example
 from runtime import load_checkpoint, model_checkpoint, save_checkpoint
-from sampling import rl_prompts
+from sampling import reply_lengths, rl_prompts
 from tokens import Tokenizer, pad_left
 
 torch.set_num_threads(1)
@@ -61,6 +61,15 @@ def test_eval_prompts_take_the_subsets_in_turn(tmp_path):
     prompts = [text for text, _ in rl_prompts(run, "test", Tokenizer(), 64)]
     assert [text.split()[1] for text in prompts] == ["harmless-base", "helpful-base"] * 3
     assert len(set(prompts)) == 6
+
+
+def test_reply_lengths_are_what_the_pm_reads():
+    """The length-controlled win rate compares reply lengths: a reply is counted without the EOS or "\n\nHuman:"
+    it ended with (what the PMs score), and a cut reply as it is."""
+    tok = Tokenizer()
+    reply = tok.encode(" Sure, here it is.")
+    ended = [reply + [tok.eos_id], reply + tok.stop_ids[0], reply]
+    assert reply_lengths(ended, tok.eos_id, tok.stop_ids).tolist() == [len(reply)] * 3
 
 
 def test_bon_kl_values():
