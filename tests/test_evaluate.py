@@ -31,7 +31,7 @@ def test_best_of_n_picks_argmax():
 
 def test_rs_winner_is_the_best_finished_reply_else_the_best_cut_one():
     """Rejection sampling keeps each prompt's best finished reply; where none finished, the PM still picks
-    among the cut ones (scores of the PMs' normalised size, where float32 has its full precision)."""
+    among the cut ones (the old rule pushed cut scores down by 1e9, which float32 rounds to one value: a tie)."""
     scores = torch.tensor([[-0.5, 2.5, 1.0, 0.3], [0.1, 0.2, 3.0, -1.0], [1.5, -2.0, 0.7, 0.9]])
     ended = torch.tensor([[False, False, False, False], [True, False, False, True], [False, True, False, False]])
     assert pick_winners(scores, ended).tolist() == [1, 0, 1]
