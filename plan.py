@@ -19,7 +19,8 @@ hours, and nothing said so before it started. `all` prints this plan first. How:
 2. Rates (rates.py): what this device reaches for each kind, timed at the preset's shapes with bench.py's
    functions (decode steps are then inside the sampling rate); or, for a named GPU (--plan.gpu), its datasheet
    peak times the utilisation an H100 reached, plus the H100's launch-bound time a decode step; or --plan.gflops.
-3. Time = the sum over kinds of work / rate. Memory: an estimate from the shapes (memory_bytes).
+3. Time = the sum over kinds of work / rate. Memory: the peak, an estimate from the shapes of each stage's widest
+   forward/backward pass on the data it reads, under --micro_tokens (memory_parts), with what dominates it named.
 The last line printed is the plan as one JSON object: {"preset", "device", "stages", "total_seconds", ...}.
 
 References: PaLM (Chowdhery et al. 2022) app. B and nanoGPT's estimate_mfu (FLOPs); Korthikanti et al.
@@ -98,20 +99,56 @@ def pair_width(seqs, batch_size, seed, group_by_length):
                           for i in range(max(1, len(pairs) // batch_size))]))
 
 
-def memory_bytes(gpt, act_bytes, frozen=0, trained=(), kv=None):
-    """A stage's model memory: 4 bytes a parameter for each frozen model (fp32 weights); for each trained
-    one, (rows, T, head): 16 bytes a parameter (weights, gradients, Adam's two moments), activations of
-    about 34 C bytes a token and layer in 16 bits (Korthikanti et al. 2022, eq. 2 without the T x T scores,
-    which SDPA does not keep) scaled to act_bytes, and the head's: "logits" keeps V values a token (in
-    act_bytes, their fp32 copy for the loss, its gradient), "lm_loss" one chunk of them and an fp32 gradient
-    of the hidden states (lm_loss.py), None (a scalar head) nothing; the KV cache of sampling kv = (rows, T)."""
+def widest(lengths, cap, scale):
+    """The widest row a stage reads: the sample's widest where the sample is all of the data (scale 1), else
+    `cap`, the width every row is cut to, which some of the unseen rows reach."""
+    return min(cap, max(lengths)) if scale <= 1 else cap
+
+
+def pass_rows(rows, width, max_tokens):
+    """Rows in a step's widest forward/backward pass: all `rows`, or as many `width`-wide ones as fit in
+    max_tokens (runtime.micro_batches, --micro_tokens), at least one."""
+    return rows if not max_tokens or rows * width <= max_tokens else max(1, min(rows, max_tokens // width))
+
+
+def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None):
+    """A stage's peak memory by what holds it, {name: bytes}: 4 bytes a parameter for each frozen model (fp32
+    weights); for each trained one, 16 bytes a parameter (weights, gradients, Adam's two moments; + 2 under 16-bit
+    autocast, the cast weights it keeps for backward) and the activations of its widest forward/backward pass,
+    trained = [(rows, T, head)]: about 34 C bytes a token and layer in 16 bits (Korthikanti et al. 2022, eq. 2
+    without the T x T scores, which SDPA does not keep) scaled to act_bytes, + 4 C under autocast (layer norm
+    keeps its fp32 input); and the head's: "logits" keeps V values a token (in act_bytes, their fp32 copy for
+    the loss, its gradient), "lm_loss" one chunk of logits (fp32 logits and log-softmax, and under autocast the
+    matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
+    (lm_loss.py), None (a scalar head) nothing; and the KV cache of sampling kv = (rows, T). Checked against the
+    peak resident memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
-    total = 4 * P * frozen + (2 * c.n_layer * kv[0] * kv[1] * c.n_embd * act_bytes if kv else 0)
+    half = act_bytes < 4  # 16-bit autocast
+    parts = {}
+    if frozen:
+        parts[f"{frozen} frozen model{'s' * (frozen > 1)}"] = 4 * P * frozen
+    if kv:
+        parts[f"KV cache {kv[0]} x {round(kv[1])}"] = 2 * c.n_layer * kv[0] * kv[1] * c.n_embd * act_bytes
     for rows, T, head in trained:
-        per_token = c.n_layer * 34 * c.n_embd * act_bytes / 2
+        per_token = c.n_layer * c.n_embd * (34 * act_bytes / 2 + 4 * half)
         per_token += {"logits": c.vocab_size * (act_bytes + 8), "lm_loss": 4 * c.n_embd, None: 0}[head]
-        total += 16 * P + rows * T * per_token + (CHUNK_LOGITS * (act_bytes + 4) if head == "lm_loss" else 0)
-    return total
+        chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) if head == "lm_loss" else 0
+        parts["weights + Adam"] = parts.get("weights + Adam", 0) + (16 + 2 * half) * P
+        key = f"activations {rows} x {round(T)}"
+        parts[key] = parts.get(key, 0) + rows * T * per_token + chunk
+    return parts
+
+
+def pair_pass(seqs, pairs, cap, cfg, scale, head):
+    """[(rows, width, head)] of a comparison step's widest pass: rm.pair_step groups pairs (two rows each, as wide as
+    the wider) under cfg.micro_tokens. seqs: [(chosen tokens, rejected tokens)] of the sample."""
+    width = widest([max(a, b) for a, b in seqs], cap, scale)
+    return [(2 * pass_rows(pairs, 2 * width, cfg.micro_tokens), width, head)]
+
+
+def trained_pass(rows, width, cfg, head):
+    """[(rows, width, head)] of a trained model's widest pass under cfg.micro_tokens (pass_rows)."""
+    return [(pass_rows(rows, width, cfg.micro_tokens), width, head)]
 
 
 def lm_work(gpt, sc, width, n_rows, n_val, kind):
@@ -132,13 +169,13 @@ def work_pretrain(cfg, d, gpt, act):
     sc, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
     if sc.init:
         return {"what": f"load {sc.init}'s weights (no training)", "flops": {}, "tokenize": 0,
-                "memory": memory_bytes(gpt, act, 1)}
+                "memory": memory_parts(gpt, act, 1)}
     w = lm_work(gpt, sc, T, stream / T, None, "pretrain")
     trim = d.train * sum(d.mean) if cfg.data.vocab == "trimmed" else 0  # the trimmed vocabulary reads every text
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x {T} tokens = {w['tokens'] / 1e6:,.1f}M tokens: "
                    f"{w['passes']} passes over ~{stream / 1e6:,.2f}M"),
              tokenize=stream * (d.train + d.val) / d.train + trim,
-             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, T, "lm_loss")]))
+             memory=memory_parts(gpt, act, 0, trained_pass(sc.batch_size, T, cfg, "lm_loss")))
     return w
 
 
@@ -152,7 +189,8 @@ def work_sft(cfg, d, gpt, act):
     packed = f" packed into ~{rows:,.0f} rows" if sc.pack else ""
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {d.train:,} "
                    f"chosen replies{packed}"), tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_bytes(gpt, act, 0, [(sc.batch_size, width, "lm_loss")]))
+             memory=memory_parts(gpt, act, 0, trained_pass(sc.batch_size, T if sc.pack else widest(
+                 [len(e[0]) - 1 for e in ex], T, d.scale), cfg, "lm_loss")))
     return w
 
 
@@ -180,7 +218,7 @@ def work_rm(cfg, d, gpt, act):
                       "sample": rc.normalize_samples * N * fpt(gpt, q + N) / 3},
             "decode": math.ceil(rc.normalize_samples / rc.eval_batch_size) * N,
             "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
-            "memory": memory_bytes(gpt, act, 1, [(2 * B, width, None)])}
+            "memory": memory_parts(gpt, act, 1, pair_pass(seqs, B, block, cfg, d.scale, None))}
 
 
 def work_cd(cfg, d, gpt, act):
@@ -196,7 +234,8 @@ def work_cd(cfg, d, gpt, act):
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens of dialogue, the teacher reading the "
                    f"{L}-token HHH prompt first: {w['passes']} passes over {d.train:,} dialogues"),
              tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_bytes(gpt, act, 1, [(cc.batch_size, width, "logits")]))
+             memory=memory_parts(gpt, act, 1, trained_pass(cc.batch_size, widest([len(e[0]) - 1 for e in ex], T - L,
+                                                                                  d.scale), cfg, "lm_loss")))
     return w
 
 
@@ -222,7 +261,8 @@ def work_dpo(cfg, d, gpt, act):
             "flops": {"eager": trained * (width * fpt(gpt, width, head=False) + reply * 4 * head),
                       "forward": forward * (width * fpt(gpt, width, head=False) / 3 + reply * head)},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
-            "memory": memory_bytes(gpt, act, 1, [(2 * dc.batch_size, width, "lm_loss")])}
+            "memory": memory_parts(gpt, act, 1, pair_pass(seqs, dc.batch_size, cfg.model.block_size, cfg, d.scale,
+                                                          "lm_loss"))}
 
 
 def work_rs(cfg, d, gpt, act):
@@ -240,8 +280,10 @@ def work_rs(cfg, d, gpt, act):
     w["flops"]["forward"] += prompts * rc.n * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3
     w.update(prompts=prompts, samples=prompts * rc.n, winners=winners, tokenize=d.prompts * d.mean[0],
              decode=math.ceil(prompts * rc.n / rc.sample_batch_size) * N,
-             memory=max(memory_bytes(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
-                        memory_bytes(gpt, act, 0, [(rc.batch_size, w["width"], "lm_loss")])),
+             memory=max(memory_parts(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
+                        memory_parts(gpt, act, 0, trained_pass(rc.batch_size, widest([n + N + 1 for n in lens],
+                                                                                     cfg.model.block_size, d.scale),
+                                                               cfg, "lm_loss")), key=lambda p: sum(p.values())),
              what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
                    f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
     return w
@@ -255,14 +297,16 @@ def work_ppo(cfg, d, gpt, act):
     q, episodes = batch_width(lens, pc.batch_size, cfg.seed), pc.iterations * pc.batch_size
     judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
     mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
-    trained = [(pc.minibatch_size, q + N, "logits")] + ([] if pc.share_trunk else [(pc.minibatch_size, q + N, None)])
+    width = widest(lens, pc.max_prompt_tokens, d.scale) + N  # the widest rollout: its longest query + the reply cap
+    trained = trained_pass(pc.minibatch_size, width, cfg, "logits")
+    trained += [] if pc.share_trunk else [(trained[0][0], width, None)]  # the critic's own trunk
     return {"what": (f"{pc.iterations:,} iterations x {pc.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
                      f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {pc.minibatch_size}; "
                      f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
             "iterations": pc.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
             "flops": {"ppo": pc.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
                       "forward": judged * pc.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
-            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_bytes(gpt, act, 3, trained)}
+            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained)}
 
 
 def work_eval(cfg, d, gpt, act):
@@ -281,7 +325,7 @@ def work_eval(cfg, d, gpt, act):
             "prompts": prompts, "samples": samples,
             "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
             "decode": (math.ceil(prompts * ec.n / ec.batch_size) + P * math.ceil(prompts * k / ec.batch_size)) * N,
-            "tokenize": d.test_prompts * d.mean[0], "memory": memory_bytes(gpt, act, 4, kv=(ec.batch_size, q + N))}
+            "tokenize": d.test_prompts * d.mean[0], "memory": memory_parts(gpt, act, 4, kv=(ec.batch_size, q + N))}
 
 
 def make_plan(cfg, repeats=2):
@@ -300,7 +344,9 @@ def make_plan(cfg, repeats=2):
     for s in stages.values():
         flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
         seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"] + decode / rates["decode"]
-        s.update(seconds=round(seconds, 1), memory_gb=round(s.pop("memory") / 1e9, 2),
+        parts = s.pop("memory")
+        s.update(seconds=round(seconds, 1), memory_gb=round(sum(parts.values()) / 1e9, 2),
+                 memory_parts_gb={k: round(v / 1e9, 2) for k, v in parts.items()}, memory_top=max(parts, key=parts.get),
                  gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens), decode_steps=decode)
     return {"preset": cfg.preset, "device": device, "stages": stages,
             "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1), "basis": basis,
@@ -328,8 +374,9 @@ def print_plan(cfg, why="", repeats=2):
           f"vocab {d['vocab_size']:,}\n[plan] data {d['dir']}: {d['train_pairs']:,} train / {d['val_pairs']:,} val / "
           f"{d['test_pairs']:,} test pairs; token counts estimated from {d['sampled_pairs']:,} seeded train pairs, "
           f"scaled by the pair counts\n[plan] time: {plan['basis']}")
-    rows = [("stage", "time", "memory (est.)", "what it does")]
-    rows += [(name, fmt_time(s["seconds"]), f"{s['memory_gb']:.2f} GB", s["what"]) for name, s in stages.items()]
+    rows = [("stage", "time", "peak memory (est.)", "what it does")]
+    rows += [(name, fmt_time(s["seconds"]), f"{s['memory_gb']:.2f} GB ({s['memory_top']})", s["what"])
+             for name, s in stages.items()]
     peak = max(s["memory_gb"] for s in stages.values())
     rows.append(("total", fmt_time(plan["total_seconds"]), f"{peak:.2f} GB peak",
                  "replies counted to their cap; reading the data (seconds a stage) not counted"))

@@ -31,9 +31,10 @@ import torch.distributed as dist
 from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
-from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows, dist_info,
-                     initial_policy, load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state,
-                     save_checkpoint, set_seed, stage_done, token_share)
+from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows,
+                     clip_and_step, dist_info, grad_scaler, initial_policy, load_checkpoint, load_model, micro_batches,
+                     model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done,
+                     token_share)
 from sampling import reply_ended, rl_prompts
 from tokens import pad_left
 
@@ -208,7 +209,7 @@ def explained_variance(values, returns, mask):
 
 
 def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
-             stop_ids=(), dtype="auto"):
+             stop_ids=(), dtype="auto", max_tokens=0, scaler=None):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps: a rollout
     (steps 1-4: sample, score, KL-penalised rewards, advantages), then the update (step 5).
 
@@ -222,8 +223,8 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     Returns (stats dict, rollout dict); the caller owns beta's update.
     """
     ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
-                 stop_ids, dtype)
-    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, pc, generator, dtype)
+                 stop_ids, dtype, max_tokens)
+    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens, scaler)
     # diagnostics (not part of the algorithm)
     mask, kl_sum = ro["mask"], ro["kl"]
     stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
@@ -240,10 +241,11 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
 
 
 def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator, stop_ids,
-            dtype):
+            dtype, max_tokens=0):
     """Steps 1-4 of ppo_step, with no gradients (the frozen models under inference_mode): sample, score,
     per-token rewards, advantages. Returns the batch the update trains on, as a dict of (B, ...) tensors
-    (and the replies as id lists)."""
+    (and the replies as id lists). The forwards over query + response take minibatch_size rows at a time, fewer
+    where that is more than max_tokens tokens."""
     B, Tq = queries.shape
     for m in (policy, critic, ref_policy):
         m.eval()  # dropout off (it is 0 in PPO models anyway): the ratio must be exactly 1 at first
@@ -255,12 +257,13 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_c
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
         mask = response_mask.float()                                                      # (B, N)
+        chunk = pc.minibatch_size if not max_tokens else max(1, min(pc.minibatch_size, max_tokens // query_response.size(1)))
         # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
         logprobs, values, entropy = rollout_forward(policy, critic, query_response, attention_mask, responses,
-                                                    Tq, pc.temperature, pc.minibatch_size)  # (B, N) each
+                                                    Tq, pc.temperature, chunk)  # (B, N) each
         with torch.inference_mode():
             ref_logprobs, _, _ = rollout_forward(ref_policy, None, query_response, attention_mask, responses,
-                                                 Tq, pc.temperature, pc.minibatch_size)    # (B, N)
+                                                 Tq, pc.temperature, chunk)    # (B, N)
             # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, response_mask.sum(1).tolist())]
@@ -284,39 +287,57 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_c
             "scores": scores, "pm_scores": pm_scores, "kl": kl.sum(1), "q_list": q_list, "r_list": r_list}
 
 
-def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype):
+def minibatch_losses(policy, critic, ro, rows, pc, dtype):
+    """PPO's losses on rollout rows `rows` under the current weights, with gradients: (pg_loss, vf_loss, stats)."""
+    device = ro["responses"].device
+    with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
+        logits, values = forward_policy(policy, critic, ro["query_response"][rows], ro["attention_mask"][rows],
+                                        ro["context_length"], pc.temperature)                    # (b, N, V), (b, N)
+    logprobs = logprobs_from_logits(logits, ro["responses"][rows])                                # (b, N) fp32
+    return ppo_losses(logprobs, values, ro["logprobs"][rows], ro["values"][rows], ro["advantages"][rows],
+                      ro["returns"][rows], ro["mask"][rows], pc.cliprange, pc.cliprange_value)
+
+
+def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0, scaler=None):
     """Step 5 of ppo_step: pc.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
     rollout `ro`, stopping early once a minibatch's approximate KL passes pc.max_approx_kl (if set).
-    Under torchrun each rank's loss is weighted by its share of the minibatch's tokens and the gradients
-    are averaged before every step. Returns (per-minibatch stats, stopped early)."""
+    A minibatch of more than max_tokens tokens (rows x query + response) runs in groups of rows
+    (runtime.micro_batches), each group's losses weighted by its share of the minibatch's reply tokens:
+    the losses are means over those tokens, so the gradients add up to the minibatch's. Under torchrun each
+    rank's loss is weighted by its share of the minibatch's tokens and the gradients are averaged before
+    every step. Returns (per-minibatch stats, stopped early)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     B, device, mb_stats = ro["responses"].size(0), ro["responses"].device, []
+    scaler = scaler or grad_scaler(device.type, "float32")  # off: a plain step
+    width = ro["query_response"].size(1)
     for epoch in range(pc.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=generator.device).to(device)
         for start in range(0, B, pc.minibatch_size):
             mb = perm[start:start + pc.minibatch_size]
-            with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
-                mb_logits, mb_values = forward_policy(policy, critic, ro["query_response"][mb], ro["attention_mask"][mb],
-                                                      ro["context_length"], pc.temperature)  # (b, N, V), (b, N)
-            mb_logprobs = logprobs_from_logits(mb_logits, ro["responses"][mb])           # (b, N) fp32
-            pg_loss, vf_loss, st = ppo_losses(mb_logprobs, mb_values, ro["logprobs"][mb], ro["values"][mb],
-                                              ro["advantages"][mb], ro["returns"][mb], ro["mask"][mb],
-                                              pc.cliprange, pc.cliprange_value)
-            loss = pg_loss + pc.vf_coef * vf_loss
-            # every rank reaches the same verdict before any collective: one rank raising alone would
-            # leave the others waiting forever in the next all-reduce
-            if all_ranks_mean(torch.isfinite(loss).float()) < 1:
-                raise NonFiniteLoss(f"non-finite PPO loss (this rank: pg_loss {pg_loss.item()}, vf_loss {vf_loss.item()})")
+            groups = [mb[rows.to(device)] for rows in micro_batches(torch.full((len(mb),), width), max_tokens)]
+            # this rank's mean, weighted by its share of the global minibatch's tokens (1 in one process)
+            share = token_share(ro["mask"][mb]) if dist.is_initialized() else 1.0
+            n_tokens = ro["mask"][mb].sum().clamp(min=1.0)
             optimizer.zero_grad(set_to_none=True)
-            if dist.is_initialized():  # this rank's mean, weighted by its share of the minibatch's tokens
-                loss = loss * token_share(ro["mask"][mb])
-            loss.backward()
+            finite, parts = torch.ones((), device=device), []
+            for rows in groups:
+                pg_loss, vf_loss, st = minibatch_losses(policy, critic, ro, rows, pc, dtype)
+                loss = pg_loss + pc.vf_coef * vf_loss
+                weight = ro["mask"][rows].sum() / n_tokens if len(groups) > 1 else 1.0  # the group's share
+                finite *= torch.isfinite(loss)
+                scaler.scale(loss * (weight * share) if len(groups) > 1 or dist.is_initialized() else loss).backward()
+                parts.append((weight, {"pg_loss": pg_loss.detach(), "vf_loss": vf_loss.detach(), **st}))
+            # every rank reaches the same verdict before any collective on gradients: one rank raising alone
+            # would leave the others waiting forever in the next all-reduce
+            if all_ranks_mean(finite) < 1:
+                raise NonFiniteLoss(f"non-finite PPO loss (this rank: pg_loss {parts[-1][1]['pg_loss'].item()}, "
+                                    f"vf_loss {parts[-1][1]['vf_loss'].item()})")
             average_gradients(params)  # one process: nothing to do
-            st = {k: all_ranks_mean(v) for k, v in st.items()}  # the same early-stop verdict everywhere
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, pc.max_grad_norm or float("inf"))
-            optimizer.step()
-            mb_stats.append({"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), "grad_norm": grad_norm.item(),
-                             **{k: v.item() for k, v in st.items()}})
+            st = {k: sum(w * p[k] for w, p in parts) for k in parts[0][1]}  # the minibatch's means
+            st = {k: all_ranks_mean(v) if k not in ("pg_loss", "vf_loss") else v for k, v in st.items()}
+            grad_norm = clip_and_step(optimizer, params, pc.max_grad_norm, scaler)
+            mb_stats.append({"pg_loss": st.pop("pg_loss").item(), "vf_loss": st.pop("vf_loss").item(),
+                             "grad_norm": grad_norm.item(), **{k: v.item() for k, v in st.items()}})
             if pc.max_approx_kl and st["approx_kl"].item() > pc.max_approx_kl:
                 return mb_stats, True  # the policy moved too far from the one that sampled: stop reusing the batch
     return mb_stats, False
@@ -354,11 +375,11 @@ def load_models(out, init_path, pc, device):
     return policy, ref_policy, critic, pm_a, pm_b, tok
 
 
-def resume(path, policy, critic, optimizer, pc):
+def resume(path, policy, critic, optimizer, pc, scaler):
     """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, pc.kl_coef)."""
     if not os.path.exists(path):
         return 0, pc.kl_coef
-    ckpt = restore(path, policy, optimizer, critic=critic)
+    ckpt = restore(path, policy, optimizer, critic=critic, scaler=scaler)
     print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{pc.iterations}, beta {ckpt['kl_coef']:.4f}")
     return ckpt["iteration"], ckpt["kl_coef"]
 
@@ -398,7 +419,8 @@ def train_ppo(run, pc):
     reward_a = pm_reward_fn(pm_a, tok, dtype=dtype, length_debias=pc.length_debias)  # the reward
     reward_b = pm_reward_fn(pm_b, tok, dtype=dtype)                                  # the held-out judge, as is
     optimizer = build_optimizer(policy, critic, pc, torch.device(device).type)
-    start, kl_coef = resume(path, policy, critic, optimizer, pc)
+    scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
+    start, kl_coef = resume(path, policy, critic, optimizer, pc, scaler)
     prompts = rl_prompts(run, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
     print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
           f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}"
@@ -408,7 +430,8 @@ def train_ppo(run, pc):
     def checkpoint(iteration, done):
         if rank == 0:  # the replicas are identical: one writer
             save_checkpoint(path, model_checkpoint(
-                policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), iteration=iteration,
+                policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                iteration=iteration,
                 kl_coef=kl_coef, rng=rng_state(), seed=run.seed, stage="ppo", config=asdict(pc), done=done))
 
     it = start
@@ -420,7 +443,8 @@ def train_ppo(run, pc):
             generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + it + 7919 * rank)
             try:
                 stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                     local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype)
+                                     local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype, run.micro_tokens,
+                                     scaler)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None

@@ -44,7 +44,7 @@ from ppo import PPOConfig, train_ppo
 from rm import RMConfig, check_choices, train_reward_models
 from rs import RSConfig, run_rs
 from runtime import (CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, initial_policy,
-                     restart_with_start_env)
+                     pick_device, precision, restart_with_start_env)
 from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
@@ -66,9 +66,13 @@ class Config:
     data_dir: str = ""           # local hh-rlhf copy ({subset}/{split}.jsonl.gz); "" = $HH_RLHF_DIR or download
     seed: int = 1337             # one seed for data order, init and sampling
     device: str = "auto"         # auto = cuda > mps > cpu
-    dtype: str = "auto"          # auto = bf16 autocast on CUDA, fp32 elsewhere; bfloat16 = on CPU too (2x on CPUs
-                                 # with native bf16, e.g. AVX512-BF16/AMX: `python rlhf.py bench --dtype=bfloat16`)
-    compile: bool = False        # torch.compile the model (GPU)
+    dtype: str = "auto"          # auto, float32, bfloat16, float16. auto = bf16 autocast on a GPU with native bf16
+                                 # (compute capability >= 8.0), fp16 + loss scaling on an older one, fp32 elsewhere;
+                                 # bfloat16 on a CPU too (faster on CPUs with AVX512-BF16/AMX: `rlhf.py bench`)
+    compile: bool = False        # torch.compile the model (GPU); eager, said in one line, where compiling fails
+    micro_tokens: int = 0        # most tokens (rows x width, padding included) in one forward/backward of a trained
+                                 # model: wider batches run in groups, gradients accumulated (0 = no cap); the GPU
+                                 # presets size it to their card (`python rlhf.py plan` shows the peak memory)
     threads: int = 0             # torch CPU threads (0 = torch's default)
     force: bool = False          # rerun a stage even if its checkpoint is marked done
     policy_init: str = "sft"     # the initial policy of RS, PPO, DPO and the PMs' trunk: sft, or cd (context distilled)
@@ -89,7 +93,10 @@ class Config:
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
 GPU_MODEL = {"model.n_layer": 12, "model.n_head": 12, "model.n_embd": 768, "model.block_size": 1024,  # GPT-2 small
-             "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256, "compile": True}
+             "data.vocab": "gpt2", "data.max_prompt_tokens": 768, "data.max_reply_tokens": 256, "compile": True,
+             # at most 16 rows of 1,024 tokens a forward/backward: a PM step of 32 pairs that are all 1,024 wide runs
+             # in 4 groups, ~7.5 GB at its peak instead of ~23 GB (`python rlhf.py plan --plan.gpu=rtx4090`)
+             "micro_tokens": 16384}
 # The GPU presets' stages, sized for the full hh-rlhf (153,558 train pairs after validation, 64,825 prompts):
 GPU_STAGES = {
     # SFT: ~1 pass over the chosen replies, packed by best fit ~4.4 dialogues a 1,024-token row (~34,800 rows)
@@ -158,7 +165,7 @@ PRESETS = {
     "gpu": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2"},
     # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.9x the parameters, micro-batches halved to fit 24 GB
     "gpu-medium": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2-medium", "model.n_layer": 24, "model.n_head": 16,
-                   "model.n_embd": 1024, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
+                   "model.n_embd": 1024, "micro_tokens": 8192, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
                    "rs.grad_accum": 2, "rm.batch_size": 16, "dpo.batch_size": 16, "ppo.share_trunk": True},
     # GPT-2-small's shape pretrained from scratch on hh-rlhf dialogue text (~9 passes over it, the best-validation
     # weights kept), then the gpu preset's stages: a study of what pretraining alone gives, not a good policy
@@ -248,6 +255,7 @@ def parse_args(argv):
 def check_values(stage, cfg):
     """The values a type cannot check, checked before any stage runs: a typo found after pretraining loses it."""
     initial_policy(cfg)                      # --policy_init
+    precision(pick_device(cfg.device), cfg.dtype)  # --dtype: one the device cannot run
     betas(cfg.dpo)                           # --dpo.beta, --dpo.betas
     check_choices(cfg.rm)                    # --rm.objective, --rm.init
     if stage in ("all", "cd"):

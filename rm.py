@@ -18,6 +18,7 @@ import math
 import os
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -28,9 +29,9 @@ from data import read_pairs, resolve_data_dir, train_comparisons
 from model import GPTConfig
 from pm_metrics import evaluate_pms, pair_accuracy
 from reward import RewardModel, encode_pairs, normalize_pm, pm_block, score_pairs
-from runtime import (MetricsLog, all_ranks_mean, autocast, barrier, batch_rows, dist_info, epoch_permutation,
-                     initial_policy, load_model, model_checkpoint, pick_device, restore, rng_state, save_checkpoint,
-                     set_seed, stage_done)
+from runtime import (MetricsLog, all_ranks_mean, autocast, barrier, batch_rows, clip_and_step, dist_info,
+                     epoch_permutation, grad_scaler, initial_policy, load_model, micro_batches, model_checkpoint,
+                     pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done)
 from sampling import sample_replies
 from tokens import pad_right, prompt_ids
 from train import lr_at
@@ -203,14 +204,44 @@ def pm_steps(rc, n_pairs):
     return rc.max_steps or rc.epochs * max(1, n_pairs // rc.batch_size)
 
 
-def resume_pm(ckpt_path, model, optimizer):
+def resume_pm(ckpt_path, model, optimizer, scaler):
     """Continue an unfinished train_pm run from ckpt_path -> (step, wall seconds so far, best-so-far dict);
     (0, 0.0, an empty best) when there is nothing to resume."""
     best = {"val_loss": float("inf"), "val_accuracy": float("nan"), "step": 0, "state": None}
     if not (ckpt_path and os.path.exists(ckpt_path)):
         return 0, 0.0, best
-    ckpt = restore(ckpt_path, model, optimizer)
+    ckpt = restore(ckpt_path, model, optimizer, scaler=scaler)
     return ckpt["step"], ckpt["wall_s"], ckpt["best"]
+
+
+def pair_step(model, batch, objective, rc, run, scaler):
+    """Forward and backward of one comparison batch (pair_batch's idx, mask, labels, reply mask), leaving the
+    gradient of its mean loss in .grad; returns that loss (detached). Under torchrun this rank takes pairs
+    rank::world_size, the k-th chosen row with the k-th rejected, and DDP averages the ranks' gradients. Pairs
+    wider than max_tokens tokens in all (2 rows a pair, as wide as the longer) run in groups
+    (runtime.micro_batches), each group's loss weighted by its share of the pairs: the loss is a mean over pairs
+    (ranking) or rows (binary), so the gradients add up to the whole batch's."""
+    idx, mask, labels, replies = batch
+    (rank, world_size), device = dist_info(), next(model.parameters()).device
+    B = idx.size(0) // 2
+    mine = torch.arange(rank, B, world_size)                                        # this rank's pairs
+    widths = torch.maximum(mask[mine].sum(1), mask[B + mine].sum(1))                 # (b,) the wider of each pair
+    groups = micro_batches(2 * widths, run.micro_tokens)
+    loss_sum = torch.zeros((), device=device)
+    for g, pairs in enumerate(groups):
+        rows = torch.cat([mine[pairs], B + mine[pairs]])                             # chosen rows, then rejected
+        width = int(widths[pairs].max())
+        x, m, y = idx[rows, :width].to(device), mask[rows, :width].to(device), labels[rows].to(device)
+        extra = () if replies is None else (replies[rows, :width].to(device),)       # DPO's reply mask (dpo.DPOPolicy)
+        sync = world_size == 1 or g == len(groups) - 1  # DDP all-reduces on the group's backward that ends the step
+        with nullcontext() if sync else model.no_sync():
+            with autocast(device.type, run.dtype):  # the forward only; the loss is fp32 (the head's output is)
+                _, loss = model(x, m, y, objective, rc.margin, rc.center_coef, *extra)
+            if len(groups) > 1:
+                loss = loss * (len(pairs) / len(mine))
+            scaler.scale(loss).backward()  # under DDP: gradients all-reduced (averaged over ranks) on the last
+        loss_sum += loss.detach()
+    return loss_sum
 
 
 def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
@@ -234,7 +265,8 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
     val = val_subset(val_ex, rc.val_pairs, run.seed)
     every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
     optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
-    start, wall, best = resume_pm(ckpt_path, model, optimizer)
+    scaler = grad_scaler(device.type, dtype)  # fp16 only: the loss scaler; a no-op otherwise
+    start, wall, best = resume_pm(ckpt_path, model, optimizer, scaler)
     if rank == 0:
         print(f"[rm] {name}: {'resuming from ' + ckpt_path + ' at' if start else 'from'} step {start}/{n_pmp + n_human}"
               + (f" | validating on {len(val)} of {len(val_ex)} val pairs every {every} steps" if val else ""))
@@ -245,7 +277,7 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
     def save(step):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), step=step, stage="rm", config=asdict(rc), seed=run.seed,
+                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage="rm", config=asdict(rc), seed=run.seed,
                 rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
 
     t0 = time.time()
@@ -258,17 +290,9 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
             group["lr"] = lr
         idx, mask, labels, replies = pair_batch(data, i, rc.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
                                                 rc.group_by_length)
-        B = idx.size(0) // 2  # this rank's comparisons of the global batch: the k-th chosen row with the k-th rejected
-        rows = torch.cat([torch.arange(rank, B, world_size), B + torch.arange(rank, B, world_size)])  # (2B/W,)
-        idx, mask, labels = (t[rows].to(device) for t in (idx, mask, labels))
-        extra = () if replies is None else (replies[rows].to(device),)  # DPO's reply mask (dpo.DPOPolicy)
-        with autocast(device.type, dtype):  # the forward only; the loss is fp32 (the head's output is)
-            _, loss = ddp(idx, mask, labels, "ranking" if pmp else objective, rc.margin, rc.center_coef, *extra)
-        loss.backward()  # under DDP: gradients all-reduced (averaged over ranks) here
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rc.grad_clip or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = all_ranks_mean(loss.detach())  # the global batch's loss, for the log
+        loss = pair_step(ddp, (idx, mask, labels, replies), "ranking" if pmp else objective, rc, run, scaler)
+        norm = clip_and_step(optimizer, list(model.parameters()), rc.grad_clip, scaler)
+        loss = all_ranks_mean(loss)  # the global batch's loss, for the log
         phase = "pmp" if pmp else "train"
         if log and rank == 0 and step % rc.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})

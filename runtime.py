@@ -46,6 +46,7 @@ class Run:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    micro_tokens: int = 0
     force: bool = False
     policy_init: str = "sft"
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,14 +94,122 @@ def pick_device(name="auto"):
     return "cpu"
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def native_bf16(device):
+    """True on a CUDA GPU with bf16 tensor cores (compute capability 8.0 and up: A100, RTX 30xx/40xx, H100).
+    Older ones (T4, V100, RTX 20xx) run bf16 matmuls without tensor cores and attention on the slow math kernel."""
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def precision(device, dtype="auto"):
+    """(the autocast dtype or None for fp32, why) on this device for --dtype. auto: bf16 on a GPU that has it
+    natively (bf16 keeps fp32's exponent range: no loss scaling), fp16 with a loss scaler on an older GPU, fp32
+    elsewhere (bf16 matmuls are slower than fp32 on most CPUs). bfloat16 opts a CPU in: on one with native bf16
+    (AVX512-BF16 or AMX; `python rlhf.py bench --dtype=bfloat16` shows it) a step runs faster. A dtype the
+    device cannot run is one line of error, naming the flag that fixes it."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cuda = device.startswith("cuda")
+    if dtype == "float32" or (dtype == "auto" and not cuda):
+        return None, "fp32" + ("" if dtype == "float32" else f" (auto on {device})")
+    if dtype == "auto":
+        if native_bf16(device):
+            return torch.bfloat16, "bf16 autocast (auto: this GPU has native bf16)"
+        return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no native bf16, compute capability < 8.0)"
+    if dtype == "bfloat16" and cuda and not native_bf16(device):
+        raise ConfigError("--dtype=bfloat16: this GPU has no native bf16 (compute capability < 8.0); "
+                          "use --dtype=float16 (with loss scaling) or --dtype=float32")
+    if dtype == "float16":
+        return torch.float16, "fp16 autocast + loss scaling (--dtype=float16)"
+    return torch.bfloat16, "bf16 autocast (--dtype=bfloat16)"
+
+
 def autocast(device, dtype="auto"):
-    """bf16 autocast on CUDA (no loss scaler needed: bf16 has fp32's exponent range); full fp32
-    elsewhere by default, because bf16 matmuls are slower than fp32 on most CPUs. dtype="bfloat16"
-    opts a CPU in: on one with native bf16 (AVX512-BF16 or AMX; `python rlhf.py bench --dtype=bfloat16`
-    shows it) a training step runs faster. dtype="float32" turns autocast off everywhere."""
-    if dtype == "float32" or (dtype == "auto" and not device.startswith("cuda")):
+    """The forward's precision context (precision): bf16 or fp16 autocast, or nothing (fp32). Backward runs in
+    the dtypes the forward chose; losses and the RL math stay fp32 (the heads return fp32)."""
+    amp_dtype, _ = precision(device, dtype)
+    if amp_dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.split(":")[0], dtype=amp_dtype)
+
+
+def grad_scaler(device, dtype="auto"):
+    """A loss scaler, on only under fp16 autocast: fp16's 5-bit exponent flushes small gradients to zero, so the
+    loss is multiplied by a large factor before backward and the gradients divided by it before the step (a step
+    whose gradients overflowed is skipped and the factor halved; Micikevicius et al. 2018, "Mixed Precision
+    Training"). Off (bf16, fp32) each of its calls is a no-op and the step is the plain one."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=precision(device, dtype)[0] is torch.float16)
+
+
+def clip_and_step(optimizer, params, max_norm, scaler):
+    """The end of every optimizer step: unscale the gradients (fp16), clip their global norm (0 = no clip),
+    step, clear. Returns the norm before clipping (inf or nan on a step the scaler skips)."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def micro_batches(widths, max_tokens):
+    """Row groups of one batch, each padded to its widest row, holding at most max_tokens tokens (rows x width,
+    padding included; a row wider than that is a group of its own): the batch's gradient is the sum of the
+    groups', so one optimizer step at any width fits the memory the budget was sized for. Rows are grouped
+    widest first, so a group of short rows is also cut to their width. max_tokens 0, or a batch that fits:
+    one group of every row in order (the unsplit computation). widths: (B,) tokens of each row ->
+    [LongTensor of row indices]."""
+    widths = torch.as_tensor(widths)
+    if not max_tokens or len(widths) * int(widths.max()) <= max_tokens:
+        return [torch.arange(len(widths))]
+    order = torch.sort(widths, descending=True, stable=True).indices.tolist()
+    groups, start = [], 0
+    while start < len(order):
+        rows = max(1, max_tokens // max(1, int(widths[order[start]])))  # the first row is the group's widest
+        groups.append(torch.tensor(order[start:start + rows]))
+        start += rows
+    return groups
+
+
+class CompiledOrEager(torch.nn.Module):
+    """torch.compile(model), or `model` itself once compiling fails (Triton needs a C compiler and a recent GPU):
+    the failure is one printed line and the run goes on eagerly, in the same memory. Compiling happens at the
+    first call of each new shape, so every call is guarded. Attributes other than forward are the model's."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.compiled, self.failed = model, torch.compile(model), False
+
+    def forward(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as e:
+                if not is_compile_error(e):  # the model's own error (a bad input, out of memory): not ours to hide
+                    raise
+                self.failed = True
+                print(f"[compile] torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160]}); "
+                      "running eagerly (--compile=false skips the attempt)")
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):  # config, flops_per_token, ...
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+def compile_model(model, enabled=True):
+    """--compile: the model compiled where torch.compile works, else eager (CompiledOrEager); `model` if not enabled."""
+    return CompiledOrEager(model) if enabled else model
+
+
+def is_compile_error(e):
+    """True for an exception raised by torch.compile's machinery (dynamo, inductor, Triton), not by the model."""
+    return type(e).__module__.split(".")[0] in ("torch", "triton") and (
+        "_dynamo" in type(e).__module__ or "_inductor" in type(e).__module__ or "triton" in type(e).__module__)
 
 
 # dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the datasheets, for MFU in the training log
@@ -258,7 +367,8 @@ def restore(path, model, optimizer, **modules):
     check_compatible(path, ckpt, model)
     model.load_state_dict(ckpt["model"])
     for key, module in modules.items():
-        module.load_state_dict(ckpt[key])
+        if key != "scaler" or ckpt.get(key):  # a loss scaler's state exists only where one was on (fp16)
+            module.load_state_dict(ckpt[key])
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     return ckpt

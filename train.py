@@ -34,9 +34,10 @@ from tqdm import tqdm
 
 from data import format_stats, read_pairs, resolve_data_dir, split_train_val
 from model import GPT
-from runtime import (CheckpointError, ConfigError, NonFiniteLoss, autocast, barrier, batch_rows, cuda_peak_flops,
-                     dist_info, load_checkpoint, load_model, model_checkpoint, pick_device, restore, rng_state,
-                     save_checkpoint, set_seed, stage_done, to_device)
+from runtime import (CheckpointError, ConfigError, NonFiniteLoss, autocast, barrier, batch_rows, clip_and_step,
+                     compile_model, cuda_peak_flops, dist_info, grad_scaler, load_checkpoint, load_model, micro_batches,
+                     model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done,
+                     to_device)
 from sampling import show_samples
 from tokens import Tokenizer, build_tokenizer, lm_tokens, pack_examples, pad_right, sft_example
 
@@ -160,37 +161,44 @@ def resume_best(ckpt_path, ckpt):
     return best
 
 
-def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device, dtype):
+def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device, dtype, max_tokens=0, scaler=None):
     """Forward and backward over the sc.grad_accum micro-batches of optimizer step `step`, leaving the
     gradient of the step's mean loss in .grad. Returns the step's mean loss (a tensor on the device) and
-    the real tokens of the global batch, all ranks together. Under torchrun this rank takes rows
-    rank::world_size of each global micro-batch, and its mean is reweighted by its share of the loss tokens,
-    so DDP's average of the gradients is the gradient of the global mean."""
+    the real tokens of the global batch, all ranks together. A micro-batch wider than max_tokens tokens
+    (rows x width) runs as several groups (runtime.micro_batches), each group's mean loss weighted by its
+    share of the micro-batch's loss tokens: the same gradient, in the memory of the budget. Under torchrun
+    this rank takes rows rank::world_size of each global micro-batch and weights them the same way by their
+    share, so DDP's average of the gradients is the gradient of the global mean."""
     rank, world_size = dist_info()
     loss_sum, tokens = torch.zeros((), device=device), 0
     for micro in range(sc.grad_accum):
         batch = get_batch(data, step * sc.grad_accum + micro, sc.batch_size, block_size, seed, pad_id)
         tokens += int(batch[3].sum())
-        idx, targets, loss_mask = to_device([t[rank::world_size] for t in batch[:3]], device)
-        segment_ids = None if batch[4] is None else to_device([batch[4][rank::world_size]], device)[0]
-        share = world_size * batch[2][rank::world_size].sum() / batch[2].sum().clamp(min=1.0)
-        # DDP syncs gradients on every backward; with accumulation only the last one needs to
-        sync = world_size == 1 or micro == sc.grad_accum - 1
-        with nullcontext() if sync else model.no_sync():
-            with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
-                # batches are right-padded, so under causal attention no real token ever sees a pad: no
-                # attention mask is needed, and SDPA can take its fast is_causal path (packed rows pass
-                # segment_ids instead: a block-diagonal mask keeps examples apart)
-                _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)
-            if world_size > 1:
-                loss = loss * share.to(loss.device)
-            # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
-            (loss / sc.grad_accum).backward()
-        loss_sum += loss.detach() / sc.grad_accum
+        total = batch[2].sum().clamp(min=1.0)  # the global micro-batch's loss tokens
+        mine = [t[rank::world_size] if t is not None else None for t in batch]
+        groups = micro_batches(mine[3].sum(1), max_tokens)  # right-padded rows: a row's width is its real tokens
+        for g, rows in enumerate(groups):
+            width = int(mine[3][rows].sum(1).max())
+            idx, targets, loss_mask = to_device([t[rows, :width] for t in mine[:3]], device)
+            segment_ids = None if mine[4] is None else to_device([mine[4][rows, :width]], device)[0]
+            # DDP syncs gradients on every backward; with accumulation only the step's last one needs to
+            last = micro == sc.grad_accum - 1 and g == len(groups) - 1
+            with nullcontext() if world_size == 1 or last else model.no_sync():
+                with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
+                    # batches are right-padded, so under causal attention no real token ever sees a pad: no
+                    # attention mask is needed, and SDPA can take its fast is_causal path (packed rows pass
+                    # segment_ids instead: a block-diagonal mask keeps examples apart)
+                    _, loss = model(idx, targets, loss_mask=loss_mask, segment_ids=segment_ids)
+                if world_size > 1 or len(groups) > 1:  # this group's share of the global micro-batch's mean
+                    loss = loss * (world_size * mine[2][rows].sum() / total).to(loss.device)
+                # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
+                loss = loss / sc.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            loss_sum += loss.detach()
     return loss_sum, tokens
 
 
-def resume_lm(ckpt_path, model, optimizer, sc, stage):
+def resume_lm(ckpt_path, model, optimizer, sc, stage, scaler):
     """(first step, validation loss before training, best so far) of the unfinished run in ckpt_path, its
     weights, optimizer and RNG restored; or a fresh start, where a best file an earlier run left is removed."""
     rank, best = dist_info()[0], {"step": None, "val_loss": math.inf}
@@ -198,26 +206,27 @@ def resume_lm(ckpt_path, model, optimizer, sc, stage):
         if rank == 0:
             Path(best_path(ckpt_path)).unlink(missing_ok=True)
         return 0, None, best
-    ckpt = restore(ckpt_path, model, optimizer)
+    ckpt = restore(ckpt_path, model, optimizer, scaler=scaler)
     if rank == 0:
         print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{sc.max_steps}")
     return ckpt["step"], ckpt.get("val_loss_before"), resume_best(ckpt_path, ckpt) if sc.keep_best else best
 
 
-def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad_id, device, dtype):
-    """One step: accumulate the gradients of sc.grad_accum micro-batches, clip, update. Returns the global
-    loss (every rank's average, so that all ranks stop together on a non-finite one), the gradient norm
-    and this rank's tokens."""
-    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, sc, seed, block_size, pad_id, device, dtype)
+def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad_id, device, dtype, max_tokens=0,
+                   scaler=None):
+    """One step: accumulate the gradients of sc.grad_accum micro-batches (in groups of at most max_tokens
+    tokens), clip, update (through the fp16 loss scaler where there is one). Returns the global loss (every
+    rank's average, so that all ranks stop together on a non-finite one), the gradient norm and the tokens."""
+    scaler = scaler or grad_scaler(device, "float32")  # off: a plain step
+    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, sc, seed, block_size, pad_id, device, dtype,
+                                              max_tokens, scaler)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
         loss_sum /= dist.get_world_size()
     loss_sum = loss_sum.item()
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss(f"non-finite loss ({loss_sum}) at step {step}")
-    norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), sc.grad_clip or float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    norm = clip_and_step(optimizer, list(train_model.parameters()), sc.grad_clip, scaler)
     return loss_sum, norm, n_tokens
 
 
@@ -245,8 +254,9 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
     assert sc.batch_size % world_size == 0, (
         f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
     optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
-    start, val_before, best = resume_lm(ckpt_path, model, optimizer, sc, stage)
-    eval_model = train_model = torch.compile(model) if run.compile else model  # validation: outside DDP
+    scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
+    start, val_before, best = resume_lm(ckpt_path, model, optimizer, sc, stage, scaler)
+    eval_model = train_model = compile_model(model, run.compile)  # validation: outside DDP
     if world_size > 1:  # DDP averages the gradients during backward, overlapping it with the communication
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     block_size = model.config.block_size
@@ -262,7 +272,7 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
     def checkpoint(step, done, best, val_loss=None, rng=None):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), step=step, stage=stage, config=asdict(sc),
+                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage=stage, config=asdict(sc),
                 seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
 
     # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
@@ -284,7 +294,7 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
                 best = validate_and_save(stage, step, validate(), best, sc, model, ckpt_path, checkpoint, log)
             try:
                 loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, run.seed,
-                                                      block_size, tok.eos_id, device, dtype)
+                                                      block_size, tok.eos_id, device, dtype, run.micro_tokens, scaler)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[{stage}] {e}; the last good checkpoint is kept in {ckpt_path}") from None
             tokens += n_tokens

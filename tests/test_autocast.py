@@ -60,7 +60,7 @@ def pm_step(dtype, tmp_path):
     seen = linear_dtypes(model)
     rc = rm.RMConfig(lr=1e-3, batch_size=8, max_steps=1, warmup_steps=1, eval_interval=1, log_interval=1)
     log = runtime.MetricsLog(str(tmp_path / dtype))
-    info = rm.train_pm(SimpleNamespace(seed=0, dtype=dtype), rc, model, SimpleNamespace(eos_id=0),
+    info = rm.train_pm(runtime.Run(seed=0, dtype=dtype), rc, model, SimpleNamespace(eos_id=0),
                            comparisons(16, 0), comparisons(24, 1), "ranking", log=log, name="pm")
     row = next(r for r in map(json.loads, open(log.path)) if "rm/pm/train_loss" in r)
     dtypes = copy.deepcopy(seen)

@@ -44,6 +44,7 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
     (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,0x64"], "--rm.size_study_sizes: '0x64' is neither"),
     (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,gpt2"], "gpt2 is GPT-2's weights, which need"),
     (["rm", "--rm.size_study=true", "--rm.size_study_sizes=2x64"], "needs two or more trunks"),
+    (["--dtype=fp16"], "--dtype must be one of auto, float32, bfloat16, float16, got 'fp16'"),
 ])
 def test_bad_values_stop_before_any_stage_runs(argv, message):
     """parse_args, not the stage that reads the value: `all` would otherwise train for minutes first."""

@@ -23,12 +23,12 @@ from dpo import DPOPolicy
 from ppo import PPOConfig, ppo_step
 from reward import RewardModel
 from rm import RMConfig, train_pm
-from runtime import MetricsLog, NonFiniteLoss, init_distributed, load_checkpoint, save_checkpoint, stage_done
+from runtime import MetricsLog, NonFiniteLoss, Run, init_distributed, load_checkpoint, save_checkpoint, stage_done
 from train import LMTrainConfig, supervised_train
 
 
 class Cfg:  # the run-level fields supervised_train reads
-    seed, compile, dtype = 0, False, "auto"
+    seed, compile, dtype, micro_tokens = 0, False, "auto", 0
 
 
 class Tok:  # what supervised_train needs of a tokenizer: the pad/EOS id and something to checkpoint
@@ -86,7 +86,7 @@ def train_rm(out_dir, objective):
         model = RewardModel(config)
     rm = RMConfig(objective=objective, lr=1e-2, batch_size=8, max_steps=4, warmup_steps=2, pmp_steps=2,
                   eval_interval=100, log_interval=1, center_coef=0.1, eval_batch_size=8)
-    train_pm(SimpleNamespace(seed=0, dtype="auto"), rm, model, Tok(), data(40, 0), data(8, 1), objective,
+    train_pm(Run(seed=0), rm, model, Tok(), data(40, 0), data(8, 1), objective,
              pmp_ex=comparisons(24, 2) if objective == "ranking" else None,
              ckpt_path=os.path.join(out_dir, "pm_a.pt"), log=MetricsLog(out_dir), name="pm_a")
     return model.state_dict()

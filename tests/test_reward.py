@@ -248,7 +248,7 @@ def stage_cfg(tmp_path, data_dir):
     rc = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
                      normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
-    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False,
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False, micro_tokens=0,
                            policy_init="sft", data=data, rm=rc, ppo=ppo)
 
 

@@ -19,7 +19,7 @@ import train
 
 
 class Cfg:  # the run-level fields supervised_train reads
-    seed, compile, dtype = 0, False, "auto"
+    seed, compile, dtype, micro_tokens = 0, False, "auto", 0
 
 
 def tiny_model(vocab=300, dropout=0.0):
