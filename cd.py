@@ -100,6 +100,16 @@ def prompt_text(cc):
     return text
 
 
+def check_config(cc):
+    """The CDConfig values a type cannot check, one line of error each: the prompt file (prompt_text) and pack.
+    Packed rows (LMTrainConfig.pack) are refused: a row of several dialogues would let the student attend across
+    them and give the teacher the prompt once a row, before the first dialogue only."""
+    if cc.pack:
+        raise ConfigError("--cd.pack=true: context distillation reads one dialogue a row (the teacher reads the "
+                          "prompt before each); leave --cd.pack false")
+    prompt_text(cc)
+
+
 def read_prompt(cc, tok, block_size):
     """C's token ids (prompt_text) and how many tokens were cut from its start so that 64 or more of the context
     are left to the dialogue (a small trimmed vocabulary spells words it lacks in pieces, which can make the prompt
@@ -119,6 +129,7 @@ def cd_examples(dialogues, tok, room):
 def stage_cd(run, cc, sample, log):
     """Stage cd: the base LM (base.pt) distilled from itself with the HHH prompt -> cd.pt, a policy like
     sft.pt. Its validation loss is the held-out per-token KL(teacher || student): logged before and after."""
+    check_config(cc)
     if already_done(run, "cd"):
         return
     device = pick_device(run.device)

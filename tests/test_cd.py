@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import rlhf
-from cd import CDConfig, ContextDistilled, distill_loss, read_prompt
+from cd import CDConfig, ContextDistilled, check_config, distill_loss, read_prompt
 from model import GPT, GPTConfig
 from runtime import ConfigError
 
@@ -84,3 +84,15 @@ def test_a_bad_policy_init_is_one_line(tmp_path, capsys):
     assert rlhf.main(["ppo", "--preset", "tiny", "--out_dir", str(tmp_path), "--policy_init=dpo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --policy_init must be sft or cd, got 'dpo'"
+
+
+def test_packed_rows_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    # a packed row holds several dialogues: the student would attend across them and the teacher's prompt would
+    # come once a row, before the first only. No base.pt exists here: the refusal comes before the stage loads it
+    with pytest.raises(ConfigError, match="--cd.pack"):
+        check_config(CDConfig(pack=True))
+    check_config(CDConfig())  # unpacked, the shipped prompt: fine
+    assert rlhf.main(["cd", "--preset", "tiny", "--out_dir", str(tmp_path), "--cd.pack=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cd.pack=true:") and "\n" not in err
+    assert not (tmp_path / "cd.pt").exists()
