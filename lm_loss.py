@@ -154,8 +154,8 @@ def distill_pass(hidden, weight, teacher_hidden, teacher_weight, token_weights, 
         log_q = torch.log_softmax(chunk_logits(h, padded, V), -1)  # (n, V + pad) the student's log-probs
         log_p = torch.log_softmax(chunk_logits(teacher_hidden[s:s + chunk], teacher_padded, V), -1)  # the teacher's
         p = log_p.exp()  # (n, V + pad) the teacher's probabilities, 0 at the pads
-        # KL_i = sum_v p (log p - log q), in place (log p is not needed again); the pads' 0 * (-inf + inf) = NaN
-        # is sliced off
+        # KL_i = sum_v p (log p - log q), in place (log p is not needed again); at the pads p is 0 and
+        # log p - log q is -inf - (-inf) = NaN: they are sliced off before the sum
         kl = log_p.sub_(log_q).mul_(p)[:, :V].sum(-1)  # (n,)
         loss += (w[:, 0] * kl).sum()
         if want_grads:
