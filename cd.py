@@ -17,6 +17,9 @@ training is how much the prompt changes the base model; after, how much of that 
 
 It is next-token training with another target, so train.supervised_train runs it unchanged: ContextDistilled
 is a GPT whose forward returns that loss where a GPT returns its cross-entropy (resume, validation, torchrun).
+The loss is lm_loss.distill_loss, from the two models' hidden states and head weights: as the LM loss, it walks
+the tokens in chunks and never holds the two (B, T, V) logits. Each row is one dialogue after the prompt, so
+--cd.pack, which would put several in a row, is refused (check_config).
 
 References
 - Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", arXiv:2112.00861, sec. 3.
@@ -26,8 +29,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from lm_loss import distill_loss
 from model import GPT, disable_dropout
 from runtime import ConfigError, load_model, pick_device, set_seed
 from sampling import show_samples
@@ -38,17 +41,7 @@ PROMPT_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hhh_prom
 
 
 # ----------------------------------------------------------------------------------------------
-# the math
-
-def distill_loss(student_logits, teacher_logits, mask):
-    """KL(p_teacher || p_student) at each position, averaged over the positions where mask is 1.
-    student_logits, teacher_logits (B, T, V), mask (B, T). Its gradient in the student's logits is
-    (softmax(student) - softmax(teacher)) * mask / sum(mask): it is 0 exactly where the two agree."""
-    log_s = F.log_softmax(student_logits.float(), -1)
-    log_t = F.log_softmax(teacher_logits.float(), -1)
-    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)                  # (B, T)
-    return (kl * mask).sum() / mask.sum().clamp(min=1)
-
+# the student
 
 class ContextDistilled(GPT):
     """The student: a GPT whose forward(idx, targets, loss_mask) returns the distillation loss against the
@@ -64,14 +57,15 @@ class ContextDistilled(GPT):
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         if targets is None:  # a plain LM (sampling)
             return super().forward(idx, attention_mask=attention_mask, kv_cache=kv_cache)
+        assert segment_ids is None, "packed rows: context distillation reads one dialogue a row (check_config)"
         B, T = idx.size()
         L = self.context.numel()
-        logits = self.logits(self.hidden_states(idx))                                          # (B, T, V)
+        hidden = self.hidden_states(idx)                                               # (B, T, C)
         with torch.no_grad():  # the same tokens after C: position L + t of the teacher is position t here
-            prompted = torch.cat([self.context.expand(B, L), idx], 1)                         # (B, L + T)
-            teacher_logits = self.teacher.logits(self.teacher.hidden_states(prompted)[:, L:])  # (B, T, V)
-        mask = torch.ones(B, T, device=idx.device) if loss_mask is None else loss_mask
-        return None, distill_loss(logits, teacher_logits, mask)  # as GPT.forward: the loss, no logits
+            prompted = torch.cat([self.context.expand(B, L), idx], 1)                 # (B, L + T)
+            teacher_hidden = self.teacher.hidden_states(prompted)[:, L:]               # (B, T, C)
+        loss = distill_loss(hidden, self.lm_head.weight, teacher_hidden, self.teacher.lm_head.weight, loss_mask)
+        return None, loss  # as GPT.forward: the loss, no logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,6 +94,16 @@ def prompt_text(cc):
     return text
 
 
+def check_config(cc):
+    """The CDConfig values a type cannot check, one line of error each: the prompt file (prompt_text) and pack.
+    Packed rows (LMTrainConfig.pack) are refused: a row of several dialogues would let the student attend across
+    them and give the teacher the prompt once a row, before the first dialogue only."""
+    if cc.pack:
+        raise ConfigError("--cd.pack=true: context distillation reads one dialogue a row (the teacher reads the "
+                          "prompt before each); leave --cd.pack false")
+    prompt_text(cc)
+
+
 def read_prompt(cc, tok, block_size):
     """C's token ids (prompt_text) and how many tokens were cut from its start so that 64 or more of the context
     are left to the dialogue (a small trimmed vocabulary spells words it lacks in pieces, which can make the prompt
@@ -119,6 +123,7 @@ def cd_examples(dialogues, tok, room):
 def stage_cd(run, cc, sample, log):
     """Stage cd: the base LM (base.pt) distilled from itself with the HHH prompt -> cd.pt, a policy like
     sft.pt. Its validation loss is the held-out per-token KL(teacher || student): logged before and after."""
+    check_config(cc)
     if already_done(run, "cd"):
         return
     device = pick_device(run.device)

@@ -1,5 +1,6 @@
 """
-The language-modelling loss, and the log-probs of given tokens, without the (N, V) logits.
+The language-modelling loss, the log-probs of given tokens, and context distillation's loss, without the (N, V)
+logits.
 
 The LM head's logits are the largest tensor of a training step: tokens x vocabulary floats (16 x 1024 x 50,257
 x 4 bytes = 3.3 GB on the GPU default). The plain loss writes them, reads and writes them again in the
@@ -15,6 +16,13 @@ pass computes the loss and its gradients, and backward only scales them. For DPO
 in backward, which then recomputes each chunk's logits. The numbers are F.cross_entropy's and log_softmax's on
 the full logits (tests/test_lm_loss.py), in a fraction of the memory; the time is in README, Speed. Liger
 Kernel's "fused linear cross-entropy" does the same on the GPU in Triton; this is its plain-PyTorch form.
+
+Context distillation (cd.py; Askell et al. 2021, arXiv:2112.00861, sec. 3) has two heads' logits a token, the
+student's z_i and the frozen teacher's, and fp32 log-softmaxes of both: ~24 x V bytes a token in the plain form
+(18 GB at GPT-2's vocabulary for 16 x 1,000 tokens). Its loss, sum_i w_i KL(p_teacher,i || softmax(z_i)), has
+the gradient w_i (softmax(z_i) - p_teacher,i) in z_i, known up front too, so distill_loss is the same one pass
+over chunks of tokens, holding one chunk's logits of both heads at a time (Liger Kernel's "fused linear JSD" is
+the GPU kernel for such distillation losses).
 """
 
 import torch
@@ -30,22 +38,37 @@ def padded_head(weight):
     return F.pad(weight, (0, 0, 0, -weight.size(0) % 64)) if weight.size(0) % 64 else weight
 
 
+def chunk_logits(h, padded, V):
+    """A chunk's logits through the padded head, (n, V + pad) fp32 (under bf16 autocast the matmul runs in bf16,
+    and the log-sum-exp that reads them would be lossy in it); the pad logits -inf: probability 0, gradient 0."""
+    logits = (h @ padded.t()).float()  # (n, V + pad)
+    logits[:, V:] = float("-inf")
+    return logits
+
+
+def mask_weights(loss_mask, n, device):
+    """Each token's weight in a masked mean, (n,): loss_mask / sum(loss_mask), or 1/n if loss_mask is None;
+    a batch with no loss tokens gives 0, not NaN."""
+    if loss_mask is None:
+        return torch.full((n,), 1.0 / n, device=device)
+    loss_mask = loss_mask.flatten().float()
+    return loss_mask / loss_mask.sum().clamp(min=1.0)
+
+
 def head_pass(hidden, weight, targets, token_grads=None):
     """One pass over the LM head in chunks of tokens: log p(target) of each token, (N,) fp32, and, given
     token_grads (N,) = d out / d logp_i, the gradients of hidden (N, C) and weight (V, C), from
     d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
-    padded = padded_head(weight)  # (V + pad, C); the pad logits are set to -inf below: probability 0, gradient 0
+    padded = padded_head(weight)  # (V + pad, C); chunk_logits sets the pad logits to -inf
     token_logprobs = torch.empty(N, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
     grad_weight = torch.zeros_like(padded) if token_grads is not None else None  # (V + pad, C)
     for s in range(0, N, chunk):
         h, y = hidden[s:s + chunk], targets[s:s + chunk]  # (n, C), (n,)
         rows = torch.arange(len(y), device=y.device)
-        logits = (h @ padded.t()).float()  # (n, V + pad) fp32: under bf16 autocast the log-sum-exp would be lossy
-        logits[:, V:] = float("-inf")
-        logprobs = torch.log_softmax(logits, -1)  # (n, V + pad)
+        logprobs = torch.log_softmax(chunk_logits(h, padded, V), -1)  # (n, V + pad) fp32
         token_logprobs[s:s + chunk] = logprobs[rows, y]
         if token_grads is not None:
             dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
@@ -101,11 +124,7 @@ def lm_loss(hidden, weight, targets, loss_mask=None):
     is None), of the logits hidden @ weight.T: hidden (..., C), weight (V, C), targets and loss_mask (...).
     Equal to F.cross_entropy over the materialised logits, without materialising them (module docstring)."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()  # (N, C), (N,)
-    if loss_mask is None:
-        token_weights = torch.full(targets.shape, 1.0 / targets.numel(), device=hidden.device)
-    else:
-        loss_mask = loss_mask.flatten().float()
-        token_weights = loss_mask / loss_mask.sum().clamp(min=1.0)  # a batch with no loss tokens gives 0, not NaN
+    token_weights = mask_weights(loss_mask, targets.numel(), hidden.device)  # (N,)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _LMLoss.apply(hidden, weight, targets, token_weights, want_grads)
 
@@ -114,3 +133,64 @@ def token_logprobs(hidden, weight, targets):
     """log softmax(hidden @ weight.T)[target] for each token, hidden (..., C), weight (V, C), targets (...)
     -> (...) fp32: log_softmax + gather over the materialised logits, without materialising them."""
     return _TokenLogprobs.apply(hidden.flatten(0, -2), weight, targets.flatten()).view(targets.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# context distillation
+
+def distill_pass(hidden, weight, teacher_hidden, teacher_weight, token_weights, want_grads):
+    """One pass over both heads in chunks of tokens: sum_i w_i KL(p_teacher,i || p_student,i), fp32, with
+    hidden, teacher_hidden (N, C), weight, teacher_weight (V, C), token_weights (N,) = w; and, if want_grads,
+    the gradients of hidden and weight, from d loss / d z_i = w_i (softmax(z_i) - p_teacher,i) while the chunk's
+    logits are in cache. The teacher is a constant: it gets no gradient."""
+    N, V = hidden.size(0), weight.size(0)
+    chunk = max(1, CHUNK_LOGITS // V)
+    padded, teacher_padded = padded_head(weight), padded_head(teacher_weight)  # (V + pad, C) each
+    loss = torch.zeros((), device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if want_grads else None  # (N, C)
+    grad_weight = torch.zeros_like(padded) if want_grads else None  # (V + pad, C)
+    for s in range(0, N, chunk):
+        h, w = hidden[s:s + chunk], token_weights[s:s + chunk, None]  # (n, C), (n, 1)
+        log_q = torch.log_softmax(chunk_logits(h, padded, V), -1)  # (n, V + pad) the student's log-probs
+        log_p = torch.log_softmax(chunk_logits(teacher_hidden[s:s + chunk], teacher_padded, V), -1)  # the teacher's
+        p = log_p.exp()  # (n, V + pad) the teacher's probabilities, 0 at the pads
+        # KL_i = sum_v p (log p - log q), in place (log p is not needed again); at the pads p is 0 and
+        # log p - log q is -inf - (-inf) = NaN: they are sliced off before the sum
+        kl = log_p.sub_(log_q).mul_(p)[:, :V].sum(-1)  # (n,)
+        loss += (w[:, 0] * kl).sum()
+        if want_grads:
+            dlogits = log_q.exp_().sub_(p)  # (n, V + pad) softmax(z) - p_teacher = d KL_i / d z_i, 0 at the pads
+            # w scales whole rows: applied to the (n, C) sides of the matmuls, out of place (bf16 under autocast)
+            grad_hidden[s:s + chunk] = w * (dlogits @ padded)  # (n, C)
+            grad_weight += dlogits.t() @ (w * h)  # (V + pad, C)
+    return loss, grad_hidden, None if grad_weight is None else grad_weight[:V]
+
+
+class _DistillLoss(torch.autograd.Function):
+    """sum_i w_i KL(p_teacher,i || p_student,i): as _LMLoss, the gradients come out of the forward's one pass,
+    since d loss / d z_i is known before backward; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, token_weights, want_grads):
+        loss, grad_hidden, grad_weight = distill_pass(hidden, weight, teacher_hidden, teacher_weight,
+                                                      token_weights, want_grads)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
+
+
+def distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask=None):
+    """Context distillation's loss, the masked mean sum(KL_i * loss_mask_i) / sum(loss_mask) (every token if
+    loss_mask is None) of KL_i = KL(softmax(teacher_hidden_i @ teacher_weight.T) || softmax(hidden_i @ weight.T)):
+    hidden, teacher_hidden (..., C), weight, teacher_weight (V, C), loss_mask (...). Equal to log_softmax + kl_div
+    over the materialised logits, without materialising them (module docstring). Gradients flow to hidden and
+    weight only: the teacher is a constant."""
+    hidden, teacher_hidden = hidden.flatten(0, -2), teacher_hidden.flatten(0, -2)  # (N, C) each
+    token_weights = mask_weights(loss_mask, hidden.size(0), hidden.device)  # (N,)
+    want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _DistillLoss.apply(hidden, weight, teacher_hidden.detach(), teacher_weight.detach(), token_weights,
+                              want_grads)

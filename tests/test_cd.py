@@ -1,12 +1,14 @@
 """Context distillation (cd.py): the loss is 0 when teacher and student see the same context, its gradient is
-softmax(student) - softmax(teacher), and the student's loss is the KL of two plain forwards (the teacher's
-read after the prompt). A bad prompt file or --policy_init is one line."""
+softmax(student) - softmax(teacher), the student's loss and its gradients are those of the KL of two plain
+forwards (the teacher's read after the prompt), and a few steps under bf16 autocast bring it down. A bad prompt
+file, --cd.pack or --policy_init is one line. (lm_loss.distill_loss against the plain formula: test_lm_loss.py.)"""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rlhf
-from cd import CDConfig, ContextDistilled, distill_loss, read_prompt
+from cd import CDConfig, ContextDistilled, check_config, read_prompt
+from lm_loss import distill_loss
 from model import GPT, GPTConfig
 from runtime import ConfigError
 
@@ -35,7 +37,8 @@ def test_the_gradient_is_student_minus_teacher_probabilities_on_a_tiny_vocabular
     student = torch.tensor([[[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]], requires_grad=True)  # (1, 2, 3): V = 3
     teacher = torch.tensor([[[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]])
     mask = torch.tensor([[1.0, 0.0]])                                                    # the second position off
-    loss = distill_loss(student, teacher, mask)
+    identity = torch.eye(3)  # a head that passes its input through: the hidden states are the logits
+    loss = distill_loss(student, identity, teacher, identity, mask)
     p, q = F.softmax(teacher[0, 0], -1), F.softmax(student[0, 0].detach(), -1)
     assert loss.item() == pytest.approx((p * (p / q).log()).sum().item(), rel=1e-6)     # KL(teacher || student)
     loss.backward()
@@ -43,7 +46,7 @@ def test_the_gradient_is_student_minus_teacher_probabilities_on_a_tiny_vocabular
     assert torch.equal(student.grad[0, 1], torch.zeros(3))
 
 
-def test_the_student_loss_is_the_kl_of_two_plain_forwards():
+def test_the_student_loss_and_its_gradients_are_those_of_the_kl_of_two_plain_forwards():
     """The slow reference: the teacher's full forward over prompt + dialogue, read from the prompt's end on,
     against the student's forward over the dialogue alone, at the positions the mask keeps."""
     context = [3, 4, 5, 6]
@@ -52,13 +55,35 @@ def test_the_student_loss_is_the_kl_of_two_plain_forwards():
     mask = torch.ones(2, 9)
     mask[1, 6:] = 0  # a shorter dialogue: right padding
     _, loss = student(idx, idx, loss_mask=mask)
+    grads = torch.autograd.grad(loss, list(student.parameters()))
     with torch.no_grad():
         t_logits = GPT.forward(teacher, torch.cat([torch.tensor([context] * 2), idx], 1))[0][:, len(context):]
-        s_logits = GPT.forward(student, idx)[0]
+    s_logits = GPT.forward(student, idx)[0]                                              # (2, 9, 40)
     p, log_q = F.softmax(t_logits, -1), F.log_softmax(s_logits, -1)
     kl = (p * (p.log() - log_q)).sum(-1)                                                 # (2, 9)
-    assert loss.item() == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-5)
+    plain = (kl * mask).sum() / mask.sum()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(plain, list(student.parameters()))):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert all(w.grad is None for w in teacher.parameters())  # the teacher is frozen
     assert set(student.state_dict()) == set(teacher.state_dict())  # saved as a plain GPT: no teacher, no prompt
+
+
+def test_a_few_steps_under_bf16_autocast_bring_the_kl_down():
+    # as supervised_train runs it: the forward under autocast, backward and the optimizer step outside
+    teacher, student = teacher_and_student(context=[5, 6, 7])
+    idx = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(4, 12)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = student(idx, idx, loss_mask=mask)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
 
 
 class Tok:
@@ -84,3 +109,15 @@ def test_a_bad_policy_init_is_one_line(tmp_path, capsys):
     assert rlhf.main(["ppo", "--preset", "tiny", "--out_dir", str(tmp_path), "--policy_init=dpo"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: --policy_init must be sft or cd, got 'dpo'"
+
+
+def test_packed_rows_are_refused_in_one_line_before_any_work(tmp_path, capsys):
+    # a packed row holds several dialogues: the student would attend across them and the teacher's prompt would
+    # come once a row, before the first only. No base.pt exists here: the refusal comes before the stage loads it
+    with pytest.raises(ConfigError, match="--cd.pack"):
+        check_config(CDConfig(pack=True))
+    check_config(CDConfig())  # unpacked, the shipped prompt: fine
+    assert rlhf.main(["cd", "--preset", "tiny", "--out_dir", str(tmp_path), "--cd.pack=true"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --cd.pack=true:") and "\n" not in err
+    assert not (tmp_path / "cd.pt").exists()

@@ -1,12 +1,12 @@
-"""lm_loss.py: the chunked LM loss and token log-probs compute what F.cross_entropy and log_softmax + gather
-over the full logits compute (the slow, obvious references), values and gradients, whatever the chunking,
-the mask and the autocast."""
+"""lm_loss.py: the chunked LM loss, token log-probs and distillation loss compute what F.cross_entropy,
+log_softmax + gather and log_softmax + kl_div over the full logits compute (the slow, obvious references),
+values and gradients, whatever the chunking, the mask and the autocast."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lm_loss as lm_loss_module
-from lm_loss import lm_loss, token_logprobs
+from lm_loss import distill_loss, lm_loss, token_logprobs
 
 
 def reference(hidden, weight, targets, loss_mask=None):
@@ -117,10 +117,99 @@ def test_under_autocast_every_head_matmul_runs_in_bf16():
             return func(*args, **(kwargs or {}))
 
     hidden, weight, targets, loss_mask = inputs(V=64)
-    losses = (lambda: lm_loss(hidden, weight, targets, loss_mask), lambda: token_logprobs(hidden, weight, targets).sum())
+    teacher_hidden, teacher_weight = hidden.detach() + 0.3, weight.detach().flip(0)
+    losses = (lambda: lm_loss(hidden, weight, targets, loss_mask),
+              lambda: token_logprobs(hidden, weight, targets).sum(),
+              lambda: distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask))
     for loss_fn in losses:
         with MatmulDtypes() as mode:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = loss_fn()
             loss.backward()
         assert mode.seen == {torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------------
+# context distillation's loss, sum_i w_i KL(p_teacher,i || p_student,i)
+
+def distill_reference(hidden, weight, teacher_hidden, teacher_weight, loss_mask=None):
+    """The plain loss: materialise both (..., V) logits, log-softmax each in fp32, KL per token, masked mean."""
+    log_s = F.log_softmax((hidden @ weight.t()).float(), -1)                   # (..., V)
+    log_t = F.log_softmax((teacher_hidden @ teacher_weight.t()).float(), -1)   # (..., V)
+    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)     # (...)
+    mask = torch.ones(kl.shape) if loss_mask is None else loss_mask
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def teacher_inputs(hidden, weight, seed=1):
+    """A teacher near the student, as cd's is (the same base model, reading a prompt first): constants."""
+    g = torch.Generator().manual_seed(seed)
+    return (hidden.detach() + 0.5 * torch.randn(hidden.shape, generator=g),   # (B, T, C)
+            weight.detach() + 0.5 * torch.randn(weight.shape, generator=g))   # (V, C)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 17, 51, 1000])  # one token per chunk .. all in one chunk
+@pytest.mark.parametrize("masked", [False, True])
+def test_distill_loss_and_gradients_match_kl_div_over_the_logits(monkeypatch, chunk_tokens, masked):
+    hidden, weight, _, loss_mask = inputs()  # V = 101: the padded head has 27 pad logits
+    teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
+    monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", chunk_tokens * weight.size(0))
+    mask = loss_mask if masked else None
+    fast = distill_loss(hidden, weight, teacher_hidden, teacher_weight, mask)
+    fast_grads = torch.autograd.grad(2.5 * fast, (hidden, weight))  # a scale, as grad accumulation applies
+    plain = distill_reference(hidden, weight, teacher_hidden, teacher_weight, mask)
+    plain_grads = torch.autograd.grad(2.5 * plain, (hidden, weight))
+    assert torch.allclose(fast, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_distill_loss_is_zero_where_teacher_and_student_agree_and_without_gradients_it_computes_the_loss_only():
+    hidden, weight, _, loss_mask = inputs()
+    assert distill_loss(hidden, weight, hidden.detach(), weight.detach(), loss_mask).abs().item() < 1e-6
+    teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
+    with torch.no_grad():
+        loss = distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask)
+    assert not loss.requires_grad
+    assert torch.allclose(loss, distill_reference(hidden, weight, teacher_hidden, teacher_weight, loss_mask), atol=1e-6)
+    empty = distill_loss(hidden, weight, teacher_hidden, teacher_weight, torch.zeros(3, 17))
+    empty.backward()
+    assert empty.item() == 0.0 and not hidden.grad.any() and not weight.grad.any()
+
+
+def test_distill_loss_under_bf16_autocast_stays_near_the_fp32_one():
+    hidden, weight, _, loss_mask = inputs(V=64)
+    teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask)
+        fast_grads = torch.autograd.grad(fast, (hidden, weight))
+        plain = distill_reference(hidden, weight, teacher_hidden, teacher_weight, loss_mask)
+        plain_grads = torch.autograd.grad(plain, (hidden, weight))
+    assert fast.dtype == torch.float32 and [g.dtype for g in fast_grads] == [torch.float32] * 2
+    assert torch.allclose(fast, plain, rtol=2e-2)
+    for a, b in zip(fast_grads, plain_grads):
+        assert torch.allclose(a, b, atol=2e-2 * b.abs().max().item())
+
+
+def test_distill_loss_holds_one_chunk_of_logits_at_a_time(monkeypatch):
+    # no tensor, forward or backward, as large as the (N, V) logits: at most a chunk's, or the head's (V + pad, C)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    hidden, weight, _, loss_mask = inputs()  # N = 51 tokens, V = 101 (128 padded), C = 16
+    teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
+    monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", 5 * weight.size(0))  # 5 tokens a chunk
+    with LargestOutput() as mode:
+        distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask).backward()
+    assert mode.numel <= max(5 * 128, 128 * 16) < 51 * 101
