@@ -111,7 +111,7 @@ def pass_rows(rows, width, max_tokens):
     return rows if not max_tokens or rows * width <= max_tokens else max(1, min(rows, max_tokens // width))
 
 
-def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None):
+def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     """A stage's peak memory by what holds it, {name: bytes}: 4 bytes a parameter for each frozen model (fp32
     weights); for each trained one, 16 bytes a parameter (weights, gradients, Adam's two moments; + 2 under 16-bit
     autocast, the cast weights it keeps for backward) and the activations of its widest forward/backward pass,
@@ -120,10 +120,14 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None):
     keeps its fp32 input); and the head's: "logits" keeps V values a token (in act_bytes, their fp32 copy for
     the loss, its gradient), "lm_loss" one chunk of logits (fp32 logits and log-softmax, and under autocast the
     matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
-    (lm_loss.py), None (a scalar head) nothing; and the KV cache of sampling kv = (rows, T). Checked against the
+    (lm_loss.py) and of the head's weight (and its padded copy where V is not a multiple of 64), "distill" the
+    same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's twice (the reference's
+    chunk comes while the policy's activations are held), None (a scalar head) nothing; logits = (rows, N): PPO's
+    logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32 log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the
     peak resident memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
     half = act_bytes < 4  # 16-bit autocast
+    padded, pad = c.vocab_size + -c.vocab_size % 64, c.vocab_size % 64 > 0  # lm_loss.padded_head's rows, and a copy
     parts = {}
     if frozen:
         parts[f"{frozen} frozen model{'s' * (frozen > 1)}"] = 4 * P * frozen
@@ -131,11 +135,16 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None):
         parts[f"KV cache {kv[0]} x {round(kv[1])}"] = 2 * c.n_layer * kv[0] * kv[1] * c.n_embd * act_bytes
     for rows, T, head in trained:
         per_token = c.n_layer * c.n_embd * (34 * act_bytes / 2 + 4 * half)
-        per_token += {"logits": c.vocab_size * (act_bytes + 8), "lm_loss": 4 * c.n_embd, None: 0}[head]
-        chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) if head == "lm_loss" else 0
+        per_token += 4 * c.n_embd if head else 0  # the fp32 gradient of the hidden states the head reads
+        lm_chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) + 4 * padded * c.n_embd * (1 + pad)
+        chunk = {"lm_loss": lm_chunk, "dpo": 2 * lm_chunk, None: 0,
+                 "distill": CHUNK_LOGITS * (20 + 4 * act_bytes * half) + 4 * padded * c.n_embd * (1 + 2 * pad)}[head]
         parts["weights + Adam"] = parts.get("weights + Adam", 0) + (16 + 2 * half) * P
         key = f"activations {rows} x {round(T)}"
         parts[key] = parts.get(key, 0) + rows * T * per_token + chunk
+    if logits:
+        key = next(k for k in parts if k.startswith("activations"))
+        parts[key] += logits[0] * logits[1] * c.vocab_size * (act_bytes + 8)
     return parts
 
 
@@ -235,7 +244,7 @@ def work_cd(cfg, d, gpt, act):
                    f"{L}-token HHH prompt first: {w['passes']} passes over {d.train:,} dialogues"),
              tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
              memory=memory_parts(gpt, act, 1, trained_pass(cc.batch_size, widest([len(e[0]) - 1 for e in ex], T - L,
-                                                                                  d.scale), cfg, "lm_loss")))
+                                                                                  d.scale), cfg, "distill")))
     return w
 
 
@@ -262,7 +271,7 @@ def work_dpo(cfg, d, gpt, act):
                       "forward": forward * (width * fpt(gpt, width, head=False) / 3 + reply * head)},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
             "memory": memory_parts(gpt, act, 1, pair_pass(seqs, dc.batch_size, cfg.model.block_size, cfg, d.scale,
-                                                          "lm_loss"))}
+                                                          "dpo"))}
 
 
 def work_rs(cfg, d, gpt, act):
@@ -298,15 +307,15 @@ def work_ppo(cfg, d, gpt, act):
     judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
     mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
     width = widest(lens, pc.max_prompt_tokens, d.scale) + N  # the widest rollout: its longest query + the reply cap
-    trained = trained_pass(pc.minibatch_size, width, cfg, "logits")
-    trained += [] if pc.share_trunk else [(trained[0][0], width, None)]  # the critic's own trunk
+    trained = trained_pass(pc.minibatch_size, width, cfg, None)
+    trained += [] if pc.share_trunk else trained  # the critic's own trunk
     return {"what": (f"{pc.iterations:,} iterations x {pc.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
                      f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {pc.minibatch_size}; "
                      f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
             "iterations": pc.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
             "flops": {"ppo": pc.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
                       "forward": judged * pc.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
-            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained)}
+            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained, logits=(trained[0][0], N))}
 
 
 def work_eval(cfg, d, gpt, act):

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from bench import run_bench
-from cd import CDConfig, prompt_text, stage_cd
+from cd import CDConfig, check_config, stage_cd
 from data import DataConfig, DataError
 from dpo import DPOConfig, betas, run_dpo
 from evaluate import EvalConfig, run_eval
@@ -259,7 +259,7 @@ def check_values(stage, cfg):
     betas(cfg.dpo)                           # --dpo.beta, --dpo.betas
     check_choices(cfg.rm)                    # --rm.objective, --rm.init
     if stage in ("all", "cd"):
-        prompt_text(cfg.cd)                  # --cd.prompt_file
+        check_config(cfg.cd)                 # --cd.prompt_file, --cd.pack
     if cfg.rm.size_study and stage in ("all", "rm"):
         trunk_sizes(cfg.rm.size_study_sizes, cfg.data.vocab)
 

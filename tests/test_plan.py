@@ -3,6 +3,9 @@ GPU's time as the datasheet-peak ratio, and `all` printing the plan before its f
 Run: TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python -m pytest tests/test_plan.py -q"""
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -140,3 +143,15 @@ def test_a_busy_cpu_is_named_in_the_basis(monkeypatch):
     assert "load average 4.3" in rates.busy_cpu_warning("cpu") and rates.busy_cpu_warning("cuda") == ""
     monkeypatch.setattr(rates.os, "getloadavg", lambda: (0.2, 0.1, 0.1))
     assert rates.busy_cpu_warning("cpu") == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set from /proc (Linux)")
+@pytest.mark.parametrize("stage", ["sft", "cd", "pm", "dpo", "ppo"])
+def test_the_memory_formula_is_within_25_percent_of_a_measured_step(stage):
+    """plan.memory_parts against the peak resident memory one step of each trained stage adds, in a process of
+    its own (tests/memory_step.py: 16 rows of 512 tokens, 4 layers of 256, fp32): gradients, Adam's moments,
+    the activations and the head's working memory."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_step.py")
+    out = subprocess.run([sys.executable, script, stage], capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.75 <= got["measured"] / got["plan"] <= 1.25, got
