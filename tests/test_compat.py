@@ -1,12 +1,18 @@
-"""The machines people have: the scripts start on Windows (no POSIX-only modules at import), and bench.py
-reports what Windows cannot measure as null instead of crashing."""
+"""The machines people have: the scripts start on Windows (no POSIX-only modules at import), bench.py
+reports what Windows cannot measure as null instead of crashing, and on GPUs the process group takes the
+CPU tensors the collectives get as well as the CUDA ones."""
 import os
 import subprocess
 import sys
 
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import BackendConfig
+
 import bench
 import plan
 import rlhf
+from runtime import init_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSIX_ONLY = ("resource", "fcntl", "termios", "pwd", "grp")
@@ -38,3 +44,16 @@ def test_plan_without_resource_leaves_peak_memory_out(hh_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "resource", None)
     out = plan.make_plan(rlhf.parse_args(["plan", "--preset", "tiny", "--data_dir", hh_dir])[1], repeats=1)
     assert out["basis"].startswith("measured") and "peak memory" not in out["basis"]
+
+
+def test_gpu_process_group_takes_cpu_tensors_too(monkeypatch):
+    """NCCL refuses CPU tensors, and all_ranks_mean all-reduces Python floats (PPO, every iteration) on the CPU:
+    under torchrun on GPUs the process group needs gloo for the CPU ones (here: no GPU, no group, just its backend)."""
+    backends = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: backends.append(backend))
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert init_distributed() == (1, 2, 1)
+    assert BackendConfig(dist.Backend(backends[0])).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
