@@ -24,9 +24,9 @@ Every figure comes from this one run, so ratios between them are fair even on a 
                       only, to keep the run short; gen_cache_speedup compares the two on those rows
   ppo_*               one ppo.ppo_step at the preset's PPO shape, split into rollout (generate), scoring
                       (policy+value, reference and PM forwards) and update (ppo_epochs of minibatch steps)
-  peak_mem_mb         peak resident memory of this process (CPU) / max allocated (CUDA)
+  peak_mem_mb         peak resident memory of this process (CPU) / max allocated (CUDA); null on Windows
   load_avg            the 1-minute load average at the start: above the core count, other processes
-                      share the cores and every rate above is lower than on an idle machine
+                      share the cores and every rate above is lower than on an idle machine; null on Windows
 
 References: nanoGPT's bench.py and model.py estimate_mfu (https://github.com/karpathy/nanoGPT);
 PaLM (Chowdhery et al. 2022) appendix B for the FLOPs per token.
@@ -35,7 +35,6 @@ PaLM (Chowdhery et al. 2022) appendix B for the FLOPs per token.
 import copy
 import json
 import os
-import resource
 import sys
 import time
 
@@ -186,9 +185,14 @@ def sample_rate(model, queries, query_mask, max_new_tokens, device, dtype, repea
 
 
 def peak_memory_mb(device):
-    """Peak resident memory of this process (CPU) / max allocated (CUDA), in MiB."""
+    """Peak resident memory of this process (CPU) / max allocated (CUDA), in MiB; None where Python has no
+    `resource` module (Windows). Imported here, not at the top: rlhf.py imports this file, and must start there."""
     if device == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
     return round(rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10), 1)
 
@@ -197,8 +201,9 @@ def run_bench(cfg, repeats=3):
     """`rlhf.py bench`: every figure above, for the preset and flags in cfg, printed as one JSON line
     (and returned as a dict)."""
     device, dtype = pick_device(cfg.device), cfg.dtype
+    load_avg = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None  # none on Windows
     out = {"preset": cfg.preset, "device": torch.cuda.get_device_name() if device == "cuda" else device,
-           "dtype": dtype, "threads": torch.get_num_threads(), "load_avg": round(os.getloadavg()[0], 2)}
+           "dtype": dtype, "threads": torch.get_num_threads(), "load_avg": load_avg}
 
     # ---- 0. the machine's matmul ceiling, first, before anything else heats or fills memory ----
     out["matmul_peak_gflops"] = round(matmul_peak(device, dtype, repeats), 1)

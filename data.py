@@ -139,8 +139,13 @@ def file_mismatch(path, sha256=None, size=None):
 
 
 def _sha256(path):
+    """The file's sha256, read 1 MiB at a time (a GB file never sits in memory whole): by hand, as
+    hashlib.file_digest does it, because that needs Python 3.11."""
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(2 ** 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def default_cache_dir():

@@ -112,7 +112,9 @@ def measured_rates(cfg, d, gpt, device, repeats):
     basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): a "
              f"training step of {rows} x {T} in {train['train_step_s']:.3f} s{plain}, sampling {B} x {Tq}+{N} at "
              f"{sample:,.0f} tokens/s, a PPO iteration of {B} rollouts in {it['ppo_s']:.2f} s, tokenising "
-             f"{d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory {bench.peak_memory_mb(device) / 1024:.2f} GiB")
+             f"{d.tokenize_per_s / 1e6:.2f}M tokens/s")
+    mem = bench.peak_memory_mb(device)  # None on Windows
+    basis += f"; peak memory {mem / 1024:.2f} GiB" if mem is not None else ""
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
     return rates, name, basis + busy_cpu_warning(device)
 

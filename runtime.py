@@ -238,6 +238,8 @@ def to_device(tensors, device):
 def init_distributed():
     """(rank, world_size, local_rank) from the env vars torchrun sets, initialising the process group
     once: NCCL between GPUs, gloo between CPU processes. A plain `python rlhf.py` is rank 0 of 1.
+    On GPUs gloo comes too, for the tensors that live on the CPU (all_ranks_mean's Python floats, rs.py's
+    objects, barriers): NCCL refuses those, and each tensor goes to the backend of its device.
 
         torchrun --standalone --nproc_per_node=2 rlhf.py pretrain --preset cpu
     """
@@ -247,7 +249,7 @@ def init_distributed():
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)  # "cuda" now means this rank's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return rank, world_size, local_rank
 
 
