@@ -1,10 +1,12 @@
 """
 rates.py: how fast this device does each kind of work the plan counts (plan.py, step 2), in FLOP/s.
 
-Measured: bench.py's functions timed at the preset's shapes (an optimizer step, with and without dropout,
-sampling at PPO's rollout shape, one PPO iteration and the PM passes inside it), each rate = the FLOPs the plan
-counts for that work / its seconds. Or, for a GPU you name (--plan.gpu), its datasheet peak times the
-utilisation one H100 reached, plus the H100's launch-bound time a sampled token step. Or --plan.gflops for all.
+Measured: bench.py's functions timed at the preset's shapes, each kind of work by a step of that kind: a
+pretraining step; an SFT step as stage_sft runs it (train: compiled with --compile); the same without compile
+or dropout, as PMs and DPO train (eager); sampling at PPO's rollout shape, one PPO iteration and the PM passes
+inside it. Each rate = the FLOPs the plan counts for that work / its seconds. Or, for a GPU you name
+(--plan.gpu), its datasheet peak times the utilisation one H100 reached, plus the H100's launch-bound time a
+sampled token step. Or --plan.gflops for all.
 The FLOP model both sides share is here too: fpt (GPT.flops_per_token) and one PPO iteration's FLOPs.
 """
 import copy
@@ -19,13 +21,15 @@ import bench
 from model import GPT
 from ppo import prompt_batch
 from runtime import CUDA_PEAK_TFLOPS, ConfigError, pick_device, rng_state, set_rng_state, set_seed
-from tokens import prompt_ids
+from tokens import pack_examples, prompt_ids, sft_example
 
 GPUS = {k.lower().replace(" ", ""): k for k in CUDA_PEAK_TFLOPS}  # --plan.gpu names: h100, h100pcie, rtx4090, ...
 # measured on one NVIDIA H100 80GB HBM3 (989 TFLOP/s dense bf16) under bf16 autocast, GPT-2 small (README, Speed)
 H100 = {"pretrain_mfu": 0.40,     # compiled pretraining, 128 x 1024 tokens a step (0.39-0.41)
-        "train_mfu": 0.27,        # compiled packed SFT, on real tokens: every compiled training step (pretrain.py's loop)
-        "eager_mfu": 0.19,        # pretraining without torch.compile: PM training, PPO, scoring and sampling's FLOPs
+        "train_mfu": 0.27,        # compiled packed SFT, on real tokens (its rows were 87% real then): every compiled
+                                  # training step but pretraining's (SFT, the RS fine-tune, cd: supervised_train)
+        "eager_mfu": 0.19,        # pretraining with --compile=false, dropout off (GPT-2's presets): the PMs and DPO,
+                                  # never compiled, train so; PPO, scoring and sampling's FLOPs are eager too
         "decode_step_s": 64 / 9466}  # one sampled token for 64 rows with the KV cache: bound by kernel launches, so
                                      # about the same on any GPU (and twice as long with 24 layers)
 TOKENIZE_PER_S = 1e6                  # tokens/s assumed when nothing is measured (a 2-core CPU: 1.1-1.5M)
@@ -80,20 +84,35 @@ def gpu_rates(name, cfg):
     return {**rates, "decode": 1 / step_s, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
 
 
+def step_rate(cfg, sc, model, tok, data, device, repeats):
+    """(FLOP/s, seconds, rows, mean width) of one optimizer step of `sc` on `data` as supervised_train runs it
+    (bench.timed_steps: compiled with cfg.compile): the FLOPs the plan counts for the step's batch positions,
+    padding included as plan.lm_work counts it, over the step's seconds."""
+    dt, _, positions = bench.timed_steps(cfg, sc, model, tok, data, device, cfg.dtype, repeats)
+    rows = sc.batch_size * sc.grad_accum
+    return positions * fpt(model, positions / rows) / dt, dt, rows, positions / rows
+
+
 def measured_rates(cfg, d, gpt, device, repeats):
-    """(rates, device, basis) timed on this device at the preset's shapes with bench.py's functions: an
-    optimizer step at pretrain's shape (pretrain and train), sampling at the PPO rollout shape, one ppo_step
-    (ppo) and the PM's forward passes inside it (forward); rate = the plan's FLOPs for that work / seconds.
-    The RNG state is restored afterwards, so a run that follows is unchanged."""
+    """(rates, device, basis) timed on this device at the preset's shapes with bench.py's functions, each kind of
+    work by a step of that kind: pretrain, a pretraining step (not timed when --pretrain.init loads weights
+    instead); train, an SFT step as stage_sft runs it (compiled with --compile, packed with --sft.pack); eager,
+    the same step on one example a row, without compile or dropout, as PM and DPO training run (on a GPU about
+    half compiled pretraining's FLOP/s, on a CPU dropout alone costs ~40% a step); sampling at the PPO rollout
+    shape, one ppo_step (ppo) and the PM's forward passes inside it (forward). Rate = the plan's FLOPs for that
+    work / seconds. The RNG state is restored afterwards, so a run that follows is unchanged."""
     cfg, state, t0 = copy.deepcopy(cfg), rng_state(), time.perf_counter()
-    cfg.model.vocab_size = d.tok.vocab_size
+    cfg.model.vocab_size, T = d.tok.vocab_size, cfg.model.block_size
     set_seed(cfg.seed)
     model = GPT(cfg.model).to(device)
-    train = bench.measure_train(cfg, model, d.tok, d.stream, device, cfg.dtype, repeats)
-    eager = train  # PM training and DPO run with dropout off, which on a CPU is ~40% faster a step: time that too
-    if cfg.model.dropout > 0:
-        plain = replace(cfg, model=replace(cfg.model, dropout=0.0))
-        eager = bench.measure_train(plain, GPT(plain.model).to(device), d.tok, d.stream, device, cfg.dtype, repeats)
+    sft = [sft_example(x[0], x[1], d.tok, T, cfg.data.max_reply_tokens) for x in d.ids]  # as plan.work_sft
+    train = step_rate(cfg, cfg.sft, model, d.tok, pack_examples(sft, T, d.tok.eos_id, cfg.seed) if cfg.sft.pack
+                      else sft, device, repeats)
+    eager = train  # unless the SFT step differs from the PMs' one: compiled, packed or with dropout
+    if cfg.compile or cfg.sft.pack or cfg.model.dropout > 0:
+        plain = replace(cfg, compile=False, model=replace(cfg.model, dropout=0.0))
+        eager = step_rate(plain, cfg.sft, GPT(plain.model).to(device), d.tok, sft, device, repeats)
+    pretrain = train if cfg.pretrain.init else step_rate(cfg, cfg.pretrain, model, d.tok, d.stream, device, repeats)
     prompts = [(None, x) for x in sampled_prompts(cfg, d, cfg.ppo.max_new_tokens)]
     queries, mask = (t.to(device) for t in prompt_batch(prompts, 0, cfg.ppo.batch_size, cfg.seed, d.tok.eos_id))
     B, Tq, N = queries.size(0), queries.size(1), cfg.ppo.max_new_tokens
@@ -102,17 +121,20 @@ def measured_rates(cfg, d, gpt, device, repeats):
     it = bench.ppo_iteration(cfg, model, d.tok, queries, mask, device, cfg.dtype)
     set_rng_state(state)
     pm_tokens = int(mask.sum()) + B * (N + 1)  # the PM reads each real prompt + reply + EOS
-    rates = {"pretrain": train["train_gflops"] * 1e9, "train": train["train_gflops"] * 1e9,
-             "eager": eager["train_gflops"] * 1e9, "decode": math.inf,  # sampling's timing includes its steps
-             "sample": sample * fpt(gpt, Tq + N) / 3,
+    rates = {"pretrain": pretrain[0], "train": train[0], "eager": eager[0], "decode": math.inf,  # sampling's timing
+             "sample": sample * fpt(gpt, Tq + N) / 3,                                          # includes its steps
              "forward": pm_tokens * fpt(gpt, Tq + N, head=False) / 3 / max(it["ppo_scoring_s"]["pm"], 1e-4),
              "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s}
-    rows, T = train["train_batch"]
-    plain = f" ({eager['train_step_s']:.3f} s without dropout, as PMs and DPO train)" if eager is not train else ""
-    basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): a "
-             f"training step of {rows} x {T} in {train['train_step_s']:.3f} s{plain}, sampling {B} x {Tq}+{N} at "
-             f"{sample:,.0f} tokens/s, a PPO iteration of {B} rollouts in {it['ppo_s']:.2f} s, tokenising "
-             f"{d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory {bench.peak_memory_mb(device) / 1024:.2f} GiB")
+    compiled = " (compiled)" if cfg.compile else ""
+    steps = [] if cfg.pretrain.init else [f"a pretraining step of {pretrain[2]} x {T}{compiled} in {pretrain[1]:.3f} s"]
+    steps.append(f"an SFT step of {train[2]} x ~{train[3]:.0f}{' packed' if cfg.sft.pack else ''}{compiled} in "
+                 f"{train[1]:.3f} s")
+    if eager is not train:
+        steps.append(f"{eager[1]:.3f} s without compile or dropout, one example a row, as PMs and DPO train")
+    basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): "
+             f"{', '.join(steps)}; sampling {B} x {Tq}+{N} at {sample:,.0f} tokens/s, a PPO iteration of {B} rollouts "
+             f"in {it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory "
+             f"{bench.peak_memory_mb(device) / 1024:.2f} GiB")
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
     return rates, name, basis + busy_cpu_warning(device)
 
@@ -136,7 +158,9 @@ def device_rates(cfg, d, gpt, repeats):
     --plan.measure=false, or on a CPU that would need over a minute at that rate to time the preset's
     shapes (GPT-2 size): there, --plan.gpu estimates the GPU such a preset is meant for."""
     pl, device, T = cfg.plan, pick_device(cfg.device), cfg.model.block_size
-    cost = ((repeats + 1) * cfg.pretrain.batch_size * cfg.pretrain.grad_accum * T * fpt(gpt, T)
+    rows = (0 if cfg.pretrain.init else cfg.pretrain.batch_size * cfg.pretrain.grad_accum) \
+        + 2 * cfg.sft.batch_size * cfg.sft.grad_accum  # the steps measured_rates times, at most T tokens a row
+    cost = ((repeats + 1) * rows * T * fpt(gpt, T)
             + sum(ppo_iteration_flops(cfg, gpt, min(cfg.ppo.max_prompt_tokens, T - cfg.ppo.max_new_tokens)).values()))
     too_slow = device != "cuda" and cost > 60 * pl.gflops * 1e9
     if pl.measure and not too_slow:
