@@ -17,8 +17,10 @@ hours, and nothing said so before it started. `all` prints this plan first. How:
    a generate call, however many rows it has); and tokens to tokenise. Replies are counted to max_new_tokens:
    an upper bound.
 2. Rates (rates.py): what this device reaches for each kind, timed at the preset's shapes with bench.py's
-   functions (decode steps are then inside the sampling rate); or, for a named GPU (--plan.gpu), its datasheet
-   peak times the utilisation an H100 reached, plus the H100's launch-bound time a decode step; or --plan.gflops.
+   functions (decode steps at the rows each stage samples, their arithmetic included); or, for a named GPU
+   (--plan.gpu), its datasheet peak times the utilisation an H100 reached, and a decode step modelled at each
+   stage's rows (the H100's launch-bound time + the weights and KV cache over the memory bandwidth); or
+   --plan.gflops.
 3. Time = the sum over kinds of work / rate. Memory: an estimate from the shapes (memory_bytes).
 The last line printed is the plan as one JSON object: {"preset", "device", "stages", "total_seconds", ...}.
 
@@ -297,9 +299,10 @@ def make_plan(cfg, repeats=2):
     stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act), "cd": work_cd(cfg, d, gpt, act),
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
               "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
-    for s in stages.values():
+    for name, s in stages.items():
         flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
-        seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"] + decode / rates["decode"]
+        seconds = (sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"]
+                   + (decode / rates["decode"][name] if decode else 0))  # a step costs what its stage's rows do
         s.update(seconds=round(seconds, 1), memory_gb=round(s.pop("memory") / 1e9, 2),
                  gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens), decode_steps=decode)
     return {"preset": cfg.preset, "device": device, "stages": stages,

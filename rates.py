@@ -3,10 +3,11 @@ rates.py: how fast this device does each kind of work the plan counts (plan.py, 
 
 Measured: bench.py's functions timed at the preset's shapes, each kind of work by a step of that kind: a
 pretraining step; an SFT step as stage_sft runs it (train: compiled with --compile); the same without compile
-or dropout, as PMs and DPO train (eager); sampling at PPO's rollout shape, one PPO iteration and the PM passes
-inside it. Each rate = the FLOPs the plan counts for that work / its seconds. Or, for a GPU you name
-(--plan.gpu), its datasheet peak times the utilisation one H100 reached, plus the H100's launch-bound time a
-sampled token step. Or --plan.gflops for all.
+or dropout, as PMs and DPO train (eager); a sampled token step at the rows each stage samples (decode); one PPO
+iteration and the PM passes inside it. Each rate = the FLOPs (or steps) the plan counts for that work / its
+seconds. Or, for a GPU you name (--plan.gpu), its datasheet peak times the utilisation one H100 reached, and a
+sampled token step as the H100's launch-bound time plus the bytes it reads over the GPU's memory bandwidth.
+Or --plan.gflops for all.
 The FLOP model both sides share is here too: fpt (GPT.flops_per_token) and one PPO iteration's FLOPs.
 """
 import copy
@@ -18,7 +19,7 @@ from dataclasses import replace
 import torch
 
 import bench
-from model import GPT
+from model import GPT, GPTConfig
 from ppo import prompt_batch
 from runtime import CUDA_PEAK_TFLOPS, ConfigError, pick_device, rng_state, set_rng_state, set_seed
 from tokens import pack_examples, prompt_ids, sft_example
@@ -30,8 +31,12 @@ H100 = {"pretrain_mfu": 0.40,     # compiled pretraining, 128 x 1024 tokens a st
                                   # training step but pretraining's (SFT, the RS fine-tune, cd: supervised_train)
         "eager_mfu": 0.19,        # pretraining with --compile=false, dropout off (GPT-2's presets): the PMs and DPO,
                                   # never compiled, train so; PPO, scoring and sampling's FLOPs are eager too
-        "decode_step_s": 64 / 9466}  # one sampled token for 64 rows with the KV cache: bound by kernel launches, so
-                                     # about the same on any GPU (and twice as long with 24 layers)
+        # one sampled token step with the KV cache, 64 prompts of 256 tokens and 64 new (a mean context of 256 + 32):
+        # bound by kernel launches, so about the same on any GPU; what grows with the rows is the cache it reads
+        "decode_step_s": 64 / 9466, "decode_rows": 64, "decode_context": 256 + 32}
+# datasheet memory bandwidth (GB/s) of each GPU runtime.CUDA_PEAK_TFLOPS knows (A100: the 40 GB card's, the lower)
+GPU_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "H100 PCIe": 2000, "A100": 1555, "A10G": 600, "A10": 600,
+                     "L40S": 864, "L4": 300, "RTX 4090": 1008, "RTX 3090": 936}
 TOKENIZE_PER_S = 1e6                  # tokens/s assumed when nothing is measured (a 2-core CPU: 1.1-1.5M)
 
 
@@ -55,18 +60,54 @@ def ppo_iteration_flops(cfg, gpt, Tq, rows=None):
             "update": pc.ppo_epochs * B * T * (fpt(gpt, T) + critic)}
 
 
+def prompt_tokens(cfg, new_tokens):
+    """The most tokens of a sampled prompt (sampling.rl_prompts): ppo.max_prompt_tokens, leaving room for
+    new_tokens in the context."""
+    return min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - new_tokens)
+
+
 def sampled_prompts(cfg, d, new_tokens):
     """The sampled prompts' ids as the RL stages feed them (sampling.rl_prompts): left-truncated to
-    ppo.max_prompt_tokens, leaving room for new_tokens in the context."""
-    return [prompt_ids(x[0], d.tok, min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - new_tokens)) for x in d.ids]
+    prompt_tokens."""
+    return [prompt_ids(x[0], d.tok, prompt_tokens(cfg, new_tokens)) for x in d.ids]
+
+
+def sampling_shapes(cfg):
+    """{stage: (rows, new tokens)} of each stage's generate calls, the stages plan.py counts decode steps for:
+    the SFT samples that normalise the PMs (rm), best-of-n (rs), PPO's rollouts and eval's samples."""
+    pc = cfg.ppo
+    return {"rm": (cfg.rm.eval_batch_size, pc.max_new_tokens),
+            "rs": (cfg.rs.sample_batch_size, cfg.rs.max_new_tokens or pc.max_new_tokens),
+            "ppo": (pc.batch_size, pc.max_new_tokens),
+            "eval": (cfg.eval.batch_size, cfg.eval.max_new_tokens or pc.max_new_tokens)}
+
+
+def decode_bytes(c, rows, context):
+    """Bytes one sampled token step reads from GPU memory for `rows` rows with `context` tokens of KV cache each,
+    model config c: every weight matrix, 8 bytes a parameter (autocast casts the fp32 weights to bf16 at every
+    step, reading 4 bytes and writing 2, and the matmul reads the 2: GPT.generate runs in inference mode, where
+    autocast keeps no cast copies), and the KV cache, keys and values of every layer, 2 bytes each (bf16)."""
+    weights = 12 * c.n_layer * c.n_embd ** 2 + c.vocab_size * c.n_embd  # the blocks' matmuls and the LM head
+    return 8 * weights + rows * context * 2 * c.n_layer * c.n_embd * 2
+
+
+def decode_step_s(gpu, c, rows, context):
+    """Seconds of one sampled token step on `gpu` (a CUDA_PEAK_TFLOPS name), a model stated, not measured: a
+    launch-bound floor, the H100's measured step less the time its bytes took there (kernel launches: about the
+    same on any GPU, one set per layer), plus decode_bytes over the GPU's datasheet bandwidth. The step's
+    arithmetic is the plan's "sample" FLOPs, counted apart (and added: where they overlap, an upper bound)."""
+    gpt2 = GPTConfig(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)  # the model the H100 sampled with
+    h100_read_s = decode_bytes(gpt2, H100["decode_rows"], H100["decode_context"]) / (GPU_BANDWIDTH_GBS["H100"] * 1e9)
+    floor = H100["decode_step_s"] - h100_read_s
+    return floor * c.n_layer / 12 + decode_bytes(c, rows, context) / (GPU_BANDWIDTH_GBS[gpu] * 1e9)
 
 
 def gpu_rates(name, cfg):
     """(rates, device, basis) for a named GPU, measuring nothing: its datasheet peak (train.CUDA_PEAK_TFLOPS)
     times the utilisation one H100 reached under bf16 autocast (H100: compiled pretraining, compiled SFT, eager
-    training for everything that is not compiled), and for every sampled token step (decode) the H100's
-    launch-bound step time, scaled by the layer count: at these sizes sampling waits on kernel launches, not
-    on the GPU's arithmetic, so a GPU with a lower peak is not slower at it."""
+    training for everything that is not compiled), and for each stage's sampled token steps (decode) the time
+    decode_step_s gives at the rows that stage samples a call, the prompts at their most tokens (from 16 rows on,
+    a batch of hh-rlhf prompts is as wide as its cap: the sample's, 251 of 256 tokens) and half the reply."""
     key = GPUS.get(name.lower().replace(" ", "").replace("-", "").replace("_", ""))
     if key is None:
         raise ConfigError(f"--plan.gpu: unknown GPU {name!r}; known: {', '.join(GPUS)}")
@@ -74,14 +115,21 @@ def gpu_rates(name, cfg):
     mfu = {"pretrain": H100["pretrain_mfu"] if cfg.compile else eager,
            "train": H100["train_mfu"] if cfg.compile else eager,
            "eager": eager, "forward": eager, "sample": eager, "ppo": eager}
-    step_s = H100["decode_step_s"] * cfg.model.n_layer / 12
+    shapes = sampling_shapes(cfg)
+    step_s = {stage: decode_step_s(key, cfg.model, rows, prompt_tokens(cfg, N) + N / 2)
+              for stage, (rows, N) in shapes.items()}
+    said = {}  # "7.9 ms at 64 rows" -> the stages that sample so
+    for stage, (rows, _) in shapes.items():
+        said.setdefault(f"{step_s[stage] * 1e3:.1f} ms at {rows} rows", []).append(stage)
+    steps = ", ".join(f"{step} ({', '.join(stages)})" for step, stages in said.items())
     basis = (f"assumed: the {key}'s datasheet {CUDA_PEAK_TFLOPS[key]} TFLOP/s (bf16) x the utilisation one H100 "
              f"reached (README, Speed): compiled pretraining {mfu['pretrain']}, compiled training {mfu['train']}, "
-             f"the rest (PM training, scoring, PPO, sampling) {eager} as eager pretraining did; plus {step_s * 1e3:.1f} ms "
-             f"a sampled token step (launch-bound, the H100's, as on any GPU); tokenising {TOKENIZE_PER_S / 1e6:g}M "
-             "tokens/s")
+             f"the rest (PM training, scoring, PPO, sampling) {eager} as eager pretraining did; a sampled token step "
+             f"the H100's launch-bound time plus its weights and KV cache read at {GPU_BANDWIDTH_GBS[key]:,} GB/s: "
+             f"{steps}; tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
     rates = {k: v * peak for k, v in mfu.items()}
-    return {**rates, "decode": 1 / step_s, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
+    decode = {stage: 1 / s for stage, s in step_s.items()}
+    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
 
 
 def step_rate(cfg, sc, model, tok, data, device, repeats):
@@ -98,9 +146,11 @@ def measured_rates(cfg, d, gpt, device, repeats):
     work by a step of that kind: pretrain, a pretraining step (not timed when --pretrain.init loads weights
     instead); train, an SFT step as stage_sft runs it (compiled with --compile, packed with --sft.pack); eager,
     the same step on one example a row, without compile or dropout, as PM and DPO training run (on a GPU about
-    half compiled pretraining's FLOP/s, on a CPU dropout alone costs ~40% a step); sampling at the PPO rollout
-    shape, one ppo_step (ppo) and the PM's forward passes inside it (forward). Rate = the plan's FLOPs for that
-    work / seconds. The RNG state is restored afterwards, so a run that follows is unchanged."""
+    half compiled pretraining's FLOP/s, on a CPU dropout alone costs ~40% a step); decode, a sampled token step
+    at the rows each stage samples a call (sampling_shapes; on a GPU a step costs about the same at 16 rows as at
+    64), its arithmetic included (so sample is free); one ppo_step (ppo, its rollout included) and the PM's
+    forward passes inside it (forward). Rate = the plan's FLOPs for that work / seconds. The RNG state is
+    restored afterwards, so a run that follows is unchanged."""
     cfg, state, t0 = copy.deepcopy(cfg), rng_state(), time.perf_counter()
     cfg.model.vocab_size, T = d.tok.vocab_size, cfg.model.block_size
     set_seed(cfg.seed)
@@ -113,16 +163,21 @@ def measured_rates(cfg, d, gpt, device, repeats):
         plain = replace(cfg, compile=False, model=replace(cfg.model, dropout=0.0))
         eager = step_rate(plain, cfg.sft, GPT(plain.model).to(device), d.tok, sft, device, repeats)
     pretrain = train if cfg.pretrain.init else step_rate(cfg, cfg.pretrain, model, d.tok, d.stream, device, repeats)
+    model.eval()
+    shapes, step_s = sampling_shapes(cfg), {}  # (rows, new tokens) -> seconds of a sampled token step
+    for rows, N in sorted({shapes[stage] for stage in shapes if stage != "ppo"}):
+        prompts = [(None, x) for x in sampled_prompts(cfg, d, N)]
+        q, m = (t.to(device) for t in prompt_batch(prompts, 0, rows, cfg.seed, d.tok.eos_id))
+        step_s[rows, N] = q.size(0) / bench.sample_rate(model, q, m, N, device, cfg.dtype, repeats)
     prompts = [(None, x) for x in sampled_prompts(cfg, d, cfg.ppo.max_new_tokens)]
     queries, mask = (t.to(device) for t in prompt_batch(prompts, 0, cfg.ppo.batch_size, cfg.seed, d.tok.eos_id))
     B, Tq, N = queries.size(0), queries.size(1), cfg.ppo.max_new_tokens
-    model.eval()
-    sample = bench.sample_rate(model, queries, mask, N, device, cfg.dtype, repeats)
     it = bench.ppo_iteration(cfg, model, d.tok, queries, mask, device, cfg.dtype)
     set_rng_state(state)
     pm_tokens = int(mask.sum()) + B * (N + 1)  # the PM reads each real prompt + reply + EOS
-    rates = {"pretrain": pretrain[0], "train": train[0], "eager": eager[0], "decode": math.inf,  # sampling's timing
-             "sample": sample * fpt(gpt, Tq + N) / 3,                                          # includes its steps
+    # sampling's arithmetic is inside its timed steps (sample: free), PPO's rollout inside the iteration's time
+    decode = {stage: 1 / step_s[shape] if stage != "ppo" else math.inf for stage, shape in shapes.items()}
+    rates = {"pretrain": pretrain[0], "train": train[0], "eager": eager[0], "decode": decode, "sample": math.inf,
              "forward": pm_tokens * fpt(gpt, Tq + N, head=False) / 3 / max(it["ppo_scoring_s"]["pm"], 1e-4),
              "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s}
     compiled = " (compiled)" if cfg.compile else ""
@@ -131,9 +186,10 @@ def measured_rates(cfg, d, gpt, device, repeats):
                  f"{train[1]:.3f} s")
     if eager is not train:
         steps.append(f"{eager[1]:.3f} s without compile or dropout, one example a row, as PMs and DPO train")
+    sampled = ", ".join(f"{t * 1e3:.1f} ms at {rows} rows" for (rows, _), t in step_s.items())
     basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): "
-             f"{', '.join(steps)}; sampling {B} x {Tq}+{N} at {sample:,.0f} tokens/s, a PPO iteration of {B} rollouts "
-             f"in {it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory "
+             f"{', '.join(steps)}; a sampled token step {sampled}; a PPO iteration of {B} rollouts in "
+             f"{it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory "
              f"{bench.peak_memory_mb(device) / 1024:.2f} GiB")
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
     return rates, name, basis + busy_cpu_warning(device)
@@ -169,4 +225,5 @@ def device_rates(cfg, d, gpt, repeats):
     basis = (why if pl.measure else "") + (f"assumed: every kind of work at {pl.gflops:g} GFLOP/s (--plan.gflops), "
                                            f"tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
     rates = {k: pl.gflops * 1e9 for k in ("pretrain", "train", "eager", "forward", "sample", "ppo")}
-    return {**rates, "decode": math.inf, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis
+    decode = {stage: math.inf for stage in sampling_shapes(cfg)}  # sampling's FLOPs only
+    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis

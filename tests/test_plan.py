@@ -77,19 +77,26 @@ def test_unknown_gpu_is_one_line_naming_the_known_ones(tmp_path, capsys):
 def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_dir):
     """--plan.gpu=h100: compiled pretraining at 0.40 x 989 TFLOP/s (README, Speed); every stage's compute time
     on an RTX 4090 is the H100's times 989 / 165, the ratio of their datasheet peaks (train.CUDA_PEAK_TFLOPS),
-    while a sampled token step costs both the H100's measured 64 / 9,466 s: launch-bound, not compute-bound."""
+    while its sampled token steps cost what each GPU's decode model gives at the stage's rows (tests/test_rates.py):
+    mostly launch-bound, not compute-bound."""
     flags = ["--preset", "gpu-scratch", "--pretrain.eval_interval=100000"]  # validation before and after only
     h100, rtx = make(hh_dir, *flags, "--plan.gpu=h100"), make(hh_dir, *flags, "--plan.gpu=RTX 4090")
     assert h100["device"] == "H100 (assumed)" and rtx["device"] == "RTX 4090 (assumed)"
-    gpt = GPT(rlhf.parse_args(["--preset", "gpu-scratch"])[1].model)  # GPT-2 small, GPT-2's vocabulary
+    cfg = rlhf.parse_args(["--preset", "gpu-scratch"])[1]
+    gpt = GPT(cfg.model)  # GPT-2 small, GPT-2's vocabulary
     pretrain = 5000 * 128 * 1024 * gpt.flops_per_token() / (0.40 * 989e12)
     assert h100["stages"]["pretrain"]["seconds"] == pytest.approx(pretrain, rel=2e-3)
     assert rtx["stages"]["ppo"]["decode_steps"] == 320 * 64  # iterations x max_new_tokens
+    decode = {gpu: rates.gpu_rates(gpu, cfg)[0]["decode"] for gpu in ("h100", "rtx4090")}
+
+    def fixed(plan, gpu, name):  # tokenising is the CPU's; a GPU's decode steps take what its decode model says
+        s = plan["stages"][name]
+        return s["tokenized"] / rates.TOKENIZE_PER_S + (s["decode_steps"] and s["decode_steps"] / decode[gpu][name])
     for name, s in h100["stages"].items():
-        fixed = s["tokenized"] / rates.TOKENIZE_PER_S + s["decode_steps"] * 64 / 9466  # the CPU's, and launches
-        other = rtx["stages"][name]["seconds"] - fixed
+        other = rtx["stages"][name]["seconds"] - fixed(rtx, "rtx4090", name)
         # seconds are rounded to 0.1: the H100's rounding error (<= 0.05 s) comes back 989 / 165 times larger
-        assert other == pytest.approx((s["seconds"] - fixed) * 989 / 165, rel=0.01, abs=0.05 * (1 + 989 / 165)), name
+        assert other == pytest.approx((s["seconds"] - fixed(h100, "h100", name)) * 989 / 165, rel=0.01,
+                                      abs=0.05 * (1 + 989 / 165)), name
 
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):

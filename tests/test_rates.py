@@ -13,10 +13,11 @@ import rlhf
 from model import GPT
 
 
-def measure(hh_dir, monkeypatch, flags, step_s):
+def measure(hh_dir, monkeypatch, flags, step_s, sample_ms=lambda rows: 1.0):
     """rates.measured_rates for the tiny preset and `flags`, with bench's timers faked: an optimizer step takes
     step_s(kind, compiled, dropout) seconds (kind: "stream" for pretraining's windows, "packed" or "padded" SFT
-    rows), sampling 1 ms a token step and a PPO iteration 1 s. Returns (rates, cfg, the steps timed)."""
+    rows), a sampled token step of R rows sample_ms(R) ms and a PPO iteration 1 s. Returns (rates, cfg, the
+    steps timed, the plan's model)."""
     _, cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--data_dir", hh_dir] + flags)
     timed = []
 
@@ -25,8 +26,11 @@ def measure(hh_dir, monkeypatch, flags, step_s):
         timed.append((kind, cfg.compile, model.config.dropout))
         positions = sc.batch_size * sc.grad_accum * cfg.model.block_size  # every row full: width = block_size
         return step_s(kind, cfg.compile, model.config.dropout), positions, positions
+
+    def sample_rate(model, queries, mask, n, *args, **kwargs):  # new tokens a second: rows / a step's seconds
+        return queries.size(0) / (sample_ms(queries.size(0)) * 1e-3)
     monkeypatch.setattr(rates.bench, "timed_steps", timed_steps)
-    monkeypatch.setattr(rates.bench, "sample_rate", lambda model, q, m, n, *a, **k: q.size(0) * n / (n * 1e-3))
+    monkeypatch.setattr(rates.bench, "sample_rate", sample_rate)
     monkeypatch.setattr(rates.bench, "ppo_iteration", lambda *a, **k: {"ppo_s": 1.0, "ppo_scoring_s": {"pm": 0.1}})
     d = plan.read_data(cfg)
     with torch.device("meta"):
@@ -53,3 +57,30 @@ def test_compiled_and_eager_training_are_timed_by_their_own_steps(hh_dir, monkey
     assert r["pretrain"] == pytest.approx(step_flops(cfg, cfg.pretrain, gpt) / 1.0)
     # pretraining and SFT keep their dropout; the eager step is the PMs': one example a row, no compile, no dropout
     assert {("stream", True, 0.1), ("packed", True, 0.1), ("padded", False, 0.0)} <= set(timed)
+
+
+def test_a_named_gpus_sampled_token_step_costs_more_at_more_rows():
+    """A sampled token step on a named GPU: the H100's launch-bound step, measured at 64 rows (64 / 9,466 s), plus
+    the bytes it reads over the GPU's memory bandwidth, most of them the KV cache of every row. The gpu preset's RS
+    and eval sample 256 rows a call: on an RTX 4090 such a step reads 2 GB of cache more than PPO's 64-row one,
+    2 ms, where every step was costed at the H100's 64-row time. Every GPU the plan knows has its bandwidth."""
+    _, cfg = rlhf.parse_args(["plan", "--preset", "gpu"])
+    assert (cfg.ppo.batch_size, cfg.rs.sample_batch_size, cfg.eval.batch_size) == (64, 256, 256)
+    h100, rtx = rates.gpu_rates("h100", cfg)[0]["decode"], rates.gpu_rates("rtx4090", cfg)[0]["decode"]
+    assert 1 / h100["ppo"] == pytest.approx(64 / 9466)  # PPO's rollout is the shape the H100 was timed at
+    kv = 192 * (256 + 64 / 2) * 2 * 12 * 768 * 2       # 192 more rows of prompt + half the reply, K and V, bf16
+    for stage in ("rs", "eval"):
+        assert 1 / rtx[stage] - 1 / rtx["ppo"] == pytest.approx(kv / 1008e9), stage  # RTX 4090: 1,008 GB/s
+        assert 1 / h100[stage] - 1 / h100["ppo"] == pytest.approx(kv / 3350e9), stage
+    assert set(rates.GPU_BANDWIDTH_GBS) == set(rates.CUDA_PEAK_TFLOPS)
+
+
+def test_measured_sampling_is_timed_at_each_stages_rows(hh_dir, monkeypatch):
+    """Sampling is timed at the rows each stage samples a call (rm.eval_batch_size, rs.sample_batch_size,
+    eval.batch_size), not only at PPO's: on a GPU a step costs about the same at 64 rows as at 16, so rows sampled
+    at PPO's shape were costed ~4x too dear at 256 a call. Here a step of R rows takes (1 + R / 16) ms."""
+    rows = ["--rm.eval_batch_size=16", "--rs.sample_batch_size=32", "--eval.batch_size=64"]
+    r, *_ = measure(hh_dir, monkeypatch, rows, lambda *a: 1.0, lambda rows: 1 + rows / 16)
+    for stage, rows in (("rm", 16), ("rs", 32), ("eval", 64)):
+        assert 1 / r["decode"][stage] == pytest.approx(1e-3 * (1 + rows / 16)), stage
+    assert r["decode"]["ppo"] == r["sample"] == float("inf")  # PPO's rollout is timed inside its iteration
