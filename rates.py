@@ -7,7 +7,7 @@ or dropout, as PMs and DPO train (eager); a sampled token step at the rows each 
 iteration and the PM passes inside it. Each rate = the FLOPs (or steps) the plan counts for that work / its
 seconds. Or, for a GPU you name (--plan.gpu), its datasheet peak times the utilisation one H100 reached, and a
 sampled token step as the H100's launch-bound time plus the bytes it reads over the GPU's memory bandwidth.
-Or --plan.gflops for all.
+Or --plan.gflops for all. A --pretrain.init weights file loads (and is first downloaded) at assumed rates.
 The FLOP model both sides share is here too: fpt (GPT.flops_per_token) and one PPO iteration's FLOPs.
 """
 import copy
@@ -15,10 +15,12 @@ import math
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import bench
+from hub import GPT2_SIZES
 from model import GPT, GPTConfig
 from ppo import prompt_batch
 from runtime import CUDA_PEAK_TFLOPS, ConfigError, pick_device, rng_state, set_rng_state, set_seed
@@ -38,6 +40,12 @@ H100 = {"pretrain_mfu": 0.40,     # compiled pretraining, 128 x 1024 tokens a st
 GPU_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "H100 PCIe": 2000, "A100": 1555, "A10G": 600, "A10": 600,
                      "L40S": 864, "L4": 300, "RTX 4090": 1008, "RTX 3090": 936}
 TOKENIZE_PER_S = 1e6                  # tokens/s assumed when nothing is measured (a 2-core CPU: 1.1-1.5M)
+# --pretrain.init: a byte of the weights file read (and its sha256 checked), the model built and base.pt written.
+# gpt2's 548 MB took 6 s in one run on an H100 machine (the stage's [time] line), a 498 MB copy 7.7 s on a busy
+# 2-core CPU (a local path: no sha256)
+LOAD_BYTES_PER_S = 80e6
+DOWNLOAD_BYTES_PER_S = 12.5e6  # assumed, for weights not yet in hub.py's cache: a 100 Mbit/s connection
+FILES = {"load": LOAD_BYTES_PER_S, "download": DOWNLOAD_BYTES_PER_S}  # bytes/s, assumed on every device
 
 
 def fpt(gpt, T, head=True):
@@ -58,6 +66,29 @@ def ppo_iteration_flops(cfg, gpt, Tq, rows=None):
     return {"rollout": B * pc.max_new_tokens * fpt(gpt, T) / 3,
             "scoring": B * T * (2 * fpt(gpt, T) + fpt(gpt, T, head=False) + critic) / 3,
             "update": pc.ppo_epochs * B * T * (fpt(gpt, T) + critic)}
+
+
+def gpt2_cache_path(name):
+    """Where hub.download_gpt2 keeps GPT-2's weights `name` (gpt2, gpt2-medium, ...): $RLHF_CACHE/gpt2 or
+    ~/.cache/rlhf-tutorial/gpt2 (tests/test_rates.py checks that the two agree)."""
+    return Path(os.environ.get("RLHF_CACHE", "~/.cache/rlhf-tutorial")).expanduser() / "gpt2" / f"{name}.safetensors"
+
+
+def init_weights(init):
+    """(bytes, cached) of the weights file --pretrain.init loads: a local file as it is; a GPT-2 name, the hub's
+    model.safetensors, 4 bytes a weight and each layer's 1024 x 1024 causal-mask buffer (gpt2: 548 MB), cached or
+    not yet (gpt2_cache_path). A file that is not there is 0 bytes: the stage will say what is wrong."""
+    if init not in GPT2_SIZES:
+        return (os.path.getsize(init) if os.path.isfile(init) else 0), True
+    L, _, C = GPT2_SIZES[init]
+    params = L * (12 * C ** 2 + 13 * C) + 2 * C + (50257 + 1024) * C  # blocks, ln_f, token and position embeddings
+    return 4 * (params + L * 1024 ** 2), gpt2_cache_path(init).exists()
+
+
+def files(cfg):
+    """The basis line's words on the weights file --pretrain.init loads, if it loads one."""
+    return (f"; loading weights at {LOAD_BYTES_PER_S / 1e6:g} MB/s and downloading at {DOWNLOAD_BYTES_PER_S / 1e6:g} "
+            "MB/s (assumed)") if cfg.pretrain.init else ""
 
 
 def prompt_tokens(cfg, new_tokens):
@@ -129,7 +160,7 @@ def gpu_rates(name, cfg):
              f"{steps}; tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
     rates = {k: v * peak for k, v in mfu.items()}
     decode = {stage: 1 / s for stage, s in step_s.items()}
-    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S}, f"{key} (assumed)", basis
+    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S, **FILES}, f"{key} (assumed)", basis + files(cfg)
 
 
 def step_rate(cfg, sc, model, tok, data, device, repeats):
@@ -179,7 +210,8 @@ def measured_rates(cfg, d, gpt, device, repeats):
     decode = {stage: 1 / step_s[shape] if stage != "ppo" else math.inf for stage, shape in shapes.items()}
     rates = {"pretrain": pretrain[0], "train": train[0], "eager": eager[0], "decode": decode, "sample": math.inf,
              "forward": pm_tokens * fpt(gpt, Tq + N, head=False) / 3 / max(it["ppo_scoring_s"]["pm"], 1e-4),
-             "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s}
+             "ppo": sum(ppo_iteration_flops(cfg, gpt, Tq, B).values()) / it["ppo_s"], "tokenize": d.tokenize_per_s,
+             **FILES}
     compiled = " (compiled)" if cfg.compile else ""
     steps = [] if cfg.pretrain.init else [f"a pretraining step of {pretrain[2]} x {T}{compiled} in {pretrain[1]:.3f} s"]
     steps.append(f"an SFT step of {train[2]} x ~{train[3]:.0f}{' packed' if cfg.sft.pack else ''}{compiled} in "
@@ -192,7 +224,7 @@ def measured_rates(cfg, d, gpt, device, repeats):
              f"{it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory "
              f"{bench.peak_memory_mb(device) / 1024:.2f} GiB")
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
-    return rates, name, basis + busy_cpu_warning(device)
+    return rates, name, basis + files(cfg) + busy_cpu_warning(device)
 
 
 def busy_cpu_warning(device):
@@ -226,4 +258,4 @@ def device_rates(cfg, d, gpt, repeats):
                                            f"tokenising {TOKENIZE_PER_S / 1e6:g}M tokens/s")
     rates = {k: pl.gflops * 1e9 for k in ("pretrain", "train", "eager", "forward", "sample", "ppo")}
     decode = {stage: math.inf for stage in sampling_shapes(cfg)}  # sampling's FLOPs only
-    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S}, f"{device} (assumed)", basis
+    return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S, **FILES}, f"{device} (assumed)", basis + files(cfg)

@@ -84,3 +84,35 @@ def test_measured_sampling_is_timed_at_each_stages_rows(hh_dir, monkeypatch):
     for stage, rows in (("rm", 16), ("rs", 32), ("eval", 64)):
         assert 1 / r["decode"][stage] == pytest.approx(1e-3 * (1 + rows / 16)), stage
     assert r["decode"]["ppo"] == r["sample"] == float("inf")  # PPO's rollout is timed inside its iteration
+
+
+def test_loading_gpt2_takes_its_read_and_first_its_download(hh_dir, tmp_path, monkeypatch):
+    """--pretrain.init=gpt2 trains nothing, but reads GPT-2's 548 MB (checks, builds the model, writes base.pt) and,
+    the first time, downloads them into hub.py's cache: seconds to minutes that the plan counted as 0.0 s, so that
+    `all` reported the 6 s it took as +551948213477%."""
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    flags = ["plan", "--preset", "gpu", "--plan.gpu=h100", "--data_dir", hh_dir]
+    first = plan.make_plan(rlhf.parse_args(flags)[1])["stages"]["pretrain"]
+    size = 548_105_171  # hub.GPT2_PINS: gpt2's model.safetensors
+    assert first["seconds"] > 1 and "download" in first["what"]
+    # seconds are rounded to 0.1 s, and the plan counts the bytes from the model's shapes (14 KB of header fewer)
+    assert first["seconds"] == pytest.approx(size / rates.LOAD_BYTES_PER_S + size / rates.DOWNLOAD_BYTES_PER_S, abs=0.1)
+    cached = tmp_path / "cache" / "gpt2" / "gpt2.safetensors"
+    cached.parent.mkdir(parents=True)
+    with open(cached, "wb") as f:
+        f.truncate(size)  # a sparse file: the plan only asks whether it is there
+    then = plan.make_plan(rlhf.parse_args(flags)[1])["stages"]["pretrain"]
+    assert then["seconds"] == pytest.approx(size / rates.LOAD_BYTES_PER_S, abs=0.1) and "download" not in then["what"]
+
+
+def test_the_plan_looks_for_gpt2_where_hub_caches_it(tmp_path, monkeypatch):
+    """rates.init_weights asks whether GPT-2's file is in hub.download_gpt2's cache without downloading it: the same
+    path, with RLHF_CACHE set or not."""
+    import hub
+    monkeypatch.setattr(hub, "download_file", lambda url, path, *args, **kwargs: path)  # where it would download to
+    for cache in (str(tmp_path), None):
+        if cache:
+            monkeypatch.setenv("RLHF_CACHE", cache)
+        else:
+            monkeypatch.delenv("RLHF_CACHE", raising=False)
+        assert rates.gpt2_cache_path("gpt2") == hub.download_gpt2("gpt2")
