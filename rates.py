@@ -178,10 +178,10 @@ def measured_rates(cfg, d, gpt, device, repeats):
     instead); train, an SFT step as stage_sft runs it (compiled with --compile, packed with --sft.pack); eager,
     the same step on one example a row, without compile or dropout, as PM and DPO training run (on a GPU about
     half compiled pretraining's FLOP/s, on a CPU dropout alone costs ~40% a step); decode, a sampled token step
-    at the rows each stage samples a call (sampling_shapes; on a GPU a step costs about the same at 16 rows as at
-    64), its arithmetic included (so sample is free); one ppo_step (ppo, its rollout included) and the PM's
-    forward passes inside it (forward). Rate = the plan's FLOPs for that work / seconds. The RNG state is
-    restored afterwards, so a run that follows is unchanged."""
+    at the rows each stage samples a call (sampling_shapes: on a GPU, bound by kernel launches, a step of more
+    rows costs little more), its arithmetic included (so sample is free); one ppo_step (ppo, its rollout
+    included) and the PM's forward passes inside it (forward). Rate = the plan's FLOPs for that work / seconds.
+    The RNG state is restored afterwards, so a run that follows is unchanged."""
     cfg, state, t0 = copy.deepcopy(cfg), rng_state(), time.perf_counter()
     cfg.model.vocab_size, T = d.tok.vocab_size, cfg.model.block_size
     set_seed(cfg.seed)
@@ -249,7 +249,7 @@ def device_rates(cfg, d, gpt, repeats):
     rows = (0 if cfg.pretrain.init else cfg.pretrain.batch_size * cfg.pretrain.grad_accum) \
         + 2 * cfg.sft.batch_size * cfg.sft.grad_accum  # the steps measured_rates times, at most T tokens a row
     cost = ((repeats + 1) * rows * T * fpt(gpt, T)
-            + sum(ppo_iteration_flops(cfg, gpt, min(cfg.ppo.max_prompt_tokens, T - cfg.ppo.max_new_tokens)).values()))
+            + sum(ppo_iteration_flops(cfg, gpt, prompt_tokens(cfg, cfg.ppo.max_new_tokens)).values()))
     too_slow = device != "cuda" and cost > 60 * pl.gflops * 1e9
     if pl.measure and not too_slow:
         return measured_rates(cfg, d, gpt, device, repeats)
