@@ -14,11 +14,13 @@ hours, and nothing said so before it started. `all` prints this plan first. How:
    Work is FLOPs (GPT.flops_per_token: 6N + 12LHQT a token to train, a third of that for a forward pass or
    a sampled token) of six kinds, pretrain and train (supervised_train, compiled with --compile), eager
    (PM training), forward, sample and ppo (whole iterations); sampled token steps (decode: one per token of
-   a generate call, however many rows it has); and tokens to tokenise. Replies are counted to max_new_tokens:
-   an upper bound.
+   a generate call, however many rows it has); tokens to tokenise; and bytes of a weights file to load and, where
+   it is not cached yet, download (--pretrain.init). Replies are counted to max_new_tokens: an upper bound.
 2. Rates (rates.py): what this device reaches for each kind, timed at the preset's shapes with bench.py's
-   functions (decode steps are then inside the sampling rate); or, for a named GPU (--plan.gpu), its datasheet
-   peak times the utilisation an H100 reached, plus the H100's launch-bound time a decode step; or --plan.gflops.
+   functions (decode steps at the rows each stage samples, their arithmetic included); or, for a named GPU
+   (--plan.gpu), its datasheet peak times the utilisation an H100 reached, and a decode step modelled at each
+   stage's rows (the H100's launch-bound time + the weights and KV cache over the memory bandwidth); or
+   --plan.gflops. Files load and download at assumed rates (rates.LOAD_BYTES_PER_S, DOWNLOAD_BYTES_PER_S).
 3. Time = the sum over kinds of work / rate. Memory: the peak, an estimate from the shapes of each stage's widest
    forward/backward pass on the data it reads, under --micro_tokens (memory_parts), with what dominates it named.
 The last line printed is the plan as one JSON object: {"preset", "device", "stages", "total_seconds", ...}.
@@ -39,7 +41,7 @@ from cd import cd_examples, read_prompt
 from data import read_pairs, resolve_data_dir, train_comparisons
 from lm_loss import CHUNK_LOGITS
 from model import GPT
-from rates import device_rates, fpt, gpu_rates, ppo_iteration_flops, sampled_prompts
+from rates import device_rates, fpt, gpu_rates, init_weights, ppo_iteration_flops, sampled_prompts
 from reward import pm_block
 from rm import auto_eval_interval, pair_batch, pm_steps
 from runtime import pick_device
@@ -176,8 +178,10 @@ def lm_work(gpt, sc, width, n_rows, n_val, kind):
 def work_pretrain(cfg, d, gpt, act):
     """Pretraining on windows of the token stream of every dialogue; a trimmed vocabulary is built first."""
     sc, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
-    if sc.init:
-        return {"what": f"load {sc.init}'s weights (no training)", "flops": {}, "tokenize": 0,
+    if sc.init:  # no training: the weights file is read, and downloaded first where hub.py has no copy of it yet
+        size, cached = init_weights(sc.init)
+        what = f"load {sc.init}'s weights ({size / 1e6:,.0f} MB{'' if cached else ', downloaded first'}; no training)"
+        return {"what": what, "flops": {}, "tokenize": 0, "bytes": {"load": size, "download": 0 if cached else size},
                 "memory": memory_parts(gpt, act, 1)}
     w = lm_work(gpt, sc, T, stream / T, None, "pretrain")
     trim = d.train * sum(d.mean) if cfg.data.vocab == "trimmed" else 0  # the trimmed vocabulary reads every text
@@ -350,9 +354,11 @@ def make_plan(cfg, repeats=2):
     stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act), "cd": work_cd(cfg, d, gpt, act),
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
               "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
-    for s in stages.values():
+    for name, s in stages.items():
         flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
-        seconds = sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"] + decode / rates["decode"]
+        seconds = (sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"]
+                   + (decode / rates["decode"][name] if decode else 0)  # a step costs what its stage's rows do
+                   + sum(b / rates[k] for k, b in s.pop("bytes", {}).items()))  # files to load or download
         parts = s.pop("memory")
         s.update(seconds=round(seconds, 1), memory_gb=round(sum(parts.values()) / 1e9, 2),
                  memory_parts_gb={k: round(v / 1e9, 2) for k, v in parts.items()}, memory_top=max(parts, key=parts.get),

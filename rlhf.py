@@ -290,9 +290,11 @@ def stage_plan(cfg, repeats=2):
 
 
 def report_time(log, name, seconds, plan):
-    """After each stage of `all`: its wall time against the plan's estimate, printed and in metrics.jsonl."""
+    """After each stage of `all`: its wall time against the plan's estimate, printed and in metrics.jsonl. Off by a
+    ratio, or by seconds for a plan under 10 s, where a ratio says nothing."""
     planned = plan["stages"][name]["seconds"]
-    print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {seconds / max(planned, 1e-9) - 1:+.0%})")
+    off = f"{seconds / planned - 1:+.0%}" if planned >= 10 else f"{seconds - planned:+.1f} s"
+    print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {off})")
     log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
 
 
