@@ -370,6 +370,18 @@ def make_plan(cfg, repeats=2):
                      "params": gpt.num_params(non_embedding=False)}}
 
 
+def check_fits(plan, device_bytes, cfg):
+    """One line of error, before any stage runs, when the plan's peak memory is more than the device has, naming
+    the stage, what holds the memory and the flag that shrinks it; None when it fits."""
+    name, stage = max(plan["stages"].items(), key=lambda kv: kv[1]["memory_gb"])
+    if stage["memory_gb"] * 1e9 <= device_bytes:
+        return None
+    budget = cfg.micro_tokens or "no cap"
+    return (f"the plan needs {stage['memory_gb']:.1f} GB at its peak ({name}: {stage['memory_top']}) and this device has "
+            f"{device_bytes / 1e9:.1f} GB: lower --micro_tokens (now {budget}; the rows of one forward/backward x their "
+            f"width), or a smaller preset")
+
+
 def fmt_time(seconds):
     """Seconds as a person reads them: 0.4 s, 42 s, 10 min 34 s, 3 h 05 min, 2.5 days."""
     s = round(seconds)

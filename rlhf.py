@@ -37,7 +37,7 @@ from data import DataConfig, DataError
 from dpo import DPOConfig, betas, run_dpo
 from evaluate import EvalConfig, run_eval
 from model import GPTConfig
-from plan import fmt_time, print_plan
+from plan import check_fits, fmt_time, print_plan
 from pm_metrics import evaluate_pms
 from pm_studies import run_studies, trunk_sizes
 from ppo import PPOConfig, train_ppo
@@ -339,6 +339,11 @@ def run(stage, cfg):
     plan = None
     if stage == "all" and world_size == 1:  # (under torchrun each rank would time its own device: run `plan` first)
         plan = stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
+        device = pick_device(cfg.device)
+        if device.startswith("cuda"):  # a card too small for the preset: said now, not as an out-of-memory later
+            why = check_fits(plan, torch.cuda.get_device_properties(device).total_memory, cfg)
+            if why:
+                raise ConfigError(why)
     for name in order:
         if world_size > 1 and name not in ("pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo"):
             dist.barrier()  # gloo can abort a rank that leaves while its peer is still talking

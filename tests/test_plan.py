@@ -176,3 +176,13 @@ def test_a_stage_planned_at_about_0_s_is_reported_off_by_seconds(tmp_path, capsy
     rlhf.report_time(log, "sft", 150.0, {"stages": {"sft": {"seconds": 100.0}}})
     assert capsys.readouterr().out.splitlines() == ["[time] pretrain: 6 s (plan: 0.0 s, +6.0 s)",
                                                     "[time] sft: 2 min 30 s (plan: 1 min 40 s, +50%)"]
+
+
+def test_a_device_smaller_than_the_plans_peak_is_one_line_naming_the_flag():
+    plan_ = {"stages": {"sft": {"memory_gb": 7.4, "memory_top": "activations 16 x 1024"},
+                        "rm": {"memory_gb": 22.6, "memory_top": "activations 64 x 1002"}}}
+    cfg = rlhf.Config()
+    assert plan.check_fits(plan_, 24e9, cfg) is None
+    why = plan.check_fits(plan_, 16e9, cfg)
+    assert "22.6 GB" in why and "rm: activations 64 x 1002" in why and "--micro_tokens (now no cap" in why
+    assert "\n" not in why
