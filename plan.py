@@ -284,6 +284,7 @@ def work_rs(cfg, d, gpt, act):
     rc = cfg.rs
     N = rc.max_new_tokens or cfg.ppo.max_new_tokens
     lens = [len(x) for x in sampled_prompts(cfg, d, N)]
+    q_cap = min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - N)  # prompts are cut as PPO's (sampled_prompts)
     prompts = min(d.prompts, rc.num_prompts or d.prompts)
     winners = prompts - max(1, prompts // 10)
     q = batch_width(lens, max(1, rc.sample_batch_size // rc.n), cfg.seed)
@@ -295,7 +296,7 @@ def work_rs(cfg, d, gpt, act):
              decode=math.ceil(prompts * rc.n / rc.sample_batch_size) * N,
              memory=max(memory_parts(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
                         memory_parts(gpt, act, 0, trained_pass(rc.batch_size, widest([n + N + 1 for n in lens],
-                                                                                     cfg.model.block_size, d.scale),
+                                                                                     q_cap + N + 1, d.scale),
                                                                cfg, "lm_loss")), key=lambda p: sum(p.values())),
              what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
                    f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
