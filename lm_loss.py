@@ -78,6 +78,7 @@ def head_pass(hidden, weight, targets, token_grads=None):
             # out-of-place matmuls, which autocast runs in bf16 where it is on (an in-place addmm_ it would not)
             grad_hidden[s:s + chunk] = g * (dlogits @ padded)  # (n, C)
             grad_weight += dlogits.t() @ (g * h)  # (V + pad, C)
+        logprobs = dlogits = None  # freed before the next chunk's are made: one chunk of logits at a time, not two
     return token_logprobs, grad_hidden, None if grad_weight is None else grad_weight[:V]
 
 
@@ -163,6 +164,7 @@ def distill_pass(hidden, weight, teacher_hidden, teacher_weight, token_weights, 
             # w scales whole rows: applied to the (n, C) sides of the matmuls, out of place (bf16 under autocast)
             grad_hidden[s:s + chunk] = w * (dlogits @ padded)  # (n, C)
             grad_weight += dlogits.t() @ (w * h)  # (V + pad, C)
+        log_q = log_p = p = dlogits = None  # freed before the next chunk's are made: one chunk at a time, not two
     return loss, grad_hidden, None if grad_weight is None else grad_weight[:V]
 
 

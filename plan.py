@@ -123,8 +123,8 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     the loss, its gradient), "lm_loss" one chunk of logits (fp32 logits and log-softmax, and under autocast the
     matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
     (lm_loss.py) and of the head's weight (and its padded copy where V is not a multiple of 64), "distill" the
-    same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's twice (the reference's
-    chunk comes while the policy's activations are held), None (a scalar head) nothing; logits = (rows, N): PPO's
+    same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows'
+    attention mask, which SDPA keeps as floats (T values a token and layer), None (a scalar head) nothing; logits = (rows, N): PPO's
     logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32 log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the
     peak resident memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
@@ -138,9 +138,10 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     for rows, T, head in trained:
         per_token = c.n_layer * c.n_embd * (34 * act_bytes / 2 + 4 * half)
         per_token += 4 * c.n_embd if head else 0  # the fp32 gradient of the hidden states the head reads
+        per_token += 4 * T * c.n_layer if head == "dpo" else 0  # the attention mask SDPA keeps as floats a layer
         lm_chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) + 4 * padded * c.n_embd * (1 + pad)
-        chunk = {"lm_loss": lm_chunk, "dpo": 2 * lm_chunk, None: 0,
-                 "distill": CHUNK_LOGITS * (20 + 4 * act_bytes * half) + 4 * padded * c.n_embd * (1 + 2 * pad)}[head]
+        chunk = {"lm_loss": lm_chunk, "dpo": lm_chunk, None: 0,
+                 "distill": CHUNK_LOGITS * (12 + 4 * act_bytes * half) + 4 * padded * c.n_embd * (1 + 2 * pad)}[head]
         parts["weights + Adam"] = parts.get("weights + Adam", 0) + (16 + 2 * half) * P
         key = f"activations {rows} x {round(T)}"
         parts[key] = parts.get(key, 0) + rows * T * per_token + chunk

@@ -221,8 +221,9 @@ def measured_rates(cfg, d, gpt, device, repeats):
     sampled = ", ".join(f"{t * 1e3:.1f} ms at {rows} rows" for (rows, _), t in step_s.items())
     basis = (f"measured on this device in {time.perf_counter() - t0:.0f} s at the preset's shapes (bench.py): "
              f"{', '.join(steps)}; a sampled token step {sampled}; a PPO iteration of {B} rollouts in "
-             f"{it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s; peak memory "
-             f"{bench.peak_memory_mb(device) / 1024:.2f} GiB")
+             f"{it['ppo_s']:.2f} s, tokenising {d.tokenize_per_s / 1e6:.2f}M tokens/s")
+    mem = bench.peak_memory_mb(device)  # None where there is no `resource` module (Windows)
+    basis += f"; peak memory {mem / 1024:.2f} GiB" if mem is not None else ""
     name = torch.cuda.get_device_name() if device == "cuda" else f"{device}, {torch.get_num_threads()} threads"
     return rates, name, basis + files(cfg) + busy_cpu_warning(device)
 

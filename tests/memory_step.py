@@ -19,9 +19,9 @@ from plan import memory_parts  # noqa: E402
 from reward import RewardModel  # noqa: E402
 from runtime import Run, clip_and_step, grad_scaler  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # one thread: one malloc arena, the same peak every run
 
-stage, rows, T = sys.argv[1], 16, 512  # 8,192 tokens a step: activations of ~0.6 GB dominate the step's memory
+stage, rows, T = sys.argv[1], 8, 512  # 4,096 tokens a step: activations of ~0.3 GB, and the heads' chunks
 cfg = GPTConfig(block_size=T + 1, vocab_size=8192, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
 torch.manual_seed(0)
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
