@@ -33,6 +33,7 @@ POLICIES = ("sft", "bon", "cd", "rs", "ppo", "dpo")
 # every count cut to one or two; the shapes are the preset's
 COUNTS = [
     "--device=cpu", "--compile=false", "--sample.num_samples=1",
+    "--micro_tokens=2048",  # 2 rows of 1,024 a pass: a PM or DPO step of 2 pairs runs as 2 groups, as on a GPU
     "--data.val_frac=0.25",  # a few val pairs out of 16 train pairs
     "--sft.max_steps=1", "--sft.batch_size=1", "--sft.grad_accum=1", "--sft.eval_batches=1", "--sft.warmup_steps=0",
     "--cd.max_steps=1", "--cd.batch_size=1", "--cd.grad_accum=1", "--cd.eval_batches=1", "--cd.warmup_steps=0",

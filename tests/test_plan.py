@@ -160,8 +160,8 @@ def test_a_busy_cpu_is_named_in_the_basis(monkeypatch):
 @pytest.mark.parametrize("stage", ["sft", "cd", "pm", "dpo", "ppo"])
 def test_the_memory_formula_is_within_25_percent_of_a_measured_step(stage):
     """plan.memory_parts against the peak resident memory one step of each trained stage adds, in a process of
-    its own (tests/memory_step.py: 8 rows of 512 tokens, 4 layers of 256, fp32; 16 rows give 0.96-1.17): gradients, Adam's moments,
-    the activations and the head's working memory."""
+    its own (tests/memory_step.py: 8 rows of 512 tokens, 4 layers of 256, fp32): gradients, Adam's moments, the
+    activations and the head's working memory."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_step.py")
     out = subprocess.run([sys.executable, script, stage], capture_output=True, text=True, timeout=300, check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
