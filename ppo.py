@@ -257,7 +257,9 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_c
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
         mask = response_mask.float()                                                      # (B, N)
-        chunk = pc.minibatch_size if not max_tokens else max(1, min(pc.minibatch_size, max_tokens // query_response.size(1)))
+        chunk = pc.minibatch_size  # rows a forward: a minibatch's, or as many as max_tokens holds
+        if max_tokens:
+            chunk = max(1, min(chunk, max_tokens // query_response.size(1)))
         # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
         logprobs, values, entropy = rollout_forward(policy, critic, query_response, attention_mask, responses,
                                                     Tq, pc.temperature, chunk)  # (B, N) each

@@ -217,10 +217,10 @@ def resume_pm(ckpt_path, model, optimizer, scaler):
 def pair_step(model, batch, objective, rc, run, scaler):
     """Forward and backward of one comparison batch (pair_batch's idx, mask, labels, reply mask), leaving the
     gradient of its mean loss in .grad; returns that loss (detached). Under torchrun this rank takes pairs
-    rank::world_size, the k-th chosen row with the k-th rejected, and DDP averages the ranks' gradients. Pairs
-    wider than max_tokens tokens in all (2 rows a pair, as wide as the longer) run in groups
+    rank::world_size, the k-th chosen row with the k-th rejected, and DDP averages the ranks' gradients. Pairs of
+    more than run.micro_tokens tokens in all (2 rows a pair, each as wide as the wider) run in groups
     (runtime.micro_batches), each group's loss weighted by its share of the pairs: the loss is a mean over pairs
-    (ranking) or rows (binary), so the gradients add up to the whole batch's."""
+    (ranking, DPO) or rows (binary), so the groups' gradients add up to the whole batch's."""
     idx, mask, labels, replies = batch
     (rank, world_size), device = dist_info(), next(model.parameters()).device
     B = idx.size(0) // 2
@@ -277,8 +277,8 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
     def save(step):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage="rm", config=asdict(rc), seed=run.seed,
-                rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
+                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage="rm",
+                config=asdict(rc), seed=run.seed, rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
 
     t0 = time.time()
     model.train()
