@@ -44,7 +44,7 @@ from model import GPT
 from rates import device_rates, fpt, gpu_rates, init_weights, ppo_iteration_flops, sampled_prompts
 from reward import pm_block
 from rm import auto_eval_interval, pair_batch, pm_steps
-from runtime import pick_device
+from runtime import pick_device, precision
 from tokens import build_tokenizer, dpo_example, lm_tokens, pack_examples, pm_example, sft_example, tokenize_pairs
 from train import validation_batches
 
@@ -351,8 +351,9 @@ def make_plan(cfg, repeats=2):
     with torch.device("meta"):
         gpt = GPT(replace(cfg.model, vocab_size=d.tok.vocab_size))
     rates, device, basis = rates or device_rates(cfg, d, gpt, repeats)
-    bf16 = cfg.plan.gpu or cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and pick_device(cfg.device) == "cuda")
-    act = 2 if bf16 else 4  # bytes of an activation
+    amp, why = ((torch.bfloat16, f"bf16 autocast (assumed for --plan.gpu={cfg.plan.gpu})") if cfg.plan.gpu
+                else precision(pick_device(cfg.device), cfg.dtype))
+    act = 4 if amp is None else 2  # bytes of an activation
     stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act), "cd": work_cd(cfg, d, gpt, act),
               "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
               "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
@@ -365,7 +366,7 @@ def make_plan(cfg, repeats=2):
         s.update(seconds=round(seconds, 1), memory_gb=round(sum(parts.values()) / 1e9, 2),
                  memory_parts_gb={k: round(v / 1e9, 2) for k, v in parts.items()}, memory_top=max(parts, key=parts.get),
                  gflop=round(sum(flops.values()) / 1e9, 1), tokenized=round(tokens), decode_steps=decode)
-    return {"preset": cfg.preset, "device": device, "stages": stages,
+    return {"preset": cfg.preset, "device": device, "precision": why, "stages": stages,
             "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1), "basis": basis,
             "data": {"dir": d.data_dir, "train_pairs": d.train, "val_pairs": d.val, "test_pairs": d.test,
                      "sampled_pairs": len(d.ids), "vocab_size": d.tok.vocab_size,
@@ -402,7 +403,7 @@ def print_plan(cfg, why="", repeats=2):
     print(f"[plan] preset {why or cfg.preset} | device {plan['device']} | {d['params'] / 1e6:.2f}M parameters, "
           f"vocab {d['vocab_size']:,}\n[plan] data {d['dir']}: {d['train_pairs']:,} train / {d['val_pairs']:,} val / "
           f"{d['test_pairs']:,} test pairs; token counts estimated from {d['sampled_pairs']:,} seeded train pairs, "
-          f"scaled by the pair counts\n[plan] time: {plan['basis']}")
+          f"scaled by the pair counts\n[plan] precision: {plan['precision']}\n[plan] time: {plan['basis']}")
     rows = [("stage", "time", "peak memory (est.)", "what it does")]
     rows += [(name, fmt_time(s["seconds"]), f"{s['memory_gb']:.2f} GB ({s['memory_top']})", s["what"])
              for name, s in stages.items()]

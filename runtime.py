@@ -117,7 +117,8 @@ def precision(device, dtype="auto"):
     if dtype == "auto":
         if native_bf16(device):
             return torch.bfloat16, "bf16 autocast (auto: this GPU has native bf16)"
-        return torch.float16, "fp16 autocast + loss scaling (auto: this GPU has no native bf16, compute capability < 8.0)"
+        return torch.float16, ("fp16 autocast + loss scaling (auto: this GPU has no native bf16, compute "
+                               "capability < 8.0)")
     if dtype == "bfloat16" and cuda and not native_bf16(device):
         raise ConfigError("--dtype=bfloat16: this GPU has no native bf16 (compute capability < 8.0); "
                           "use --dtype=float16 (with loss scaling) or --dtype=float32")

@@ -272,8 +272,9 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
     def checkpoint(step, done, best, val_loss=None, rng=None):
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
-                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage=stage, config=asdict(sc),
-                seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before, val_loss=val_loss, best=best))
+                model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage=stage,
+                config=asdict(sc), seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before,
+                val_loss=val_loss, best=best))
 
     # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
     peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None

@@ -82,3 +82,11 @@ def test_an_error_of_the_model_itself_is_not_hidden_by_the_fallback(monkeypatch)
     monkeypatch.setattr(torch, "compile", lambda model: broken)
     with pytest.raises(ValueError, match="bad input"):
         runtime.compile_model(torch.nn.Linear(3, 2), True)(torch.randn(1, 3))
+
+
+def test_the_plan_says_which_precision_and_why(turing_gpu, hh_dir):
+    import plan
+    import rlhf
+    cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--device", "cuda", "--plan.measure=false", "--data_dir", hh_dir])[1]
+    made = plan.make_plan(cfg)
+    assert made["precision"].startswith("fp16 autocast + loss scaling") and "compute capability < 8.0" in made["precision"]
