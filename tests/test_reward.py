@@ -499,3 +499,13 @@ def test_length_grouped_batches_cover_each_epoch_once_with_less_padding():
     grouped = np.mean([batch_rows(i, True)[0].size(1) for i in range(per_epoch)])
     plain = np.mean([batch_rows(i, False)[0].size(1) for i in range(per_epoch)])
     assert grouped < 0.75 * plain
+
+
+def test_a_half_smaller_than_one_batch_is_one_batch_of_every_pair_grouped_or_not():
+    """A PM's half of fewer pairs than rm.batch_size (a small data dir, the gpu preset's 32) trains on all of them
+    a step, length-grouped or not (grouping had no batch to deal out: an IndexError)."""
+    examples = [(list(range(3 + i)), list(range(9 - i))) for i in range(5)]
+    for group in (False, True):
+        idx, mask, labels, _ = rm.pair_batch(examples, 0, 8, seed=0, pad_id=0, group_by_length=group)
+        assert idx.size(0) == 10 and labels.tolist() == [1.0] * 5 + [0.0] * 5
+        assert sorted(mask[:5].sum(1).tolist()) == [3, 4, 5, 6, 7]
