@@ -112,28 +112,37 @@ def pmp_study(run, rc, inp, test_pairs):
 def hh_study(run, rc, inp, test_pairs):
     """PMs trained on the helpful subsets only, on harmless-base only, and on a half-and-half mix, the same
     number of half-A pairs each (so the kind of data differs, not its amount), each scored on every test
-    subset. The HH paper found the two kinds pull against each other: a PM of one is weak on the other."""
-    kinds = {"helpful": [p for p in inp.halves[0] if p.subset.startswith("helpful")],
-             "harmless": [p for p in inp.halves[0] if p.subset == "harmless-base"]}
-    if not all(kinds.values()):
-        raise ConfigError(f"--rm.hh_study needs helpful-* and harmless-base pairs; the data has "
-                          f"{sorted({p.subset for p in inp.halves[0]})} (the shared sample holds harmless-base only)")
+    subset. The HH paper (Bai et al. 2022, sec. 2.4, 4.2) found the two kinds pull against each other: a PM of
+    one is weak on the other. Each PM early-stops on validation pairs of its own kind (the mix on as many of
+    each as there are of the rarer): a mixed validation set also counts the other kind, whose loss rises as a
+    single-kind PM learns its own, so it would stop such a PM early and understate the tension measured here."""
+    kind = lambda ps: {"helpful": [p for p in ps if p.subset.startswith("helpful")],  # noqa: E731
+                       "harmless": [p for p in ps if p.subset == "harmless-base"]}
+    kinds, val_kinds = kind(inp.halves[0]), kind(inp.val_pairs)
+    if not all(kinds.values()) or not all(val_kinds.values()):
+        raise ConfigError(f"--rm.hh_study needs helpful-* and harmless-base pairs in train and in validation; the "
+                          f"data has {sorted({p.subset for p in inp.halves[0]})} and "
+                          f"{sorted({p.subset for p in inp.val_pairs})} (the shared sample holds harmless-base only)")
     n, rng = min(map(len, kinds.values())), np.random.default_rng(run.seed)
     pick = lambda ps, k: [ps[i] for i in np.sort(rng.permutation(len(ps))[:k])]  # noqa: E731
     train_sets = {"helpful": pick(kinds["helpful"], n), "harmless": pick(kinds["harmless"], n)}
     train_sets["mix"] = pick(kinds["helpful"], n // 2) + pick(kinds["harmless"], n - n // 2)
+    m = min(map(len, val_kinds.values()))
+    val_sets = {**val_kinds, "mix": pick(val_kinds["helpful"], m) + pick(val_kinds["harmless"], m)}
     test_ex, subsets = inp.enc(test_pairs), np.array([p.subset for p in test_pairs])
     rows = []
     for name, pairs in train_sets.items():
         set_seed(run.seed)
         model, _ = init_reward_model(inp.init, inp.device)
-        info = train_pm(run, rc, model, inp.tok, inp.enc(pairs), inp.val_ex, rc.objective, name=f"hh_{name}")
+        info = train_pm(run, rc, model, inp.tok, inp.enc(pairs), inp.enc(val_sets[name]), rc.objective, name=f"hh_{name}")
         r_c, r_r = score_pairs(model, test_ex, inp.tok.eos_id, rc.eval_batch_size, run.dtype)
-        rows.append({"train": name, "pairs": len(pairs), "wall_s": round(info["wall_s"], 1), "test": {
+        rows.append({"train": name, "pairs": len(pairs), "val_pairs": len(val_sets[name]), "best_step": info["best_step"],
+                     "wall_s": round(info["wall_s"], 1), "test": {
             s: accuracy_row(s, r_c[subsets == s], r_r[subsets == s], 0, n=int((subsets == s).sum()))
             for s in sorted(set(subsets.tolist()))}})
     names = list(rows[0]["test"])
-    print_table(f"Helpful vs harmless: PMs on {n} half-A pairs each, test accuracy [95% CI] by subset",
+    print_table(f"Helpful vs harmless: PMs on {n} half-A pairs each, early-stopped on val pairs of their kind, "
+                "test accuracy [95% CI] by subset",
                 ["trained on"] + [f"{s} ({rows[0]['test'][s]['n']})" for s in names],
                 [[r["train"]] + [ci_str(r["test"][s]["accuracy"], r["test"][s]["accuracy_ci"]) for s in names] for r in rows])
     return rows

@@ -68,15 +68,23 @@ def fit_normalization(raw_scores, scale=True):
     return float(gain), float(-gain * x.mean())
 
 
-def fit_length_trend(scores, lengths):
-    """(slope, mean length): the least-squares line of scores on reply lengths (tokens), on SFT's samples.
-    A PM trained on hh-rlhf learns that the shorter reply often wins (README); score - slope * (length -
-    mean) is its score with that linear trend taken out, the same on average over SFT's replies. The
-    length-debiased PPO reward (--ppo.length_debias), one remedy for a policy that wins by shortening."""
-    lengths = np.asarray(lengths, dtype=np.float64)
-    var = lengths.var()
-    slope = float(np.mean((scores - np.mean(scores)) * (lengths - lengths.mean())) / var) if var > 0 else 0.0
-    return slope, float(lengths.mean())
+def fit_length_trend(scores, lengths, prompts):
+    """The slope of scores in reply length (tokens) within prompts, fitted on several SFT replies to each prompt.
+
+    A PM trained on hh-rlhf learns that the shorter reply often wins (README), and PPO exploits it by changing
+    the length of its reply to a given prompt. Across prompts length goes with the prompt as well (a question
+    drawing long replies may score high or low for other reasons), so the line is fitted with one intercept a
+    prompt, the fixed-effects (within) estimator of panel data (Wooldridge 2010, sec. 10.5): both scores and
+    lengths less their prompt's mean, slope = sum (s - s_p)(l - l_p) / sum (l - l_p)^2 over all replies. A prompt
+    with one reply adds nothing; 0 where no prompt's replies differ in length. score - slope * (length - SFT's
+    mean length) is the length-debiased PPO reward (--ppo.length_debias), one remedy for a policy that wins by
+    shortening. scores, lengths: (N,); prompts: N keys, equal for the replies to one prompt."""
+    scores, lengths = np.asarray(scores, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
+    index = {}
+    group = np.array([index.setdefault(p, len(index)) for p in prompts])               # (N,) prompt number
+    within = lambda x: x - (np.bincount(group, x) / np.bincount(group))[group]  # noqa: E731  x less its prompt's mean
+    ds, dl = within(scores), within(lengths)
+    return float(ds @ dl / (dl @ dl)) if dl @ dl > 1e-9 else 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -215,8 +223,8 @@ def score_replies(reward_model, tok, prompts, replies, batch_size=32, dtype="aut
     prompts, replies: lists of token-id lists (a reply as the policy sampled it, without padding).
     A trailing EOS or "\\n\\nHuman:" stop sequence is dropped and exactly one EOS appended, so the
     score is read at an EOS as in training; the prompt is left-truncated to fit the context.
-    length_debias: minus the score's linear trend in reply length on SFT's samples (normalize_pm), so a
-    reply gains nothing by its length alone: a PM that learned "shorter wins" pays for no shortcut.
+    length_debias: minus the score's trend in reply length within prompts on SFT's samples (normalize_pm), so
+    a reply gains nothing by its length alone: a PM that learned "shorter wins" pays for no shortcut.
     """
     block = reward_model.config.block_size
     replies = [strip_end(list(r), tok.eos_id, tok.stop_ids) for r in replies]
@@ -246,13 +254,19 @@ def score_texts(reward_model, tok, prompts, replies, batch_size=32):
 # -----------------------------------------------------------------------------
 # normalisation: the policy's own samples score mean 0, std 1
 
-def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="auto"):
-    """Set the PM's gain and bias from its raw scores on the reference (SFT-sampled) replies."""
+def normalize_pm(model, tok, ref_prompts, ref_replies, mode, batch_size, dtype="auto", trend=None):
+    """Set the PM's gain and bias from its raw scores on the reference (SFT-sampled) replies, and its length
+    trend (fit_length_trend) from its normalised scores on `trend`: (prompts, replies), several SFT replies to
+    each prompt (default: the reference replies themselves, grouped by prompt). The trend is centred on the
+    reference replies' mean length, so the debiased score has mean 0 on them too."""
     if mode not in ("scale", "shift", "none"):
         raise ValueError(f"--rm.normalize must be scale, shift or none, got {mode!r}")
     model.reward_gain, model.reward_bias = 1.0, 0.0
     raw = score_replies(model, tok, ref_prompts, ref_replies, batch_size, dtype).cpu().numpy()
     if mode != "none":
         model.reward_gain, model.reward_bias = fit_normalization(raw, scale=mode == "scale")
-    lengths = np.array([len(strip_end(list(r), tok.eos_id, tok.stop_ids)) for r in ref_replies], dtype=np.float64)
-    model.length_coef, model.length_mean = fit_length_trend(model.reward_gain * raw + model.reward_bias, lengths)
+    lengths = lambda replies: [len(strip_end(list(r), tok.eos_id, tok.stop_ids)) for r in replies]  # noqa: E731
+    prompts, replies = trend or (ref_prompts, ref_replies)
+    scores = score_replies(model, tok, prompts, replies, batch_size, dtype).cpu().numpy()
+    model.length_coef = fit_length_trend(scores, lengths(replies), [tuple(p) for p in prompts])
+    model.length_mean = float(np.mean(lengths(ref_replies)))

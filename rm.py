@@ -319,10 +319,11 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
 
 @torch.no_grad()
 def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, batch_size, temperature=1.0,
-                dtype="auto"):
-    """n (prompt_ids, reply_ids) sampled at `temperature` from `policy` on seeded-random prompts of
-    `pairs`: the reference replies whose PM scores are normalised to mean 0, std 1. Called with the
-    shapes PPO and eval sample at (prompt and reply lengths, temperature), so that "SFT scores mean 0,
+                dtype="auto", replies_per_prompt=1):
+    """(prompt_ids, reply_ids) lists sampled at `temperature` from `policy`, replies_per_prompt replies to each of
+    n seeded-random prompts of `pairs` (prompt-major): the reference replies whose PM scores are normalised to
+    mean 0, std 1 (one a prompt), or those the within-prompt length trend is fitted on (several). Called with
+    the shapes PPO and eval sample at (prompt and reply lengths, temperature), so that "SFT scores mean 0,
     std 1" holds where the rewards are used: a PM's score moves with the reply's length."""
     device = next(policy.parameters()).device
     rows = np.random.default_rng(seed).permutation(len(pairs))[:n]
@@ -330,7 +331,11 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
     prompts = [prompt_ids(pairs[i].prompt, tok, max_prompt) for i in rows]
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    return prompts, sample_replies(policy, prompts, 1, max_new_tokens, batch_size, tok, gen, temperature, dtype)
+    replies = sample_replies(policy, prompts, replies_per_prompt, max_new_tokens, batch_size, tok, gen, temperature, dtype)
+    return [p for p in prompts for _ in range(replies_per_prompt)], replies
+
+
+TREND_REPLIES = 4  # SFT replies a prompt that the length trend is fitted on (normalize_samples of them in all)
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +403,12 @@ def train_reward_models(run, rc, rollout):
                 pc = rollout
                 ref = sft_samples(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
                                   pc.max_prompt_tokens, run.seed, rc.eval_batch_size, pc.temperature, dtype)
-            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype)
+                # the length trend is fitted within prompts: other draws, several replies a prompt; gain and bias
+                # stay on `ref`, and these draws from their own seed leave `ref` as it is
+                trend = sft_samples(policy, tok, train_pairs, max(1, rc.normalize_samples // TREND_REPLIES),
+                                    pc.max_new_tokens, pc.max_prompt_tokens, run.seed + 1, rc.eval_batch_size,
+                                    pc.temperature, dtype, replies_per_prompt=TREND_REPLIES)
+            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype, trend=trend)
             save_checkpoint(path, model_checkpoint(
                 model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=run.seed, rng=rng_state(), done=True,
                 reward_gain=model.reward_gain, reward_bias=model.reward_bias, length_coef=model.length_coef,

@@ -199,17 +199,20 @@ def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device
 
 
 def resume_lm(ckpt_path, model, optimizer, sc, stage, scaler):
-    """(first step, validation loss before training, best so far) of the unfinished run in ckpt_path, its
-    weights, optimizer and RNG restored; or a fresh start, where a best file an earlier run left is removed."""
+    """(first step, validation loss before training, that step's validation loss, best so far) of the
+    unfinished run in ckpt_path, its weights, optimizer and RNG restored; or a fresh start, where a best file
+    an earlier run left is removed. The step's validation loss is None where its validation has not run:
+    a Ctrl-C checkpoint written before it (supervised_train runs it then)."""
     rank, best = dist_info()[0], {"step": None, "val_loss": math.inf}
     if not os.path.exists(ckpt_path):
         if rank == 0:
             Path(best_path(ckpt_path)).unlink(missing_ok=True)
-        return 0, None, best
+        return 0, None, None, best
     ckpt = restore(ckpt_path, model, optimizer, scaler=scaler)
     if rank == 0:
         print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{sc.max_steps}")
-    return ckpt["step"], ckpt.get("val_loss_before"), resume_best(ckpt_path, ckpt) if sc.keep_best else best
+    return (ckpt["step"], ckpt.get("val_loss_before"), ckpt.get("val_loss"),
+            resume_best(ckpt_path, ckpt) if sc.keep_best else best)
 
 
 def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad_id, device, dtype, max_tokens=0,
@@ -255,7 +258,7 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
         f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
     optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
     scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
-    start, val_before, best = resume_lm(ckpt_path, model, optimizer, sc, stage, scaler)
+    start, val_before, val_loss, best = resume_lm(ckpt_path, model, optimizer, sc, stage, scaler)
     eval_model = train_model = compile_model(model, run.compile)  # validation: outside DDP
     if world_size > 1:  # DDP averages the gradients during backward, overlapping it with the communication
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
@@ -282,17 +285,22 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
     bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
                disable=rank != 0)
     step, t0, tokens, step_rng = start, time.time(), 0, rng_state()
+    if start == 0:
+        val_loss = val_before  # step 0's validation is the "before" one
     interrupted, old_handler = hold_ctrl_c()
     try:
         for step in bar:
             step_rng = rng_state()  # where the rerun of this step must start
+            if step > start:
+                val_loss = None  # `step`'s validation loss, once it has run (the resumed step's may have)
             if interrupted:
                 raise KeyboardInterrupt
             lr = lr_at(step, sc)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if step > start and step % sc.eval_interval == 0:
-                best = validate_and_save(stage, step, validate(), best, sc, model, ckpt_path, checkpoint, log)
+            if step % sc.eval_interval == 0 and val_loss is None:
+                val_loss = validate()
+                best = validate_and_save(stage, step, val_loss, best, sc, model, ckpt_path, checkpoint, log)
             try:
                 loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, run.seed,
                                                       block_size, tok.eos_id, device, dtype, run.micro_tokens, scaler)
@@ -307,7 +315,10 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
-        checkpoint(step, False, best, rng=step_rng)  # `step` has not been applied yet: the rerun redoes it
+        # `step` has not been applied yet: the rerun redoes it, and runs its validation where val_loss says that
+        # it has not run (Ctrl-C held from the step before), so an interrupted run validates where an
+        # uninterrupted one does: the same metrics rows and, with keep_best, the same weights kept
+        checkpoint(step, False, best, val_loss=val_loss, rng=step_rng)
         if rank == 0:
             print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
         raise SystemExit(130)

@@ -145,7 +145,8 @@ def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max
         model.forward = interrupted_forward
     sc = LMTrainConfig(max_steps=max_steps, batch_size=4, eval_interval=4, eval_batches=1, log_interval=2,
                        warmup_steps=2, lr=1e-2, keep_best=val_curve is not None)
-    next_step = [0]
+    path = str(out_dir / "base.pt")
+    next_step = [load_checkpoint(path)["step"] if os.path.exists(path) else 0]  # a resumed run starts there
 
     def data(*args):
         if args[1] == fail_at:
@@ -160,8 +161,7 @@ def run_stage(out_dir, fail_at=None, fail_with=RuntimeError, poison_at=None, max
     original = get_batch, train.evaluate_loss
     train.get_batch, train.evaluate_loss = data, fake_val if val_curve else train.evaluate_loss
     try:
-        supervised_train(Cfg, "pretrain", sc, model, tok, stream, stream[:500], str(out_dir / "base.pt"),
-                         MetricsLog(str(out_dir)))
+        supervised_train(Cfg, "pretrain", sc, model, tok, stream, stream[:500], path, MetricsLog(str(out_dir)))
     finally:
         train.get_batch, train.evaluate_loss = original
     return model
@@ -195,6 +195,32 @@ def test_ctrl_c_mid_step_with_dropout_resumes_exactly(tmp_path):
     assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["step"] == 7
     resumed = run_stage(tmp_path / "stop", dropout=0.3)
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def val_rows(out_dir):
+    """(step, val loss, best step) of each validation row in metrics.jsonl, in the order they were logged."""
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return [(r["step"], r["pretrain/val_loss"], r.get("pretrain/best_step")) for r in rows if "pretrain/val_loss" in r]
+
+
+@pytest.mark.parametrize("stop", [
+    {"stop_in_forward_at": 3},                       # Ctrl-C in step 3: held, the checkpoint is step 4's, unvalidated
+    {"fail_at": 4, "fail_with": KeyboardInterrupt},  # Ctrl-C in step 4, after its validation ran and was logged
+], ids=["before-validation", "after-validation"])
+def test_ctrl_c_at_a_validation_step_ends_as_an_uninterrupted_run(tmp_path, stop):
+    """A run stopped by Ctrl-C at step 4, a validation step whose loss is the lowest, and resumed: it validates
+    at step 4 exactly once, so it keeps step 4's weights and logs the same validation rows as a run never
+    stopped. (Resuming at step 4 without its validation would keep step 12's weights and lose the row.)"""
+    curve = {0: 5.0, 4: 2.0, 8: 3.0, 12: 2.5}
+    full = run_stage(tmp_path / "full", val_curve=curve)
+    with pytest.raises(SystemExit):
+        run_stage(tmp_path / "stop", val_curve=curve, **stop)
+    assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["step"] == 4
+    resumed = run_stage(tmp_path / "stop", val_curve=curve)
+    assert same_weights(full.state_dict(), resumed.state_dict())
+    assert load_checkpoint(str(tmp_path / "stop" / "base.pt"))["best"] == {"step": 4, "val_loss": 2.0}
+    assert val_rows(tmp_path / "stop") == val_rows(tmp_path / "full") == [
+        (0, 5.0, None), (4, 2.0, None), (8, 3.0, None), (12, 2.5, 4)]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
