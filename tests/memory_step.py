@@ -2,7 +2,6 @@
 resident memory the step added and plan.memory_parts' figure for it, as JSON. python tests/memory_step.py STAGE"""
 import json
 import os
-import resource
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,7 +23,14 @@ torch.set_num_threads(1)  # one thread: one malloc arena, the same peak every ru
 stage, rows, T = sys.argv[1], 8, 512  # 4,096 tokens a step: activations of ~0.3 GB, and the heads' chunks
 cfg = GPTConfig(block_size=T + 1, vocab_size=8192, n_layer=4, n_head=4, n_embd=256, dropout=0.0)
 torch.manual_seed(0)
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")  # noqa: E731
+
+
+def status_kb(field):
+    """A field of /proc/self/status in bytes: VmRSS (resident now), VmHWM (resident at its peak)."""
+    line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 scaler = grad_scaler("cpu", "float32")
 if stage in ("sft", "cd"):
     model = GPT(cfg) if stage == "sft" else ContextDistilled(cfg, GPT(cfg), list(range(1, 9)))
@@ -58,8 +64,10 @@ else:  # ppo, the value head on the policy's trunk
     trained, logits = [(rows, T, None)], (rows, N)
 logits = locals().get("logits")  # PPO's only
 P = model.num_params(non_embedding=False)
-before = rss()
+before = status_kb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:  # the peak starts again from here (Linux >= 4.0): not the imports'
+    f.write("5")
 step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status_kb("VmHWM")
 plan = sum(memory_parts(model, 4, 0, trained, logits=logits).values()) - 4 * P  # the weights are in memory before the step
 print(json.dumps({"stage": stage, "measured": peak - before, "plan": plan}))
