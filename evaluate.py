@@ -98,9 +98,20 @@ def lc_win_rate(policy_scores, sft_scores, policy_lengths, sft_lengths, ridge=1e
     tokens minus the SFT reply's, fitted by Newton's method (ties count half; a small ridge on gamma keeps
     it finite when length alone decides). sigmoid(theta) is the win rate of a policy reply against an SFT
     reply of the same length. Scores and lengths (P, k) and (P, n) -> (lc win rate, gamma: the judge's
-    log-odds per standard deviation of the length difference; < 0 = it prefers shorter replies)."""
+    log-odds per standard deviation of the length difference; < 0 = it prefers shorter replies).
+
+    The degenerate cases, each the fit's own answer or its limit:
+    - Every verdict the same: nothing is left for length to explain, so gamma = 0 and the LC win rate is that
+      verdict, 1 when the policy wins every comparison, 0 when it loses every one, 0.5 when all tie. For all
+      wins or all losses the likelihood has no maximum (theta -> +-inf, and Newton's steps end on a singular
+      matrix once p (1 - p) underflows to 0), so the limit is returned directly. A bootstrap resample of a few
+      prompts that the policy wins outright is such a case.
+    - No spread in length (every pair the same length difference): length and quality cannot be told apart,
+      the ridge gives it all to theta, gamma = 0, and the LC win rate is the raw one (the mean verdict)."""
     diff = (policy_scores[:, :, None] - sft_scores[:, None, :]).double()                    # (P, k, n)
     y = ((diff > 0).double() + 0.5 * (diff == 0).double()).flatten().numpy()
+    if (y == y[0]).all():
+        return float(y[0]), 0.0
     dlen = (policy_lengths[:, :, None] - sft_lengths[:, None, :]).double().flatten().numpy()
     X = np.stack([np.ones_like(dlen), dlen / (dlen.std() or 1.0)], 1)                      # (M, 2)
     w, penalty = np.zeros(2), np.diag([0.0, ridge * len(y)])

@@ -173,6 +173,54 @@ def test_a_real_quality_edge_survives_length_control():
     assert win_rate(policy, sft) > lc + 0.1
 
 
+def test_lc_win_rate_when_every_verdict_is_the_same_is_that_verdict():
+    """All wins has no finite maximum-likelihood intercept (theta -> +inf: Newton's steps ended on a singular
+    matrix), all losses neither (theta -> -inf), and length explains none of it: the fit's limit is the verdict
+    itself, 1 or 0, with gamma = 0. Ties everywhere are 0.5, the finite maximum."""
+    from evaluate import lc_win_rate
+    t = torch.tensor
+    assert lc_win_rate(t([[1.0]]), t([[0.0]]), t([[5.0]]), t([[5.0]])) == (1.0, 0.0)
+    assert lc_win_rate(t([[1.0, 2.0]]), t([[0.0, -1.0, 0.5]]), t([[3.0, 9.0]]), t([[5.0, 6.0, 20.0]])) == (1.0, 0.0)
+    assert lc_win_rate(t([[0.0, -1.0]]), t([[1.0, 2.0]]), t([[3.0, 9.0]]), t([[5.0, 4.0]])) == (0.0, 0.0)
+    assert lc_win_rate(t([[1.0, 1.0]]), t([[1.0]]), t([[3.0, 9.0]]), t([[5.0]])) == (0.5, 0.0)
+
+
+def test_a_bootstrap_resample_the_policy_wins_outright_is_no_error():
+    """With few prompts, some bootstrap resamples hold only prompts where the policy won every comparison."""
+    from evaluate import lc_win_rate, prompt_bootstrap_se
+    policy, sft = torch.tensor([[2.0, 3.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0, 1.5], [0.5, 2.0, -1.0]])  # (2, k), (2, n)
+    policy_len, sft_len = torch.tensor([[4.0, 6.0], [5.0, 9.0]]), torch.tensor([[7.0, 3.0, 5.0], [6.0, 2.0, 8.0]])
+    se = prompt_bootstrap_se(lambda *x: lc_win_rate(*x)[0], policy, sft, policy_len, sft_len, reps=50)
+    assert se > 0
+
+
+def test_lc_win_rate_with_ties_on_a_hand_solved_fit():
+    """Four pairs, two at each length difference +-2 (so dlen / sd(dlen) = +-1): at +1 a win and a tie (mean
+    verdict 3/4), at -1 a win and a loss (1/2). Two groups, two parameters: without the ridge the fit is exact,
+    theta + gamma = logit(3/4) = log 3 and theta - gamma = 0, so theta = gamma = log(3) / 2 and the LC win rate
+    is sigmoid(log(3) / 2) = sqrt(3) / (1 + sqrt(3))."""
+    from evaluate import lc_win_rate
+    policy, sft = torch.tensor([[1.0], [2.0], [1.0], [0.0]]), torch.tensor([[0.0], [2.0], [0.0], [1.0]])   # (4, 1)
+    policy_len, sft_len = torch.tensor([[7.0], [7.0], [3.0], [3.0]]), torch.tensor([[5.0], [5.0], [5.0], [5.0]])
+    lc, gamma = lc_win_rate(policy, sft, policy_len, sft_len, ridge=0.0)
+    assert lc == pytest.approx(math.sqrt(3) / (1 + math.sqrt(3)), abs=1e-9)
+    assert gamma == pytest.approx(math.log(3) / 2, abs=1e-9)
+    lc_ridge, gamma_ridge = lc_win_rate(policy, sft, policy_len, sft_len)  # the default ridge only pulls gamma in
+    assert 0 < gamma_ridge < gamma and lc_ridge == pytest.approx(lc, abs=0.01)
+
+
+def test_lc_win_rate_without_length_spread_is_the_raw_win_rate():
+    """Every pair the same length difference: nothing separates length from quality, the ridge keeps gamma at 0,
+    and theta alone fits the mean verdict: the LC win rate is the raw one, 3.5 of 6 here (ties count half)."""
+    from evaluate import lc_win_rate, win_rate
+    policy, sft = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 0.0, 3.0]])
+    assert win_rate(policy, sft) == pytest.approx(3.5 / 6)
+    for policy_len, sft_len in ((torch.full((1, 2), 7.0), torch.full((1, 3), 7.0)),     # dlen = 0
+                                (torch.full((1, 2), 10.0), torch.full((1, 3), 7.0))):   # dlen = 3 everywhere
+        lc, gamma = lc_win_rate(policy, sft, policy_len, sft_len)
+        assert lc == pytest.approx(3.5 / 6, abs=1e-9) and gamma == pytest.approx(0.0, abs=1e-9)
+
+
 def test_win_rate_standard_errors_resample_prompts_not_replies():
     """Replies to one prompt share its difficulty, so the error of a mean over P prompts x k replies is about
     sd(per-prompt means) / sqrt(P), not sd(replies) / sqrt(P k): the bootstrap must resample whole prompts."""
