@@ -72,9 +72,9 @@ def fit_linear(d, r):
 class EvalConfig:
     """The final evaluation of sft / bon / rs / ppo on held-out test prompts."""
     num_prompts: int = 64        # test prompts (0 = all)
-    n: int = 16                  # SFT samples per prompt: best-of-n up to n, and the SFT baseline
+    n: int = 16                  # SFT samples per prompt for the SFT baseline, and n more for best-of-n to pick from
     max_new_tokens: int = 0      # reply length cap (0 = ppo.max_new_tokens, the length PPO trained with)
-    policy_samples: int = 4      # samples per prompt for rs and ppo (SFT and best-of-n use n)
+    policy_samples: int = 4      # samples per prompt for cd, rs, ppo and dpo (SFT and best-of-n use n)
     batch_size: int = 64         # sequences per generate / scoring call
     num_examples: int = 3        # prompts shown side by side in report.md
     frontier_windows: int = 8    # PPO training iterations are averaged into this many frontier points
@@ -237,9 +237,14 @@ def run_eval(run, ec, rollout, dc):
     """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
-    SFT gets n samples per prompt: their mean is the SFT row and their PM-A maxima are best-of-n for
-    every n up to n at once. rs and ppo get `policy_samples` each; KL(policy || SFT) is the sampled
-    estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
+    SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n
+    gets n SFT samples of its own, a second draw: PM-A picks its reply among them, and the unbiased estimator gives
+    its curve for every n up to n at once. Its win rates then compare the pick with SFT replies the picker never saw,
+    P(best-of-n beats a fresh SFT reply); against its own pool one comparison would be the pick itself (a tie)
+    and the rest replies PM-A ranked below it, a ranking PM-B (trained on the other half of the same kind of
+    comparisons) mostly shares (eval.json: policies.bon.baseline_unseen). cd, rs, ppo and dpo get `policy_samples` each; KL(policy || SFT)
+    is the sampled estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are
+    skipped."""
     out = run.out_dir
     device = pick_device(run.device)
     set_seed(run.seed)
@@ -253,7 +258,7 @@ def run_eval(run, ec, rollout, dc):
     max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
-    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | cd, rs, ppo, dpo x{k}")
+    print(f"[eval] {P} test prompts | SFT x{n}, best-of-{n} from {n} more | cd, rs, ppo, dpo x{k}")
     gen = lambda name: torch.Generator(device=device).manual_seed(run.seed + zlib.crc32(name.encode()))  # noqa: E731
     T = rl_temperature(out, rollout)
 
@@ -265,19 +270,25 @@ def run_eval(run, ec, rollout, dc):
     lengths = {"sft": reply_lengths(replies["sft"], tok.eos_id, tok.stop_ids).view(P, n)}
     kl = {"sft": 0.0}
     notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
-             f"tokens; SFT and best-of-n from {n} SFT samples per prompt, the others from {ec.policy_samples} per prompt."]
+             f"tokens; SFT from {n} samples per prompt, best-of-{n} picked from {n} more SFT samples (so its win rates "
+             f"compare it with SFT replies its picker did not see), the others from {ec.policy_samples} per prompt."]
     if run.policy_init != "sft":
         notes.append(f"rs, ppo and dpo started from {run.policy_init}.pt (--policy_init), and the PMs' trunks too; "
                      "KL and win rates are still measured against SFT")
 
-    # 2. best-of-n: PM-A picks among the SFT samples; the unbiased estimator gives every n <= N
-    bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(a["sft"], a["sft"], k).mean().item(),
-                  "pm_b": bon_expected(a["sft"], b["sft"], k).mean().item(), "prompts": "test"}
+    # 2. best-of-n: PM-A picks among n SFT samples of its own, none of them in the SFT baseline of its win rates;
+    #    the unbiased estimator gives every n <= N from the same pool
+    pool = sample_replies(sft, queries, n, max_new, bs, tok, gen("bon"), T, dtype)
+    pool_a = score(reward_a, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
+    pool_b = score(reward_b, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
+    bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(pool_a, pool_a, k).mean().item(),
+                  "pm_b": bon_expected(pool_a, pool_b, k).mean().item(), "prompts": "test"}
                  for k in [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]]
-    best = best_of_n(a["sft"])                                                                   # (P,)
+    best = best_of_n(pool_a)                                                                     # (P,)
     pick = lambda x: x.gather(1, best[:, None])                                                  # noqa: E731 (P, 1)
-    a["bon"], b["bon"], lengths["bon"], kl["bon"] = pick(a["sft"]), pick(b["sft"]), pick(lengths["sft"]), bon_kl(n)
-    replies["bon"] = [replies["sft"][p * n + j] for p, j in enumerate(best.tolist())]
+    a["bon"], b["bon"], kl["bon"] = pick(pool_a), pick(pool_b), bon_kl(n)
+    replies["bon"] = [pool[p * n + j] for p, j in enumerate(best.tolist())]
+    lengths["bon"] = reply_lengths(replies["bon"], tok.eos_id, tok.stop_ids).view(P, 1)
 
     # 3. cd, rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
     beta = {}
@@ -302,7 +313,7 @@ def run_eval(run, ec, rollout, dc):
         del policy
 
     policies = {name: policy_row(a[name], b[name], lengths[name], lengths["sft"], kl[name], b["sft"], T) for name in a}
-    policies["bon"].update(n=n, kl_analytic=bon_kl(n))
+    policies["bon"].update(n=n, kl_analytic=bon_kl(n), baseline_unseen=True)  # its pool is not SFT's baseline
     for name, value in beta.items():
         policies[name]["beta"] = value
 

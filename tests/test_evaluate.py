@@ -393,6 +393,28 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_best_of_n_is_compared_with_sft_replies_its_picker_did_not_see(hh_dir, tmp_path, monkeypatch):
+    """Best-of-n's win rate is P(its pick beats a fresh SFT reply). Compared with the n samples it was picked
+    from, one comparison is the pick itself (a tie) and the rest are replies PM-A ranked below it: so the pick's
+    PM-B score must be none of the baseline's for its prompt. Its pool is its own n draws: the row is the PM-A
+    argmax of that pool, the best-of-n curve's top point (the estimator at n = N) the same pool's."""
+    import evaluate
+    out = str(tmp_path / "out")
+    write_tiny_run(hh_dir, out)
+    rows, real = {}, evaluate.policy_row
+    monkeypatch.setattr(evaluate, "policy_row", lambda a, b, *rest: rows.setdefault(len(rows), (a, b, *rest)) and
+                        real(a, b, *rest))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    (a_sft, b_sft, *_), (a_bon, b_bon, _, _, _, b_baseline, _) = rows[0], rows[1]  # sft's row, then bon's
+    assert torch.equal(b_baseline, b_sft) and a_bon.shape == (6, 1)
+    assert not any(b_bon[p, 0].item() in b_sft[p].tolist() for p in range(6))
+    top = ev["bon_curve"][-1]
+    assert top["n"] == 4 and top["pm_a"] == pytest.approx(ev["policies"]["bon"]["pm_reward"], abs=1e-6)
+    assert top["pm_b"] == pytest.approx(ev["policies"]["bon"]["heldout_pm_reward"], abs=1e-6)
+    assert ev["policies"]["bon"]["baseline_unseen"] is True
+
+
 def test_a_policy_row_does_not_depend_on_which_other_policies_were_evaluated(hh_dir, tmp_path):
     """Each policy samples from its own seeded generator: retraining or removing one policy must not move
     another's numbers, or a before/after comparison of eval.json would blame the wrong change."""
