@@ -152,19 +152,27 @@ def policy_row(a, b, policy_len, sft_len, kl, sft_b, T):
             "judge_length_coef": coef, "mean_reply_tokens": policy_len.mean().item(), "temperature": T}
 
 
+def ppo_config(out_dir):
+    """The config PPO trained with (stored in ppo.pt), {} before PPO has run."""
+    path = os.path.join(out_dir, "ppo.pt")
+    return load_checkpoint(path).get("config", {}) if os.path.exists(path) else {}
+
+
 def rl_temperature(out_dir, rollout):
     """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
     ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
     the one the PM normaliser centres, and best-of-n's analytic KL holds for it as for any base policy."""
-    path = os.path.join(out_dir, "ppo.pt")
-    stored = load_checkpoint(path).get("config", {}).get("temperature") if os.path.exists(path) else None
+    stored = ppo_config(out_dir).get("temperature")
     return float(rollout.temperature if stored is None else stored)
 
 
-def ppo_frontier(out_dir, windows):
-    """PPO's path on the frontier, from its metrics.jsonl rows (ppo/pm_a, ppo/pm_b, ppo/kl on the
-    training rollouts), averaged into `windows` consecutive chunks of iterations. Rows of an earlier,
-    forced-over run are dropped: the current run is the one after the last iteration-0 row."""
+def ppo_frontier(out_dir, windows, debiased=False):
+    """PPO's path on the frontier, from its metrics.jsonl rows (PM-A, ppo/pm_b, ppo/kl on the training rollouts),
+    averaged into `windows` consecutive chunks of iterations. Rows of an earlier, forced-over run are dropped: the
+    current run is the one after the last iteration-0 row. pm_a is raw PM-A, the unit of best-of-n's curve and the
+    final points: ppo/pm_a, or, when PPO's reward was the length-debiased PM-A (--ppo.length_debias, which logs
+    that reward as ppo/pm_a), ppo/pm_a_raw, with the debiased reward kept as pm_a_debiased. A debiased run
+    (`debiased`) whose rows hold no raw PM-A (logged before PPO logged it) gets pm_a NaN: no point, no fit."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -173,20 +181,24 @@ def ppo_frontier(out_dir, windows):
     rows = list({r["step"]: r for r in rows[starts[-1] if starts else 0:]}.values())  # last row per step
     if not rows:
         return []
+    debiased = debiased or "ppo/pm_a_raw" in rows[0]
+    raw = lambda r: r.get("ppo/pm_a_raw", math.nan if debiased else r["ppo/pm_a"])  # noqa: E731
+
+    def point(method, c):  # the mean of rows c
+        mean = lambda value: float(np.mean([value(rows[i]) for i in c]))  # noqa: E731
+        p = {"method": method, "step": int(rows[c[-1]]["step"]), "kl": mean(lambda r: r["ppo/kl"]), "pm_a": mean(raw),
+             "pm_b": mean(lambda r: r["ppo/pm_b"]), "prompts": "train"}
+        return {**p, "pm_a_debiased": mean(lambda r: r["ppo/pm_a"])} if debiased else p
+
     chunks = np.array_split(np.arange(len(rows)), min(windows, len(rows)))
-    points = [{"method": "sft", "step": rows[0]["step"], "kl": rows[0]["ppo/kl"], "pm_a": rows[0]["ppo/pm_a"],
-               "pm_b": rows[0]["ppo/pm_b"], "prompts": "train"}] if rows[0]["step"] == 0 else []
-    for c in chunks:
-        mean = lambda k: float(np.mean([rows[i][k] for i in c]))  # noqa: E731
-        points.append({"method": "ppo", "step": int(rows[c[-1]]["step"]), "kl": mean("ppo/kl"),
-                       "pm_a": mean("ppo/pm_a"), "pm_b": mean("ppo/pm_b"), "prompts": "train"})
-    return points
+    return ([point("sft", [0])] if rows[0]["step"] == 0 else []) + [point("ppo", c) for c in chunks]
 
 
 def fit_frontiers(bon_points, ppo_points):
     """Fit Gao et al.'s forms to reward gains over the starting policy and Bai et al.'s line to the raw
     rewards, for PM-A (the proxy) and PM-B (the held-out judge). d = sqrt(KL). A Gao fit also stores
-    r0, the starting reward its gains are relative to: the curve in reward units is r0 + R(d)."""
+    r0, the starting reward its gains are relative to: the curve in reward units is r0 + R(d). A series with a
+    NaN reward (PPO's raw PM-A where it was not logged, ppo_frontier) is not fitted."""
     fits = {}
     for pm in ("pm_a", "pm_b"):
         if len(bon_points) >= 2:
@@ -194,7 +206,7 @@ def fit_frontiers(bon_points, ppo_points):
             r = [p[pm] for p in bon_points]
             fits[f"bon_{pm}"] = {**fit_bon(d, [x - r[0] for x in r]), "r0": r[0]}
             fits[f"bon_{pm}_linear"] = fit_linear(d, r)
-        if len(ppo_points) >= 3:
+        if len(ppo_points) >= 3 and all(math.isfinite(p[pm]) for p in ppo_points):
             d = [math.sqrt(max(p["kl"], 0.0)) for p in ppo_points]
             r = [p[pm] for p in ppo_points]
             fits[f"ppo_{pm}"] = {**fit_rl(d, [x - r[0] for x in r]), "r0": r[0]}
@@ -317,8 +329,9 @@ def run_eval(run, ec, rollout, dc):
     for name, value in beta.items():
         policies[name]["beta"] = value
 
-    # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
-    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows)
+    # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits, in raw PM-A
+    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows, bool(ppo_config(out).get("length_debias")),
+                          notes)
     # 5. eval.json (merged with rm's "pm" section), report.md
     examples = side_by_side(prompts[:ec.num_examples], replies, a, b, n, k, tok)
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
@@ -338,10 +351,14 @@ def side_by_side(prompts, replies, a, b, n, k, tok):
     return examples
 
 
-def write_frontier(out, bon_curve, policies, windows):
+def write_frontier(out, bon_curve, policies, windows, debiased=False, notes=None):
     """frontier.jsonl: best-of-n's curve, PPO's training windows and the final RS, PPO and DPO points, each with
-    sqrt(KL); returns the fits of the three frontier forms (fit_frontiers)."""
-    ppo_points = ppo_frontier(out, windows)
+    sqrt(KL), PM-A raw throughout (ppo_frontier); returns the fits of the three frontier forms (fit_frontiers).
+    `debiased`: PPO trained on the length-debiased PM-A; a note goes to `notes` if its log lacks raw PM-A."""
+    ppo_points = ppo_frontier(out, windows, debiased)
+    if notes is not None and any(math.isnan(p["pm_a"]) for p in ppo_points):
+        notes.append("ppo: trained with --ppo.length_debias before PPO logged raw PM-A (ppo/pm_a_raw): its frontier "
+                     "path has PM-B only (its reward is kept as pm_a_debiased); `python rlhf.py ppo --force` logs both")
     final = [{"method": f"{m}_final", "step": None, "kl": policies[m]["kl"], "pm_a": policies[m]["pm_reward"],
               "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test", **({"beta": policies[m]["beta"]} if "beta" in
                                                                           policies[m] else {})}

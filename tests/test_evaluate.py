@@ -247,6 +247,32 @@ def test_ppo_frontier_reads_the_last_run(tmp_path):
     assert [p["kl"] for p in points] == [0.0, 0.5, 2.5, 4.5]
 
 
+def test_the_frontier_is_in_raw_pm_a_when_ppo_optimised_the_length_debiased_one(tmp_path):
+    """--ppo.length_debias: PPO's reward, logged as ppo/pm_a, is PM-A less its length trend; best-of-n and the final
+    points are raw PM-A. PPO's path and its fits must be raw PM-A too (ppo/pm_a_raw), the reward it optimised kept
+    beside it; rows of a debiased run that logged no raw PM-A give no PM-A point (NaN) and no PM-A fit."""
+    from evaluate import ppo_frontier
+    rows = [{"stage": "ppo", "step": s, "ppo/kl": float(s), "ppo/pm_a": 0.1 * s, "ppo/pm_a_raw": 1.0 + 0.3 * s,
+             "ppo/pm_b": 0.05 * s} for s in range(6)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    points = ppo_frontier(str(tmp_path), windows=3)
+    assert [p["pm_a"] for p in points] == pytest.approx([1.0, 1.15, 1.75, 2.35])    # windows {0, 1}, {2, 3}, {4, 5}
+    assert [p["pm_a_debiased"] for p in points] == pytest.approx([0.0, 0.05, 0.25, 0.45])
+    fits = fit_frontiers([], points)
+    d = [math.sqrt(kl) for kl in (0.0, 0.5, 2.5, 4.5)]
+    assert fits["ppo_pm_a_linear"]["a"] == pytest.approx(fit_linear(d, [1.0, 1.15, 1.75, 2.35])["a"])
+    assert fits["ppo_pm_a"]["r0"] == pytest.approx(1.0)
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a debiased run logged before PPO logged raw PM-A
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "ppo/pm_a_raw"}) + "\n" for r in rows)
+    old = ppo_frontier(str(tmp_path), windows=3, debiased=True)
+    assert all(math.isnan(p["pm_a"]) for p in old) and [p["pm_a_debiased"] for p in old] == pytest.approx(
+        [0.0, 0.05, 0.25, 0.45])
+    fits = fit_frontiers([], old)
+    assert "ppo_pm_a" not in fits and "ppo_pm_a_linear" not in fits and "ppo_pm_b" in fits
+    assert [p["pm_a"] for p in ppo_frontier(str(tmp_path), windows=3)] == pytest.approx([0.0, 0.05, 0.25, 0.45])
+
+
 # ----------------------------------------------------------------------------------------------
 # the stages, on tiny checkpoints written here (sft.pt, and PMs in reward.py's checkpoint layout)
 
@@ -329,6 +355,33 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     mtime = os.path.getmtime(os.path.join(out, "ppo.pt"))
     train_ppo(cfg, cfg.ppo)
     assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
+
+
+def test_length_debiased_ppo_logs_raw_pm_a_and_the_frontier_plots_it(hh_dir, tmp_path, monkeypatch):
+    """With --ppo.length_debias PPO logs its reward as ppo/pm_a and raw PM-A as ppo/pm_a_raw: their gap is the
+    length trend, length_coef * (mean reply tokens - length_mean), a reply counted as the PM reads it (no EOS or
+    stop sequence). eval's frontier reads PPO's path in raw PM-A, the unit of best-of-n's curve."""
+    import ppo
+    from sampling import strip_end
+    out = str(tmp_path / "out")
+    tok = write_tiny_run(hh_dir, out)
+    ckpt = load_checkpoint(os.path.join(out, "pm_a.pt"))
+    save_checkpoint(os.path.join(out, "pm_a.pt"), {**ckpt, "length_coef": -0.25, "length_mean": 3.0})
+    replies, real = [], ppo.ppo_step
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: (lambda r: replies.append(r[1]["r_list"]) or r)(real(*a, **k)))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    cfg.ppo.length_debias = True
+    train_ppo(cfg, cfg.ppo)
+    rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["stage"] == "ppo"]
+    assert len(rows) == len(replies) == 3
+    for row, r_list in zip(rows, replies):
+        tokens = np.mean([len(strip_end(r, tok.eos_id, tok.stop_ids)) for r in r_list])
+        assert row["ppo/pm_a_raw"] - row["ppo/pm_a"] == pytest.approx(-0.25 * (tokens - 3.0), abs=1e-5)
+    cfg.eval.frontier_windows = 3
+    run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    path = [p for p in map(json.loads, open(os.path.join(out, "frontier.jsonl"))) if p["method"] in ("sft", "ppo")]
+    assert [p["pm_a"] for p in path] == pytest.approx([rows[0]["ppo/pm_a_raw"]] + [r["ppo/pm_a_raw"] for r in rows])
+    assert [p["pm_a_debiased"] for p in path] == pytest.approx([rows[0]["ppo/pm_a"]] + [r["ppo/pm_a"] for r in rows])
 
 
 def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
