@@ -72,9 +72,9 @@ def fit_linear(d, r):
 class EvalConfig:
     """The final evaluation of sft / bon / rs / ppo on held-out test prompts."""
     num_prompts: int = 64        # test prompts (0 = all)
-    n: int = 16                  # SFT samples per prompt: best-of-n up to n, and the SFT baseline
+    n: int = 16                  # SFT samples per prompt for the SFT baseline, and n more for best-of-n to pick from
     max_new_tokens: int = 0      # reply length cap (0 = ppo.max_new_tokens, the length PPO trained with)
-    policy_samples: int = 4      # samples per prompt for rs and ppo (SFT and best-of-n use n)
+    policy_samples: int = 4      # samples per prompt for cd, rs, ppo and dpo (SFT and best-of-n use n)
     batch_size: int = 64         # sequences per generate / scoring call
     num_examples: int = 3        # prompts shown side by side in report.md
     frontier_windows: int = 8    # PPO training iterations are averaged into this many frontier points
@@ -98,9 +98,20 @@ def lc_win_rate(policy_scores, sft_scores, policy_lengths, sft_lengths, ridge=1e
     tokens minus the SFT reply's, fitted by Newton's method (ties count half; a small ridge on gamma keeps
     it finite when length alone decides). sigmoid(theta) is the win rate of a policy reply against an SFT
     reply of the same length. Scores and lengths (P, k) and (P, n) -> (lc win rate, gamma: the judge's
-    log-odds per standard deviation of the length difference; < 0 = it prefers shorter replies)."""
+    log-odds per standard deviation of the length difference; < 0 = it prefers shorter replies).
+
+    The degenerate cases, each the fit's own answer or its limit:
+    - Every verdict the same: nothing is left for length to explain, so gamma = 0 and the LC win rate is that
+      verdict, 1 when the policy wins every comparison, 0 when it loses every one, 0.5 when all tie. For all
+      wins or all losses the likelihood has no maximum (theta -> +-inf, and Newton's steps end on a singular
+      matrix once p (1 - p) underflows to 0), so the limit is returned directly. A bootstrap resample of a few
+      prompts that the policy wins outright is such a case.
+    - No spread in length (every pair the same length difference): length and quality cannot be told apart,
+      the ridge gives it all to theta, gamma = 0, and the LC win rate is the raw one (the mean verdict)."""
     diff = (policy_scores[:, :, None] - sft_scores[:, None, :]).double()                    # (P, k, n)
     y = ((diff > 0).double() + 0.5 * (diff == 0).double()).flatten().numpy()
+    if (y == y[0]).all():
+        return float(y[0]), 0.0
     dlen = (policy_lengths[:, :, None] - sft_lengths[:, None, :]).double().flatten().numpy()
     X = np.stack([np.ones_like(dlen), dlen / (dlen.std() or 1.0)], 1)                      # (M, 2)
     w, penalty = np.zeros(2), np.diag([0.0, ridge * len(y)])
@@ -141,19 +152,27 @@ def policy_row(a, b, policy_len, sft_len, kl, sft_b, T):
             "judge_length_coef": coef, "mean_reply_tokens": policy_len.mean().item(), "temperature": T}
 
 
+def ppo_config(out_dir):
+    """The config PPO trained with (stored in ppo.pt), {} before PPO has run."""
+    path = os.path.join(out_dir, "ppo.pt")
+    return load_checkpoint(path).get("config", {}) if os.path.exists(path) else {}
+
+
 def rl_temperature(out_dir, rollout):
     """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
     ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
     the one the PM normaliser centres, and best-of-n's analytic KL holds for it as for any base policy."""
-    path = os.path.join(out_dir, "ppo.pt")
-    stored = load_checkpoint(path).get("config", {}).get("temperature") if os.path.exists(path) else None
+    stored = ppo_config(out_dir).get("temperature")
     return float(rollout.temperature if stored is None else stored)
 
 
-def ppo_frontier(out_dir, windows):
-    """PPO's path on the frontier, from its metrics.jsonl rows (ppo/pm_a, ppo/pm_b, ppo/kl on the
-    training rollouts), averaged into `windows` consecutive chunks of iterations. Rows of an earlier,
-    forced-over run are dropped: the current run is the one after the last iteration-0 row."""
+def ppo_frontier(out_dir, windows, debiased=False):
+    """PPO's path on the frontier, from its metrics.jsonl rows (PM-A, ppo/pm_b, ppo/kl on the training rollouts),
+    averaged into `windows` consecutive chunks of iterations. Rows of an earlier, forced-over run are dropped: the
+    current run is the one after the last iteration-0 row. pm_a is raw PM-A, the unit of best-of-n's curve and the
+    final points: ppo/pm_a, or, when PPO's reward was the length-debiased PM-A (--ppo.length_debias, which logs
+    that reward as ppo/pm_a), ppo/pm_a_raw, with the debiased reward kept as pm_a_debiased. A debiased run
+    (`debiased`) whose rows hold no raw PM-A (logged before PPO logged it) gets pm_a NaN: no point, no fit."""
     path = os.path.join(out_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
@@ -162,20 +181,24 @@ def ppo_frontier(out_dir, windows):
     rows = list({r["step"]: r for r in rows[starts[-1] if starts else 0:]}.values())  # last row per step
     if not rows:
         return []
+    debiased = debiased or "ppo/pm_a_raw" in rows[0]
+    raw = lambda r: r.get("ppo/pm_a_raw", math.nan if debiased else r["ppo/pm_a"])  # noqa: E731
+
+    def point(method, c):  # the mean of rows c
+        mean = lambda value: float(np.mean([value(rows[i]) for i in c]))  # noqa: E731
+        p = {"method": method, "step": int(rows[c[-1]]["step"]), "kl": mean(lambda r: r["ppo/kl"]), "pm_a": mean(raw),
+             "pm_b": mean(lambda r: r["ppo/pm_b"]), "prompts": "train"}
+        return {**p, "pm_a_debiased": mean(lambda r: r["ppo/pm_a"])} if debiased else p
+
     chunks = np.array_split(np.arange(len(rows)), min(windows, len(rows)))
-    points = [{"method": "sft", "step": rows[0]["step"], "kl": rows[0]["ppo/kl"], "pm_a": rows[0]["ppo/pm_a"],
-               "pm_b": rows[0]["ppo/pm_b"], "prompts": "train"}] if rows[0]["step"] == 0 else []
-    for c in chunks:
-        mean = lambda k: float(np.mean([rows[i][k] for i in c]))  # noqa: E731
-        points.append({"method": "ppo", "step": int(rows[c[-1]]["step"]), "kl": mean("ppo/kl"),
-                       "pm_a": mean("ppo/pm_a"), "pm_b": mean("ppo/pm_b"), "prompts": "train"})
-    return points
+    return ([point("sft", [0])] if rows[0]["step"] == 0 else []) + [point("ppo", c) for c in chunks]
 
 
 def fit_frontiers(bon_points, ppo_points):
     """Fit Gao et al.'s forms to reward gains over the starting policy and Bai et al.'s line to the raw
     rewards, for PM-A (the proxy) and PM-B (the held-out judge). d = sqrt(KL). A Gao fit also stores
-    r0, the starting reward its gains are relative to: the curve in reward units is r0 + R(d)."""
+    r0, the starting reward its gains are relative to: the curve in reward units is r0 + R(d). A series with a
+    NaN reward (PPO's raw PM-A where it was not logged, ppo_frontier) is not fitted."""
     fits = {}
     for pm in ("pm_a", "pm_b"):
         if len(bon_points) >= 2:
@@ -183,7 +206,7 @@ def fit_frontiers(bon_points, ppo_points):
             r = [p[pm] for p in bon_points]
             fits[f"bon_{pm}"] = {**fit_bon(d, [x - r[0] for x in r]), "r0": r[0]}
             fits[f"bon_{pm}_linear"] = fit_linear(d, r)
-        if len(ppo_points) >= 3:
+        if len(ppo_points) >= 3 and all(math.isfinite(p[pm]) for p in ppo_points):
             d = [math.sqrt(max(p["kl"], 0.0)) for p in ppo_points]
             r = [p[pm] for p in ppo_points]
             fits[f"ppo_{pm}"] = {**fit_rl(d, [x - r[0] for x in r]), "r0": r[0]}
@@ -226,9 +249,14 @@ def run_eval(run, ec, rollout, dc):
     """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
-    SFT gets n samples per prompt: their mean is the SFT row and their PM-A maxima are best-of-n for
-    every n up to n at once. rs and ppo get `policy_samples` each; KL(policy || SFT) is the sampled
-    estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
+    SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n
+    gets n SFT samples of its own, a second draw: PM-A picks its reply among them, and the unbiased estimator gives
+    its curve for every n up to n at once. Its win rates then compare the pick with SFT replies the picker never saw,
+    P(best-of-n beats a fresh SFT reply); against its own pool one comparison would be the pick itself (a tie)
+    and the rest replies PM-A ranked below it, a ranking PM-B (trained on the other half of the same kind of
+    comparisons) mostly shares (eval.json: policies.bon.baseline_unseen). cd, rs, ppo and dpo get `policy_samples` each; KL(policy || SFT)
+    is the sampled estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are
+    skipped."""
     out = run.out_dir
     device = pick_device(run.device)
     set_seed(run.seed)
@@ -242,7 +270,7 @@ def run_eval(run, ec, rollout, dc):
     max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
     queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
-    print(f"[eval] {P} test prompts | SFT x{n} (best-of-n) | cd, rs, ppo, dpo x{k}")
+    print(f"[eval] {P} test prompts | SFT x{n}, best-of-{n} from {n} more | cd, rs, ppo, dpo x{k}")
     gen = lambda name: torch.Generator(device=device).manual_seed(run.seed + zlib.crc32(name.encode()))  # noqa: E731
     T = rl_temperature(out, rollout)
 
@@ -254,19 +282,25 @@ def run_eval(run, ec, rollout, dc):
     lengths = {"sft": reply_lengths(replies["sft"], tok.eos_id, tok.stop_ids).view(P, n)}
     kl = {"sft": 0.0}
     notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
-             f"tokens; SFT and best-of-n from {n} SFT samples per prompt, the others from {ec.policy_samples} per prompt."]
+             f"tokens; SFT from {n} samples per prompt, best-of-{n} picked from {n} more SFT samples (so its win rates "
+             f"compare it with SFT replies its picker did not see), the others from {ec.policy_samples} per prompt."]
     if run.policy_init != "sft":
         notes.append(f"rs, ppo and dpo started from {run.policy_init}.pt (--policy_init), and the PMs' trunks too; "
                      "KL and win rates are still measured against SFT")
 
-    # 2. best-of-n: PM-A picks among the SFT samples; the unbiased estimator gives every n <= N
-    bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(a["sft"], a["sft"], k).mean().item(),
-                  "pm_b": bon_expected(a["sft"], b["sft"], k).mean().item(), "prompts": "test"}
+    # 2. best-of-n: PM-A picks among n SFT samples of its own, none of them in the SFT baseline of its win rates;
+    #    the unbiased estimator gives every n <= N from the same pool
+    pool = sample_replies(sft, queries, n, max_new, bs, tok, gen("bon"), T, dtype)
+    pool_a = score(reward_a, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
+    pool_b = score(reward_b, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
+    bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(pool_a, pool_a, k).mean().item(),
+                  "pm_b": bon_expected(pool_a, pool_b, k).mean().item(), "prompts": "test"}
                  for k in [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]]
-    best = best_of_n(a["sft"])                                                                   # (P,)
+    best = best_of_n(pool_a)                                                                     # (P,)
     pick = lambda x: x.gather(1, best[:, None])                                                  # noqa: E731 (P, 1)
-    a["bon"], b["bon"], lengths["bon"], kl["bon"] = pick(a["sft"]), pick(b["sft"]), pick(lengths["sft"]), bon_kl(n)
-    replies["bon"] = [replies["sft"][p * n + j] for p, j in enumerate(best.tolist())]
+    a["bon"], b["bon"], kl["bon"] = pick(pool_a), pick(pool_b), bon_kl(n)
+    replies["bon"] = [pool[p * n + j] for p, j in enumerate(best.tolist())]
+    lengths["bon"] = reply_lengths(replies["bon"], tok.eos_id, tok.stop_ids).view(P, 1)
 
     # 3. cd, rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
     beta = {}
@@ -291,12 +325,13 @@ def run_eval(run, ec, rollout, dc):
         del policy
 
     policies = {name: policy_row(a[name], b[name], lengths[name], lengths["sft"], kl[name], b["sft"], T) for name in a}
-    policies["bon"].update(n=n, kl_analytic=bon_kl(n))
+    policies["bon"].update(n=n, kl_analytic=bon_kl(n), baseline_unseen=True)  # its pool is not SFT's baseline
     for name, value in beta.items():
         policies[name]["beta"] = value
 
-    # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits
-    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows)
+    # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits, in raw PM-A
+    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows, bool(ppo_config(out).get("length_debias")),
+                          notes)
     # 5. eval.json (merged with rm's "pm" section), report.md
     examples = side_by_side(prompts[:ec.num_examples], replies, a, b, n, k, tok)
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
@@ -316,10 +351,14 @@ def side_by_side(prompts, replies, a, b, n, k, tok):
     return examples
 
 
-def write_frontier(out, bon_curve, policies, windows):
+def write_frontier(out, bon_curve, policies, windows, debiased=False, notes=None):
     """frontier.jsonl: best-of-n's curve, PPO's training windows and the final RS, PPO and DPO points, each with
-    sqrt(KL); returns the fits of the three frontier forms (fit_frontiers)."""
-    ppo_points = ppo_frontier(out, windows)
+    sqrt(KL), PM-A raw throughout (ppo_frontier); returns the fits of the three frontier forms (fit_frontiers).
+    `debiased`: PPO trained on the length-debiased PM-A; a note goes to `notes` if its log lacks raw PM-A."""
+    ppo_points = ppo_frontier(out, windows, debiased)
+    if notes is not None and any(math.isnan(p["pm_a"]) for p in ppo_points):
+        notes.append("ppo: trained with --ppo.length_debias before PPO logged raw PM-A (ppo/pm_a_raw): its frontier "
+                     "path has PM-B only (its reward is kept as pm_a_debiased); `python rlhf.py ppo --force` logs both")
     final = [{"method": f"{m}_final", "step": None, "kl": policies[m]["kl"], "pm_a": policies[m]["pm_reward"],
               "pm_b": policies[m]["heldout_pm_reward"], "prompts": "test", **({"beta": policies[m]["beta"]} if "beta" in
                                                                           policies[m] else {})}

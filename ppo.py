@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
 from model import disable_dropout
-from reward import load_reward_model, pm_reward_fn
+from reward import load_reward_model, pm_reward_fn, score_replies
 from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows,
                      clip_and_step, dist_info, grad_scaler, initial_policy, load_checkpoint, load_model, micro_batches,
                      model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done,
@@ -453,6 +453,8 @@ def train_ppo(run, pc):
             if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
                 with torch.inference_mode():
                     stats["pm_b"] = reward_b(ro["q_list"], ro["r_list"]).float().mean().item()
+            if pc.length_debias:  # the reward is debiased PM-A; raw PM-A is the frontier's unit (evaluate.py)
+                stats["pm_a_raw"] = score_replies(pm_a, tok, ro["q_list"], ro["r_list"], dtype=dtype).mean().item()
             stats = {k: all_ranks_mean(v).item() for k, v in stats.items()}  # each rank saw its own rollouts
             if pc.adaptive_kl:
                 kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)

@@ -1,16 +1,25 @@
 """Context distillation (cd.py): the loss is 0 when teacher and student see the same context, its gradient is
 softmax(student) - softmax(teacher), the student's loss and its gradients are those of the KL of two plain
-forwards (the teacher's read after the prompt), and a few steps under bf16 autocast bring it down. A bad prompt
-file, --cd.pack or --policy_init is one line. (lm_loss.distill_loss against the plain formula: test_lm_loss.py.)"""
+forwards (the teacher's read after the prompt), the stage's own examples and batches (cd_examples through
+train.get_batch, cut to room + 1 tokens) distill every next token of the dialogue's end, and a few steps under
+bf16 autocast bring it down. A bad prompt file, --cd.pack or --policy_init is one line. (lm_loss.distill_loss
+against the plain formula: test_lm_loss.py.)"""
+import gzip
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import cd
 import rlhf
 from cd import CDConfig, ContextDistilled, check_config, read_prompt
+from data import DataConfig, read_pairs
 from lm_loss import distill_loss
 from model import GPT, GPTConfig
-from runtime import ConfigError
+from runtime import ConfigError, Run, batch_rows, model_checkpoint, save_checkpoint
+from tokens import Tokenizer
+from train import get_batch, load_data
 
 
 def teacher_and_student(context, move=0.0):
@@ -84,6 +93,61 @@ def test_a_few_steps_under_bf16_autocast_bring_the_kl_down():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_stage_distills_every_next_token_of_the_dialogues_last_room_plus_one_tokens(tmp_path, monkeypatch):
+    """The stage's own examples and batches, against a hand-built expectation. With a prompt of L tokens and a
+    block of block_size, each dialogue (prompt + chosen reply + EOS) keeps its last room + 1 = block_size - L + 1
+    tokens; get_batch feeds all but the last, so the teacher reads L + room = block_size tokens at most, and every
+    position of the kept dialogue predicts its next token under the distillation loss: at position t, the
+    teacher's distribution after C + x[:t+1] against the student's after x[:t+1]."""
+    (tmp_path / "hh" / "harmless-base").mkdir(parents=True)
+    for split in ("train", "test"):
+        with gzip.open(tmp_path / "hh" / "harmless-base" / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
+            for i in range(12):  # every third prompt longer than the room: those are cut from the left
+                prompt = f"\n\nHuman: question {i}: " + "tell me more about the weather today " * (1 + 11 * (i % 3 == 0)) + \
+                         "\n\nAssistant:"
+                f.write(json.dumps({"chosen": prompt + f" It is sunny {i}.", "rejected": prompt + " No."}) + "\n")
+    (tmp_path / "prompt.txt").write_text("\n\nHuman: tell me about the weather\n\nAssistant: It is sunny today.\n")
+    run = Run(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "hh"), device="cpu", seed=0,
+              data=DataConfig(vocab="trimmed"))
+    pairs, _ = read_pairs(run.data_dir, "train", run.data)
+    tok = Tokenizer.trimmed([p.prompt + p.chosen + p.rejected for p in pairs])
+    block_size = 96
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(block_size=block_size, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_embd=16))
+    (tmp_path / "out").mkdir()
+    save_checkpoint(str(tmp_path / "out" / "base.pt"), model_checkpoint(base, tok, done=True))
+    seen = {}
+    monkeypatch.setattr(cd, "supervised_train", lambda run, name, cc, student, tok, train_ex, val_ex, *rest: seen.update(
+        student=student, train_ex=train_ex) or (0.0, 0.0))
+    monkeypatch.setattr(cd, "show_samples", lambda *args, **kwargs: None)
+    cd.stage_cd(run, CDConfig(prompt_file=str(tmp_path / "prompt.txt")), None, None)
+
+    context = tok.encode((tmp_path / "prompt.txt").read_text().rstrip())
+    L, room = len(context), block_size - len(context)
+    assert 0 < L <= block_size - 64  # the prompt whole (read_prompt would cut a longer one)
+    train_pairs = load_data(run, tok)[1]
+    want = [(tok.encode(p.prompt) + tok.encode(p.chosen) + [tok.eos_id])[-(room + 1):] for p in train_pairs]
+    assert [ids for ids, _ in seen["train_ex"]] == want
+    assert all(mask == [0] + [1] * (len(ids) - 1) for ids, mask in seen["train_ex"])
+    assert max(map(len, want)) == room + 1 and min(map(len, want)) < room  # some cut, some whole
+    student = seen["student"]
+    assert student.context.tolist() == context
+
+    B = len(want)
+    idx, targets, loss_mask, _, _ = get_batch(seen["train_ex"], 0, B, block_size, 0, tok.eos_id)
+    assert L + idx.size(1) == block_size  # the longest row fills the teacher's context exactly
+    _, loss = student(idx, targets, loss_mask)
+    kl_sum, positions = 0.0, 0
+    with torch.no_grad():
+        for i in batch_rows(B, 0, B, 0):  # the rows get_batch drew; any order gives the same mean
+            x = want[i][:-1]  # every position but the last predicts the next kept token
+            p = F.softmax(GPT.forward(base, torch.tensor([context + x]))[0][0, L:], -1)          # (len(x), V)
+            log_q = F.log_softmax(GPT.forward(student, torch.tensor([x]))[0][0], -1)             # (len(x), V)
+            kl_sum += (p * (p.log() - log_q)).sum().item()
+            positions += len(x)
+    assert loss.item() == pytest.approx(kl_sum / positions, rel=1e-5) and loss.item() > 1e-4
 
 
 class Tok:

@@ -173,6 +173,54 @@ def test_a_real_quality_edge_survives_length_control():
     assert win_rate(policy, sft) > lc + 0.1
 
 
+def test_lc_win_rate_when_every_verdict_is_the_same_is_that_verdict():
+    """All wins has no finite maximum-likelihood intercept (theta -> +inf: Newton's steps ended on a singular
+    matrix), all losses neither (theta -> -inf), and length explains none of it: the fit's limit is the verdict
+    itself, 1 or 0, with gamma = 0. Ties everywhere are 0.5, the finite maximum."""
+    from evaluate import lc_win_rate
+    t = torch.tensor
+    assert lc_win_rate(t([[1.0]]), t([[0.0]]), t([[5.0]]), t([[5.0]])) == (1.0, 0.0)
+    assert lc_win_rate(t([[1.0, 2.0]]), t([[0.0, -1.0, 0.5]]), t([[3.0, 9.0]]), t([[5.0, 6.0, 20.0]])) == (1.0, 0.0)
+    assert lc_win_rate(t([[0.0, -1.0]]), t([[1.0, 2.0]]), t([[3.0, 9.0]]), t([[5.0, 4.0]])) == (0.0, 0.0)
+    assert lc_win_rate(t([[1.0, 1.0]]), t([[1.0]]), t([[3.0, 9.0]]), t([[5.0]])) == (0.5, 0.0)
+
+
+def test_a_bootstrap_resample_the_policy_wins_outright_is_no_error():
+    """With few prompts, some bootstrap resamples hold only prompts where the policy won every comparison."""
+    from evaluate import lc_win_rate, prompt_bootstrap_se
+    policy, sft = torch.tensor([[2.0, 3.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0, 1.5], [0.5, 2.0, -1.0]])  # (2, k), (2, n)
+    policy_len, sft_len = torch.tensor([[4.0, 6.0], [5.0, 9.0]]), torch.tensor([[7.0, 3.0, 5.0], [6.0, 2.0, 8.0]])
+    se = prompt_bootstrap_se(lambda *x: lc_win_rate(*x)[0], policy, sft, policy_len, sft_len, reps=50)
+    assert se > 0
+
+
+def test_lc_win_rate_with_ties_on_a_hand_solved_fit():
+    """Four pairs, two at each length difference +-2 (so dlen / sd(dlen) = +-1): at +1 a win and a tie (mean
+    verdict 3/4), at -1 a win and a loss (1/2). Two groups, two parameters: without the ridge the fit is exact,
+    theta + gamma = logit(3/4) = log 3 and theta - gamma = 0, so theta = gamma = log(3) / 2 and the LC win rate
+    is sigmoid(log(3) / 2) = sqrt(3) / (1 + sqrt(3))."""
+    from evaluate import lc_win_rate
+    policy, sft = torch.tensor([[1.0], [2.0], [1.0], [0.0]]), torch.tensor([[0.0], [2.0], [0.0], [1.0]])   # (4, 1)
+    policy_len, sft_len = torch.tensor([[7.0], [7.0], [3.0], [3.0]]), torch.tensor([[5.0], [5.0], [5.0], [5.0]])
+    lc, gamma = lc_win_rate(policy, sft, policy_len, sft_len, ridge=0.0)
+    assert lc == pytest.approx(math.sqrt(3) / (1 + math.sqrt(3)), abs=1e-9)
+    assert gamma == pytest.approx(math.log(3) / 2, abs=1e-9)
+    lc_ridge, gamma_ridge = lc_win_rate(policy, sft, policy_len, sft_len)  # the default ridge only pulls gamma in
+    assert 0 < gamma_ridge < gamma and lc_ridge == pytest.approx(lc, abs=0.01)
+
+
+def test_lc_win_rate_without_length_spread_is_the_raw_win_rate():
+    """Every pair the same length difference: nothing separates length from quality, the ridge keeps gamma at 0,
+    and theta alone fits the mean verdict: the LC win rate is the raw one, 3.5 of 6 here (ties count half)."""
+    from evaluate import lc_win_rate, win_rate
+    policy, sft = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 0.0, 3.0]])
+    assert win_rate(policy, sft) == pytest.approx(3.5 / 6)
+    for policy_len, sft_len in ((torch.full((1, 2), 7.0), torch.full((1, 3), 7.0)),     # dlen = 0
+                                (torch.full((1, 2), 10.0), torch.full((1, 3), 7.0))):   # dlen = 3 everywhere
+        lc, gamma = lc_win_rate(policy, sft, policy_len, sft_len)
+        assert lc == pytest.approx(3.5 / 6, abs=1e-9) and gamma == pytest.approx(0.0, abs=1e-9)
+
+
 def test_win_rate_standard_errors_resample_prompts_not_replies():
     """Replies to one prompt share its difficulty, so the error of a mean over P prompts x k replies is about
     sd(per-prompt means) / sqrt(P), not sd(replies) / sqrt(P k): the bootstrap must resample whole prompts."""
@@ -197,6 +245,32 @@ def test_ppo_frontier_reads_the_last_run(tmp_path):
     assert [p["method"] for p in points] == ["sft", "ppo", "ppo", "ppo"]
     assert [p["step"] for p in points] == [0, 1, 3, 5]
     assert [p["kl"] for p in points] == [0.0, 0.5, 2.5, 4.5]
+
+
+def test_the_frontier_is_in_raw_pm_a_when_ppo_optimised_the_length_debiased_one(tmp_path):
+    """--ppo.length_debias: PPO's reward, logged as ppo/pm_a, is PM-A less its length trend; best-of-n and the final
+    points are raw PM-A. PPO's path and its fits must be raw PM-A too (ppo/pm_a_raw), the reward it optimised kept
+    beside it; rows of a debiased run that logged no raw PM-A give no PM-A point (NaN) and no PM-A fit."""
+    from evaluate import ppo_frontier
+    rows = [{"stage": "ppo", "step": s, "ppo/kl": float(s), "ppo/pm_a": 0.1 * s, "ppo/pm_a_raw": 1.0 + 0.3 * s,
+             "ppo/pm_b": 0.05 * s} for s in range(6)]
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    points = ppo_frontier(str(tmp_path), windows=3)
+    assert [p["pm_a"] for p in points] == pytest.approx([1.0, 1.15, 1.75, 2.35])    # windows {0, 1}, {2, 3}, {4, 5}
+    assert [p["pm_a_debiased"] for p in points] == pytest.approx([0.0, 0.05, 0.25, 0.45])
+    fits = fit_frontiers([], points)
+    d = [math.sqrt(kl) for kl in (0.0, 0.5, 2.5, 4.5)]
+    assert fits["ppo_pm_a_linear"]["a"] == pytest.approx(fit_linear(d, [1.0, 1.15, 1.75, 2.35])["a"])
+    assert fits["ppo_pm_a"]["r0"] == pytest.approx(1.0)
+    with open(tmp_path / "metrics.jsonl", "w") as f:  # a debiased run logged before PPO logged raw PM-A
+        f.writelines(json.dumps({k: v for k, v in r.items() if k != "ppo/pm_a_raw"}) + "\n" for r in rows)
+    old = ppo_frontier(str(tmp_path), windows=3, debiased=True)
+    assert all(math.isnan(p["pm_a"]) for p in old) and [p["pm_a_debiased"] for p in old] == pytest.approx(
+        [0.0, 0.05, 0.25, 0.45])
+    fits = fit_frontiers([], old)
+    assert "ppo_pm_a" not in fits and "ppo_pm_a_linear" not in fits and "ppo_pm_b" in fits
+    assert [p["pm_a"] for p in ppo_frontier(str(tmp_path), windows=3)] == pytest.approx([0.0, 0.05, 0.25, 0.45])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +357,33 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
 
 
+def test_length_debiased_ppo_logs_raw_pm_a_and_the_frontier_plots_it(hh_dir, tmp_path, monkeypatch):
+    """With --ppo.length_debias PPO logs its reward as ppo/pm_a and raw PM-A as ppo/pm_a_raw: their gap is the
+    length trend, length_coef * (mean reply tokens - length_mean), a reply counted as the PM reads it (no EOS or
+    stop sequence). eval's frontier reads PPO's path in raw PM-A, the unit of best-of-n's curve."""
+    import ppo
+    from sampling import strip_end
+    out = str(tmp_path / "out")
+    tok = write_tiny_run(hh_dir, out)
+    ckpt = load_checkpoint(os.path.join(out, "pm_a.pt"))
+    save_checkpoint(os.path.join(out, "pm_a.pt"), {**ckpt, "length_coef": -0.25, "length_mean": 3.0})
+    replies, real = [], ppo.ppo_step
+    monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: (lambda r: replies.append(r[1]["r_list"]) or r)(real(*a, **k)))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    cfg.ppo.length_debias = True
+    train_ppo(cfg, cfg.ppo)
+    rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["stage"] == "ppo"]
+    assert len(rows) == len(replies) == 3
+    for row, r_list in zip(rows, replies):
+        tokens = np.mean([len(strip_end(r, tok.eos_id, tok.stop_ids)) for r in r_list])
+        assert row["ppo/pm_a_raw"] - row["ppo/pm_a"] == pytest.approx(-0.25 * (tokens - 3.0), abs=1e-5)
+    cfg.eval.frontier_windows = 3
+    run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    path = [p for p in map(json.loads, open(os.path.join(out, "frontier.jsonl"))) if p["method"] in ("sft", "ppo")]
+    assert [p["pm_a"] for p in path] == pytest.approx([rows[0]["ppo/pm_a_raw"]] + [r["ppo/pm_a_raw"] for r in rows])
+    assert [p["pm_a_debiased"] for p in path] == pytest.approx([rows[0]["ppo/pm_a"]] + [r["ppo/pm_a"] for r in rows])
+
+
 def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
     """A run stopped after its iteration-2 checkpoint and resumed ends with the same weights as a
     straight run: rollouts and minibatch order are pure functions of (seed, iteration)."""
@@ -343,6 +444,28 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     assert temperatures and set(temperatures) == {0.5}
     assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_best_of_n_is_compared_with_sft_replies_its_picker_did_not_see(hh_dir, tmp_path, monkeypatch):
+    """Best-of-n's win rate is P(its pick beats a fresh SFT reply). Compared with the n samples it was picked
+    from, one comparison is the pick itself (a tie) and the rest are replies PM-A ranked below it: so the pick's
+    PM-B score must be none of the baseline's for its prompt. Its pool is its own n draws: the row is the PM-A
+    argmax of that pool, the best-of-n curve's top point (the estimator at n = N) the same pool's."""
+    import evaluate
+    out = str(tmp_path / "out")
+    write_tiny_run(hh_dir, out)
+    rows, real = {}, evaluate.policy_row
+    monkeypatch.setattr(evaluate, "policy_row", lambda a, b, *rest: rows.setdefault(len(rows), (a, b, *rest)) and
+                        real(a, b, *rest))
+    cfg = RunConfig(out_dir=out, data_dir=hh_dir)
+    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    (a_sft, b_sft, *_), (a_bon, b_bon, _, _, _, b_baseline, _) = rows[0], rows[1]  # sft's row, then bon's
+    assert torch.equal(b_baseline, b_sft) and a_bon.shape == (6, 1)
+    assert not any(b_bon[p, 0].item() in b_sft[p].tolist() for p in range(6))
+    top = ev["bon_curve"][-1]
+    assert top["n"] == 4 and top["pm_a"] == pytest.approx(ev["policies"]["bon"]["pm_reward"], abs=1e-6)
+    assert top["pm_b"] == pytest.approx(ev["policies"]["bon"]["heldout_pm_reward"], abs=1e-6)
+    assert ev["policies"]["bon"]["baseline_unseen"] is True
 
 
 def test_a_policy_row_does_not_depend_on_which_other_policies_were_evaluated(hh_dir, tmp_path):
