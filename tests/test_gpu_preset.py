@@ -9,7 +9,7 @@ of ppo.max_new_tokens) and only the counts cut (steps, pairs per batch, samples,
     ~1,100 tokens, replies of ~330), so every batch is a full-width one: prompt 768 + reply 256.
 What it checks is that nothing breaks at this shape (shapes, memory, the stages' hand-offs), not what is learnt.
 
-    RLHF_SLOW=1 python -m pytest -q -s tests/test_gpu_preset.py     # ~10 min, peak RSS ~7.5 GB, on a 2-core CPU
+    RLHF_SLOW=1 python -m pytest -q -s tests/test_gpu_preset.py     # ~6 min, peak RSS ~7.7 GiB, on an idle 2-core CPU
     python tests/test_gpu_preset.py OUT_DIR [extra flags]          # the same run by hand, kept in OUT_DIR
 """
 import gzip
@@ -132,7 +132,7 @@ def run_gpu_preset(tmp, extra=()):
     return os.waitstatus_to_exitcode(status), output, time.time() - t0, usage.ru_maxrss / 2 ** 20, out_dir
 
 
-@pytest.mark.skipif(not SLOW, reason="GPT-2-small's shape on the CPU takes ~10 min: RLHF_SLOW=1 runs it")
+@pytest.mark.skipif(not SLOW, reason="GPT-2-small's shape on the CPU takes minutes: RLHF_SLOW=1 runs it")
 def test_every_stage_of_the_gpu_preset_runs_at_gpt2_shape_on_the_cpu(tmp_path):
     import torch
     try:
