@@ -3,10 +3,17 @@ The actor-critic as PPO reads it: the policy's log-probabilities (and entropy) o
 and the value model's estimate before each of them, from one forward pass over query + response.
 The value model is a copy of PM-A (its trunk and scalar head: a critic that starts out knowing what
 PM-A rewards), or PM-A's head on the policy's own trunk (one forward, half the cost of an update).
+sample_logprobs reads sampled replies' log-probabilities (KL to SFT in eval); load_models builds every model the
+ppo stage holds, build_optimizer the one Adam over policy and critic.
 """
+import os
+
 import torch
 
-from model import scalar_head
+from model import disable_dropout, scalar_head
+from reward import load_reward_model
+from runtime import autocast, load_model
+from tokens import pad_left, pad_right
 
 def build_critic(trunk, head_weight, head_bias, gain=1.0, bias=0.0):
     """The value model as lm-hp builds it: a copy of the reward model, trunk and scalar head.
@@ -64,3 +71,45 @@ def rollout_forward(policy, critic, query_response, attention_mask, responses, c
 def logprobs_from_logits(logits, tokens):
     """log pi(token) for each position: logits (B, N, V), tokens (B, N) -> (B, N)."""
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def sample_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0, dtype="auto"):
+    """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
+    the replies were sampled from), (len(replies),). With the policy's own samples,
+    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
+    under runtime.autocast(dtype); the log-softmax and the sums are fp32."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(replies), batch_size):
+        q, r = queries[start:start + batch_size], replies[start:start + batch_size]
+        q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
+        r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
+        with autocast(device.type, dtype):
+            logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
+                                       torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
+        lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
+        out.append(lp.sum(1).cpu())
+    return torch.cat(out)
+
+
+def load_models(out, init_path, ppo_cfg, device):
+    """The initial policy (init_path: SFT, or CD; trained), its frozen copy (the reference), PM-A (the reward,
+    frozen), PM-B (the held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head),
+    or PM-A's head on the policy's trunk (ppo_cfg.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
+    policy, tok, _ = load_model(init_path, device)
+    ref_policy, _, _ = load_model(init_path, device)
+    disable_dropout(policy)
+    disable_dropout(ref_policy.requires_grad_(False))
+    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
+    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
+    trunk = None if ppo_cfg.share_trunk else disable_dropout(load_model(os.path.join(out, "pm_a.pt"), device)[0])
+    critic = build_critic(trunk, pm_a.head.weight, pm_a.head.bias, pm_a.reward_gain, pm_a.reward_bias).to(device)
+    return policy, ref_policy, critic, pm_a, pm_b, tok
+
+
+def build_optimizer(policy, critic, ppo_cfg, device_type):
+    """One Adam over the policy and the value model, as lm-hp (its epsilon, no weight decay); the fused
+    kernel where there is one (model.configure_optimizer says why)."""
+    params = list(policy.parameters()) + list(critic.parameters())
+    return torch.optim.Adam(params, lr=ppo_cfg.lr, eps=ppo_cfg.adam_eps, fused=device_type in ("cuda", "cpu"))

@@ -81,10 +81,10 @@ class CDConfig(LMTrainConfig):
     eval_interval: int = 50      # steps between validation passes (held-out KL) and checkpoints
 
 
-def prompt_text(cc):
-    """The HHH prompt's text, from cc.prompt_file (hhh_prompt.txt by default); one line of error if it cannot be
+def prompt_text(cd_cfg):
+    """The HHH prompt's text, from cd_cfg.prompt_file (hhh_prompt.txt by default); one line of error if it cannot be
     read or is empty. rlhf.py calls it before any stage runs, so a typo does not cost the stages before cd."""
-    path = cc.prompt_file or PROMPT_FILE
+    path = cd_cfg.prompt_file or PROMPT_FILE
     try:
         text = open(path, encoding="utf-8").read().rstrip()
     except (OSError, UnicodeDecodeError) as e:
@@ -94,21 +94,21 @@ def prompt_text(cc):
     return text
 
 
-def check_config(cc):
+def check_config(cd_cfg):
     """The CDConfig values a type cannot check, one line of error each: the prompt file (prompt_text) and pack.
     Packed rows (LMTrainConfig.pack) are refused: a row of several dialogues would let the student attend across
     them and give the teacher the prompt once a row, before the first dialogue only."""
-    if cc.pack:
+    if cd_cfg.pack:
         raise ConfigError("--cd.pack=true: context distillation reads one dialogue a row (the teacher reads the "
                           "prompt before each); leave --cd.pack false")
-    prompt_text(cc)
+    prompt_text(cd_cfg)
 
 
-def read_prompt(cc, tok, block_size):
+def read_prompt(cd_cfg, tok, block_size):
     """C's token ids (prompt_text) and how many tokens were cut from its start so that 64 or more of the context
     are left to the dialogue (a small trimmed vocabulary spells words it lacks in pieces, which can make the prompt
     long): (ids, cut)."""
-    ids = tok.encode(prompt_text(cc))
+    ids = tok.encode(prompt_text(cd_cfg))
     keep = min(len(ids), block_size - 64)
     return ids[len(ids) - keep:], len(ids) - keep
 
@@ -120,26 +120,26 @@ def cd_examples(dialogues, tok, room):
     return [(ids, [0] + [1] * (len(ids) - 1)) for ids in examples]
 
 
-def stage_cd(run, cc, sample, log):
+def stage_cd(run, cd_cfg, sample, log):
     """Stage cd: the base LM (base.pt) distilled from itself with the HHH prompt -> cd.pt, a policy like
     sft.pt. Its validation loss is the held-out per-token KL(teacher || student): logged before and after."""
-    check_config(cc)
+    check_config(cd_cfg)
     if already_done(run, "cd"):
         return
     device = pick_device(run.device)
     teacher, tok, _ = load_model(ckpt_path(run, "base"), device)
     disable_dropout(teacher)
-    context, cut = read_prompt(cc, tok, teacher.config.block_size)
+    context, cut = read_prompt(cd_cfg, tok, teacher.config.block_size)
     _, train_pairs, val_pairs = load_data(run, tok)
     set_seed(run.seed)
     student = ContextDistilled(teacher.config, teacher, context).to(device)
     student.load_state_dict(teacher.state_dict())
     room = teacher.config.block_size - len(context)  # + 1: get_batch feeds ids[:-1], so L + T <= block_size
-    print(f"[cd] HHH prompt {cc.prompt_file or PROMPT_FILE}: {len(context)} tokens"
+    print(f"[cd] HHH prompt {cd_cfg.prompt_file or PROMPT_FILE}: {len(context)} tokens"
           + (f" (its first {cut} cut: the context is {teacher.config.block_size})" if cut else "")
           + f"; dialogues cut to {room}")
     train_ex, val_ex = (cd_examples([(p.prompt, p.chosen) for p in ps], tok, room + 1) for ps in (train_pairs, val_pairs))
-    before, after = supervised_train(run, "cd", cc, student, tok, train_ex, val_ex, ckpt_path(run, "cd"), log)
+    before, after = supervised_train(run, "cd", cd_cfg, student, tok, train_ex, val_ex, ckpt_path(run, "cd"), log)
     print(f"[cd] held-out KL(teacher || student) per token: {before:.4f} nats before distilling (what the prompt "
           f"changes), {after:.4f} after")
     show_samples(student, tok, val_pairs, sample, run.seed, "cd", run.dtype)

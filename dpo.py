@@ -31,7 +31,7 @@ import torch
 from data import resolve_data_dir, train_comparisons
 from model import GPT, disable_dropout
 from reward import ranking_loss, reply_logprobs
-from rm import RMConfig, train_pm
+from rm import PairTrainConfig, RMConfig, train_pm
 from runtime import (ConfigError, MetricsLog, barrier, dist_info, initial_policy, load_model, model_checkpoint, pick_device, rng_state,
                      save_checkpoint, set_seed, stage_done)
 from tokens import dpo_example, tokenize_pairs
@@ -83,54 +83,41 @@ class DPOPolicy(GPT):
 # the stage
 
 @dataclass
-class DPOConfig:
-    """DPO from the SFT policy, with SFT as the reference, on the comparisons PM-A trained on (half A).
-    The fields it shares with RMConfig configure rm.train_pm as they do for a PM."""
+class DPOConfig(PairTrainConfig):
+    """DPO from the SFT policy, with SFT as the reference, on the comparisons PM-A trained on (half A). The training
+    fields (PairTrainConfig) configure rm.train_pm as they do for a PM; these defaults differ from a PM's."""
     beta: float = 0.1            # KL strength of the objective DPO solves (the policy eval calls "dpo")
     betas: str = ""              # more betas, comma-separated (0.03,0.3): policies dpo_beta0.03, ... on the frontier
     lr: float = 5e-5             # peak AdamW learning rate (linear warmup + cosine)
-    min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
     warmup_steps: int = 10       # linear LR warmup
-    weight_decay: float = 0.0    # AdamW weight decay on matrices
-    batch_size: int = 8          # comparisons per step (2x sequences)
-    group_by_length: bool = False  # batches of pairs of similar length (rm.pair_batch): far less padding on long data
-    epochs: int = 1              # passes over half A
-    max_steps: int = 0           # >0: exactly this many steps (overrides epochs)
-    grad_clip: float = 1.0       # clip the global grad norm (0 = off)
-    eval_interval: int = 0       # steps between validations, lowest val loss kept; 0 = rm.auto_eval_interval
-    val_pairs: int = 1000        # validate on at most this many val pairs (a fixed seeded subset; 0 = all)
-    save_interval: int = 1000    # steps between resumable checkpoints (and one at the end)
-    log_interval: int = 10       # steps between metrics.jsonl rows
-    eval_batch_size: int = 32    # sequences per validation forward pass
 
 
-def betas(dc):
-    """[(policy name, beta)]: "dpo" at dc.beta, then "dpo_beta{b}" for each other value of dc.betas."""
+def betas(dpo_cfg):
+    """[(policy name, beta)]: "dpo" at dpo_cfg.beta, then "dpo_beta{b}" for each other value of dpo_cfg.betas."""
     try:
-        extra = [float(b) for b in dc.betas.split(",") if b.strip()]
+        extra = [float(b) for b in dpo_cfg.betas.split(",") if b.strip()]
     except ValueError:
-        raise ConfigError(f"--dpo.betas expects comma-separated numbers, got {dc.betas!r}") from None
-    out = [("dpo", dc.beta)] + [(f"dpo_beta{b:g}", b) for b in dict.fromkeys(extra) if b != dc.beta]
+        raise ConfigError(f"--dpo.betas expects comma-separated numbers, got {dpo_cfg.betas!r}") from None
+    out = [("dpo", dpo_cfg.beta)] + [(f"dpo_beta{b:g}", b) for b in dict.fromkeys(extra) if b != dpo_cfg.beta]
     if any(b <= 0 for _, b in out):
-        raise ConfigError(f"--dpo.beta and --dpo.betas must be > 0, got {dc.beta} and {dc.betas!r}")
+        raise ConfigError(f"--dpo.beta and --dpo.betas must be > 0, got {dpo_cfg.beta} and {dpo_cfg.betas!r}")
     return out
 
 
-def pm_config(dc):
-    """The RMConfig train_pm reads: this stage's values for the fields the two configs share."""
-    shared = {f.name for f in fields(RMConfig)} & {f.name for f in fields(DPOConfig)}
-    return replace(RMConfig(), **{k: getattr(dc, k) for k in shared})
+def pm_config(dpo_cfg):
+    """The RMConfig train_pm reads: this stage's values for the training fields (PairTrainConfig)."""
+    return replace(RMConfig(), **{f.name: getattr(dpo_cfg, f.name) for f in fields(PairTrainConfig)})
 
 
-def run_dpo(run, dc, split_halves=True):
+def stage_dpo(run, dpo_cfg, split_halves=True):
     """Stage dpo: for each beta (betas), a DPOPolicy initialised from sft.pt (or cd.pt: --policy_init), its reference,
     trained by rm.train_pm on half A's comparisons (all of train with split_halves=False, as PM-A) and
     validated on the val pairs by the DPO loss -> out_dir/dpo.pt (and dpo_beta{b}.pt). Finished ones are
     skipped unless run.force; an unfinished one resumes. Under torchrun, data-parallel as a PM is."""
-    device, rank, rc = pick_device(run.device), dist_info()[0], pm_config(dc)
+    device, rank, rm_cfg = pick_device(run.device), dist_info()[0], pm_config(dpo_cfg)
     sft_path = initial_policy(run)  # the SFT policy (or the CD one: --policy_init), trained and the reference
     train_ex = val_ex = None  # read once, only if some beta is still to train
-    for name, beta in betas(dc):
+    for name, beta in betas(dpo_cfg):
         path = os.path.join(run.out_dir, f"{name}.pt")
         if stage_done(path, run.force, "dpo"):
             continue
@@ -145,10 +132,10 @@ def run_dpo(run, dc, split_halves=True):
         set_seed(run.seed)
         policy = DPOPolicy(ref.config, ref, beta).to(device)
         policy.load_state_dict(ref.state_dict())
-        info = train_pm(run, rc, policy, tok, train_ex, val_ex, "dpo", ckpt_path=path, log=MetricsLog(run.out_dir),
+        info = train_pm(run, rm_cfg, policy, tok, train_ex, val_ex, "dpo", ckpt_path=path, log=MetricsLog(run.out_dir),
                         name=name)
         if rank == 0:
-            save_checkpoint(path, model_checkpoint(policy, tok, stage="dpo", config=asdict(dc), beta=beta, seed=run.seed,
+            save_checkpoint(path, model_checkpoint(policy, tok, stage="dpo", config=asdict(dpo_cfg), beta=beta, seed=run.seed,
                                                    rng=rng_state(), done=True, train_pairs=len(train_ex), **info))
             print(f"[dpo] {name}: beta {beta:g}, best step {info['best_step']}/{info['steps']}, val loss "
                   f"{info['val_loss']:.3f} (log 2 = 0.693 at the start), implicit-reward val accuracy "

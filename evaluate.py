@@ -26,13 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actor_critic import sample_logprobs
 from dpo import betas
 from model import disable_dropout
 from pm_metrics import bootstrap
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
 from runtime import load_checkpoint, load_model, pick_device, set_seed
-from sampling import reply_lengths, reply_logprobs, rl_prompts, sample_replies, score, strip_end
+from sampling import reply_lengths, rl_prompts, sample_replies, score, strip_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,12 +159,12 @@ def ppo_config(out_dir):
     return load_checkpoint(path).get("config", {}) if os.path.exists(path) else {}
 
 
-def rl_temperature(out_dir, rollout):
+def rl_temperature(out_dir, ppo_cfg):
     """The temperature every policy is sampled and its KL measured at: the one PPO trained at (stored in
     ppo.pt; --ppo.temperature before PPO has run). It is the distribution PPO's KL penalty anchored to,
     the one the PM normaliser centres, and best-of-n's analytic KL holds for it as for any base policy."""
     stored = ppo_config(out_dir).get("temperature")
-    return float(rollout.temperature if stored is None else stored)
+    return float(ppo_cfg.temperature if stored is None else stored)
 
 
 def ppo_frontier(out_dir, windows, debiased=False):
@@ -245,8 +246,28 @@ def write_report(path, ev, examples):
         f.write("\n".join(lines).replace("\r", " ") + "\n")
 
 
-def run_eval(run, ec, rollout, dc):
-    """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dc) on held-out test prompts -> eval.json (its "pm" section,
+def eval_notes(P, T, max_new, n, k, policy_init):
+    """eval.json's notes: how the numbers below them were made."""
+    notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
+             f"tokens; SFT from {n} samples per prompt, best-of-{n} picked from {n} more SFT samples (so its win rates "
+             f"compare it with SFT replies its picker did not see), the others from {k} per prompt."]
+    if policy_init != "sft":
+        notes.append(f"rs, ppo and dpo started from {policy_init}.pt (--policy_init), and the PMs' trunks too; "
+                     "KL and win rates are still measured against SFT")
+    return notes
+
+
+def sample_and_score(policy, queries, k, max_new, tok, generator, T, reward_a, reward_b, batch_size, dtype):
+    """k replies a query from `policy` at temperature T: (their queries, the replies, PM-A's and PM-B's scores and
+    the lengths, each (P, k))."""
+    rep_q = [q for q in queries for _ in range(k)]
+    replies = sample_replies(policy, queries, k, max_new, batch_size, tok, generator, T, dtype)
+    a, b = (score(reward, rep_q, replies, batch_size).view(len(queries), k) for reward in (reward_a, reward_b))
+    return rep_q, replies, a, b, reply_lengths(replies, tok.eos_id, tok.stop_ids).view(len(queries), k)
+
+
+def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
+    """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dpo_cfg) on held-out test prompts -> eval.json (its "pm" section,
     written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
     SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n
@@ -265,34 +286,25 @@ def run_eval(run, ec, rollout, dc):
     pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
     dtype = run.dtype
-    reward_a, reward_b = (pm_reward_fn(pm, tok, ec.batch_size, dtype) for pm in (pm_a, pm_b))
-    max_new = ec.max_new_tokens or rollout.max_new_tokens
-    max_prompt = min(rollout.max_prompt_tokens, sft.config.block_size - max_new)
-    prompts = rl_prompts(run, "test", tok, max_prompt)[:ec.num_prompts or None]
-    queries, P, n, k, bs = [q for _, q in prompts], len(prompts), ec.n, ec.policy_samples, ec.batch_size
+    reward_a, reward_b = (pm_reward_fn(pm, tok, eval_cfg.batch_size, dtype) for pm in (pm_a, pm_b))
+    max_new = eval_cfg.max_new_tokens or ppo_cfg.max_new_tokens
+    max_prompt = min(ppo_cfg.max_prompt_tokens, sft.config.block_size - max_new)
+    prompts = rl_prompts(run, "test", tok, max_prompt)[:eval_cfg.num_prompts or None]
+    queries, P, n, k, bs = [q for _, q in prompts], len(prompts), eval_cfg.n, eval_cfg.policy_samples, eval_cfg.batch_size
     print(f"[eval] {P} test prompts | SFT x{n}, best-of-{n} from {n} more | cd, rs, ppo, dpo x{k}")
     gen = lambda name: torch.Generator(device=device).manual_seed(run.seed + zlib.crc32(name.encode()))  # noqa: E731
-    T = rl_temperature(out, rollout)
+    T = rl_temperature(out, ppo_cfg)
 
+    draw = lambda policy, k, name: sample_and_score(policy, queries, k, max_new, tok, gen(name), T, reward_a,  # noqa: E731
+                                                    reward_b, eval_cfg.batch_size, dtype)
     # 1. SFT: n samples per prompt, scored by both PMs
-    replies = {"sft": sample_replies(sft, queries, n, max_new, bs, tok, gen("sft"), T, dtype)}
-    rep_q = {"sft": [q for q in queries for _ in range(n)]}
-    a = {"sft": score(reward_a, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
-    b = {"sft": score(reward_b, rep_q["sft"], replies["sft"], bs).view(P, n)}                    # (P, n)
-    lengths = {"sft": reply_lengths(replies["sft"], tok.eos_id, tok.stop_ids).view(P, n)}
+    rep_q, replies, a, b, lengths = ({"sft": x} for x in draw(sft, n, "sft"))                   # each (P, n)
     kl = {"sft": 0.0}
-    notes = [f"{P} test prompts, temperature {T} (PPO's; KL to SFT at the same temperature), replies up to {max_new} "
-             f"tokens; SFT from {n} samples per prompt, best-of-{n} picked from {n} more SFT samples (so its win rates "
-             f"compare it with SFT replies its picker did not see), the others from {ec.policy_samples} per prompt."]
-    if run.policy_init != "sft":
-        notes.append(f"rs, ppo and dpo started from {run.policy_init}.pt (--policy_init), and the PMs' trunks too; "
-                     "KL and win rates are still measured against SFT")
+    notes = eval_notes(P, T, max_new, n, k, run.policy_init)
 
     # 2. best-of-n: PM-A picks among n SFT samples of its own, none of them in the SFT baseline of its win rates;
     #    the unbiased estimator gives every n <= N from the same pool
-    pool = sample_replies(sft, queries, n, max_new, bs, tok, gen("bon"), T, dtype)
-    pool_a = score(reward_a, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
-    pool_b = score(reward_b, rep_q["sft"], pool, bs).view(P, n)                                  # (P, n)
+    _, pool, pool_a, pool_b, _ = draw(sft, n, "bon")                                            # (P, n) scores
     bon_curve = [{"method": "bon", "n": k, "kl": bon_kl(k), "pm_a": bon_expected(pool_a, pool_a, k).mean().item(),
                   "pm_b": bon_expected(pool_a, pool_b, k).mean().item(), "prompts": "test"}
                  for k in [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]]
@@ -304,7 +316,7 @@ def run_eval(run, ec, rollout, dc):
 
     # 3. cd, rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
     beta = {}
-    for name in ("cd", "rs", "ppo", *[n for n, _ in betas(dc)]):
+    for name in ("cd", "rs", "ppo", *[n for n, _ in betas(dpo_cfg)]):
         path = os.path.join(out, f"{name}.pt")
         if not os.path.exists(path):
             notes.append(f"{name}: skipped ({path} not found; run `python rlhf.py {name.split('_')[0]}` first)")
@@ -315,13 +327,9 @@ def run_eval(run, ec, rollout, dc):
             beta[name] = ckpt["beta"]
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
-        rep_q[name] = [q for q in queries for _ in range(k)]
-        replies[name] = sample_replies(policy, queries, k, max_new, bs, tok, gen(name), T, dtype)  # its own draws
-        a[name] = score(reward_a, rep_q[name], replies[name], bs).view(P, k)
-        b[name] = score(reward_b, rep_q[name], replies[name], bs).view(P, k)
-        lengths[name] = reply_lengths(replies[name], tok.eos_id, tok.stop_ids).view(P, k)
-        kl[name] = (reply_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
-                    - reply_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
+        rep_q[name], replies[name], a[name], b[name], lengths[name] = draw(policy, k, name)        # its own draws
+        kl[name] = (sample_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
+                    - sample_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
         del policy
 
     policies = {name: policy_row(a[name], b[name], lengths[name], lengths["sft"], kl[name], b["sft"], T) for name in a}
@@ -330,10 +338,10 @@ def run_eval(run, ec, rollout, dc):
         policies[name]["beta"] = value
 
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits, in raw PM-A
-    fits = write_frontier(out, bon_curve, policies, ec.frontier_windows, bool(ppo_config(out).get("length_debias")),
+    fits = write_frontier(out, bon_curve, policies, eval_cfg.frontier_windows, bool(ppo_config(out).get("length_debias")),
                           notes)
     # 5. eval.json (merged with rm's "pm" section), report.md
-    examples = side_by_side(prompts[:ec.num_examples], replies, a, b, n, k, tok)
+    examples = side_by_side(prompts[:eval_cfg.num_examples], replies, a, b, n, k, tok)
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
                      examples)
 

@@ -3,8 +3,12 @@ GPT-2's files: safetensors read and written with the standard library and torch 
 OpenAI's GPT-2 weights from the Hugging Face hub (pinned, resumable), and the export of a trained model
 as a Hugging Face GPT-2 folder (weights, config, GPT-2's tokenizer files) that `transformers` loads.
 
-model.py's GPT.from_pretrained reads through this file; rlhf.py's `export` writes through it. Nothing
-here builds or runs a model: it moves tensors between files and a GPT's state dict.
+model.py's GPT.from_pretrained reads through this file; the `export` command (stage_export, at the end) writes
+through it:
+
+    python rlhf.py export --policy ppo --to DIR
+
+Nothing here builds or runs a model: it moves tensors between files and a GPT's state dict.
 
 References:
   safetensors format: https://github.com/huggingface/safetensors#format
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -367,3 +372,30 @@ def write_gpt2_tokenizer(enc, out_dir, model_max_length):
         tokenizer_class="GPT2Tokenizer", model_max_length=model_max_length, add_bos_token=False,
         add_prefix_space=False, errors="replace", split_special_tokens=True,
         clean_up_tokenization_spaces=False, **special))
+
+
+# -----------------------------------------------------------------------------
+# the `export` command
+
+@dataclass
+class ExportConfig:
+    """`export`: write a checkpoint as a Hugging Face GPT-2 folder (weights, config, GPT-2's tokenizer files)."""
+    policy: str = "ppo"          # base | sft | rs | ppo | pm_a | pm_b, or a checkpoint path
+    to: str = ""                 # output folder ("" = out_dir/hf/<policy>)
+
+
+def stage_export(run, export_cfg, sample_cfg):
+    """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
+    from runtime import load_model  # runtime imports model, which imports this file
+    path = export_cfg.policy if export_cfg.policy.endswith(".pt") else os.path.join(run.out_dir, f"{export_cfg.policy}.pt")
+    model, tok, ckpt = load_model(path)
+    to = export_cfg.to or os.path.join(run.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
+    # generate() and pipeline() then sample as `sample` and `chat` do
+    export_hf(model, to, keep=tok.keep, enc=tok.enc,
+              generation=dict(temperature=sample_cfg.temperature, top_k=sample_cfg.top_k, top_p=sample_cfg.top_p))
+    if "head.weight" in ckpt["model"]:  # a PM: score = gain * (w . h_EOS + b) + bias
+        head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
+        save_safetensors(head, os.path.join(to, "reward_head.safetensors"),
+                         metadata={"gain": str(ckpt.get("reward_gain", 1.0)), "bias": str(ckpt.get("reward_bias", 0.0)),
+                                   "read_at": "final hidden state (after ln_f) of the EOS token appended to the reply"})
+    print(f"[export] {path} -> {to} ({', '.join(sorted(os.listdir(to)))})")

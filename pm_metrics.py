@@ -279,7 +279,7 @@ def reply_pairs(pairs, tok):
     return list(zip(ids[0::2], ids[1::2]))
 
 
-def evaluate_pms(run, rc, data_dir=None):
+def evaluate_pms(run, rm_cfg, data_dir=None):
     """Score the test split of `data_dir` (default run.data_dir) with PM-A and PM-B from run.out_dir,
     print the summary, merge it into eval.json["pm"] and return it. No training: any hh-layout
     directory works (`rlhf.py eval --data_dir OTHER --eval.pm_only=true`)."""
@@ -289,14 +289,14 @@ def evaluate_pms(run, rc, data_dir=None):
     pm_a, tok, _ = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
     pm_b, _, _ = load_reward_model(os.path.join(run.out_dir, "pm_b.pt"), device)
     ex = encode_pairs(pairs, tok, pm_block(pm_a, run.data), run.data.max_reply_tokens)
-    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, rc.eval_batch_size, run.dtype)
-    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, rc.eval_batch_size, run.dtype)
+    a_c, a_r = score_pairs(pm_a, ex, tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
+    b_c, b_r = score_pairs(pm_b, ex, tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
     test_replies = reply_pairs(pairs, tok)
     pm = pm_report([p.n_turns for p in pairs], [len(c) for c, _ in test_replies], [len(r) for _, r in test_replies],
                    a_c, a_r, b_c, b_r, subsets=[p.subset for p in pairs])
     pm["data_dir"] = str(data_dir)
     try:  # the lexical reference, fitted on half A of this directory's train split, as PM-A was
-        _, val_pairs, (half_a, _) = train_comparisons(data_dir, run.data, rc.split_halves)
+        _, val_pairs, (half_a, _) = train_comparisons(data_dir, run.data, rm_cfg.split_halves)
         bow = bag_of_tokens_baseline(reply_pairs(half_a, tok), reply_pairs(val_pairs, tok), test_replies)
         pm.update(bag_of_tokens_accuracy=bow["accuracy"], bag_of_tokens_accuracy_ci=bow["accuracy_ci"],
                   bag_of_tokens_train_pairs=bow["train_pairs"])

@@ -28,9 +28,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
-from actor_critic import build_critic, forward_policy, logprobs_from_logits, rollout_forward
-from model import disable_dropout
-from reward import load_reward_model, pm_reward_fn, score_replies
+from actor_critic import build_optimizer, forward_policy, load_models, logprobs_from_logits, rollout_forward
+from reward import pm_reward_fn, score_replies
 from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows,
                      clip_and_step, dist_info, grad_scaler, initial_policy, load_checkpoint, load_model, micro_batches,
                      model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done,
@@ -201,14 +200,10 @@ def explained_variance(values, returns, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# the models: policy logprobs and critic values from one pass over query + response
-
-
-# ----------------------------------------------------------------------------------------------
 # one PPO iteration: rollout, rewards, advantages, K epochs of updates
 
 
-def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
+def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, ppo_cfg, kl_coef, eos_id, generator,
              stop_ids=(), dtype="auto", max_tokens=0, scaler=None):
     """One iteration of RLHF-PPO (Ziegler et al. 2019 / lm-hp train_policy), in five steps: a rollout
     (steps 1-4: sample, score, KL-penalised rewards, advantages), then the update (step 5).
@@ -216,15 +211,15 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     queries (B, Tq) left-padded prompt ids with query_mask (B, Tq). reward_fn(queries, responses) takes
     lists of token-id lists (the real tokens only) and returns a (B,) tensor of scores: the PM, or any
     function a test defines. A reply ends at eos_id or at one of stop_ids (a new "\n\nHuman:" turn:
-    the model handing the dialogue back), or is cut at pc.max_new_tokens.
+    the model handing the dialogue back), or is cut at ppo_cfg.max_new_tokens.
     The models' forwards (sampling, scoring, the update's) run under runtime.autocast(dtype), bf16 on CUDA
     by default; what they return for the RL math is fp32 (log-probs, values, scores), so rewards, KL, GAE,
     whitening and the losses are computed in fp32, and backward runs outside autocast.
     Returns (stats dict, rollout dict); the caller owns beta's update.
     """
-    ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator,
+    ro = rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, ppo_cfg, kl_coef, eos_id, generator,
                  stop_ids, dtype, max_tokens)
-    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens, scaler)
+    mb_stats, stop = ppo_update(policy, critic, optimizer, ro, ppo_cfg, generator, dtype, max_tokens, scaler)
     # diagnostics (not part of the algorithm)
     mask, kl_sum = ro["mask"], ro["kl"]
     stats = {k: sum(s[k] for s in mb_stats) / len(mb_stats) for k in mb_stats[0]}
@@ -240,7 +235,7 @@ def ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_ma
     return stats, {**ro, "mb_stats": mb_stats}
 
 
-def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_coef, eos_id, generator, stop_ids,
+def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, ppo_cfg, kl_coef, eos_id, generator, stop_ids,
             dtype, max_tokens=0):
     """Steps 1-4 of ppo_step, with no gradients (the frozen models under inference_mode): sample, score,
     per-token rewards, advantages. Returns the batch the update trains on, as a dict of (B, ...) tensors
@@ -252,36 +247,36 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_c
     with torch.no_grad(), autocast(queries.device.type, dtype):
         # 1. sample responses with the batched KV-cache sampler, until EOS (or a stop sequence) or max length
         responses, _, response_mask = policy.generate(
-            queries, query_mask, max_new_tokens=pc.max_new_tokens, temperature=pc.temperature,
+            queries, query_mask, max_new_tokens=ppo_cfg.max_new_tokens, temperature=ppo_cfg.temperature,
             eos_id=eos_id, stop_ids=list(stop_ids), generator=generator)                  # (B, N) each
         query_response = torch.cat([queries, responses], 1)                               # (B, Tq + N)
         attention_mask = torch.cat([query_mask.bool(), response_mask], 1)                 # (B, Tq + N)
         mask = response_mask.float()                                                      # (B, N)
-        chunk = pc.minibatch_size  # rows a forward: a minibatch's, or as many as max_tokens holds
+        chunk = ppo_cfg.minibatch_size  # rows a forward: a minibatch's, or as many as max_tokens holds
         if max_tokens:
             chunk = max(1, min(chunk, max_tokens // query_response.size(1)))
         # logprobs recomputed with the same full forward the update uses, so ratio = 1 exactly at first
         logprobs, values, entropy = rollout_forward(policy, critic, query_response, attention_mask, responses,
-                                                    Tq, pc.temperature, chunk)  # (B, N) each
+                                                    Tq, ppo_cfg.temperature, chunk)  # (B, N) each
         with torch.inference_mode():
             ref_logprobs, _, _ = rollout_forward(ref_policy, None, query_response, attention_mask, responses,
-                                                 Tq, pc.temperature, chunk)    # (B, N)
+                                                 Tq, ppo_cfg.temperature, chunk)    # (B, N)
             # 2. score with the PM: the reply up to and including EOS (or truncated at max length)
             q_list = [q[m].tolist() for q, m in zip(queries, query_mask.bool())]
             r_list = [r[:n].tolist() for r, n in zip(responses, response_mask.sum(1).tolist())]
             pm_scores = reward_fn(q_list, r_list).float().to(queries.device)              # (B,)
     with torch.no_grad():  # the RL math, in fp32
         ended = torch.tensor([reply_ended(r, eos_id, stop_ids) for r in r_list], device=queries.device)  # (B,)
-        if pc.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
-            scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, pc.no_eos_penalty))
+        if ppo_cfg.penalize_no_eos:  # lm-hp: a reply that never ended gets a fixed, bad score
+            scores = torch.where(ended, pm_scores, torch.full_like(pm_scores, ppo_cfg.no_eos_penalty))
         else:
             scores = pm_scores
         # 3. per-token KL penalty, plus the score on the last real token
         rewards, kl = compute_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)      # (B, N) each
-        if pc.whiten_rewards:
+        if ppo_cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         # 4. GAE (gamma 1, lambda 0.95), then advantages whitened over the real tokens of the batch
-        advantages, returns = compute_gae(values, rewards, mask, pc.gamma, pc.lam)    # (B, N) each
+        advantages, returns = compute_gae(values, rewards, mask, ppo_cfg.gamma, ppo_cfg.lam)    # (B, N) each
         advantages = masked_whiten(advantages, mask)
     return {"query_response": query_response, "attention_mask": attention_mask, "responses": responses,
             "response_mask": response_mask, "mask": mask, "context_length": Tq, "logprobs": logprobs,
@@ -289,20 +284,20 @@ def rollout(policy, ref_policy, critic, reward_fn, queries, query_mask, pc, kl_c
             "scores": scores, "pm_scores": pm_scores, "kl": kl.sum(1), "q_list": q_list, "r_list": r_list}
 
 
-def minibatch_losses(policy, critic, ro, rows, pc, dtype):
+def minibatch_losses(policy, critic, ro, rows, ppo_cfg, dtype):
     """PPO's losses on rollout rows `rows` under the current weights, with gradients: (pg_loss, vf_loss, stats)."""
     device = ro["responses"].device
     with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
         logits, values = forward_policy(policy, critic, ro["query_response"][rows], ro["attention_mask"][rows],
-                                        ro["context_length"], pc.temperature)                    # (b, N, V), (b, N)
+                                        ro["context_length"], ppo_cfg.temperature)                    # (b, N, V), (b, N)
     logprobs = logprobs_from_logits(logits, ro["responses"][rows])                                # (b, N) fp32
     return ppo_losses(logprobs, values, ro["logprobs"][rows], ro["values"][rows], ro["advantages"][rows],
-                      ro["returns"][rows], ro["mask"][rows], pc.cliprange, pc.cliprange_value)
+                      ro["returns"][rows], ro["mask"][rows], ppo_cfg.cliprange, ppo_cfg.cliprange_value)
 
 
-def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0, scaler=None):
-    """Step 5 of ppo_step: pc.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
-    rollout `ro`, stopping early once a minibatch's approximate KL passes pc.max_approx_kl (if set).
+def ppo_update(policy, critic, optimizer, ro, ppo_cfg, generator, dtype, max_tokens=0, scaler=None):
+    """Step 5 of ppo_step: ppo_cfg.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
+    rollout `ro`, stopping early once a minibatch's approximate KL passes ppo_cfg.max_approx_kl (if set).
     A minibatch of more than max_tokens tokens (rows x query + response) runs in groups of rows
     (runtime.micro_batches), each group's losses weighted by its share of the minibatch's reply tokens:
     the losses are means over those tokens, so the gradients add up to the minibatch's. Under torchrun each
@@ -312,10 +307,10 @@ def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0
     B, device, mb_stats = ro["responses"].size(0), ro["responses"].device, []
     scaler = scaler or grad_scaler(device.type, "float32")  # off: a plain step
     width = ro["query_response"].size(1)
-    for epoch in range(pc.ppo_epochs):
+    for epoch in range(ppo_cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator, device=generator.device).to(device)
-        for start in range(0, B, pc.minibatch_size):
-            mb = perm[start:start + pc.minibatch_size]
+        for start in range(0, B, ppo_cfg.minibatch_size):
+            mb = perm[start:start + ppo_cfg.minibatch_size]
             groups = [mb[rows.to(device)] for rows in micro_batches(torch.full((len(mb),), width), max_tokens)]
             # this rank's mean, weighted by its share of the global minibatch's tokens (1 in one process)
             share = token_share(ro["mask"][mb]) if dist.is_initialized() else 1.0
@@ -323,8 +318,8 @@ def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0
             optimizer.zero_grad(set_to_none=True)
             finite, parts = torch.ones((), device=device), []
             for rows in groups:
-                pg_loss, vf_loss, st = minibatch_losses(policy, critic, ro, rows, pc, dtype)
-                loss = pg_loss + pc.vf_coef * vf_loss
+                pg_loss, vf_loss, st = minibatch_losses(policy, critic, ro, rows, ppo_cfg, dtype)
+                loss = pg_loss + ppo_cfg.vf_coef * vf_loss
                 weight = ro["mask"][rows].sum() / n_tokens if len(groups) > 1 else 1.0  # the group's share
                 finite *= torch.isfinite(loss)
                 scaler.scale(loss * (weight * share) if len(groups) > 1 or dist.is_initialized() else loss).backward()
@@ -337,10 +332,10 @@ def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0
             average_gradients(params)  # one process: nothing to do
             st = {k: sum(w * p[k] for w, p in parts) for k in parts[0][1]}  # the minibatch's means
             st = {k: all_ranks_mean(v) if k not in ("pg_loss", "vf_loss") else v for k, v in st.items()}
-            grad_norm = clip_and_step(optimizer, params, pc.max_grad_norm, scaler)
+            grad_norm = clip_and_step(optimizer, params, ppo_cfg.max_grad_norm, scaler)
             mb_stats.append({"pg_loss": st.pop("pg_loss").item(), "vf_loss": st.pop("vf_loss").item(),
                              "grad_norm": grad_norm.item(), **{k: v.item() for k, v in st.items()}})
-            if pc.max_approx_kl and st["approx_kl"].item() > pc.max_approx_kl:
+            if ppo_cfg.max_approx_kl and st["approx_kl"].item() > ppo_cfg.max_approx_kl:
                 return mb_stats, True  # the policy moved too far from the one that sampled: stop reusing the batch
     return mb_stats, False
 
@@ -349,55 +344,33 @@ def ppo_update(policy, critic, optimizer, ro, pc, generator, dtype, max_tokens=0
 # the stage: load SFT and the PMs, loop ppo_step, log, checkpoint
 
 
-def build_optimizer(policy, critic, pc, device_type):
-    """One Adam over the policy and the value model, as lm-hp (its epsilon, no weight decay); the fused
-    kernel where there is one (model.configure_optimizer says why)."""
-    params = list(policy.parameters()) + list(critic.parameters())
-    return torch.optim.Adam(params, lr=pc.lr, eps=pc.adam_eps, fused=device_type in ("cuda", "cpu"))
-
-
 def prompt_batch(prompts, index, batch_size, seed, pad_id):
     """Batch `index` of a seeded per-epoch shuffle, a pure function of (index, seed) so resuming needs
     no loader state. Returns left-padded queries (B, T) and their mask (B, T)."""
     return pad_left([prompts[i][1] for i in batch_rows(len(prompts), index, batch_size, seed)], pad_id)
 
 
-def load_models(out, init_path, pc, device):
-    """The initial policy (init_path: SFT, or CD; trained), its frozen copy (the reference), PM-A (the reward,
-    frozen), PM-B (the held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head),
-    or PM-A's head on the policy's trunk (pc.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
-    policy, tok, _ = load_model(init_path, device)
-    ref_policy, _, _ = load_model(init_path, device)
-    disable_dropout(policy)
-    disable_dropout(ref_policy.requires_grad_(False))
-    pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
-    pm_b, _, _ = load_reward_model(os.path.join(out, "pm_b.pt"), device)
-    trunk = None if pc.share_trunk else disable_dropout(load_model(os.path.join(out, "pm_a.pt"), device)[0])
-    critic = build_critic(trunk, pm_a.head.weight, pm_a.head.bias, pm_a.reward_gain, pm_a.reward_bias).to(device)
-    return policy, ref_policy, critic, pm_a, pm_b, tok
-
-
-def resume(path, policy, critic, optimizer, pc, scaler):
-    """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, pc.kl_coef)."""
+def resume(path, policy, critic, optimizer, ppo_cfg, scaler):
+    """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, ppo_cfg.kl_coef)."""
     if not os.path.exists(path):
-        return 0, pc.kl_coef
+        return 0, ppo_cfg.kl_coef
     ckpt = restore(path, policy, optimizer, critic=critic, scaler=scaler)
-    print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{pc.iterations}, beta {ckpt['kl_coef']:.4f}")
+    print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{ppo_cfg.iterations}, beta {ckpt['kl_coef']:.4f}")
     return ckpt["iteration"], ckpt["kl_coef"]
 
 
-def print_iteration(it, pc, stats, ro, tok):
-    """One line of an iteration's numbers, and every pc.sample_every iterations two of its replies."""
-    print(f"[ppo] it {it + 1}/{pc.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
+def print_iteration(it, ppo_cfg, stats, ro, tok):
+    """One line of an iteration's numbers, and every ppo_cfg.sample_every iterations two of its replies."""
+    print(f"[ppo] it {it + 1}/{ppo_cfg.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
           f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
           f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
           f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
-    if pc.sample_every and it % pc.sample_every == 0:
-        for q, r, sc in list(zip(ro["q_list"], ro["r_list"], ro["scores"].tolist()))[:2]:
-            print(f"    [{sc:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
+    if ppo_cfg.sample_every and it % ppo_cfg.sample_every == 0:
+        for q, r, score in list(zip(ro["q_list"], ro["r_list"], ro["scores"].tolist()))[:2]:
+            print(f"    [{score:+.2f}] ...{tok.decode(q)[-120:]!r} -> {tok.decode(r)[:240]!r}")
 
 
-def train_ppo(run, pc):
+def stage_ppo(run, ppo_cfg):
     """Stage `ppo`: PPO on PM-A from the SFT policy -> out_dir/ppo.pt (skipped if done, resumed if not).
 
     Logs every iteration to metrics.jsonl under ppo/ (PM-A score, PM-B score, KL to the reference,
@@ -408,24 +381,24 @@ def train_ppo(run, pc):
     if stage_done(path, run.force, "ppo"):
         return
     rank, world_size = dist_info()
-    assert pc.batch_size % pc.minibatch_size == 0 and pc.minibatch_size % world_size == 0, (
-        f"ppo.batch_size {pc.batch_size} must be a multiple of ppo.minibatch_size {pc.minibatch_size}, "
+    assert ppo_cfg.batch_size % ppo_cfg.minibatch_size == 0 and ppo_cfg.minibatch_size % world_size == 0, (
+        f"ppo.batch_size {ppo_cfg.batch_size} must be a multiple of ppo.minibatch_size {ppo_cfg.minibatch_size}, "
         f"which must be divisible by the {world_size} processes")
-    local = replace(pc, batch_size=pc.batch_size // world_size, minibatch_size=pc.minibatch_size // world_size)
+    local = replace(ppo_cfg, batch_size=ppo_cfg.batch_size // world_size, minibatch_size=ppo_cfg.minibatch_size // world_size)
     device = pick_device(run.device)
     set_seed(run.seed)
-    policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, initial_policy(run), pc, device)
-    if pc.length_debias and not pm_a.length_mean:
+    policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, initial_policy(run), ppo_cfg, device)
+    if ppo_cfg.length_debias and not pm_a.length_mean:
         raise ConfigError(f"--ppo.length_debias: {os.path.join(out, 'pm_a.pt')} has no length trend (it was written "
                           "before PMs stored one); rerun `python rlhf.py rm --force`")
-    reward_a = pm_reward_fn(pm_a, tok, dtype=dtype, length_debias=pc.length_debias)  # the reward
+    reward_a = pm_reward_fn(pm_a, tok, dtype=dtype, length_debias=ppo_cfg.length_debias)  # the reward
     reward_b = pm_reward_fn(pm_b, tok, dtype=dtype)                                  # the held-out judge, as is
-    optimizer = build_optimizer(policy, critic, pc, torch.device(device).type)
+    optimizer = build_optimizer(policy, critic, ppo_cfg, torch.device(device).type)
     scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
-    start, kl_coef = resume(path, policy, critic, optimizer, pc, scaler)
-    prompts = rl_prompts(run, "train", tok, min(pc.max_prompt_tokens, policy.config.block_size - pc.max_new_tokens))
-    print(f"[ppo] {len(prompts)} train prompts | {pc.iterations} iterations x {pc.batch_size} rollouts | "
-          f"beta {kl_coef} ({'adaptive' if pc.adaptive_kl else 'fixed'}) | lr {pc.lr} | device {device}"
+    start, kl_coef = resume(path, policy, critic, optimizer, ppo_cfg, scaler)
+    prompts = rl_prompts(run, "train", tok, min(ppo_cfg.max_prompt_tokens, policy.config.block_size - ppo_cfg.max_new_tokens))
+    print(f"[ppo] {len(prompts)} train prompts | {ppo_cfg.iterations} iterations x {ppo_cfg.batch_size} rollouts | "
+          f"beta {kl_coef} ({'adaptive' if ppo_cfg.adaptive_kl else 'fixed'}) | lr {ppo_cfg.lr} | device {device}"
           + (f" | {world_size} processes" if world_size > 1 else ""))
     log = MetricsLog(out)
 
@@ -434,14 +407,14 @@ def train_ppo(run, pc):
             save_checkpoint(path, model_checkpoint(
                 policy, tok, critic=critic.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                 iteration=iteration,
-                kl_coef=kl_coef, rng=rng_state(), seed=run.seed, stage="ppo", config=asdict(pc), done=done))
+                kl_coef=kl_coef, rng=rng_state(), seed=run.seed, stage="ppo", config=asdict(ppo_cfg), done=done))
 
     it = start
     try:
-        for it in range(start, pc.iterations):
+        for it in range(start, ppo_cfg.iterations):
             t0 = time.time()
             queries, query_mask = (t[rank::world_size].to(device)
-                                   for t in prompt_batch(prompts, it, pc.batch_size, run.seed, tok.eos_id))
+                                   for t in prompt_batch(prompts, it, ppo_cfg.batch_size, run.seed, tok.eos_id))
             generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + it + 7919 * rank)
             try:
                 stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
@@ -450,24 +423,24 @@ def train_ppo(run, pc):
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
-            if pc.judge_every and it % pc.judge_every == 0:  # the overoptimisation lab: the held-out judge
+            if ppo_cfg.judge_every and it % ppo_cfg.judge_every == 0:  # the overoptimisation lab: the held-out judge
                 with torch.inference_mode():
                     stats["pm_b"] = reward_b(ro["q_list"], ro["r_list"]).float().mean().item()
-            if pc.length_debias:  # the reward is debiased PM-A; raw PM-A is the frontier's unit (evaluate.py)
+            if ppo_cfg.length_debias:  # the reward is debiased PM-A; raw PM-A is the frontier's unit (evaluate.py)
                 stats["pm_a_raw"] = score_replies(pm_a, tok, ro["q_list"], ro["r_list"], dtype=dtype).mean().item()
             stats = {k: all_ranks_mean(v).item() for k, v in stats.items()}  # each rank saw its own rollouts
-            if pc.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], pc.batch_size, pc.target_kl, pc.kl_horizon)
+            if ppo_cfg.adaptive_kl:
+                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], ppo_cfg.batch_size, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
             stats.update(sqrt_kl=math.sqrt(max(stats["kl"], 0.0)), time=time.time() - t0)
             if rank == 0:
                 log.log("ppo", it, **stats)
-            print_iteration(it, pc, stats, ro, tok)
-            if pc.save_every and (it + 1) % pc.save_every == 0:
+            print_iteration(it, ppo_cfg, stats, ro, tok)
+            if ppo_cfg.save_every and (it + 1) % ppo_cfg.save_every == 0:
                 checkpoint(it + 1, done=False)
     except KeyboardInterrupt:  # mid-update weights are half an iteration: keep the last whole checkpoint
         saved = load_checkpoint(path)["iteration"] if os.path.exists(path) else 0
         print(f"\n[ppo] interrupted at iteration {it}; {path} holds iteration {saved} "
-              f"(saved every {pc.save_every}); rerun the same command to resume from there")
+              f"(saved every {ppo_cfg.save_every}); rerun the same command to resume from there")
         raise SystemExit(130)
-    checkpoint(pc.iterations, done=True)
+    checkpoint(ppo_cfg.iterations, done=True)
     print(f"[ppo] done | checkpoint {path}")

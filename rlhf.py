@@ -31,21 +31,19 @@ from dataclasses import dataclass, field, fields, is_dataclass
 import torch
 import torch.distributed as dist
 
-from bench import run_bench
 from cd import CDConfig, check_config, stage_cd
 from data import DataConfig, DataError
-from dpo import DPOConfig, betas, run_dpo
-from evaluate import EvalConfig, run_eval
+from hub import ExportConfig, stage_export
+from dpo import DPOConfig, betas, stage_dpo
+from evaluate import EvalConfig, stage_eval
 from model import GPTConfig
-from plan import check_fits, fmt_time, print_plan
 from pm_metrics import evaluate_pms
-from pm_studies import run_studies, trunk_sizes
-from ppo import PPOConfig, train_ppo
-from rm import RMConfig, check_choices, train_reward_models
-from rs import RSConfig, run_rs
+from ppo import PPOConfig, stage_ppo
+from rm import RMConfig, check_choices, stage_rm
+from rs import RSConfig, stage_rs
+from sampling import SampleConfig, stage_chat, stage_sample
 from runtime import (CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, initial_policy,
-                     pick_device, precision, restart_with_start_env)
-from tools import ExportConfig, SampleConfig, stage_chat, stage_export, stage_plot, stage_sample
+                     pick_device, precision)
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
 
@@ -56,6 +54,17 @@ class PlanConfig:
     gpu: str = ""                # estimate for a GPU by name instead (h100, a100, rtx4090, ...), measuring nothing
     gflops: float = 100.0        # with measure=false: the GFLOP/s assumed for every kind of work
     sample_rows: int = 2000      # train pairs tokenised to estimate token counts (scaled by the pair counts)
+
+
+@dataclass
+class StudyConfig:
+    """`studies` (lab/studies.py), after the rm stage: PM studies that train more PMs, each giving one table."""
+    ablation: bool = False       # binary and lm scoring trained on half A beside ranking: one table of objectives
+    pmp: bool = False            # accuracy with 25/50/100% of half A, with and without PMP: one table
+    hh: bool = False             # PMs on helpful only, harmless only, and a mix: each one's accuracy on each subset
+    size: bool = False           # PM-A/PM-B pairs at growing trunk sizes: accuracy, score KL A||B -> pm_size_study.json
+    sizes: str = "1x64,2x128,4x192"  # trunks, LAYERSxWIDTH (pretrained here) or GPT-2 names (gpt2, ...)
+    size_steps: int = 150        # pretraining steps of each LAYERSxWIDTH trunk (the pretrain section's other settings)
 
 
 @dataclass
@@ -89,6 +98,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    studies: StudyConfig = field(default_factory=StudyConfig)
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
@@ -174,7 +184,8 @@ PRESETS = {
                     "sft.lr": 1e-4},
 }
 
-STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "sample", "chat", "plot", "export"]
+STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "studies", "sample", "chat", "plot",
+          "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -260,20 +271,9 @@ def check_values(stage, cfg):
     check_choices(cfg.rm)                    # --rm.objective, --rm.init
     if stage in ("all", "cd"):
         check_config(cfg.cd)                 # --cd.prompt_file, --cd.pack
-    if cfg.rm.size_study and stage in ("all", "rm"):
-        trunk_sizes(cfg.rm.size_study_sizes, cfg.data.vocab)
-
-
-# ----------------------------------------------------------------------------------------------
-# data shared by the stages
-
-
-# ----------------------------------------------------------------------------------------------
-# stages 1 and 2: base LM and SFT
-
-
-# ----------------------------------------------------------------------------------------------
-# tools: sample and chat
+    if cfg.studies.size and stage == "studies":
+        from lab.studies import trunk_sizes
+        trunk_sizes(cfg.studies.sizes, cfg.data.vocab)  # --studies.sizes
 
 
 def preset_reason(preset):
@@ -285,30 +285,51 @@ def preset_reason(preset):
 
 
 def stage_plan(cfg, repeats=2):
-    """Print what each stage will do, its memory and its time on this device (plan.py); return the plan."""
+    """Print what each stage will do, its memory and its time on this device (lab/plan.py); return the plan."""
+    from lab.plan import print_plan
     return print_plan(cfg, preset_reason(cfg.preset), repeats)
 
 
 def report_time(log, name, seconds, plan):
     """After each stage of `all`: its wall time against the plan's estimate, printed and in metrics.jsonl. Off by a
     ratio, or by seconds for a plan under 10 s, where a ratio says nothing."""
+    from lab.plan import fmt_time
     planned = plan["stages"][name]["seconds"]
     off = f"{seconds / planned - 1:+.0%}" if planned >= 10 else f"{seconds - planned:+.1f} s"
     print(f"[time] {name}: {fmt_time(seconds)} (plan: {fmt_time(planned)}, {off})")
     log.log("time", 0, **{f"{name}/seconds": round(seconds, 1), f"{name}/plan_seconds": planned})
 
 
-def stage_rm(run, cfg):
-    """PM-A and PM-B (normalised at PPO's rollout shape), then the studies --rm.* asks for (pm_studies.py)."""
-    train_reward_models(run, cfg.rm, cfg.ppo)
-    run_studies(run, cfg.rm, cfg.pretrain, cfg.model)
+# the commands that measure rather than train: each imports its instrument from lab/ only when it runs
+
+def stage_bench(cfg):
+    """Speed figures at the preset's shapes, one JSON line (lab/bench.py)."""
+    from lab.bench import run_bench
+    return run_bench(cfg)
+
+
+def stage_studies(run, cfg):
+    """The PM studies --studies.* asks for, after the rm stage (lab/studies.py)."""
+    from lab.studies import run_studies
+    return run_studies(run, cfg.rm, cfg.studies, cfg.pretrain, cfg.model)
+
+
+def stage_plot(out_dir):
+    """Figures from metrics.jsonl, eval.json and frontier.jsonl (lab/plot.py; matplotlib is an optional extra)."""
+    from lab.plot import make_plots
+    try:
+        paths = make_plots(out_dir)
+    except (RuntimeError, FileNotFoundError) as e:  # matplotlib not installed, or no such out_dir
+        raise ConfigError(str(e)) from None
+    for path in paths:
+        print(f"[plot] {path}")
 
 
 # ----------------------------------------------------------------------------------------------
 
 def run(stage, cfg):
     """Run one stage, or all of them in order. Under torchrun, pretrain, sft, cd, rm, rs, ppo and dpo run
-    data-parallel (train.supervised_train, rm.train_pm, rs.run_rs, ppo.train_ppo, dpo.run_dpo); eval then
+    data-parallel (train.supervised_train, rm.train_pm, rs.stage_rs, ppo.stage_ppo, dpo.stage_dpo); eval then
     goes on in rank 0 alone."""
     rank, world_size, _ = init_distributed()
     if rank != 0:
@@ -323,16 +344,17 @@ def run(stage, cfg):
         "pretrain": lambda: stage_pretrain(run, cfg.pretrain, cfg.model, cfg.sample, log),
         "sft": lambda: stage_sft(run, cfg.sft, cfg.sample, log),
         "cd": lambda: stage_cd(run, cfg.cd, cfg.sample, log),
-        "rm": lambda: stage_rm(run, cfg),
-        "rs": lambda: run_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
-        "ppo": lambda: train_ppo(run, cfg.ppo),
-        "dpo": lambda: run_dpo(run, cfg.dpo, cfg.rm.split_halves),  # on the comparisons PM-A trained on
-        "eval": lambda: evaluate_pms(run, cfg.rm) if cfg.eval.pm_only else run_eval(run, cfg.eval, cfg.ppo, cfg.dpo),
+        "rm": lambda: stage_rm(run, cfg.rm, cfg.ppo),
+        "rs": lambda: stage_rs(run, cfg.rs, cfg.ppo),               # best-of-n samples as PPO does
+        "ppo": lambda: stage_ppo(run, cfg.ppo),
+        "dpo": lambda: stage_dpo(run, cfg.dpo, cfg.rm.split_halves),  # on the comparisons PM-A trained on
+        "eval": lambda: evaluate_pms(run, cfg.rm) if cfg.eval.pm_only else stage_eval(run, cfg.eval, cfg.ppo, cfg.dpo),
         "plan": lambda: stage_plan(cfg),
-        "bench": lambda: run_bench(cfg),
+        "bench": lambda: stage_bench(cfg),
+        "studies": lambda: stage_studies(run, cfg),
+        "plot": lambda: stage_plot(cfg.out_dir),
         "sample": lambda: stage_sample(run, cfg.sample),
         "chat": lambda: stage_chat(run, cfg.sample),
-        "plot": lambda: stage_plot(cfg.out_dir),
         "export": lambda: stage_export(run, cfg.export, cfg.sample),
     }
     order = ["pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval"] if stage == "all" else [stage]
@@ -341,6 +363,7 @@ def run(stage, cfg):
         plan = stage_plan(cfg, repeats=1)  # how long it will take, before it starts: ~1 s of timing on the tiny preset
         device = pick_device(cfg.device)
         if device.startswith("cuda"):  # a card too small for the preset: said now, not as an out-of-memory later
+            from lab.plan import check_fits
             why = check_fits(plan, torch.cuda.get_device_properties(device).total_memory, cfg)
             if why:
                 raise ConfigError(why)
@@ -358,6 +381,37 @@ def run(stage, cfg):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# start-up: settings glibc and libgomp read once, when the process starts
+
+# glibc hands a freed block of over 32 MB (a batch's logits: 16 x 256 x 8,192 floats on the cpu preset) back to the
+# OS at once, and the next step's first touch of a new one costs a page fault per 4 KB: ~150,000 a step, ~10% of a
+# CPU training step. These limits keep such blocks in the process for reuse; the numbers computed do not change.
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
+
+
+def start_env(environ, load_avg):
+    """The variables rlhf.py restarts itself with, read only at start-up (by glibc, by libgomp), each unless the
+    user set it: MALLOC_TUNABLES on Linux with glibc; and OMP_WAIT_POLICY=PASSIVE when other processes already
+    use the CPU (a 1-minute load average of 1 or more), because libgomp's threads otherwise spin between parallel
+    regions on cores those processes need (README, Speed: threads on a busy machine). Returns {name: value}."""
+    extra = {}
+    if sys.platform == "linux" and "GLIBC_TUNABLES" not in environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
+        extra["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+    if "OMP_WAIT_POLICY" not in environ and load_avg >= 1.0:
+        extra["OMP_WAIT_POLICY"] = "PASSIVE"
+    return extra
+
+
+def restart_with_start_env():
+    """Start this script again with start_env's variables (none to add: carry on). Once, or twice should the
+    load average cross 1 between the two starts; each variable, once set, stays."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    extra = start_env(os.environ, load)
+    if extra:
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **extra})
 
 
 def main(argv):

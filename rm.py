@@ -4,7 +4,7 @@ Stage `rm`: preference models PM-A and PM-B, each trained on a disjoint half of 
 PPO; PM-B is a held-out judge of the policies PM-A trained (Bai et al. 2022, sec. 4.5). The numbers
 reported about the PMs (accuracy, calibration, A-vs-B robustness) are plain numpy functions of their
 scores, in pm_metrics.py; the studies that train more PMs (objectives, PMP, helpful vs harmless, size) are in
-pm_studies.py.
+lab/studies.py.
 
     python rlhf.py rm --preset=cpu                     # pm_a.pt, pm_b.pt, eval.json["pm"]
 
@@ -41,25 +41,17 @@ from train import lr_at
 # the stage's config
 
 @dataclass
-class RMConfig:
-    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
-    init: str = "policy"         # trunk: "policy" (the initial policy: --policy_init), or "sft", "cd", "base" (out_dir/NAME.pt)
+class PairTrainConfig:
+    """What training on comparisons needs, PM or DPO policy alike: train_pm reads these (dpo.DPOConfig shares them)."""
     lr: float = 1e-4             # peak AdamW learning rate (linear warmup + cosine)
     min_lr_frac: float = 0.1     # cosine decays to lr * min_lr_frac
     warmup_steps: int = 20       # linear LR warmup (per phase: PMP, then human pairs)
     weight_decay: float = 0.0    # AdamW weight decay on matrices
     batch_size: int = 8          # comparisons per step (2x sequences)
-    epochs: int = 1              # passes over the PM's half (val loss bottoms out within one on the sample)
+    group_by_length: bool = False  # batches of pairs of similar length (pair_batch): far less padding on long data
+    epochs: int = 1              # passes over the half (a PM's val loss bottoms out within one on the sample)
     max_steps: int = 0           # >0: exactly this many steps on human pairs (overrides epochs)
     grad_clip: float = 1.0       # clip the global grad norm (0 = off)
-    margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
-    center_coef: float = 0.0     # ranking: + coef * mean((r_c + r_r)^2), keeps scores centred at 0
-    split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
-    pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
-    pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
-    pmp_dir: str = ""            # PMP on real preference data in hh-rlhf's layout (DIR/NAME/train.jsonl.gz rows of
-                                 # {"chosen", "rejected"}: StackExchange, Reddit, ...) instead of pmp_pairs'; implies pmp
-    group_by_length: bool = False  # batches of pairs of similar length (pair_batch): far less padding on long data
     eval_interval: int = 0       # steps between validations, whose lowest val loss is kept (early stopping);
                                  # 0 = auto_eval_interval: validation at most 10% of the training compute
     val_pairs: int = 1000        # validate on at most this many val pairs, a fixed seeded subset (0 = all);
@@ -68,16 +60,23 @@ class RMConfig:
                                  # end: ~10 on the full data, where one a validation wrote ~380 of ~2 GB per PM
     log_interval: int = 10       # steps between metrics.jsonl rows
     eval_batch_size: int = 32    # sequences per scoring forward pass
+
+
+@dataclass
+class RMConfig(PairTrainConfig):
+    """PM-A and PM-B: the objective, the trunk, PMP and the normalisation (the training fields: PairTrainConfig)."""
+    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
+    init: str = "policy"         # trunk: "policy" (the initial policy: --policy_init), or "sft", "cd", "base" (out_dir/NAME.pt)
+    margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
+    center_coef: float = 0.0     # ranking: + coef * mean((r_c + r_r)^2), keeps scores centred at 0
+    split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
+    pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
+    pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
+    pmp_dir: str = ""            # PMP on real preference data in hh-rlhf's layout (DIR/NAME/train.jsonl.gz rows of
+                                 # {"chosen", "rejected"}: StackExchange, Reddit, ...) instead of pmp_pairs'; implies pmp
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 512 # SFT samples (train prompts, PPO's shapes and temperature) that fit gain and bias;
                                  # the fitted mean is off by ~1/sqrt(this) SFT standard deviations
-    # the studies (pm_studies.py), each one table after the PMs
-    ablation: bool = False       # also train binary and score lm on half A: one table of objectives
-    pmp_study: bool = False      # accuracy with 25/50/100% of half A, with and without PMP: one table
-    hh_study: bool = False       # PMs on helpful only, harmless only, and a mix: each one's accuracy on each subset
-    size_study: bool = False     # PM-A/PM-B pairs at growing trunk sizes: accuracy, score KL A||B -> pm_size_study.json
-    size_study_sizes: str = "1x64,2x128,4x192"  # trunks, LAYERSxWIDTH (pretrained here) or GPT-2 names (gpt2, ...)
-    size_study_steps: int = 150  # pretraining steps of each LAYERSxWIDTH trunk (the pretrain section's other settings)
 
 
 # -----------------------------------------------------------------------------
@@ -116,12 +115,12 @@ def pmp_pairs(pairs, seed):
     return out
 
 
-def pmp_data(run, rc, train_pairs):
-    """PMP's comparisons: every train pair of rc.pmp_dir when given (read as hh-rlhf is, every subset in it),
+def pmp_data(run, rm_cfg, train_pairs):
+    """PMP's comparisons: every train pair of rm_cfg.pmp_dir when given (read as hh-rlhf is, every subset in it),
     else the automatic ones of pmp_pairs; None without PMP."""
-    if rc.pmp_dir:
-        return read_pairs(rc.pmp_dir, "train", replace(run.data, max_pairs=0, subsets=""))[0]
-    return pmp_pairs(train_pairs, run.seed) if rc.pmp else None
+    if rm_cfg.pmp_dir:
+        return read_pairs(rm_cfg.pmp_dir, "train", replace(run.data, max_pairs=0, subsets=""))[0]
+    return pmp_pairs(train_pairs, run.seed) if rm_cfg.pmp else None
 
 
 def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
@@ -198,10 +197,10 @@ def validate(model, examples, pad_id, batch_size, dtype="auto"):
     return pair_accuracy(r_c, r_r), float(np.mean(np.logaddexp(0.0, -(r_c - r_r))))
 
 
-def pm_steps(rc, n_pairs):
-    """Steps on n_pairs human comparisons: rc.max_steps, or rc.epochs passes of rc.batch_size pairs a
+def pm_steps(rm_cfg, n_pairs):
+    """Steps on n_pairs human comparisons: rm_cfg.max_steps, or rm_cfg.epochs passes of rm_cfg.batch_size pairs a
     step (at least one step). train_pm runs this many; rlhf.py plan counts them the same way."""
-    return rc.max_steps or rc.epochs * max(1, n_pairs // rc.batch_size)
+    return rm_cfg.max_steps or rm_cfg.epochs * max(1, n_pairs // rm_cfg.batch_size)
 
 
 def resume_pm(ckpt_path, model, optimizer, scaler):
@@ -214,7 +213,7 @@ def resume_pm(ckpt_path, model, optimizer, scaler):
     return ckpt["step"], ckpt["wall_s"], ckpt["best"]
 
 
-def pair_step(model, batch, objective, rc, run, scaler):
+def pair_step(model, batch, objective, rm_cfg, run, scaler):
     """Forward and backward of one comparison batch (pair_batch's idx, mask, labels, reply mask), leaving the
     gradient of its mean loss in .grad; returns that loss (detached). Under torchrun this rank takes pairs
     rank::world_size, the k-th chosen row with the k-th rejected, and DDP averages the ranks' gradients. Pairs of
@@ -236,7 +235,7 @@ def pair_step(model, batch, objective, rc, run, scaler):
         sync = world_size == 1 or g == len(groups) - 1  # DDP all-reduces on the group's backward that ends the step
         with nullcontext() if sync else model.no_sync():
             with autocast(device.type, run.dtype):  # the forward only; the loss is fp32 (the head's output is)
-                _, loss = model(x, m, y, objective, rc.margin, rc.center_coef, *extra)
+                _, loss = model(x, m, y, objective, rm_cfg.margin, rm_cfg.center_coef, *extra)
             if len(groups) > 1:
                 loss = loss * (len(pairs) / len(mine))
             scaler.scale(loss).backward()  # under DDP: gradients all-reduced (averaged over ranks) on the last
@@ -244,11 +243,11 @@ def pair_step(model, batch, objective, rc, run, scaler):
     return loss_sum
 
 
-def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
-    """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rc.pmp_steps of PMP if pmp_ex is
+def train_pm(run, rm_cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt_path=None, log=None, name="pm"):
+    """Fit `model` on comparisons [(chosen_ids, rejected_ids)], after rm_cfg.pmp_steps of PMP if pmp_ex is
     given, and end with the weights of the lowest validation loss (early stopping). Validation scores at
-    most rc.val_pairs of val_ex (val_subset), every rc.eval_interval steps (auto_eval_interval if 0).
-    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every rc.save_interval
+    most rm_cfg.val_pairs of val_ex (val_subset), every rm_cfg.eval_interval steps (auto_eval_interval if 0).
+    With ckpt_path, an unfinished run there is resumed and progress is checkpointed every rm_cfg.save_interval
     steps and after the last: the checkpoint keeps the best-so-far weights, so a run resumed between two
     validations still ends with the best of all of them.
     Returns {"steps", "best_step", "val_accuracy", "val_loss", "wall_s"}.
@@ -258,13 +257,13 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
     early-stopping verdict everywhere); only rank 0 logs, prints and writes the checkpoint."""
     device, dtype = next(model.parameters()).device, run.dtype
     rank, world_size = dist_info()
-    assert rc.batch_size % world_size == 0, (
-        f"rm.batch_size {rc.batch_size} must be divisible by the {world_size} processes")
-    n_pmp = rc.pmp_steps if pmp_ex else 0
-    n_human = pm_steps(rc, len(train_ex)) if train_ex else 0
-    val = val_subset(val_ex, rc.val_pairs, run.seed)
-    every = rc.eval_interval or (auto_eval_interval(len(val), rc.batch_size) if val else max(1, n_pmp, n_human))
-    optimizer = model.configure_optimizer(rc.weight_decay, rc.lr, (0.9, 0.95), device.type)
+    assert rm_cfg.batch_size % world_size == 0, (
+        f"rm.batch_size {rm_cfg.batch_size} must be divisible by the {world_size} processes")
+    n_pmp = rm_cfg.pmp_steps if pmp_ex else 0
+    n_human = pm_steps(rm_cfg, len(train_ex)) if train_ex else 0
+    val = val_subset(val_ex, rm_cfg.val_pairs, run.seed)
+    every = rm_cfg.eval_interval or (auto_eval_interval(len(val), rm_cfg.batch_size) if val else max(1, n_pmp, n_human))
+    optimizer = model.configure_optimizer(rm_cfg.weight_decay, rm_cfg.lr, (0.9, 0.95), device.type)
     scaler = grad_scaler(device.type, dtype)  # fp16 only: the loss scaler; a no-op otherwise
     start, wall, best = resume_pm(ckpt_path, model, optimizer, scaler)
     if rank == 0:
@@ -278,28 +277,28 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage="rm",
-                config=asdict(rc), seed=run.seed, rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
+                config=asdict(rm_cfg), seed=run.seed, rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
 
     t0 = time.time()
     model.train()
     for step in range(start, n_pmp + n_human):
         pmp = step < n_pmp  # phase 1: PMP (always the ranking loss), phase 2: human comparisons
         data, i, n = (pmp_ex, step, n_pmp) if pmp else (train_ex, step - n_pmp, n_human)
-        lr = lr_at(i, replace(rc, max_steps=n))  # warmup + cosine within each phase
+        lr = lr_at(i, replace(rm_cfg, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels, replies = pair_batch(data, i, rc.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
-                                                rc.group_by_length)
-        loss = pair_step(ddp, (idx, mask, labels, replies), "ranking" if pmp else objective, rc, run, scaler)
-        norm = clip_and_step(optimizer, list(model.parameters()), rc.grad_clip, scaler)
+        idx, mask, labels, replies = pair_batch(data, i, rm_cfg.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
+                                                rm_cfg.group_by_length)
+        loss = pair_step(ddp, (idx, mask, labels, replies), "ranking" if pmp else objective, rm_cfg, run, scaler)
+        norm = clip_and_step(optimizer, list(model.parameters()), rm_cfg.grad_clip, scaler)
         loss = all_ranks_mean(loss)  # the global batch's loss, for the log
         phase = "pmp" if pmp else "train"
-        if log and rank == 0 and step % rc.log_interval == 0:
+        if log and rank == 0 and step % rm_cfg.log_interval == 0:
             log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
         if (i + 1) % every == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
             if not pmp and val:
-                acc, vloss = validate(model, val, tok.eos_id, rc.eval_batch_size, dtype)
+                acc, vloss = validate(model, val, tok.eos_id, rm_cfg.eval_batch_size, dtype)
                 if vloss < best["val_loss"]:
                     best = {"val_loss": vloss, "val_accuracy": acc, "step": step + 1,
                             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
@@ -308,7 +307,7 @@ def train_pm(run, rc, model, tok, train_ex, val_ex, objective, pmp_ex=None, ckpt
                     log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
             if rank == 0:
                 print(f"{line} | {time.time() - t0 + wall:.0f}s")
-        if ckpt_path and ((rc.save_interval and (step + 1) % rc.save_interval == 0) or step + 1 == n_pmp + n_human):
+        if ckpt_path and ((rm_cfg.save_interval and (step + 1) % rm_cfg.save_interval == 0) or step + 1 == n_pmp + n_human):
             save(step + 1)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -343,7 +342,7 @@ TREND_REPLIES = 4  # SFT replies a prompt that the length trend is fitted on (no
 
 @dataclass
 class PMInputs:
-    """What the rm stage and the PM studies (pm_studies.py) start from."""
+    """What the rm stage and the PM studies (lab/studies.py) start from."""
     device: str
     init: str            # the trunk's checkpoint: the initial policy, or out_dir/sft.pt, cd.pt or base.pt (--rm.init)
     policy: object       # the SFT policy (the base LM before SFT exists): samples to normalise on, the lm baseline
@@ -355,39 +354,39 @@ class PMInputs:
     val_ex: list
 
 
-def check_choices(rc):
+def check_choices(rm_cfg):
     """--rm.objective and --rm.init, one line each if neither of their choices (rlhf.py calls it as it reads them)."""
-    if rc.objective not in ("ranking", "binary"):
-        raise ValueError(f"--rm.objective must be ranking or binary, got {rc.objective!r} "
-                         "(lm has no head to train; it is one row of --rm.ablation=true)")
-    if rc.init not in ("policy", "sft", "cd", "base"):
-        raise ValueError(f"--rm.init must be policy, sft, cd or base, got {rc.init!r}")
+    if rm_cfg.objective not in ("ranking", "binary"):
+        raise ValueError(f"--rm.objective must be ranking or binary, got {rm_cfg.objective!r} "
+                         "(lm has no head to train; it is one row of --studies.ablation=true)")
+    if rm_cfg.init not in ("policy", "sft", "cd", "base"):
+        raise ValueError(f"--rm.init must be policy, sft, cd or base, got {rm_cfg.init!r}")
 
 
-def pm_inputs(run, rc):
-    """Check rc's choices, then read the model and data every PM of a run trains from (PMInputs)."""
-    check_choices(rc)
+def pm_inputs(run, rm_cfg):
+    """Check rm_cfg's choices, then read the model and data every PM of a run trains from (PMInputs)."""
+    check_choices(rm_cfg)
     device, policy_path = pick_device(run.device), initial_policy(run)
-    init = policy_path if rc.init == "policy" else os.path.join(run.out_dir, f"{rc.init}.pt")
+    init = policy_path if rm_cfg.init == "policy" else os.path.join(run.out_dir, f"{rm_cfg.init}.pt")
     policy, tok, _ = load_model(policy_path if os.path.exists(policy_path) else init, device)  # PPO's first policy
-    train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rc.split_halves)
+    train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rm_cfg.split_halves)
     enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)  # noqa: E731
     return PMInputs(device, init, policy, tok, train_pairs, val_pairs, halves, enc, enc(val_pairs))
 
 
-def train_reward_models(run, rc, rollout):
+def stage_rm(run, rm_cfg, ppo_cfg):
     """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
     normalised on replies sampled from the SFT policy; then the test-set evaluation (evaluate_pms). The
-    studies that train more PMs (--rm.ablation, pmp_study, hh_study, size_study) are pm_studies.py's. A finished PM is skipped unless run.force.
+    studies that train more PMs (`python rlhf.py studies`) are lab/studies.py's. A finished PM is skipped unless run.force.
     Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
     the evaluation are rank 0's, and the other ranks wait at a barrier."""
-    (rank, _), dtype, inp = dist_info(), run.dtype, pm_inputs(run, rc)
+    (rank, _), dtype, inp = dist_info(), run.dtype, pm_inputs(run, rm_cfg)
     init, policy, tok, train_pairs, halves, enc, val_ex = (inp.init, inp.policy, inp.tok, inp.train_pairs, inp.halves,
                                                            inp.enc, inp.val_ex)
     if rank == 0:
         print(f"[rm] {len(train_pairs)} train pairs -> half A {len(halves[0])} / half B {len(halves[1])}, "
-              f"{len(val_ex)} val pairs | init {init} | objective {rc.objective}"
-              + (f" + PMP on {rc.pmp_dir or 'automatic comparisons'}" if rc.pmp or rc.pmp_dir else ""))
+              f"{len(val_ex)} val pairs | init {init} | objective {rm_cfg.objective}"
+              + (f" + PMP on {rm_cfg.pmp_dir or 'automatic comparisons'}" if rm_cfg.pmp or rm_cfg.pmp_dir else ""))
     log, ref = MetricsLog(run.out_dir), None
     for name, half in zip(("pm_a", "pm_b"), halves):
         path = os.path.join(run.out_dir, f"{name}.pt")
@@ -395,22 +394,22 @@ def train_reward_models(run, rc, rollout):
             continue
         set_seed(run.seed + (name == "pm_b"))
         model, _ = init_reward_model(init, inp.device)
-        pmp = pmp_data(run, rc, train_pairs)
+        pmp = pmp_data(run, rm_cfg, train_pairs)
         pmp_ex = enc(pmp) if pmp else None
-        info = train_pm(run, rc, model, tok, enc(half), val_ex, rc.objective, pmp_ex, path, log, name)
+        info = train_pm(run, rm_cfg, model, tok, enc(half), val_ex, rm_cfg.objective, pmp_ex, path, log, name)
         if rank == 0:
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
-                pc = rollout
-                ref = sft_samples(policy, tok, train_pairs, rc.normalize_samples, pc.max_new_tokens,
-                                  pc.max_prompt_tokens, run.seed, rc.eval_batch_size, pc.temperature, dtype)
+                ppo_cfg = ppo_cfg
+                ref = sft_samples(policy, tok, train_pairs, rm_cfg.normalize_samples, ppo_cfg.max_new_tokens,
+                                  ppo_cfg.max_prompt_tokens, run.seed, rm_cfg.eval_batch_size, ppo_cfg.temperature, dtype)
                 # the length trend is fitted within prompts: other draws, several replies a prompt; gain and bias
                 # stay on `ref`, and these draws from their own seed leave `ref` as it is
-                trend = sft_samples(policy, tok, train_pairs, max(1, rc.normalize_samples // TREND_REPLIES),
-                                    pc.max_new_tokens, pc.max_prompt_tokens, run.seed + 1, rc.eval_batch_size,
-                                    pc.temperature, dtype, replies_per_prompt=TREND_REPLIES)
-            normalize_pm(model, tok, *ref, rc.normalize, rc.eval_batch_size, dtype, trend=trend)
+                trend = sft_samples(policy, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES),
+                                    ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens, run.seed + 1, rm_cfg.eval_batch_size,
+                                    ppo_cfg.temperature, dtype, replies_per_prompt=TREND_REPLIES)
+            normalize_pm(model, tok, *ref, rm_cfg.normalize, rm_cfg.eval_batch_size, dtype, trend=trend)
             save_checkpoint(path, model_checkpoint(
-                model, tok, step=info["steps"], stage="rm", config=asdict(rc), seed=run.seed, rng=rng_state(), done=True,
+                model, tok, step=info["steps"], stage="rm", config=asdict(rm_cfg), seed=run.seed, rng=rng_state(), done=True,
                 reward_gain=model.reward_gain, reward_bias=model.reward_bias, length_coef=model.length_coef,
                 length_mean=model.length_mean, train_pairs=len(half), **info))
             print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
@@ -419,5 +418,5 @@ def train_reward_models(run, rc, rollout):
                   f"{info['wall_s']:.0f}s -> {path}")
         barrier()  # no rank reads the checkpoint (the ablation reuses pm_a.pt) before rank 0 has written it
     if rank == 0:
-        evaluate_pms(run, rc)
+        evaluate_pms(run, rm_cfg)
     barrier()  # the other ranks wait for the evaluation

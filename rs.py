@@ -92,7 +92,7 @@ class RSConfig(LMTrainConfig):
     eval_interval: int = 50      # steps between validation passes and checkpoints
 
 
-def run_rs(run, rc, rollout):
+def stage_rs(run, rs_cfg, ppo_cfg):
     """Stage `rs`: sample n replies per RL prompt from SFT, keep the PM-A best, fine-tune SFT on them
     (Bai et al. sec. 4 / expert iteration) -> out_dir/rs.pt. Replies that ended (EOS or a new Human
     turn) are the candidates where a prompt has one; a cut winner is trained without EOS, so the
@@ -107,29 +107,29 @@ def run_rs(run, rc, rollout):
     set_seed(run.seed)
     policy, tok, _ = load_model(initial_policy(run), device)
     disable_dropout(policy)  # for the sampling and the fine-tune alike, whether or not the winners are on disk
-    block_size, max_new = policy.config.block_size, rc.max_new_tokens or rollout.max_new_tokens
+    block_size, max_new = policy.config.block_size, rs_cfg.max_new_tokens or ppo_cfg.max_new_tokens
     if os.path.exists(data_path) and not run.force:
         data = load_checkpoint(data_path)
     else:
         policy.eval()
         pm_a, _, _ = load_reward_model(os.path.join(out, "pm_a.pt"), device)
-        prompts = rl_prompts(run, "train", tok, min(rollout.max_prompt_tokens, block_size - max_new))
+        prompts = rl_prompts(run, "train", tok, min(ppo_cfg.max_prompt_tokens, block_size - max_new))
         g = torch.Generator().manual_seed(run.seed)
-        order = torch.randperm(len(prompts), generator=g).tolist()[:rc.num_prompts or None]
+        order = torch.randperm(len(prompts), generator=g).tolist()[:rs_cfg.num_prompts or None]
         rank, world_size = dist_info()
         queries = [prompts[i][1] for i in order][rank::world_size]  # this rank's share
-        print(f"[rs] best-of-{rc.n} on {len(order)} train prompts ({len(order) * rc.n} samples)"
+        print(f"[rs] best-of-{rs_cfg.n} on {len(order)} train prompts ({len(order) * rs_cfg.n} samples)"
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
         gen = torch.Generator(device=device).manual_seed(run.seed + 1 + 7919 * rank)
         dtype = run.dtype
-        replies = sample_replies(policy, queries, rc.n, max_new, rc.sample_batch_size, tok, gen, rollout.temperature,
+        replies = sample_replies(policy, queries, rs_cfg.n, max_new, rs_cfg.sample_batch_size, tok, gen, ppo_cfg.temperature,
                                  dtype)
-        rep_queries = [q for q in queries for _ in range(rc.n)]
-        scores = score(pm_reward_fn(pm_a, tok, rc.sample_batch_size, dtype), rep_queries, replies, rc.sample_batch_size)
-        scores = scores.view(-1, rc.n)                                                             # (P, n)
-        ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rc.n)
+        rep_queries = [q for q in queries for _ in range(rs_cfg.n)]
+        scores = score(pm_reward_fn(pm_a, tok, rs_cfg.sample_batch_size, dtype), rep_queries, replies, rs_cfg.sample_batch_size)
+        scores = scores.view(-1, rs_cfg.n)                                                             # (P, n)
+        ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rs_cfg.n)
         best = pick_winners(scores, ended)                                                       # (P,)
-        examples = [winner_example(queries[p], replies[p * rc.n + j], bool(ended[p, j]), tok, block_size)
+        examples = [winner_example(queries[p], replies[p * rs_cfg.n + j], bool(ended[p, j]), tok, block_size)
                     for p, j in enumerate(best.tolist())]
         kept = scores.gather(1, best[:, None]).squeeze(1).tolist()
         n_cut = int((~ended.gather(1, best[:, None])).sum())
@@ -148,4 +148,4 @@ def run_rs(run, rc, rollout):
     examples = [tuple(e) for e in data["examples"]]
     n_val = max(1, len(examples) // 10)
     set_seed(run.seed)  # the same start whether the winners were just sampled (which draws on the RNG) or read
-    supervised_train(run, "rs", rc, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))
+    supervised_train(run, "rs", rs_cfg, policy, tok, examples[n_val:], examples[:n_val], path, MetricsLog(out))

@@ -16,7 +16,6 @@ model, the optimizer, the step and the RNG states. References: PyTorch's notes o
 import json
 import os
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -434,31 +433,3 @@ class NonFiniteLoss(Exception):
 
 class ConfigError(ValueError):
     """A bad command line: unknown stage, preset or flag, or a value of the wrong type."""
-
-
-# glibc hands a freed block of over 32 MB (a batch's logits: 16 x 256 x 8,192 floats on the cpu preset) back to the
-# OS at once, and the next step's first touch of a new one costs a page fault per 4 KB: ~150,000 a step, ~10% of a
-# CPU training step. These limits keep such blocks in the process for reuse; the numbers computed do not change.
-MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824"
-
-
-def start_env(environ, load_avg):
-    """The variables rlhf.py restarts itself with, read only at start-up (by glibc, by libgomp), each unless the
-    user set it: MALLOC_TUNABLES on Linux with glibc; and OMP_WAIT_POLICY=PASSIVE when other processes already
-    use the CPU (a 1-minute load average of 1 or more), because libgomp's threads otherwise spin between parallel
-    regions on cores those processes need (README, Speed: threads on a busy machine). Returns {name: value}."""
-    extra = {}
-    if sys.platform == "linux" and "GLIBC_TUNABLES" not in environ and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"):
-        extra["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-    if "OMP_WAIT_POLICY" not in environ and load_avg >= 1.0:
-        extra["OMP_WAIT_POLICY"] = "PASSIVE"
-    return extra
-
-
-def restart_with_start_env():
-    """Start this script again with start_env's variables (none to add: carry on). Once, or twice should the
-    load average cross 1 between the two starts; each variable, once set, stays."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    extra = start_env(os.environ, load)
-    if extra:
-        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **extra})

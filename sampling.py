@@ -6,28 +6,48 @@ A reply is sampled at a temperature with no top-k/top-p (so best-of-n's KL is th
 sampled KL estimate is unbiased) and ends at EOS or where the model starts a new "\n\nHuman:" turn
 (handing the dialogue back); strip_end drops that ending, the one place that knows what it looks like.
 A PM scores the prompt + reply + one EOS, read at that EOS, as it was trained (reward.score_replies).
+
+The commands `sample` and `chat` (the end of this file) talk to any checkpoint:
+
+    python rlhf.py sample --policy sft --prompt "How do I bake bread?"
+    python rlhf.py chat --policy ppo [--sample.show_score=true]
 """
 import itertools
+import os
+from dataclasses import dataclass
 
 import torch
 
-from actor_critic import forward_policy, logprobs_from_logits
 from data import read_pairs, resolve_data_dir, split_train_val
-from runtime import autocast
+from runtime import ConfigError, autocast, load_model, pick_device
 from tokens import pad_left, pad_right, prompt_ids
+
+
+@dataclass
+class SampleConfig:
+    """`sample` and `chat`: which policy to talk to and how to decode."""
+    policy: str = "sft"          # base | sft | rs | ppo, or a checkpoint path
+    prompt: str = ""             # one Human turn to complete; "" = a few held-out test prompts
+    prompts_file: str = ""       # a text file with one Human turn per line
+    num_samples: int = 4         # prompts taken from the test split when no prompt is given
+    max_new_tokens: int = 128    # reply length cap
+    temperature: float = 0.7     # sampling temperature (0 = greedy)
+    top_k: int = 0               # 0 = off
+    top_p: float = 0.95          # nucleus sampling (1.0 = off)
+    show_score: bool = False     # chat: print the held-out PM-B's score of each reply
 @torch.no_grad()
-def complete(model, tok, prompts, sc, seed, dtype="auto"):
+def complete(model, tok, prompts, sample_cfg, seed, dtype="auto"):
     """Batched sampling for a list of prompt strings -> list of reply strings (stops at EOS or a new Human turn),
     the forwards under runtime.autocast(dtype) (the sampling itself is fp32: GPT.generate)."""
     model.eval()
     device = next(model.parameters()).device
-    max_prompt = model.config.block_size - sc.max_new_tokens
+    max_prompt = model.config.block_size - sample_cfg.max_new_tokens
     idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
     gen = torch.Generator(device=device).manual_seed(seed)
     with autocast(device.type, dtype):
-        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sc.max_new_tokens,
-                                         temperature=sc.temperature, top_k=sc.top_k or None,
-                                         top_p=sc.top_p if sc.top_p < 1 else None, eos_id=tok.eos_id,
+        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sample_cfg.max_new_tokens,
+                                         temperature=sample_cfg.temperature, top_k=sample_cfg.top_k or None,
+                                         top_p=sample_cfg.top_p if sample_cfg.top_p < 1 else None, eos_id=tok.eos_id,
                                          stop_ids=tok.stop_ids, generator=gen)
     replies = []
     for row, m in zip(tokens.tolist(), keep.tolist()):
@@ -36,10 +56,10 @@ def complete(model, tok, prompts, sc, seed, dtype="auto"):
     return replies
 
 
-def show_samples(model, tok, pairs, sc, seed, title, dtype="auto"):
+def show_samples(model, tok, pairs, sample_cfg, seed, title, dtype="auto"):
     """Print a few replies to held-out prompts: the quickest check of what a stage learned."""
-    prompts = [p.prompt for p in pairs[:sc.num_samples]]
-    for prompt, reply in zip(prompts, complete(model, tok, prompts, sc, seed, dtype)):
+    prompts = [p.prompt for p in pairs[:sample_cfg.num_samples]]
+    for prompt, reply in zip(prompts, complete(model, tok, prompts, sample_cfg, seed, dtype)):
         last_turn = prompt.rsplit("\n\nHuman:", 1)[-1].split("\n\nAssistant:")[0].strip()
         print(f"--- {title} | Human: {last_turn[:200]}\n    Assistant: {reply[:400]}")
 
@@ -61,26 +81,6 @@ def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generato
                                               generator=generator)
         replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
     return replies
-
-
-@torch.inference_mode()
-def reply_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0, dtype="auto"):
-    """Sum over reply tokens of log p_model(reply | query) at `temperature` (logits / T, the distribution
-    the replies were sampled from), (len(replies),). With the policy's own samples,
-    mean(logp_policy - logp_sft) is the usual sampled estimate of KL(policy || SFT). The forward runs
-    under runtime.autocast(dtype); the log-softmax and the sums are fp32."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(replies), batch_size):
-        q, r = queries[start:start + batch_size], replies[start:start + batch_size]
-        q_ids, q_mask = pad_left(q, pad_id)                                        # (b, Tq)
-        r_ids, r_mask = pad_right(r, pad_id)                                       # (b, N)
-        with autocast(device.type, dtype):
-            logits, _ = forward_policy(model, None, torch.cat([q_ids, r_ids], 1).to(device),
-                                       torch.cat([q_mask, r_mask], 1).to(device), q_ids.size(1), temperature)
-        lp = logprobs_from_logits(logits, r_ids.to(device)) * r_mask.to(device)  # (b, N)
-        out.append(lp.sum(1).cpu())
-    return torch.cat(out)
 
 
 def strip_end(reply, eos_id, stop_ids):
@@ -124,3 +124,63 @@ def rl_prompts(run, split, tok, max_prompt_tokens):
     per_subset = [list(dict.fromkeys(p.prompt for p in pairs if p.subset == s)) for s in subsets]
     texts = list(dict.fromkeys(t for turn in itertools.zip_longest(*per_subset) for t in turn if t is not None))
     return [(t, prompt_ids(t, tok, max_prompt_tokens)) for t in texts]
+
+
+# -----------------------------------------------------------------------------
+# the commands: sample and chat
+
+def format_prompt(human_turn):
+    """One Human turn in hh-rlhf's dialogue format, ready for the Assistant's reply."""
+    return f"\n\nHuman: {human_turn.strip()}\n\nAssistant:"
+
+
+def policy_path(out_dir, policy):
+    """--sample.policy: base | sft | rs | ppo (a checkpoint in out_dir), or a path to any .pt."""
+    p = policy
+    return p if p.endswith(".pt") else os.path.join(out_dir, f"{p}.pt")
+
+
+def stage_sample(run, sample_cfg):
+    """Print completions from any checkpoint, for one prompt, a file of prompts, or held-out prompts."""
+    model, tok, _ = load_model(policy_path(run.out_dir, sample_cfg.policy), pick_device(run.device))
+    if sample_cfg.prompt or sample_cfg.prompts_file:
+        if sample_cfg.prompts_file:
+            try:
+                with open(sample_cfg.prompts_file, encoding="utf-8") as f:
+                    turns = [line.strip() for line in f if line.strip()]
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"--sample.prompts_file: cannot read {sample_cfg.prompts_file} ({e})") from None
+        else:
+            turns = [sample_cfg.prompt]
+        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sample_cfg, run.seed, run.dtype)):
+            print(f"Human: {turn}\nAssistant: {reply}\n")
+    else:
+        test_pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), "test", run.data)
+        show_samples(model, tok, test_pairs, sample_cfg, run.seed, sample_cfg.policy, run.dtype)
+
+
+def stage_chat(run, sample_cfg):
+    """An interactive multi-turn chat, kept in hh-rlhf's Human/Assistant format."""
+    from reward import load_reward_model, score_texts  # only needed with --sample.show_score
+    device = pick_device(run.device)
+    model, tok, _ = load_model(policy_path(run.out_dir, sample_cfg.policy), device)
+    judge = load_reward_model(os.path.join(run.out_dir, "pm_b.pt"), device) if sample_cfg.show_score else None
+    print(f"chatting with {policy_path(run.out_dir, sample_cfg.policy)} (empty line or Ctrl-D to quit, /reset to start over)")
+    dialogue, turn = "", 0
+    while True:
+        try:
+            human = input("Human: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not human:
+            return
+        if human == "/reset":
+            dialogue = ""
+            continue
+        dialogue += format_prompt(human)
+        reply = complete(model, tok, [dialogue], sample_cfg, run.seed + turn, run.dtype)[0]
+        turn += 1
+        score = f"   [PM-B score {score_texts(*judge[:2], [dialogue], [' ' + reply])[0]:+.2f}]" if judge else ""
+        print(f"Assistant: {reply}{score}")
+        dialogue += " " + reply

@@ -65,12 +65,12 @@ class LMTrainConfig:
     keep_best: bool = False      # end with the weights of the lowest validation loss, not the last (pretrain's default)
 
 
-def lr_at(step, sc):
+def lr_at(step, train_cfg):
     """Linear warmup then cosine decay to `lr * min_lr_frac` (GPT-3 paper's schedule, as nanoGPT)."""
-    if step < sc.warmup_steps:
-        return sc.lr * (step + 1) / sc.warmup_steps
-    progress = min(1.0, (step - sc.warmup_steps) / max(1, sc.max_steps - sc.warmup_steps))
-    return sc.lr * (sc.min_lr_frac + (1 - sc.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if step < train_cfg.warmup_steps:
+        return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
+    progress = min(1.0, (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps))
+    return train_cfg.lr * (train_cfg.min_lr_frac + (1 - train_cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def get_batch(data, index, batch_size, block_size, seed, pad_id):
@@ -100,22 +100,22 @@ def get_batch(data, index, batch_size, block_size, seed, pad_id):
     return idx[:, :-1], idx[:, 1:], loss_mask[:, 1:].float(), attention_mask[:, :-1], segment_ids
 
 
-def validation_batches(sc, n_examples):
-    """Micro-batches in one validation pass: sc.eval_batches from a token stream (n_examples None),
+def validation_batches(train_cfg, n_examples):
+    """Micro-batches in one validation pass: train_cfg.eval_batches from a token stream (n_examples None),
     at most one pass over a list of n_examples examples (or packed rows)."""
     if n_examples is None:
-        return sc.eval_batches
-    return min(sc.eval_batches, max(1, n_examples // sc.batch_size))
+        return train_cfg.eval_batches
+    return min(train_cfg.eval_batches, max(1, n_examples // train_cfg.batch_size))
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, sc, block_size, pad_id, device, dtype="auto"):
+def evaluate_loss(model, data, train_cfg, block_size, pad_id, device, dtype="auto"):
     """Mean loss over the first `eval_batches` validation micro-batches (the same ones every time).
     Every rank computes the same full value, so no collective is needed."""
     model.eval()
     losses = []
-    for i in range(validation_batches(sc, None if isinstance(data, np.ndarray) else len(data))):
-        batch = get_batch(data, i, sc.batch_size, block_size, 0, pad_id)
+    for i in range(validation_batches(train_cfg, None if isinstance(data, np.ndarray) else len(data))):
+        batch = get_batch(data, i, train_cfg.batch_size, block_size, 0, pad_id)
         idx, targets, loss_mask = to_device(batch[:3], device)
         segment_ids = None if batch[4] is None else to_device([batch[4]], device)[0]
         with autocast(device, dtype):
@@ -161,8 +161,8 @@ def resume_best(ckpt_path, ckpt):
     return best
 
 
-def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device, dtype, max_tokens=0, scaler=None):
-    """Forward and backward over the sc.grad_accum micro-batches of optimizer step `step`, leaving the
+def accumulate_gradients(model, data, step, train_cfg, seed, block_size, pad_id, device, dtype, max_tokens=0, scaler=None):
+    """Forward and backward over the train_cfg.grad_accum micro-batches of optimizer step `step`, leaving the
     gradient of the step's mean loss in .grad. Returns the step's mean loss (a tensor on the device) and
     the real tokens of the global batch, all ranks together. A micro-batch wider than max_tokens tokens
     (rows x width) runs as several groups (runtime.micro_batches), each group's mean loss weighted by its
@@ -171,8 +171,8 @@ def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device
     share, so DDP's average of the gradients is the gradient of the global mean."""
     rank, world_size = dist_info()
     loss_sum, tokens = torch.zeros((), device=device), 0
-    for micro in range(sc.grad_accum):
-        batch = get_batch(data, step * sc.grad_accum + micro, sc.batch_size, block_size, seed, pad_id)
+    for micro in range(train_cfg.grad_accum):
+        batch = get_batch(data, step * train_cfg.grad_accum + micro, train_cfg.batch_size, block_size, seed, pad_id)
         tokens += int(batch[3].sum())
         total = batch[2].sum().clamp(min=1.0)  # the global micro-batch's loss tokens
         mine = [t[rank::world_size] if t is not None else None for t in batch]
@@ -182,7 +182,7 @@ def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device
             idx, targets, loss_mask = to_device([t[rows, :width] for t in mine[:3]], device)
             segment_ids = None if mine[4] is None else to_device([mine[4][rows, :width]], device)[0]
             # DDP syncs gradients on every backward; with accumulation only the step's last one needs to
-            last = micro == sc.grad_accum - 1 and g == len(groups) - 1
+            last = micro == train_cfg.grad_accum - 1 and g == len(groups) - 1
             with nullcontext() if world_size == 1 or last else model.no_sync():
                 with autocast(device, dtype):  # the forward only: backward runs in the forward's dtypes
                     # batches are right-padded, so under causal attention no real token ever sees a pad: no
@@ -192,13 +192,13 @@ def accumulate_gradients(model, data, step, sc, seed, block_size, pad_id, device
                 if world_size > 1 or len(groups) > 1:  # this group's share of the global micro-batch's mean
                     loss = loss * (world_size * mine[2][rows].sum() / total).to(loss.device)
                 # each micro-batch's mean is one grad_accum-th of the step's mean: scale before summing
-                loss = loss / sc.grad_accum
+                loss = loss / train_cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.detach()
     return loss_sum, tokens
 
 
-def resume_lm(ckpt_path, model, optimizer, sc, stage, scaler):
+def resume_lm(ckpt_path, model, optimizer, train_cfg, stage, scaler):
     """(first step, validation loss before training, that step's validation loss, best so far) of the
     unfinished run in ckpt_path, its weights, optimizer and RNG restored; or a fresh start, where a best file
     an earlier run left is removed. The step's validation loss is None where its validation has not run:
@@ -210,18 +210,18 @@ def resume_lm(ckpt_path, model, optimizer, sc, stage, scaler):
         return 0, None, None, best
     ckpt = restore(ckpt_path, model, optimizer, scaler=scaler)
     if rank == 0:
-        print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{sc.max_steps}")
+        print(f"[{stage}] resuming from {ckpt_path} at step {ckpt['step']}/{train_cfg.max_steps}")
     return (ckpt["step"], ckpt.get("val_loss_before"), ckpt.get("val_loss"),
-            resume_best(ckpt_path, ckpt) if sc.keep_best else best)
+            resume_best(ckpt_path, ckpt) if train_cfg.keep_best else best)
 
 
-def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad_id, device, dtype, max_tokens=0,
+def optimizer_step(train_model, optimizer, data, step, train_cfg, seed, block_size, pad_id, device, dtype, max_tokens=0,
                    scaler=None):
-    """One step: accumulate the gradients of sc.grad_accum micro-batches (in groups of at most max_tokens
+    """One step: accumulate the gradients of train_cfg.grad_accum micro-batches (in groups of at most max_tokens
     tokens), clip, update (through the fp16 loss scaler where there is one). Returns the global loss (every
     rank's average, so that all ranks stop together on a non-finite one), the gradient norm and the tokens."""
     scaler = scaler or grad_scaler(device, "float32")  # off: a plain step
-    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, sc, seed, block_size, pad_id, device, dtype,
+    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, train_cfg, seed, block_size, pad_id, device, dtype,
                                               max_tokens, scaler)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
@@ -229,7 +229,7 @@ def optimizer_step(train_model, optimizer, data, step, sc, seed, block_size, pad
     loss_sum = loss_sum.item()
     if not math.isfinite(loss_sum):
         raise NonFiniteLoss(f"non-finite loss ({loss_sum}) at step {step}")
-    norm = clip_and_step(optimizer, list(train_model.parameters()), sc.grad_clip, scaler)
+    norm = clip_and_step(optimizer, list(train_model.parameters()), train_cfg.grad_clip, scaler)
     return loss_sum, norm, n_tokens
 
 
@@ -243,29 +243,29 @@ def hold_ctrl_c():
     return interrupted, signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
 
 
-def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path, log):
+def supervised_train(run, stage, train_cfg, model, tok, train_data, val_data, ckpt_path, log):
     """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
 
     Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation
-    loss before and after. With sc.keep_best the stage ends with the weights of its lowest validation
+    loss before and after. With train_cfg.keep_best the stage ends with the weights of its lowest validation
     loss (every eval_interval steps and the last), and "after" is that loss. Ctrl-C writes a checkpoint
     and exits; a non-finite loss stops the stage and keeps the last good checkpoint (`NonFiniteLoss`).
     Under torchrun (after init_distributed) every rank takes rows rank::world_size of each global
     micro-batch and DistributedDataParallel averages the gradients, so N processes take the same
     steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
     device, dtype, (rank, world_size) = next(model.parameters()).device.type, run.dtype, dist_info()
-    assert sc.batch_size % world_size == 0, (
-        f"{stage}.batch_size {sc.batch_size} must be divisible by the {world_size} processes")
-    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    assert train_cfg.batch_size % world_size == 0, (
+        f"{stage}.batch_size {train_cfg.batch_size} must be divisible by the {world_size} processes")
+    optimizer = model.configure_optimizer(train_cfg.weight_decay, train_cfg.lr, (0.9, train_cfg.beta2), device)
     scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
-    start, val_before, val_loss, best = resume_lm(ckpt_path, model, optimizer, sc, stage, scaler)
+    start, val_before, val_loss, best = resume_lm(ckpt_path, model, optimizer, train_cfg, stage, scaler)
     eval_model = train_model = compile_model(model, run.compile)  # validation: outside DDP
     if world_size > 1:  # DDP averages the gradients during backward, overlapping it with the communication
         train_model = DDP(train_model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None)
     block_size = model.config.block_size
-    if sc.pack and not isinstance(train_data, np.ndarray):
+    if train_cfg.pack and not isinstance(train_data, np.ndarray):
         train_data, val_data = (pack_examples(d, block_size, tok.eos_id, run.seed) for d in (train_data, val_data))
-    validate = lambda: evaluate_loss(eval_model, val_data, sc, block_size, tok.eos_id, device, dtype)  # noqa: E731
+    validate = lambda: evaluate_loss(eval_model, val_data, train_cfg, block_size, tok.eos_id, device, dtype)  # noqa: E731
     if val_before is None:
         val_before = validate()
         if rank == 0:  # a fresh start only: a resumed run logged its step-0 row the first time
@@ -276,13 +276,12 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage=stage,
-                config=asdict(sc), seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before,
+                config=asdict(train_cfg), seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before,
                 val_loss=val_loss, best=best))
 
-    # model FLOPs utilisation for the log, on a GPU the table knows (tokens are counted over all ranks)
-    peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None
+    peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None  # for the log's MFU
     train_model.train()
-    bar = tqdm(range(start, sc.max_steps), desc=stage, initial=start, total=sc.max_steps, dynamic_ncols=True,
+    bar = tqdm(range(start, train_cfg.max_steps), desc=stage, initial=start, total=train_cfg.max_steps, dynamic_ncols=True,
                disable=rank != 0)
     step, t0, tokens, step_rng = start, time.time(), 0, rng_state()
     if start == 0:
@@ -295,38 +294,30 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
                 val_loss = None  # `step`'s validation loss, once it has run (the resumed step's may have)
             if interrupted:
                 raise KeyboardInterrupt
-            lr = lr_at(step, sc)
+            lr = lr_at(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if step % sc.eval_interval == 0 and val_loss is None:
+            if step % train_cfg.eval_interval == 0 and val_loss is None:
                 val_loss = validate()
-                best = validate_and_save(stage, step, val_loss, best, sc, model, ckpt_path, checkpoint, log)
+                best = validate_and_save(stage, step, val_loss, best, train_cfg, model, ckpt_path, checkpoint, log)
             try:
-                loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, sc, run.seed,
+                loss, norm, n_tokens = optimizer_step(train_model, optimizer, train_data, step, train_cfg, run.seed,
                                                       block_size, tok.eos_id, device, dtype, run.micro_tokens, scaler)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[{stage}] {e}; the last good checkpoint is kept in {ckpt_path}") from None
             tokens += n_tokens
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-            if step % sc.log_interval == 0 and rank == 0:
-                dt = time.time() - t0
-                mfu = {"mfu": model.flops_per_token() * tokens / max(dt, 1e-9) / (peak * world_size)} if peak else {}
-                log.log(stage, step, loss=loss, lr=lr, grad_norm=norm.item(), tokens_per_s=tokens / max(dt, 1e-9), **mfu)
+            if step % train_cfg.log_interval == 0 and rank == 0:
+                log.log(stage, step, loss=loss, lr=lr, grad_norm=norm.item(), **speed(model, tokens, t0, peak, world_size))
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
-        # `step` has not been applied yet: the rerun redoes it, and runs its validation where val_loss says that
-        # it has not run (Ctrl-C held from the step before), so an interrupted run validates where an
-        # uninterrupted one does: the same metrics rows and, with keep_best, the same weights kept
-        checkpoint(step, False, best, val_loss=val_loss, rng=step_rng)
-        if rank == 0:
-            print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
-        raise SystemExit(130)
+        save_interrupted(stage, step, best, val_loss, step_rng, checkpoint, ckpt_path, rank)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     bar.close()
-    best = finish(stage, sc, model, ckpt_path, validate(), best, checkpoint, log)
+    best = finish(stage, train_cfg, model, ckpt_path, validate(), best, checkpoint, log)
     if rank == 0:
         print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{best['note']} | checkpoint {ckpt_path}")
     if interrupted:  # Ctrl-C in the last step: the stage is complete and saved, the run stops here
@@ -334,10 +325,27 @@ def supervised_train(run, stage, sc, model, tok, train_data, val_data, ckpt_path
     return val_before, best["val_loss"]
 
 
-def validate_and_save(stage, step, val_loss, best, sc, model, ckpt_path, checkpoint, log):
+def speed(model, tokens, t0, peak, world_size):
+    """The log's tokens/s since t0 and, on a GPU whose peak FLOP/s runtime knows, the model FLOPs utilisation (tokens
+    are counted over all ranks)."""
+    rate = tokens / max(time.time() - t0, 1e-9)
+    return {"tokens_per_s": rate, **({"mfu": model.flops_per_token() * rate / (peak * world_size)} if peak else {})}
+
+
+def save_interrupted(stage, step, best, val_loss, step_rng, checkpoint, ckpt_path, rank):
+    """Ctrl-C: a checkpoint, then exit 130. `step` has not been applied yet: the rerun redoes it, and runs its
+    validation where val_loss says that it has not run (Ctrl-C held from the step before), so an interrupted run
+    validates where an uninterrupted one does: the same metrics rows and, with keep_best, the same weights kept."""
+    checkpoint(step, False, best, val_loss=val_loss, rng=step_rng)
+    if rank == 0:
+        print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
+    raise SystemExit(130)
+
+
+def validate_and_save(stage, step, val_loss, best, train_cfg, model, ckpt_path, checkpoint, log):
     """A validation inside the loop: logged, and a checkpoint written; with keep_best, a new lowest loss
     also writes the best file (after the checkpoint that names it: see resume_best). Returns best."""
-    if sc.keep_best and val_loss < best["val_loss"]:
+    if train_cfg.keep_best and val_loss < best["val_loss"]:
         best = {"step": step, "val_loss": val_loss}
     if dist_info()[0] == 0:
         log.log(stage, step, val_loss=val_loss)
@@ -347,24 +355,24 @@ def validate_and_save(stage, step, val_loss, best, sc, model, ckpt_path, checkpo
     return best
 
 
-def finish(stage, sc, model, ckpt_path, val_last, best, checkpoint, log):
+def finish(stage, train_cfg, model, ckpt_path, val_last, best, checkpoint, log):
     """The end of a supervised stage: with keep_best and an earlier validation lower than the last, its
     weights come back; the final checkpoint (done) holds the weights kept, and the best file goes.
     Returns best, with a note for the log line naming the step kept."""
     rank = dist_info()[0]
-    if sc.keep_best and best["val_loss"] < val_last:  # an earlier validation was better: end with its weights
+    if train_cfg.keep_best and best["val_loss"] < val_last:  # an earlier validation was better: end with its weights
         model.load_state_dict(load_best(ckpt_path, best))  # every rank, before rank 0 removes the file below
         barrier()
     else:
-        best = {"step": sc.max_steps, "val_loss": val_last}
+        best = {"step": train_cfg.max_steps, "val_loss": val_last}
     if rank == 0:
-        kept = {"best_step": best["step"], "best_val_loss": best["val_loss"]} if sc.keep_best else {}
-        log.log(stage, sc.max_steps, val_loss=val_last, **kept)
-    checkpoint(sc.max_steps, True, best, val_loss=best["val_loss"])
+        kept = {"best_step": best["step"], "best_val_loss": best["val_loss"]} if train_cfg.keep_best else {}
+        log.log(stage, train_cfg.max_steps, val_loss=val_last, **kept)
+    checkpoint(train_cfg.max_steps, True, best, val_loss=best["val_loss"])
     if rank == 0:
         Path(best_path(ckpt_path)).unlink(missing_ok=True)  # the checkpoint now holds the best weights
     barrier()  # the next stage reads this checkpoint: no rank moves on before rank 0 wrote it
-    note = f" at step {best['step']} (the last step's: {val_last:.4f})" if best["step"] != sc.max_steps else ""
+    note = f" at step {best['step']} (the last step's: {val_last:.4f})" if best["step"] != train_cfg.max_steps else ""
     return {**best, "note": note}
 
 
@@ -390,20 +398,20 @@ def already_done(run, name):
     return stage_done(ckpt_path(run, name), run.force, name)
 
 
-def stage_pretrain(run, sc, model_cfg, sample, log):
+def stage_pretrain(run, train_cfg, model_cfg, sample, log):
     """Stage 1: a base language model of hh-rlhf dialogue text (or OpenAI GPT-2's weights)."""
     if already_done(run, "base"):
         return
     device = pick_device(run.device)
-    if sc.init:  # GPT-2 already is a language model: store it as the base checkpoint
+    if train_cfg.init:  # GPT-2 already is a language model: store it as the base checkpoint
         if run.data.vocab != "gpt2":
             raise ConfigError("--pretrain.init loads GPT-2, which needs --data.vocab=gpt2")
-        model = GPT.from_pretrained(sc.init)
+        model = GPT.from_pretrained(train_cfg.init)
         if dist_info()[0] == 0:
             save_checkpoint(ckpt_path(run, "base"), model_checkpoint(model, Tokenizer.gpt2(), step=0, stage="pretrain",
                                                                       seed=run.seed, done=True))
         barrier()
-        print(f"[pretrain] loaded {sc.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
+        print(f"[pretrain] loaded {train_cfg.init} ({model.num_params() / 1e6:.1f}M parameters) as base.pt")
         return
     tok, train_pairs, val_pairs = load_data(run)
     model_cfg = replace(model_cfg, vocab_size=tok.vocab_size)
@@ -412,7 +420,7 @@ def stage_pretrain(run, sc, model_cfg, sample, log):
     print(f"[pretrain] {model.num_params() / 1e6:.2f}M parameters, vocab {tok.vocab_size}, device {device}")
     train_tokens, val_tokens = lm_tokens(train_pairs, tok), lm_tokens(val_pairs, tok)
     print(f"[pretrain] {len(train_tokens):,} train tokens, {len(val_tokens):,} val tokens")
-    supervised_train(run, "pretrain", sc, model, tok, train_tokens, val_tokens, ckpt_path(run, "base"), log)
+    supervised_train(run, "pretrain", train_cfg, model, tok, train_tokens, val_tokens, ckpt_path(run, "base"), log)
     show_samples(model, tok, val_pairs, sample, run.seed, "base", run.dtype)
 
 
@@ -421,7 +429,7 @@ def sft_examples(pairs, tok, run, block_size):
     return [sft_example(p.prompt, p.chosen, tok, block_size, run.data.max_reply_tokens) for p in pairs]
 
 
-def stage_sft(run, sc, sample, log):
+def stage_sft(run, train_cfg, sample, log):
     """Stage 2: supervised fine-tuning on the chosen replies (loss on reply tokens and EOS only)."""
     if already_done(run, "sft"):
         return
@@ -429,6 +437,6 @@ def stage_sft(run, sc, sample, log):
     _, train_pairs, val_pairs = load_data(run, tok)
     set_seed(run.seed)
     block_size = model.config.block_size
-    supervised_train(run, "sft", sc, model, tok, sft_examples(train_pairs, tok, run, block_size),
+    supervised_train(run, "sft", train_cfg, model, tok, sft_examples(train_pairs, tok, run, block_size),
                      sft_examples(val_pairs, tok, run, block_size), ckpt_path(run, "sft"), log)
     show_samples(model, tok, val_pairs, sample, run.seed, "sft", run.dtype)

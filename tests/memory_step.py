@@ -14,7 +14,7 @@ import train  # noqa: E402
 from cd import ContextDistilled  # noqa: E402
 from dpo import DPOPolicy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from plan import memory_parts  # noqa: E402
+from lab.plan import memory_parts  # noqa: E402
 from reward import RewardModel  # noqa: E402
 from runtime import Run, clip_and_step, grad_scaler  # noqa: E402
 

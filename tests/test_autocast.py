@@ -125,7 +125,8 @@ def test_ppo_step_in_bf16_matches_fp32():
 def test_sampling_in_bf16_keeps_its_distribution_math_in_fp32():
     """Under bf16 the sampler's matmuls run in bf16, its log-probs come out in fp32, and they match a
     fp32 forward over the same tokens to bf16's rounding."""
-    from sampling import reply_logprobs, sample_replies
+    from actor_critic import sample_logprobs
+    from sampling import sample_replies
     torch.manual_seed(0)
     model = GPT(CONFIG).eval()
     seen = linear_dtypes(model)
@@ -134,7 +135,7 @@ def test_sampling_in_bf16_keeps_its_distribution_math_in_fp32():
     replies = sample_replies(model, queries, 2, 6, 4, tok, torch.Generator().manual_seed(1), 0.8, dtype="bfloat16")
     assert seen[False] == {torch.bfloat16} and all(replies)
     rep_q = [q for q in queries for _ in range(2)]
-    lp16 = reply_logprobs(model, rep_q, replies, 4, 0, 0.8, dtype="bfloat16")
-    lp32 = reply_logprobs(model, rep_q, replies, 4, 0, 0.8)
+    lp16 = sample_logprobs(model, rep_q, replies, 4, 0, 0.8, dtype="bfloat16")
+    lp32 = sample_logprobs(model, rep_q, replies, 4, 0, 0.8)
     assert lp16.dtype == torch.float32
     torch.testing.assert_close(lp16, lp32, atol=5e-2, rtol=0)  # sums over up to 6 tokens (measured: 1.5e-3)

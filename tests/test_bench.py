@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-import bench
+from lab import bench
 import ppo
 import reward
 import rlhf
@@ -55,7 +55,7 @@ def test_ppo_split_puts_time_in_its_phase(hh_dir, monkeypatch):
 def test_bench_hf_without_transformers_says_how_to_install_it(monkeypatch, capsys):
     # the side-by-side race is an optional extra: without transformers, one clear message, no traceback
     import builtins
-    import bench_hf
+    from lab import bench_hf
     real_import = builtins.__import__
 
     def no_transformers(name, *args, **kwargs):
@@ -71,7 +71,7 @@ def test_bench_hf_without_transformers_says_how_to_install_it(monkeypatch, capsy
 def test_bench_hf_race_interleaves_the_sides_and_reports_each_rounds_ratio(monkeypatch):
     # a fake clock: each call advances it by that side's next duration, so the best times and the rounds'
     # ratios are known exactly; the calls must alternate ours, theirs (one warm-up each first)
-    import bench_hf
+    from lab import bench_hf
     now, calls = [0.0], []
     durations = {"ours": iter([9.0, 1.0, 2.0, 1.5]), "theirs": iter([9.0, 3.0, 2.0, 6.0])}
 

@@ -40,10 +40,10 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
     (["--rm.objective=lm"], "--rm.objective must be ranking or binary"),
     (["--dpo.beta=0"], "--dpo.beta and --dpo.betas must be > 0"),
     (["--cd.prompt_file=/no/such/prompt.txt"], "--cd.prompt_file: /no/such/prompt.txt: cannot read it"),
-    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,3y7"], "--rm.size_study_sizes: '3y7' is neither"),
-    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,0x64"], "--rm.size_study_sizes: '0x64' is neither"),
-    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=1x64,gpt2"], "gpt2 is GPT-2's weights, which need"),
-    (["rm", "--rm.size_study=true", "--rm.size_study_sizes=2x64"], "needs two or more trunks"),
+    (["studies", "--studies.size=true", "--studies.sizes=1x64,3y7"], "--studies.sizes: '3y7' is neither"),
+    (["studies", "--studies.size=true", "--studies.sizes=1x64,0x64"], "--studies.sizes: '0x64' is neither"),
+    (["studies", "--studies.size=true", "--studies.sizes=1x64,gpt2"], "gpt2 is GPT-2's weights, which need"),
+    (["studies", "--studies.size=true", "--studies.sizes=2x64"], "needs two or more trunks"),
     (["--dtype=fp16"], "--dtype must be one of auto, float32, bfloat16, float16, got 'fp16'"),
 ])
 def test_bad_values_stop_before_any_stage_runs(argv, message):
@@ -80,20 +80,20 @@ def test_the_script_restarts_once_with_glibc_malloc_limits_and_passive_threads_w
     import os
     import sys
     glibc = sys.platform == "linux" and "glibc" in os.confstr("CS_GNU_LIBC_VERSION")
-    assert runtime.start_env({}, 0.3) == ({"GLIBC_TUNABLES": runtime.MALLOC_TUNABLES} if glibc else {})
-    assert runtime.start_env({"GLIBC_TUNABLES": "x"}, 1.5) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert runtime.start_env({"GLIBC_TUNABLES": "x", "OMP_WAIT_POLICY": "ACTIVE"}, 4.0) == {}
+    assert rlhf.start_env({}, 0.3) == ({"GLIBC_TUNABLES": rlhf.MALLOC_TUNABLES} if glibc else {})
+    assert rlhf.start_env({"GLIBC_TUNABLES": "x"}, 1.5) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert rlhf.start_env({"GLIBC_TUNABLES": "x", "OMP_WAIT_POLICY": "ACTIVE"}, 4.0) == {}
     calls = []
-    monkeypatch.setattr(runtime.os, "execve", lambda *args: calls.append(args))
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
+    monkeypatch.setattr(rlhf.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(rlhf.os, "getloadavg", lambda: (2.0, 2.0, 2.0))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    runtime.restart_with_start_env()
+    rlhf.restart_with_start_env()
     (exe, argv, env), = calls
     assert exe == sys.executable and argv[1:] == sys.argv and env["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert env.get("GLIBC_TUNABLES") == (runtime.MALLOC_TUNABLES if glibc else None)
+    assert env.get("GLIBC_TUNABLES") == (rlhf.MALLOC_TUNABLES if glibc else None)
     calls.clear()
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    runtime.restart_with_start_env()
+    rlhf.restart_with_start_env()
     assert calls == []

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import BackendConfig
 
-import bench
-import plan
+from lab import bench
+from lab import plan
 import rlhf
 from runtime import init_distributed
 
@@ -22,7 +22,7 @@ def test_scripts_import_without_posix_only_modules():
     """Windows has none of POSIX_ONLY; a module set to None in sys.modules fails to import, as there. A fresh
     process, because in this one the scripts are imported already."""
     block = "".join(f"sys.modules[{m!r}] = None; " for m in POSIX_ONLY)
-    scripts = "import rlhf, bench_hf, plot, standin, data"  # every file with a __main__
+    scripts = "import rlhf, lab.bench_hf, lab.plot, lab.standin, data"  # every file with a __main__
     proc = subprocess.run([sys.executable, "-c", f"import sys; {block}{scripts}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
 

@@ -152,7 +152,7 @@ def test_the_stage_trains_on_the_hand_computed_loss_and_validates_on_the_same_re
 
 
 def test_train_pm_reports_the_validation_loss_of_the_weights_it_keeps():
-    """The stage's loop (rm.train_pm, as run_dpo calls it) ends with the best validation's weights, and the loss
+    """The stage's loop (rm.train_pm, as stage_dpo calls it) ends with the best validation's weights, and the loss
     it reports is theirs, by the hand computation. Validated on the training pairs flipped, a validation loss
     that rises as training lowers the training loss: the best is the first validation (step 2 of 4), not the last."""
     ref, policy = tiny_models()

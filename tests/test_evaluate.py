@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from data import DataConfig, read_pairs
-from dpo import DPOConfig, run_dpo
-from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, run_eval
+from dpo import DPOConfig, stage_dpo
+from evaluate import EvalConfig, fit_bon, fit_frontiers, fit_linear, fit_rl, stage_eval
 from model import GPT, GPTConfig
-from ppo import PPOConfig, train_ppo
-from rs import RSConfig, best_of_n, bon_expected, bon_kl, pick_winners, run_rs, winner_example
+from ppo import PPOConfig, stage_ppo
+from rs import RSConfig, best_of_n, bon_expected, bon_kl, pick_winners, stage_rs, winner_example
 from runtime import load_checkpoint, model_checkpoint, save_checkpoint
 from sampling import reply_lengths, rl_prompts
 from tokens import Tokenizer, pad_left
@@ -318,9 +318,9 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     write_tiny_run(hh_dir, out)
     json.dump({"pm": {"accuracy": 0.6}}, open(os.path.join(out, "eval.json"), "w"))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    run_rs(cfg, cfg.rs, cfg.ppo)
+    stage_rs(cfg, cfg.rs, cfg.ppo)
     assert load_checkpoint(os.path.join(out, "rs.pt"))["done"]
-    train_ppo(cfg, cfg.ppo)
+    stage_ppo(cfg, cfg.ppo)
     ck = load_checkpoint(os.path.join(out, "ppo.pt"))
     assert ck["done"] and ck["iteration"] == 3 and "critic" in ck and "optimizer" in ck and "rng" in ck
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -329,11 +329,11 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert {"ppo/pm_a", "ppo/pm_b", "ppo/kl", "ppo/sqrt_kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
             "ppo/approx_kl", "ppo/vf_loss", "ppo/explained_var", "ppo/reply_len", "ppo/eos_rate"} <= set(ppo_rows[0])
     assert ppo_rows[0]["ppo/kl"] == pytest.approx(0, abs=1e-4)
-    run_dpo(cfg, cfg.dpo)
+    stage_dpo(cfg, cfg.dpo)
     ck = load_checkpoint(os.path.join(out, "dpo.pt"))
     assert ck["done"] and ck["beta"] == 0.1 and ck["steps"] == 3 and set(ck["model"]) == set(GPT(
         GPTConfig(**ck["model_args"])).state_dict())  # a plain GPT's weights: the reference is not saved
-    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    ev = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     saved = json.load(open(os.path.join(out, "eval.json")))
     assert saved["pm"] == {"accuracy": 0.6} and set(saved["policies"]) == {"sft", "bon", "rs", "ppo", "dpo"}
     assert saved["policies"]["dpo"]["beta"] == 0.1
@@ -353,7 +353,7 @@ def test_rs_ppo_eval_stages_on_tiny_checkpoints(hh_dir, tmp_path):
     assert "| ppo |" in open(os.path.join(out, "report.md")).read()
     # done stages are skipped; --force reruns
     mtime = os.path.getmtime(os.path.join(out, "ppo.pt"))
-    train_ppo(cfg, cfg.ppo)
+    stage_ppo(cfg, cfg.ppo)
     assert os.path.getmtime(os.path.join(out, "ppo.pt")) == mtime
 
 
@@ -371,14 +371,14 @@ def test_length_debiased_ppo_logs_raw_pm_a_and_the_frontier_plots_it(hh_dir, tmp
     monkeypatch.setattr(ppo, "ppo_step", lambda *a, **k: (lambda r: replies.append(r[1]["r_list"]) or r)(real(*a, **k)))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
     cfg.ppo.length_debias = True
-    train_ppo(cfg, cfg.ppo)
+    stage_ppo(cfg, cfg.ppo)
     rows = [r for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if r["stage"] == "ppo"]
     assert len(rows) == len(replies) == 3
     for row, r_list in zip(rows, replies):
         tokens = np.mean([len(strip_end(r, tok.eos_id, tok.stop_ids)) for r in r_list])
         assert row["ppo/pm_a_raw"] - row["ppo/pm_a"] == pytest.approx(-0.25 * (tokens - 3.0), abs=1e-5)
     cfg.eval.frontier_windows = 3
-    run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     path = [p for p in map(json.loads, open(os.path.join(out, "frontier.jsonl"))) if p["method"] in ("sft", "ppo")]
     assert [p["pm_a"] for p in path] == pytest.approx([rows[0]["ppo/pm_a_raw"]] + [r["ppo/pm_a_raw"] for r in rows])
     assert [p["pm_a_debiased"] for p in path] == pytest.approx([rows[0]["ppo/pm_a"]] + [r["ppo/pm_a"] for r in rows])
@@ -404,20 +404,20 @@ def test_ppo_resume_is_exact(hh_dir, tmp_path, monkeypatch):
                 return real(*args, **kwargs)
             monkeypatch.setattr(ppo, "ppo_step", crashing)
             with pytest.raises(SystemExit):
-                train_ppo(cfg, cfg.ppo)
+                stage_ppo(cfg, cfg.ppo)
             assert load_checkpoint(os.path.join(out, "ppo.pt"))["iteration"] == 2
             monkeypatch.setattr(ppo, "ppo_step", real)
-        train_ppo(cfg, cfg.ppo)
+        stage_ppo(cfg, cfg.ppo)
         finals.append(load_checkpoint(os.path.join(out, "ppo.pt")))
     for key in ("model", "critic"):
         assert all(torch.equal(finals[0][key][k], finals[1][key][k]) for k in finals[0][key])
     assert finals[1]["iteration"] == 3 and finals[1]["done"]
 
 
-def test_reply_logprobs_are_the_sampler_logprobs_at_its_temperature():
+def test_sample_logprobs_are_the_sampler_logprobs_at_its_temperature():
     """The KL estimate reads log pi(reply) from a full forward at the sampling temperature: it must equal
     what the sampler reported for the tokens it drew, at that temperature."""
-    from sampling import reply_logprobs
+    from actor_critic import sample_logprobs
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=1, n_head=2, n_embd=16)).eval()
     queries = [[5, 6, 7], [8, 9, 10, 11, 12]]
@@ -426,7 +426,7 @@ def test_reply_logprobs_are_the_sampler_logprobs_at_its_temperature():
         tokens, logprobs, keep = model.generate(idx, mask, 6, temperature=T, generator=torch.Generator().manual_seed(1))
         replies = [t[k].tolist() for t, k in zip(tokens, keep)]
         want = (logprobs * keep).sum(1)
-        torch.testing.assert_close(reply_logprobs(model, queries, replies, 2, 0, T), want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(sample_logprobs(model, queries, replies, 2, 0, T), want, atol=1e-4, rtol=0)
 
 
 def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, tmp_path, monkeypatch):
@@ -440,7 +440,7 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     temperatures, real = [], GPT.generate
     monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    ev = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     assert temperatures and set(temperatures) == {0.5}
     assert ev["temperature"] == 0.5 and ev["policies"]["ppo"]["temperature"] == 0.5
     assert ev["policies"]["ppo"]["kl"] == pytest.approx(0.0, abs=1e-5)
@@ -458,7 +458,7 @@ def test_best_of_n_is_compared_with_sft_replies_its_picker_did_not_see(hh_dir, t
     monkeypatch.setattr(evaluate, "policy_row", lambda a, b, *rest: rows.setdefault(len(rows), (a, b, *rest)) and
                         real(a, b, *rest))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    ev = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
+    ev = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     (a_sft, b_sft, *_), (a_bon, b_bon, _, _, _, b_baseline, _) = rows[0], rows[1]  # sft's row, then bon's
     assert torch.equal(b_baseline, b_sft) and a_bon.shape == (6, 1)
     assert not any(b_bon[p, 0].item() in b_sft[p].tolist() for p in range(6))
@@ -477,7 +477,7 @@ def test_a_policy_row_does_not_depend_on_which_other_policies_were_evaluated(hh_
     for name in ("rs", "ppo"):
         save_checkpoint(os.path.join(out, f"{name}.pt"), sft)
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
-    both = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
+    both = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
     os.remove(os.path.join(out, "rs.pt"))
-    alone = run_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
+    alone = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)["policies"]
     assert "rs" not in alone and alone["ppo"] == both["ppo"] and alone["sft"] == both["sft"]

@@ -11,8 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-import plan
-import rates
+from lab import plan
+from lab import rates
 import rlhf
 from data import read_pairs, split_halves, split_train_val
 from model import GPT
@@ -104,8 +104,8 @@ def test_a_named_gpu_runs_at_its_datasheet_peak_times_the_h100_utilisation(hh_di
 
 def test_all_prints_the_plan_and_the_preset_before_the_first_stage(hh_dir, tmp_path, monkeypatch, capsys):
     calls = []
-    for stage in ("stage_pretrain", "stage_sft", "stage_cd", "train_reward_models", "run_rs", "train_ppo", "run_dpo",
-                  "run_eval"):
+    for stage in ("stage_pretrain", "stage_sft", "stage_cd", "stage_rm", "stage_rs", "stage_ppo", "stage_dpo",
+                  "stage_eval"):
         monkeypatch.setattr(rlhf, stage, lambda *a, name=stage: calls.append((name, capsys.readouterr().out)))
     assert rlhf.main(["all", "--preset", "tiny", "--data_dir", hh_dir, "--out_dir", str(tmp_path)] + ARITHMETIC) == 0
     first, printed = calls[0]

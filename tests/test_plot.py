@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-import plot  # noqa: E402
+from lab import plot  # noqa: E402
 from evaluate import fit_bon, fit_linear, fit_rl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +83,7 @@ def test_make_plots_writes_every_figure(tmp_path):
     write_jsonl(tmp_path / "metrics.jsonl", metrics_rows())
     write_jsonl(tmp_path / "frontier.jsonl", frontier_rows())
     (tmp_path / "eval.json").write_text(json.dumps(eval_json()))
-    (tmp_path / "pm_size_study.json").write_text(json.dumps([  # as pm_studies.size_study writes it
+    (tmp_path / "pm_size_study.json").write_text(json.dumps([  # as studies.size_study writes it
         {"size": s, "params": n, "accuracy": a, "accuracy_ci": [a - 0.05, a + 0.05], "heldout_pm_accuracy": a - 0.02,
          "heldout_pm_accuracy_ci": [a - 0.07, a + 0.03], "score_kl_a_b": kl}
         for s, n, a, kl in (("1x64", 6e5, 0.55, 0.2), ("2x128", 1.5e6, 0.57, 0.15), ("4x192", 3.4e6, 0.58, 0.1))]))
@@ -141,5 +141,5 @@ def test_missing_matplotlib_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="pip install matplotlib"):
         plot.make_plots(str(tmp_path))
     # and importing plot.py itself never imports matplotlib
-    code = "import sys, plot; assert 'matplotlib' not in sys.modules"
+    code = "import sys, lab.plot; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -85,7 +85,7 @@ def test_an_error_of_the_model_itself_is_not_hidden_by_the_fallback(monkeypatch)
 
 
 def test_the_plan_says_which_precision_and_why(turing_gpu, hh_dir):
-    import plan
+    from lab import plan
     import rlhf
     cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--device", "cuda", "--plan.measure=false", "--data_dir", hh_dir])[1]
     made = plan.make_plan(cfg)

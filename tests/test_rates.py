@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import plan
-import rates
+from lab import plan
+from lab import rates
 import rlhf
 from model import GPT
 

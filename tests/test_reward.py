@@ -278,6 +278,7 @@ def test_halves_disjoint_and_deterministic(tmp_path):
 
 def stage_cfg(tmp_path, data_dir):
     from data import DataConfig
+    from rlhf import StudyConfig
     from runtime import model_checkpoint, save_checkpoint
     from tokens import Tokenizer
     out = tmp_path / "out"
@@ -287,11 +288,11 @@ def stage_cfg(tmp_path, data_dir):
     torch.manual_seed(0)  # a random "SFT" trunk: the rule is simple enough to learn from scratch
     gpt = model.GPT(model.GPTConfig(block_size=48, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32))
     save_checkpoint(str(out / "sft.pt"), model_checkpoint(gpt, tok, step=0, done=True))
-    rc = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
-                     normalize_samples=16, pmp_steps=10)
+    rm_cfg = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
+                         normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
     return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False, micro_tokens=0,
-                           policy_init="sft", data=data, rm=rc, ppo=ppo)
+                           policy_init="sft", data=data, rm=rm_cfg, ppo=ppo, studies=StudyConfig())
 
 
 def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
@@ -305,7 +306,7 @@ def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
         calls.append((idx.size(1), max_new_tokens, kwargs.get("temperature")))
         return real(self, idx, attention_mask, max_new_tokens, **kwargs)
     monkeypatch.setattr(model.GPT, "generate", recording)
-    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
+    rm.stage_rm(cfg, cfg.rm, cfg.ppo)
     assert calls and all(c == (10, 5, 0.7) for c in calls), calls
 
 
@@ -317,7 +318,7 @@ def test_the_length_trend_is_drawn_apart_from_the_normalisation_samples(tmp_path
     cfg.rm.max_steps = 2
     seen, real = [], rm.normalize_pm
     monkeypatch.setattr(rm, "normalize_pm", lambda *args, **kwargs: seen.append((args, kwargs)) or real(*args, **kwargs))
-    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
+    rm.stage_rm(cfg, cfg.rm, cfg.ppo)
     inp = rm.pm_inputs(cfg, cfg.rm)
     ref = rm.sft_samples(inp.policy, inp.tok, inp.train_pairs, 16, cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_tokens, 0,
                          cfg.rm.eval_batch_size, cfg.ppo.temperature)
@@ -333,21 +334,21 @@ def test_the_length_trend_is_drawn_apart_from_the_normalisation_samples(tmp_path
 
 def test_pm_learns_marker_rule_end_to_end(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
-    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
+    rm.stage_rm(cfg, cfg.rm, cfg.ppo)
     pm = json.load(open(tmp_path / "out" / "eval.json"))["pm"]
     assert pm["accuracy"] >= 0.9 and pm["heldout_pm_accuracy"] >= 0.9, pm
     assert pm["test_pairs"] == 60 and 0 <= pm["ece"] <= 1 and pm["score_kl_a_b"] >= 0
     model, tok, ckpt = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
     assert ckpt["done"] and {"reward_gain", "reward_bias", "model_args", "tokenizer"} <= set(ckpt)
     mtime = os.path.getmtime(tmp_path / "out" / "pm_a.pt")
-    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)                             # finished PMs are skipped, not retrained
+    rm.stage_rm(cfg, cfg.rm, cfg.ppo)                             # finished PMs are skipped, not retrained
     assert os.path.getmtime(tmp_path / "out" / "pm_a.pt") == mtime
 
 
 def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
     cfg.rm.split_halves, cfg.rm.epochs = False, 2
-    rm.train_reward_models(cfg, cfg.rm, cfg.ppo)
+    rm.stage_rm(cfg, cfg.rm, cfg.ppo)
     path = tmp_path / "out" / "eval.json"
     doc = json.load(open(path))
     doc["policies"] = {"sft": {"pm_a": 0.1}}

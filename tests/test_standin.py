@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import standin
+from lab import standin
 from conftest import write_hh_dir
 from data import DataConfig, HUMAN, SPLITS, SUBSETS, read_pairs, split_dialogue
 from tokens import Tokenizer

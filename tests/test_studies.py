@@ -1,4 +1,4 @@
-"""The PM studies (pm_studies.py) on small hh-layout directories the tests write: helpful vs harmless finds a
+"""The PM studies (studies.py) on small hh-layout directories the tests write: helpful vs harmless finds a
 tension where the two kinds of data disagree, each PM early-stopping on its own kind; both studies' tables hold
 the accuracies and score KL of a hand count on written scores; the size study's rows are a function of the seed."""
 import json
@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import pm_studies
+from lab import studies
 import rm
 from data import Pair, read_pairs
 from model import GPTConfig
@@ -31,7 +31,7 @@ def test_helpful_vs_harmless_shows_the_tension_and_refuses_one_kind_of_data(tmp_
     cfg.rm.epochs = 3
     inp = rm.pm_inputs(cfg, cfg.rm)
     test, _ = read_pairs(cfg.data_dir, "test", cfg.data)
-    rows = {r["train"]: r for r in pm_studies.hh_study(cfg, cfg.rm, inp, test)}
+    rows = {r["train"]: r for r in studies.hh_study(cfg, cfg.rm, inp, test)}
     assert list(rows) == ["helpful", "harmless", "mix"] and rows["helpful"]["pairs"] == rows["harmless"]["pairs"]
     acc = {(t, s): rows[t]["test"][s]["accuracy"] for t in rows for s in ("harmless-base", "helpful-base")}
     assert rows["harmless"]["test"]["helpful-base"]["n"] == 30
@@ -39,7 +39,7 @@ def test_helpful_vs_harmless_shows_the_tension_and_refuses_one_kind_of_data(tmp_
     assert acc["helpful", "helpful-base"] > 0.75 and acc["helpful", "harmless-base"] < 0.35    # rule, wrong on the other
     one_kind = stage_cfg(tmp_path / "one", marker_dir(tmp_path / "one" / "hh"))
     with pytest.raises(ConfigError, match="needs helpful-\\* and harmless-base pairs"):
-        pm_studies.hh_study(one_kind, one_kind.rm, rm.pm_inputs(one_kind, one_kind.rm), test)
+        studies.hh_study(one_kind, one_kind.rm, rm.pm_inputs(one_kind, one_kind.rm), test)
 
 
 def written_scores(monkeypatch, scores):
@@ -50,8 +50,8 @@ def written_scores(monkeypatch, scores):
     def train_pm(run, rc, model, tok, train_ex, val_ex, objective, name="pm", **_):
         vals[name] = val_ex
         return {"wall_s": 0.0, "best_step": 1, "steps": 1}
-    monkeypatch.setattr(pm_studies, "train_pm", train_pm)
-    monkeypatch.setattr(pm_studies, "score_pairs", lambda *args, **kwargs: tuple(map(np.array, next(calls))))
+    monkeypatch.setattr(studies, "train_pm", train_pm)
+    monkeypatch.setattr(studies, "score_pairs", lambda *args, **kwargs: tuple(map(np.array, next(calls))))
     return vals
 
 
@@ -67,7 +67,7 @@ def test_helpful_vs_harmless_stops_each_pm_on_its_own_kind_and_counts_by_subset(
         ([0, 0, 1, 2, 3], [1, 1, 1, 0, 0]),    # helpful PM: harmless 0 + 0 + 1/2 of 3, helpful 2 of 2
         ([2, 2, 2, 0, 1], [0, 1, 3, 0, 2]),    # harmless PM: harmless 2 of 3, helpful 1/2 + 0 of 2
         ([1, 1, 1, 1, 1], [0, 0, 0, 0, 2])])   # mix: harmless 3 of 3, helpful 1 of 2
-    rows = {r["train"]: r for r in pm_studies.hh_study(cfg, cfg.rm, inp, test)}
+    rows = {r["train"]: r for r in studies.hh_study(cfg, cfg.rm, inp, test)}
     acc = {t: (rows[t]["test"]["harmless-base"]["accuracy"], rows[t]["test"]["helpful-base"]["accuracy"]) for t in rows}
     assert acc == {"helpful": (pytest.approx(1 / 6), 1.0), "harmless": (pytest.approx(2 / 3), 0.25), "mix": (1.0, 0.5)}
     assert rows["mix"]["test"]["harmless-base"]["n"] == 3 and rows["mix"]["test"]["helpful-base"]["n"] == 2
@@ -89,13 +89,13 @@ def test_the_size_study_rows_are_the_hand_count_of_the_scores(tmp_path, monkeypa
     (28 counts each), KL(A || B) = 2 (5/28) log 5 + 2 (1/28) log(1/2) + 2 (1/28) log(1/4) = (10 log 5 - 6 log 2) / 28;
     the second trunk's PMs are swapped: KL(B || A) = (20 log 2 - 2 log 5) / 28. A and B agree on pair 1 only."""
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=40, n_test=1))
-    cfg.rm.size_study_sizes = "1x16,1x32"
+    cfg.studies.sizes = "1x16,1x32"
     inp = rm.pm_inputs(cfg, cfg.rm)
-    monkeypatch.setattr(pm_studies, "size_trunk", lambda *args: inp.init)
+    monkeypatch.setattr(studies, "size_trunk", lambda *args: inp.init)
     test = [Pair("\n\nHuman: hi?\n\nAssistant:", " yes", " no", "harmless-base", 1)] * 4
     a, b = ([1, 1, 1, -1], [-1, -1, -1, 1]), ([3, 1, -1, -1], [-3, 1, 1, -1])
     written_scores(monkeypatch, [a, b, b, a])
-    rows = pm_studies.size_study(cfg, cfg.rm, inp, test, LMTrainConfig(), GPTConfig())
+    rows = studies.size_study(cfg, cfg.rm, cfg.studies, inp, test, LMTrainConfig(), GPTConfig())
     assert [(r["accuracy"], r["heldout_pm_accuracy"], r["agreement_a_b"]) for r in rows] == [(0.75, 0.5, 0.25),
                                                                                             (0.5, 0.75, 0.25)]
     assert rows[0]["score_kl_a_b"] == pytest.approx((10 * math.log(5) - 6 * math.log(2)) / 28)
@@ -104,10 +104,11 @@ def test_the_size_study_rows_are_the_hand_count_of_the_scores(tmp_path, monkeypa
 
 def size_rows(tmp_path):
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh", n_train=80, n_test=20))
-    cfg.rm.max_steps, cfg.rm.size_study, cfg.rm.size_study_sizes, cfg.rm.size_study_steps = 4, True, "1x16,1x32,2x32", 3
+    cfg.rm.max_steps = 4
+    cfg.studies.size, cfg.studies.sizes, cfg.studies.size_steps = True, "1x16,1x32,2x32", 3
     cfg.compile = False
-    sc = LMTrainConfig(batch_size=4, eval_interval=2, eval_batches=1, warmup_steps=1, log_interval=1)
-    pm_studies.run_studies(cfg, cfg.rm, sc, GPTConfig(block_size=48))
+    train_cfg = LMTrainConfig(batch_size=4, eval_interval=2, eval_batches=1, warmup_steps=1, log_interval=1)
+    studies.run_studies(cfg, cfg.rm, cfg.studies, train_cfg, GPTConfig(block_size=48))
     rows = json.load(open(os.path.join(cfg.out_dir, "pm_size_study.json")))
     return [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]
 

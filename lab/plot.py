@@ -10,7 +10,7 @@ plot.py: the figures of a run, drawn from the files the stages already write (no
   frontier.png        reward vs sqrt(KL) for best-of-n and PPO with the fitted curves (frontier.jsonl and
                       eval.json "frontier_fits")
   policies.png        PM-A / PM-B reward and win rate vs SFT, raw and length-controlled, of every policy (eval.json)
-  pm_size_study.png   PM accuracy and PM-A/PM-B score KL vs trunk size (pm_size_study.json, rm --rm.size_study=true)
+  pm_size_study.png   PM accuracy and PM-A/PM-B score KL vs trunk size (pm_size_study.json, studies --studies.size=true)
 
 A figure whose data is missing is skipped with a note, so any partial out_dir works. matplotlib is an
 optional extra (`pip install matplotlib`), imported only when make_plots runs.

@@ -1,11 +1,11 @@
 """
 The PM studies: each trains more preference models on the rm stage's data and prints one table (and keeps
-it in eval.json["pm"]). `python rlhf.py rm` runs those asked for after PM-A and PM-B:
+it in eval.json["pm"]). `python rlhf.py studies` runs those asked for, after the rm stage:
 
-    python rlhf.py rm --preset=cpu --rm.ablation=true    # ranking vs binary vs lm scoring
-    python rlhf.py rm --preset=cpu --rm.pmp_study=true   # accuracy vs human pairs, with and without PMP
-    python rlhf.py rm --rm.hh_study=true                 # helpful vs harmless (needs both kinds of subset)
-    python rlhf.py rm --preset=cpu --rm.size_study=true  # PM size vs robustness -> out_dir/pm_size_study.json
+    python rlhf.py studies --preset=cpu --studies.ablation=true  # ranking vs binary vs lm scoring
+    python rlhf.py studies --preset=cpu --studies.pmp=true       # accuracy vs human pairs, with and without PMP
+    python rlhf.py studies --studies.hh=true                     # helpful vs harmless (both kinds of subset)
+    python rlhf.py studies --preset=cpu --studies.size=true      # PM size vs robustness -> pm_size_study.json
 
 References:
 - Askell et al. 2021, "A General Language Assistant as a Laboratory for Alignment", arXiv:2112.00861: ranked vs
@@ -50,7 +50,7 @@ def accuracy_row(name, r_c, r_r, wall_s, **extra):
             "wall_s": round(wall_s, 1), **extra}
 
 
-def objective_ablation(run, rc, inp, test_pairs):
+def objective_ablation(run, rm_cfg, inp, test_pairs):
     """Ranking vs binary vs LM scoring on the same half-A pairs (Askell et al. 2021), judged by test
     accuracy. "lm" is not trained: it scores with the SFT policy's log-probs. "wall s" is training
     time (for lm: scoring time); the ranking row is PM-A itself when PM-A was trained that way."""
@@ -60,23 +60,23 @@ def objective_ablation(run, rc, inp, test_pairs):
         t0 = time.time()
         if objective == "lm":
             ex = [sft_example(p.prompt, r, tok, block, run.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
-            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rc.eval_batch_size, [e[1] for e in ex], dtype)
+            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rm_cfg.eval_batch_size, [e[1] for e in ex], dtype)
             rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
-        if objective == rc.objective and not (rc.pmp or rc.pmp_dir) and rc.split_halves:  # PM-A itself: reuse it
+        if objective == rm_cfg.objective and not (rm_cfg.pmp or rm_cfg.pmp_dir) and rm_cfg.split_halves:  # PM-A itself: reuse it
             model, _, info = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
         else:
             set_seed(run.seed)
             model, _ = init_reward_model(inp.init, device)
-            info = train_pm(run, rc, model, tok, train_ex, inp.val_ex, objective, name=f"ablation_{objective}")
-        scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
+            info = train_pm(run, rm_cfg, model, tok, train_ex, inp.val_ex, objective, name=f"ablation_{objective}")
+        scores = score_pairs(model, test_ex, tok.eos_id, rm_cfg.eval_batch_size, dtype)
         rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
                 ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
     return rows
 
 
-def pmp_study(run, rc, inp, test_pairs):
+def pmp_study(run, rm_cfg, inp, test_pairs):
     """Test accuracy vs number of human pairs (25/50/100% of half A), with and without PMP (Askell
     et al. 2021: PMP helps most when human data is scarce). The PMP phase runs once and its weights
     start every "with PMP" run; "wall s" is the human-pair phase only."""
@@ -84,8 +84,8 @@ def pmp_study(run, rc, inp, test_pairs):
     train_ex, test_ex = inp.enc(inp.halves[0]), inp.enc(test_pairs)
     set_seed(run.seed)
     trunk, _ = init_reward_model(inp.init, device)
-    pmp = inp.enc(pmp_data(run, replace(rc, pmp=True), inp.train_pairs))
-    pmp_wall = train_pm(run, rc, trunk, tok, [], [], "ranking", pmp_ex=pmp, name="pmp")["wall_s"]
+    pmp = inp.enc(pmp_data(run, replace(rm_cfg, pmp=True), inp.train_pairs))
+    pmp_wall = train_pm(run, rm_cfg, trunk, tok, [], [], "ranking", pmp_ex=pmp, name="pmp")["wall_s"]
     pmp_state = copy.deepcopy(trunk.state_dict())
     order = np.random.default_rng(run.seed).permutation(len(train_ex))  # nested subsets: 25% within 50% within 100%
     for use_pmp in (False, True):
@@ -95,21 +95,21 @@ def pmp_study(run, rc, inp, test_pairs):
             model, _ = init_reward_model(inp.init, device)
             if use_pmp:
                 model.load_state_dict(pmp_state)
-            info = train_pm(run, rc, model, tok, subset, inp.val_ex, rc.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
-            scores = score_pairs(model, test_ex, tok.eos_id, rc.eval_batch_size, dtype)
+            info = train_pm(run, rm_cfg, model, tok, subset, inp.val_ex, rm_cfg.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
+            scores = score_pairs(model, test_ex, tok.eos_id, rm_cfg.eval_batch_size, dtype)
             rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
                                  info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
-    print_table(f"PMP study: {rc.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
+    print_table(f"PMP study: {rm_cfg.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
                 ["human pairs", "no PMP", "with PMP"],
                 [[r["pairs"], f"{ci_str(r['accuracy'], r['accuracy_ci'])} ({r['wall_s']:.0f}s)",
                   f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"] for r, p in zip(rows[:3], rows[3:])])
-    return {"pmp_steps": rc.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
+    return {"pmp_steps": rm_cfg.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
 
 
 # -----------------------------------------------------------------------------
 # helpful vs harmless (Bai et al. 2022)
 
-def hh_study(run, rc, inp, test_pairs):
+def hh_study(run, rm_cfg, inp, test_pairs):
     """PMs trained on the helpful subsets only, on harmless-base only, and on a half-and-half mix, the same
     number of half-A pairs each (so the kind of data differs, not its amount), each scored on every test
     subset. The HH paper (Bai et al. 2022, sec. 2.4, 4.2) found the two kinds pull against each other: a PM of
@@ -120,7 +120,7 @@ def hh_study(run, rc, inp, test_pairs):
                        "harmless": [p for p in ps if p.subset == "harmless-base"]}
     kinds, val_kinds = kind(inp.halves[0]), kind(inp.val_pairs)
     if not all(kinds.values()) or not all(val_kinds.values()):
-        raise ConfigError(f"--rm.hh_study needs helpful-* and harmless-base pairs in train and in validation; the "
+        raise ConfigError(f"--studies.hh needs helpful-* and harmless-base pairs in train and in validation; the "
                           f"data has {sorted({p.subset for p in inp.halves[0]})} and "
                           f"{sorted({p.subset for p in inp.val_pairs})} (the shared sample holds harmless-base only)")
     n, rng = min(map(len, kinds.values())), np.random.default_rng(run.seed)
@@ -134,8 +134,8 @@ def hh_study(run, rc, inp, test_pairs):
     for name, pairs in train_sets.items():
         set_seed(run.seed)
         model, _ = init_reward_model(inp.init, inp.device)
-        info = train_pm(run, rc, model, inp.tok, inp.enc(pairs), inp.enc(val_sets[name]), rc.objective, name=f"hh_{name}")
-        r_c, r_r = score_pairs(model, test_ex, inp.tok.eos_id, rc.eval_batch_size, run.dtype)
+        info = train_pm(run, rm_cfg, model, inp.tok, inp.enc(pairs), inp.enc(val_sets[name]), rm_cfg.objective, name=f"hh_{name}")
+        r_c, r_r = score_pairs(model, test_ex, inp.tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
         rows.append({"train": name, "pairs": len(pairs), "val_pairs": len(val_sets[name]), "best_step": info["best_step"],
                      "wall_s": round(info["wall_s"], 1), "test": {
             s: accuracy_row(s, r_c[subsets == s], r_r[subsets == s], 0, n=int((subsets == s).sum()))
@@ -152,13 +152,13 @@ def hh_study(run, rc, inp, test_pairs):
 # PM size vs robustness (Bai et al. 2022 sec. 4.5)
 
 def trunk_sizes(sizes, vocab):
-    """--rm.size_study_sizes -> {spec: (n_layer, n_embd)}, or None for GPT-2's weights by name (which need
+    """--studies.sizes -> {spec: (n_layer, n_embd)}, or None for GPT-2's weights by name (which need
     --data.vocab=gpt2); one line of error for anything else. rlhf.py checks it before any stage runs."""
     out = {}
     for spec in [s.strip() for s in sizes.split(",") if s.strip()]:
         if spec in GPT2_SIZES:
             if vocab != "gpt2":
-                raise ConfigError(f"--rm.size_study_sizes: {spec} is GPT-2's weights, which need --data.vocab=gpt2")
+                raise ConfigError(f"--studies.sizes: {spec} is GPT-2's weights, which need --data.vocab=gpt2")
             out[spec] = None
             continue
         try:
@@ -166,18 +166,18 @@ def trunk_sizes(sizes, vocab):
         except ValueError:
             n_layer = n_embd = 0
         if n_layer < 1 or n_embd < 1:
-            raise ConfigError(f"--rm.size_study_sizes: {spec!r} is neither LAYERSxWIDTH (e.g. 4x192) nor one of "
+            raise ConfigError(f"--studies.sizes: {spec!r} is neither LAYERSxWIDTH (e.g. 4x192) nor one of "
                               f"{', '.join(GPT2_SIZES)}")
         out[spec] = (n_layer, n_embd)
     if len(out) < 2:
-        raise ConfigError(f"--rm.size_study_sizes needs two or more trunks to compare, got {sizes!r}")
+        raise ConfigError(f"--studies.sizes needs two or more trunks to compare, got {sizes!r}")
     return out
 
 
-def size_trunk(run, rc, spec, size, inp, sc, model_cfg, log):
+def size_trunk(run, study_cfg, spec, size, inp, train_cfg, model_cfg, log):
     """The trunk of one size (trunk_sizes' (n_layer, n_embd), or None), as a checkpoint path
     (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large:
-    needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of model_cfg's shape otherwise, pretrained here on the train dialogues for rc.size_study_steps steps with
+    needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of model_cfg's shape otherwise, pretrained here on the train dialogues for study_cfg.size_steps steps with
     the pretrain section's other settings (heads of 64 dimensions). No SFT: every size starts alike."""
     path = os.path.join(run.out_dir, f"pm_size_{spec}.pt")
     if os.path.exists(path) and load_checkpoint(path).get("done"):
@@ -191,27 +191,27 @@ def size_trunk(run, rc, spec, size, inp, sc, model_cfg, log):
     set_seed(run.seed)
     trunk = GPT(replace(model_cfg, n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64),
                         vocab_size=inp.tok.vocab_size)).to(inp.device)
-    supervised_train(run, f"pm_size_{spec}", replace(sc, max_steps=rc.size_study_steps, keep_best=False), trunk,
+    supervised_train(run, f"pm_size_{spec}", replace(train_cfg, max_steps=study_cfg.size_steps, keep_best=False), trunk,
                      inp.tok, lm_tokens(inp.train_pairs, inp.tok), lm_tokens(inp.val_pairs, inp.tok), path, log)
     return path
 
 
-def size_study(run, rc, inp, test_pairs, sc, model_cfg):
-    """For each trunk of rc.size_study_sizes, PM-A on half A and PM-B on half B (as the rm stage trains them),
+def size_study(run, rm_cfg, study_cfg, inp, test_pairs, train_cfg, model_cfg):
+    """For each trunk of study_cfg.sizes, PM-A on half A and PM-B on half B (as the rm stage trains them),
     both scored on the test pairs: parameters, each PM's accuracy, the KL between their standardised score
     distributions (pm_metrics.score_kl) and their agreement by PM-A score decile. The HH paper: the larger
     the PMs, the closer the two (lower KL), agreeing less where scores are high. -> out_dir/pm_size_study.json"""
     test_ex, log, rows = inp.enc(test_pairs), MetricsLog(run.out_dir), []
     replies = [(len(c), len(r)) for c, r in reply_pairs(test_pairs, inp.tok)]  # for pm_report's length baseline
-    for spec, size in trunk_sizes(rc.size_study_sizes, run.data.vocab).items():
+    for spec, size in trunk_sizes(study_cfg.sizes, run.data.vocab).items():
         t0 = time.time()
-        path = size_trunk(run, rc, spec, size, inp, sc, model_cfg, log)
+        path = size_trunk(run, study_cfg, spec, size, inp, train_cfg, model_cfg, log)
         scores = []
         for k, half in enumerate(inp.halves):
             set_seed(run.seed + k)
             model, _ = init_reward_model(path, inp.device)
-            train_pm(run, rc, model, inp.tok, inp.enc(half), inp.val_ex, rc.objective, name=f"size_{spec}_{'ab'[k]}")
-            scores += score_pairs(model, test_ex, inp.tok.eos_id, rc.eval_batch_size, run.dtype)
+            train_pm(run, rm_cfg, model, inp.tok, inp.enc(half), inp.val_ex, rm_cfg.objective, name=f"size_{spec}_{'ab'[k]}")
+            scores += score_pairs(model, test_ex, inp.tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
         pm = pm_report([p.n_turns for p in test_pairs], *zip(*replies), *scores)
         rows.append({"size": spec, "params": model.num_params(), **{k: pm[k] for k in (
             "accuracy", "accuracy_ci", "heldout_pm_accuracy", "heldout_pm_accuracy_ci", "score_kl_a_b", "score_kl_a_b_ci",
@@ -230,22 +230,22 @@ def size_study(run, rc, inp, test_pairs, sc, model_cfg):
     return rows
 
 
-def run_studies(run, rc, sc, model_cfg):
-    """The studies rc asks for, after the rm stage has trained PM-A and PM-B: their tables go into
+def run_studies(run, rm_cfg, study_cfg, train_cfg, model_cfg):
+    """The studies study_cfg asks for, after the rm stage has trained PM-A and PM-B: their tables go into
     eval.json["pm"] (objectives, pmp_study, hh_study), the size study into out_dir/pm_size_study.json."""
-    if not (rc.ablation or rc.pmp_study or rc.hh_study or rc.size_study):
+    if not (study_cfg.ablation or study_cfg.pmp or study_cfg.hh or study_cfg.size):
         return
-    inp = pm_inputs(run, rc)
+    inp = pm_inputs(run, rm_cfg)
     test_pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), "test", run.data)
     extra = {}
-    if rc.hh_study:  # first: it refuses data without both kinds of subset before anything trains
-        extra["hh_study"] = hh_study(run, rc, inp, test_pairs)
-    if rc.ablation:
-        extra["objectives"] = objective_ablation(run, rc, inp, test_pairs)
-    if rc.pmp_study:
-        extra["pmp_study"] = pmp_study(run, rc, inp, test_pairs)
+    if study_cfg.hh:  # first: it refuses data without both kinds of subset before anything trains
+        extra["hh_study"] = hh_study(run, rm_cfg, inp, test_pairs)
+    if study_cfg.ablation:
+        extra["objectives"] = objective_ablation(run, rm_cfg, inp, test_pairs)
+    if study_cfg.pmp:
+        extra["pmp_study"] = pmp_study(run, rm_cfg, inp, test_pairs)
     if extra and dist_info()[0] == 0:
         update_eval_json(run.out_dir, extra)
-    if rc.size_study:
-        size_study(run, rc, inp, test_pairs, sc, model_cfg)
+    if study_cfg.size:
+        size_study(run, rm_cfg, study_cfg, inp, test_pairs, train_cfg, model_cfg)
     barrier()

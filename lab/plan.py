@@ -41,7 +41,7 @@ from cd import cd_examples, read_prompt
 from data import read_pairs, resolve_data_dir, train_comparisons
 from lm_loss import CHUNK_LOGITS
 from model import GPT
-from rates import device_rates, fpt, gpu_rates, init_weights, ppo_iteration_flops, sampled_prompts
+from lab.rates import device_rates, fpt, gpu_rates, init_weights, ppo_iteration_flops, sampled_prompts
 from reward import pm_block
 from rm import auto_eval_interval, pair_batch, pm_steps
 from runtime import pick_device, precision
@@ -163,47 +163,47 @@ def trained_pass(rows, width, cfg, head):
     return [(pass_rows(rows, width, cfg.micro_tokens), width, head)]
 
 
-def lm_work(gpt, sc, width, n_rows, n_val, kind):
-    """supervised_train's work: sc.max_steps steps of batch_size x grad_accum rows `width` tokens wide
+def lm_work(gpt, train_cfg, width, n_rows, n_val, kind):
+    """supervised_train's work: train_cfg.max_steps steps of batch_size x grad_accum rows `width` tokens wide
     (passes = rows trained / n_rows), and a validation pass before, every eval_interval steps and after,
-    of validation_batches(sc, n_val) micro-batches (n_val None: a token stream)."""
-    rows = sc.batch_size * sc.grad_accum
-    tokens = sc.max_steps * rows * width
-    val_passes = (sc.max_steps - 1) // sc.eval_interval + 2
-    val_tokens = val_passes * validation_batches(sc, n_val) * sc.batch_size * width
-    return {"steps": sc.max_steps, "rows": rows, "width": round(width), "tokens": round(tokens),
-            "passes": round(sc.max_steps * rows / max(n_rows, 1), 2), "val_passes": val_passes,
+    of validation_batches(train_cfg, n_val) micro-batches (n_val None: a token stream)."""
+    rows = train_cfg.batch_size * train_cfg.grad_accum
+    tokens = train_cfg.max_steps * rows * width
+    val_passes = (train_cfg.max_steps - 1) // train_cfg.eval_interval + 2
+    val_tokens = val_passes * validation_batches(train_cfg, n_val) * train_cfg.batch_size * width
+    return {"steps": train_cfg.max_steps, "rows": rows, "width": round(width), "tokens": round(tokens),
+            "passes": round(train_cfg.max_steps * rows / max(n_rows, 1), 2), "val_passes": val_passes,
             "flops": {kind: tokens * fpt(gpt, width), "forward": val_tokens * fpt(gpt, width) / 3}}
 
 
 def work_pretrain(cfg, d, gpt, act):
     """Pretraining on windows of the token stream of every dialogue; a trimmed vocabulary is built first."""
-    sc, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
-    if sc.init:  # no training: the weights file is read, and downloaded first where hub.py has no copy of it yet
-        size, cached = init_weights(sc.init)
-        what = f"load {sc.init}'s weights ({size / 1e6:,.0f} MB{'' if cached else ', downloaded first'}; no training)"
+    train_cfg, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
+    if train_cfg.init:  # no training: the weights file is read, and downloaded first where hub.py has no copy of it yet
+        size, cached = init_weights(train_cfg.init)
+        what = f"load {train_cfg.init}'s weights ({size / 1e6:,.0f} MB{'' if cached else ', downloaded first'}; no training)"
         return {"what": what, "flops": {}, "tokenize": 0, "bytes": {"load": size, "download": 0 if cached else size},
                 "memory": memory_parts(gpt, act, 1)}
-    w = lm_work(gpt, sc, T, stream / T, None, "pretrain")
+    w = lm_work(gpt, train_cfg, T, stream / T, None, "pretrain")
     trim = d.train * sum(d.mean) if cfg.data.vocab == "trimmed" else 0  # the trimmed vocabulary reads every text
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x {T} tokens = {w['tokens'] / 1e6:,.1f}M tokens: "
                    f"{w['passes']} passes over ~{stream / 1e6:,.2f}M"),
              tokenize=stream * (d.train + d.val) / d.train + trim,
-             memory=memory_parts(gpt, act, 0, trained_pass(sc.batch_size, T, cfg, "lm_loss")))
+             memory=memory_parts(gpt, act, 0, trained_pass(train_cfg.batch_size, T, cfg, "lm_loss")))
     return w
 
 
 def work_sft(cfg, d, gpt, act):
     """SFT on prompt + chosen reply: right-padded rows as wide as a batch's longest, or packed full rows."""
-    sc, T = cfg.sft, cfg.model.block_size
+    train_cfg, T = cfg.sft, cfg.model.block_size
     ex = [sft_example(x[0], x[1], d.tok, T, cfg.data.max_reply_tokens) for x in d.ids]
-    rows = len(pack_examples(ex, T, d.tok.eos_id, cfg.seed)) * d.scale if sc.pack else d.train
-    width = T if sc.pack else batch_width([len(e[0]) - 1 for e in ex], sc.batch_size, cfg.seed)
-    w = lm_work(gpt, sc, width, rows, round(rows * d.val / d.train), "train")
-    packed = f" packed into ~{rows:,.0f} rows" if sc.pack else ""
+    rows = len(pack_examples(ex, T, d.tok.eos_id, cfg.seed)) * d.scale if train_cfg.pack else d.train
+    width = T if train_cfg.pack else batch_width([len(e[0]) - 1 for e in ex], train_cfg.batch_size, cfg.seed)
+    w = lm_work(gpt, train_cfg, width, rows, round(rows * d.val / d.train), "train")
+    packed = f" packed into ~{rows:,.0f} rows" if train_cfg.pack else ""
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {d.train:,} "
                    f"chosen replies{packed}"), tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_parts(gpt, act, 0, trained_pass(sc.batch_size, T if sc.pack else widest(
+             memory=memory_parts(gpt, act, 0, trained_pass(train_cfg.batch_size, T if train_cfg.pack else widest(
                  [len(e[0]) - 1 for e in ex], T, d.scale), cfg, "lm_loss")))
     return w
 
@@ -211,26 +211,25 @@ def work_sft(cfg, d, gpt, act):
 def work_rm(cfg, d, gpt, act):
     """PM-A and PM-B, each on its half (B pairs = 2B rows a step), validated every eval_interval steps;
     SFT samples at PPO's shapes to normalise them; both score the test pairs (pm_metrics.evaluate_pms)."""
-    rc, N = cfg.rm, cfg.ppo.max_new_tokens
-    block, B = pm_block(gpt, cfg.data), rc.batch_size
+    rm_cfg, N = cfg.rm, cfg.ppo.max_new_tokens
+    block, B = pm_block(gpt, cfg.data), rm_cfg.batch_size
     seqs = [[len(pm_example(x[0], x[i], d.tok, block, cfg.data.max_reply_tokens)) for i in (1, 2)] for x in d.ids]
-    mean, width = float(np.mean(seqs)), pair_width(seqs, B, cfg.seed, rc.group_by_length)
-    human = [pm_steps(rc, n) for n in d.halves]
-    steps = [n + (rc.pmp_steps if rc.pmp or rc.pmp_dir else 0) for n in human]
-    n_val = min(d.val, rc.val_pairs) if rc.val_pairs else d.val  # reward.val_subset's cap
-    every = rc.eval_interval or auto_eval_interval(n_val, B)       # as train_pm validates
+    mean, width = float(np.mean(seqs)), pair_width(seqs, B, cfg.seed, rm_cfg.group_by_length)
+    human = [pm_steps(rm_cfg, n) for n in d.halves]
+    steps = [n + (rm_cfg.pmp_steps if rm_cfg.pmp or rm_cfg.pmp_dir else 0) for n in human]
+    n_val = min(d.val, rm_cfg.val_pairs) if rm_cfg.val_pairs else d.val  # reward.val_subset's cap
+    every = rm_cfg.eval_interval or auto_eval_interval(n_val, B)       # as train_pm validates
     vals = sum(math.ceil(n / every) for n in human) if n_val else 0
-    q = batch_width([len(x) for x in sampled_prompts(cfg, d, N)], rc.eval_batch_size, cfg.seed)
-    extra = " (+ the ablation / PMP study: not counted)" if rc.ablation or rc.pmp_study else ""
-    scored = 2 * vals * n_val + 4 * d.test + 2 * rc.normalize_samples  # sequences, each ~mean tokens
+    q = batch_width([len(x) for x in sampled_prompts(cfg, d, N)], rm_cfg.eval_batch_size, cfg.seed)
+    scored = 2 * vals * n_val + 4 * d.test + 2 * rm_cfg.normalize_samples  # sequences, each ~mean tokens
     return {"what": (f"2 PMs x {steps[0]:,} steps x {B} pairs x ~{round(width)} tokens: "
                      f"{human[0] * B / d.halves[0]:.2f} passes over {d.halves[0]:,} pairs; {vals} validations x "
-                     f"{n_val:,} pairs; {rc.normalize_samples} SFT samples to normalise; {d.test:,} test pairs{extra}"),
+                     f"{n_val:,} pairs; {rm_cfg.normalize_samples} SFT samples to normalise; {d.test:,} test pairs"),
             "steps": steps, "pairs": list(d.halves), "val_passes": vals,
             "flops": {"eager": sum(steps) * 2 * B * width * fpt(gpt, width, head=False),
                       "forward": scored * mean * fpt(gpt, mean, head=False) / 3,
-                      "sample": rc.normalize_samples * N * fpt(gpt, q + N) / 3},
-            "decode": math.ceil(rc.normalize_samples / rc.eval_batch_size) * N,
+                      "sample": rm_cfg.normalize_samples * N * fpt(gpt, q + N) / 3},
+            "decode": math.ceil(rm_cfg.normalize_samples / rm_cfg.eval_batch_size) * N,
             "tokenize": (d.train + d.val + 2 * d.test) * sum(d.mean),
             "memory": memory_parts(gpt, act, 1, pair_pass(seqs, B, block, cfg, d.scale, None))}
 
@@ -238,17 +237,17 @@ def work_rm(cfg, d, gpt, act):
 def work_cd(cfg, d, gpt, act):
     """Context distillation (cd.stage_cd): supervised_train's work on the dialogues, cut to leave room for the
     HHH prompt, plus the frozen teacher's forward pass over prompt + dialogue for every row, trained or validated."""
-    cc, T = cfg.cd, cfg.model.block_size
-    L = len(read_prompt(cc, d.tok, T)[0])
+    cd_cfg, T = cfg.cd, cfg.model.block_size
+    L = len(read_prompt(cd_cfg, d.tok, T)[0])
     ex = cd_examples([x[:2] for x in d.ids], d.tok, T - L + 1)
-    width = batch_width([len(e[0]) - 1 for e in ex], cc.batch_size, cfg.seed)
-    w = lm_work(gpt, cc, width, d.train, round(d.val), "train")
+    width = batch_width([len(e[0]) - 1 for e in ex], cd_cfg.batch_size, cfg.seed)
+    w = lm_work(gpt, cd_cfg, width, d.train, round(d.val), "train")
     w["flops"]["forward"] *= 1 + (width + L) / width  # validation: the student's and the teacher's forward
     w["flops"]["forward"] += w["tokens"] * (width + L) / width * fpt(gpt, width + L) / 3  # the teacher, training
     w.update(what=(f"{w['steps']:,} steps x {w['rows']} x ~{w['width']} tokens of dialogue, the teacher reading the "
                    f"{L}-token HHH prompt first: {w['passes']} passes over {d.train:,} dialogues"),
              tokenize=(d.train + d.val) * (d.mean[0] + d.mean[1]),
-             memory=memory_parts(gpt, act, 1, trained_pass(cc.batch_size, widest([len(e[0]) - 1 for e in ex], T - L,
+             memory=memory_parts(gpt, act, 1, trained_pass(cd_cfg.batch_size, widest([len(e[0]) - 1 for e in ex], T - L,
                                                                                   d.scale), cfg, "distill")))
     return w
 
@@ -257,49 +256,49 @@ def work_dpo(cfg, d, gpt, act):
     """One DPO policy per beta (dpo.betas), each trained like a PM on half A (rm.train_pm): a step trains the
     policy on B pairs (2B rows), and the frozen reference runs forward on the same rows. The LM head runs on
     the reply tokens only (reward.reply_logprobs), and in training a second time in backward (lm_loss.py)."""
-    dc, names = cfg.dpo, dpo.betas(cfg.dpo)
+    dpo_cfg, names = cfg.dpo, dpo.betas(cfg.dpo)
     seqs = [[len(dpo_example(*x, d.tok, cfg.model.block_size, cfg.data.max_reply_tokens)[i]) for i in (0, 1)]
             for x in d.ids]
-    width = pair_width(seqs, dc.batch_size, cfg.seed, dc.group_by_length)
-    steps = pm_steps(dpo.pm_config(dc), d.halves[0])
-    n_val = min(d.val, dc.val_pairs) if dc.val_pairs else d.val
-    vals = math.ceil(steps / (dc.eval_interval or auto_eval_interval(n_val, dc.batch_size)))
-    trained = len(names) * steps * 2 * dc.batch_size                           # policy rows, forward and backward
-    forward = len(names) * (steps * 2 * dc.batch_size + vals * 4 * n_val)     # reference rows; validation: both
+    width = pair_width(seqs, dpo_cfg.batch_size, cfg.seed, dpo_cfg.group_by_length)
+    steps = pm_steps(dpo.pm_config(dpo_cfg), d.halves[0])
+    n_val = min(d.val, dpo_cfg.val_pairs) if dpo_cfg.val_pairs else d.val
+    vals = math.ceil(steps / (dpo_cfg.eval_interval or auto_eval_interval(n_val, dpo_cfg.batch_size)))
+    trained = len(names) * steps * 2 * dpo_cfg.batch_size                           # policy rows, forward and backward
+    forward = len(names) * (steps * 2 * dpo_cfg.batch_size + vals * 4 * n_val)     # reference rows; validation: both
     head = 2 * gpt.config.vocab_size * gpt.config.n_embd                       # the head's forward FLOPs a token
     reply = min(width, (d.mean[1] + d.mean[2]) / 2 + 1)                        # reply tokens a row, with EOS
     return {"what": (f"{len(names)} beta{'s' if len(names) > 1 else ''} ({', '.join(f'{b:g}' for _, b in names)}) x "
-                     f"{steps:,} steps x {dc.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
+                     f"{steps:,} steps x {dpo_cfg.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
                      f"pairs), the SFT reference forward on each; {vals} validations x {n_val:,} pairs"),
             "policies": [n for n, _ in names], "steps": steps,
             "flops": {"eager": trained * (width * fpt(gpt, width, head=False) + reply * 4 * head),
                       "forward": forward * (width * fpt(gpt, width, head=False) / 3 + reply * head)},
             "tokenize": (d.halves[0] + d.val) * sum(d.mean),
-            "memory": memory_parts(gpt, act, 1, pair_pass(seqs, dc.batch_size, cfg.model.block_size, cfg, d.scale,
+            "memory": memory_parts(gpt, act, 1, pair_pass(seqs, dpo_cfg.batch_size, cfg.model.block_size, cfg, d.scale,
                                                           "dpo"))}
 
 
 def work_rs(cfg, d, gpt, act):
     """Best-of-n on train prompts (sample_batch_size rows a generate call, n per prompt), scored by PM-A,
-    then a fine-tune on the winners, a tenth held out for validation (rs.run_rs)."""
-    rc = cfg.rs
-    N = rc.max_new_tokens or cfg.ppo.max_new_tokens
+    then a fine-tune on the winners, a tenth held out for validation (rs.stage_rs)."""
+    rs_cfg = cfg.rs
+    N = rs_cfg.max_new_tokens or cfg.ppo.max_new_tokens
     lens = [len(x) for x in sampled_prompts(cfg, d, N)]
     q_cap = min(cfg.ppo.max_prompt_tokens, cfg.model.block_size - N)  # prompts are cut as PPO's (sampled_prompts)
-    prompts = min(d.prompts, rc.num_prompts or d.prompts)
+    prompts = min(d.prompts, rs_cfg.num_prompts or d.prompts)
     winners = prompts - max(1, prompts // 10)
-    q = batch_width(lens, max(1, rc.sample_batch_size // rc.n), cfg.seed)
-    width = batch_width([n + N for n in lens], rc.batch_size, cfg.seed)  # a winner: prompt + reply (+ EOS)
-    w = lm_work(gpt, rc, width, winners, prompts - winners, "train")
-    w["flops"]["sample"] = prompts * rc.n * N * fpt(gpt, q + N) / 3
-    w["flops"]["forward"] += prompts * rc.n * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3
-    w.update(prompts=prompts, samples=prompts * rc.n, winners=winners, tokenize=d.prompts * d.mean[0],
-             decode=math.ceil(prompts * rc.n / rc.sample_batch_size) * N,
-             memory=max(memory_parts(gpt, act, 2, kv=(rc.sample_batch_size, q + N)),
-                        memory_parts(gpt, act, 0, trained_pass(rc.batch_size, widest([n + N + 1 for n in lens],
+    q = batch_width(lens, max(1, rs_cfg.sample_batch_size // rs_cfg.n), cfg.seed)
+    width = batch_width([n + N for n in lens], rs_cfg.batch_size, cfg.seed)  # a winner: prompt + reply (+ EOS)
+    w = lm_work(gpt, rs_cfg, width, winners, prompts - winners, "train")
+    w["flops"]["sample"] = prompts * rs_cfg.n * N * fpt(gpt, q + N) / 3
+    w["flops"]["forward"] += prompts * rs_cfg.n * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3
+    w.update(prompts=prompts, samples=prompts * rs_cfg.n, winners=winners, tokenize=d.prompts * d.mean[0],
+             decode=math.ceil(prompts * rs_cfg.n / rs_cfg.sample_batch_size) * N,
+             memory=max(memory_parts(gpt, act, 2, kv=(rs_cfg.sample_batch_size, q + N)),
+                        memory_parts(gpt, act, 0, trained_pass(rs_cfg.batch_size, widest([n + N + 1 for n in lens],
                                                                                      q_cap + N + 1, d.scale),
                                                                cfg, "lm_loss")), key=lambda p: sum(p.values())),
-             what=(f"{prompts:,} prompts x {rc.n} samples of <= {N} tokens, scored by PM-A; then {rc.max_steps:,} "
+             what=(f"{prompts:,} prompts x {rs_cfg.n} samples of <= {N} tokens, scored by PM-A; then {rs_cfg.max_steps:,} "
                    f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
     return w
 
@@ -307,40 +306,40 @@ def work_rs(cfg, d, gpt, act):
 def work_ppo(cfg, d, gpt, act):
     """PPO iterations of batch_size episodes, ppo_epochs passes of minibatches over each; PM-B judges the
     rollouts every judge_every iterations. Memory: policy (and critic trunk) with Adam, reference, 2 PMs."""
-    pc, N = cfg.ppo, cfg.ppo.max_new_tokens
+    ppo_cfg, N = cfg.ppo, cfg.ppo.max_new_tokens
     lens = [len(x) for x in sampled_prompts(cfg, d, N)]
-    q, episodes = batch_width(lens, pc.batch_size, cfg.seed), pc.iterations * pc.batch_size
-    judged = math.ceil(pc.iterations / pc.judge_every) if pc.judge_every else 0
-    mb_steps = pc.iterations * pc.ppo_epochs * (pc.batch_size // pc.minibatch_size)
-    width = widest(lens, pc.max_prompt_tokens, d.scale) + N  # the widest rollout: its longest query + the reply cap
-    trained = trained_pass(pc.minibatch_size, width, cfg, None)
-    trained += [] if pc.share_trunk else trained  # the critic's own trunk
-    return {"what": (f"{pc.iterations:,} iterations x {pc.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
-                     f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {pc.minibatch_size}; "
+    q, episodes = batch_width(lens, ppo_cfg.batch_size, cfg.seed), ppo_cfg.iterations * ppo_cfg.batch_size
+    judged = math.ceil(ppo_cfg.iterations / ppo_cfg.judge_every) if ppo_cfg.judge_every else 0
+    mb_steps = ppo_cfg.iterations * ppo_cfg.ppo_epochs * (ppo_cfg.batch_size // ppo_cfg.minibatch_size)
+    width = widest(lens, ppo_cfg.max_prompt_tokens, d.scale) + N  # the widest rollout: its longest query + the reply cap
+    trained = trained_pass(ppo_cfg.minibatch_size, width, cfg, None)
+    trained += [] if ppo_cfg.share_trunk else trained  # the critic's own trunk
+    return {"what": (f"{ppo_cfg.iterations:,} iterations x {ppo_cfg.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
+                     f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {ppo_cfg.minibatch_size}; "
                      f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
-            "iterations": pc.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
-            "flops": {"ppo": pc.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
-                      "forward": judged * pc.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
-            "decode": pc.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained, logits=(trained[0][0], N))}
+            "iterations": ppo_cfg.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
+            "flops": {"ppo": ppo_cfg.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
+                      "forward": judged * ppo_cfg.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
+            "decode": ppo_cfg.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained, logits=(trained[0][0], N))}
 
 
 def work_eval(cfg, d, gpt, act):
     """Test prompts: n SFT samples each (best-of-n) and policy_samples from cd, RS, PPO and each DPO beta, every
-    sample scored by PM-A and PM-B; each policy's KL to SFT from both models' log-probs (evaluate.run_eval)."""
-    ec = cfg.eval
-    N = ec.max_new_tokens or cfg.ppo.max_new_tokens
+    sample scored by PM-A and PM-B; each policy's KL to SFT from both models' log-probs (evaluate.stage_eval)."""
+    eval_cfg = cfg.eval
+    N = eval_cfg.max_new_tokens or cfg.ppo.max_new_tokens
     lens = [len(x) for x in sampled_prompts(cfg, d, N)]  # train prompts stand in for the test prompts' lengths
-    prompts, k = min(d.test_prompts, ec.num_prompts or d.test_prompts), ec.policy_samples
+    prompts, k = min(d.test_prompts, eval_cfg.num_prompts or d.test_prompts), eval_cfg.policy_samples
     policies = ["cd", "rs", "ppo"] + [name for name, _ in dpo.betas(cfg.dpo)]
     P = len(policies)
-    samples, q = prompts * (ec.n + P * k), batch_width(lens, max(1, ec.batch_size // ec.n), cfg.seed)
+    samples, q = prompts * (eval_cfg.n + P * k), batch_width(lens, max(1, eval_cfg.batch_size // eval_cfg.n), cfg.seed)
     scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 2 * P * prompts * k * fpt(gpt, q + N))
-    return {"what": (f"{prompts:,} test prompts x ({ec.n} SFT + {k} each from {', '.join(policies)}) samples of "
+    return {"what": (f"{prompts:,} test prompts x ({eval_cfg.n} SFT + {k} each from {', '.join(policies)}) samples of "
                      f"<= {N} tokens = {samples:,}, each scored by PM-A and PM-B; each policy's KL to SFT"),
             "prompts": prompts, "samples": samples,
             "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
-            "decode": (math.ceil(prompts * ec.n / ec.batch_size) + P * math.ceil(prompts * k / ec.batch_size)) * N,
-            "tokenize": d.test_prompts * d.mean[0], "memory": memory_parts(gpt, act, 4, kv=(ec.batch_size, q + N))}
+            "decode": (math.ceil(prompts * eval_cfg.n / eval_cfg.batch_size) + P * math.ceil(prompts * k / eval_cfg.batch_size)) * N,
+            "tokenize": d.test_prompts * d.mean[0], "memory": memory_parts(gpt, act, 4, kv=(eval_cfg.batch_size, q + N))}
 
 
 def make_plan(cfg, repeats=2):

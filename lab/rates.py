@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import bench
+from lab import bench
 from hub import GPT2_SIZES
 from model import GPT, GPTConfig
 from ppo import prompt_batch
@@ -60,12 +60,12 @@ def ppo_iteration_flops(cfg, gpt, Tq, rows=None):
     on `rows` rollouts (default ppo.batch_size) of Tq prompt tokens: rollout, B N sampled tokens; scoring,
     forward passes over the B (Tq + N) tokens by the policy, the reference, PM-A and, unless share_trunk,
     the critic's own trunk; update, ppo_epochs forward + backward passes of the policy (and that trunk)."""
-    pc = cfg.ppo
-    B, T = rows or pc.batch_size, Tq + pc.max_new_tokens
-    critic = 0 if pc.share_trunk else fpt(gpt, T, head=False)
-    return {"rollout": B * pc.max_new_tokens * fpt(gpt, T) / 3,
+    ppo_cfg = cfg.ppo
+    B, T = rows or ppo_cfg.batch_size, Tq + ppo_cfg.max_new_tokens
+    critic = 0 if ppo_cfg.share_trunk else fpt(gpt, T, head=False)
+    return {"rollout": B * ppo_cfg.max_new_tokens * fpt(gpt, T) / 3,
             "scoring": B * T * (2 * fpt(gpt, T) + fpt(gpt, T, head=False) + critic) / 3,
-            "update": pc.ppo_epochs * B * T * (fpt(gpt, T) + critic)}
+            "update": ppo_cfg.ppo_epochs * B * T * (fpt(gpt, T) + critic)}
 
 
 def gpt2_cache_path(name):
@@ -106,11 +106,11 @@ def sampled_prompts(cfg, d, new_tokens):
 def sampling_shapes(cfg):
     """{stage: (rows, new tokens)} of each stage's generate calls, the stages plan.py counts decode steps for:
     the SFT samples that normalise the PMs (rm), best-of-n (rs), PPO's rollouts and eval's samples."""
-    pc = cfg.ppo
-    return {"rm": (cfg.rm.eval_batch_size, pc.max_new_tokens),
-            "rs": (cfg.rs.sample_batch_size, cfg.rs.max_new_tokens or pc.max_new_tokens),
-            "ppo": (pc.batch_size, pc.max_new_tokens),
-            "eval": (cfg.eval.batch_size, cfg.eval.max_new_tokens or pc.max_new_tokens)}
+    ppo_cfg = cfg.ppo
+    return {"rm": (cfg.rm.eval_batch_size, ppo_cfg.max_new_tokens),
+            "rs": (cfg.rs.sample_batch_size, cfg.rs.max_new_tokens or ppo_cfg.max_new_tokens),
+            "ppo": (ppo_cfg.batch_size, ppo_cfg.max_new_tokens),
+            "eval": (cfg.eval.batch_size, cfg.eval.max_new_tokens or ppo_cfg.max_new_tokens)}
 
 
 def decode_bytes(c, rows, context):
@@ -163,12 +163,12 @@ def gpu_rates(name, cfg):
     return {**rates, "decode": decode, "tokenize": TOKENIZE_PER_S, **FILES}, f"{key} (assumed)", basis + files(cfg)
 
 
-def step_rate(cfg, sc, model, tok, data, device, repeats):
-    """(FLOP/s, seconds, rows, mean width) of one optimizer step of `sc` on `data` as supervised_train runs it
+def step_rate(cfg, train_cfg, model, tok, data, device, repeats):
+    """(FLOP/s, seconds, rows, mean width) of one optimizer step of `train_cfg` on `data` as supervised_train runs it
     (bench.timed_steps: compiled with cfg.compile): the FLOPs the plan counts for the step's batch positions,
     padding included as plan.lm_work counts it, over the step's seconds."""
-    dt, _, positions = bench.timed_steps(cfg, sc, model, tok, data, device, cfg.dtype, repeats)
-    rows = sc.batch_size * sc.grad_accum
+    dt, _, positions = bench.timed_steps(cfg, train_cfg, model, tok, data, device, cfg.dtype, repeats)
+    rows = train_cfg.batch_size * train_cfg.grad_accum
     return positions * fpt(model, positions / rows) / dt, dt, rows, positions / rows
 
 

@@ -80,14 +80,14 @@ def matmul_peak(device, dtype, repeats):
 
 
 def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
-    """Seconds of one ppo.ppo_step with the models train_ppo builds: the policy, a frozen reference,
+    """Seconds of one ppo.ppo_step with the models stage_ppo builds: the policy, a frozen reference,
     the critic (a trainable copy of the trunk, or the policy's own with ppo.share_trunk) and a PM."""
-    pc = cfg.ppo
+    ppo_cfg = cfg.ppo
     policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
     pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
-    trunk = None if pc.share_trunk else copy.deepcopy(model)
+    trunk = None if ppo_cfg.share_trunk else copy.deepcopy(model)
     critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
-    optimizer = ppo.build_optimizer(policy, critic, pc, device)
+    optimizer = ppo.build_optimizer(policy, critic, ppo_cfg, device)
     # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
     # the reward function) with a timer. The update is what is left.
     split = {"rollout": 0.0, "policy_value": 0.0, "ref": 0.0, "pm": 0.0}
@@ -105,30 +105,30 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
     policy.generate = timed(policy.generate, lambda a: "rollout")
     rollout_forward = ppo.rollout_forward
     ppo.rollout_forward = timed(rollout_forward, lambda a: "ref" if a[1] is None else "policy_value")
-    reward_fn = timed(ppo.pm_reward_fn(pm, tok, pc.minibatch_size, dtype), lambda a: "pm")
+    reward_fn = timed(ppo.pm_reward_fn(pm, tok, ppo_cfg.minibatch_size, dtype), lambda a: "pm")
     try:
         sync(device)
         t0 = time.perf_counter()
-        ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, pc, pc.kl_coef,
+        ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, query_mask, ppo_cfg, ppo_cfg.kl_coef,
                      None, torch.Generator(device=device).manual_seed(0), dtype=dtype)
         sync(device)
         total = time.perf_counter() - t0
     finally:
         ppo.rollout_forward = rollout_forward
         del policy.generate
-    return {"ppo_shape": {"batch": pc.batch_size, "minibatch": pc.minibatch_size, "epochs": pc.ppo_epochs,
-                          "query_tokens": queries.size(1), "new_tokens": pc.max_new_tokens, "share_trunk": pc.share_trunk},
+    return {"ppo_shape": {"batch": ppo_cfg.batch_size, "minibatch": ppo_cfg.minibatch_size, "epochs": ppo_cfg.ppo_epochs,
+                          "query_tokens": queries.size(1), "new_tokens": ppo_cfg.max_new_tokens, "share_trunk": ppo_cfg.share_trunk},
             "ppo_s": round(total, 4), "ppo_rollout_s": round(split["rollout"], 4),  # 0.1 ms: tiny shapes stay > 0
             "ppo_scoring_s": {k: round(split[k], 4) for k in ("policy_value", "ref", "pm")},
             "ppo_update_s": round(total - sum(split.values()), 4)}
 
 
-def timed_steps(cfg, sc, model, tok, data, device, dtype, repeats, steps=1):
-    """Optimizer steps 0..steps-1 of `sc` on `data` (a token stream, or SFT examples or packed rows), each
+def timed_steps(cfg, train_cfg, model, tok, data, device, dtype, repeats, steps=1):
+    """Optimizer steps 0..steps-1 of `train_cfg` on `data` (a token stream, or SFT examples or packed rows), each
     train.optimizer_step as supervised_train runs it (compiled with cfg.compile): one pass first as a warm-up
     (which also compiles every batch shape), then the fastest of `repeats` passes over the same steps.
     Returns (seconds a pass, real tokens a pass, batch positions a pass: real + pad)."""
-    optimizer = model.configure_optimizer(sc.weight_decay, sc.lr, (0.9, sc.beta2), device)
+    optimizer = model.configure_optimizer(train_cfg.weight_decay, train_cfg.lr, (0.9, train_cfg.beta2), device)
     train_model = torch.compile(model) if cfg.compile else model
     T = cfg.model.block_size
     tokens = []
@@ -136,12 +136,12 @@ def timed_steps(cfg, sc, model, tok, data, device, dtype, repeats, steps=1):
     def run():
         tokens.clear()
         for step in range(steps):
-            tokens.append(train.optimizer_step(train_model, optimizer, data, step, sc, cfg.seed, T, tok.eos_id,
+            tokens.append(train.optimizer_step(train_model, optimizer, data, step, train_cfg, cfg.seed, T, tok.eos_id,
                                                device, dtype)[2])
     run()  # warm-up (and compile)
     dt = best_time(run, device, repeats)
-    positions = sum(get_batch(data, i, sc.batch_size, T, cfg.seed, tok.eos_id)[0].numel()
-                    for i in range(steps * sc.grad_accum))
+    positions = sum(get_batch(data, i, train_cfg.batch_size, T, cfg.seed, tok.eos_id)[0].numel()
+                    for i in range(steps * train_cfg.grad_accum))
     return dt, sum(tokens), positions
 
 
@@ -149,9 +149,9 @@ def measure_train(cfg, model, tok, stream, device, dtype, repeats):
     """One optimizer step at pretrain's shape (batch_size x block_size, grad_accum micro-batches) on windows
     of the token stream: train_batch, train_step_s, train_tokens_per_s and train_gflops = flops_per_token *
     tokens_per_s."""
-    sc = cfg.pretrain
-    dt, tokens, _ = timed_steps(cfg, sc, model, tok, stream, device, dtype, repeats)
-    return {"train_batch": [sc.batch_size * sc.grad_accum, cfg.model.block_size], "train_step_s": round(dt, 4),
+    train_cfg = cfg.pretrain
+    dt, tokens, _ = timed_steps(cfg, train_cfg, model, tok, stream, device, dtype, repeats)
+    return {"train_batch": [train_cfg.batch_size * train_cfg.grad_accum, cfg.model.block_size], "train_step_s": round(dt, 4),
             "train_tokens_per_s": round(tokens / dt, 1),
             "train_gflops": round(model.flops_per_token() * tokens / dt / 1e9, 1)}
 
@@ -162,12 +162,12 @@ def measure_sft(cfg, model, tok, pairs, device, dtype, repeats, peak, steps=2):
     (tokens.pack_examples, as the GPU presets train: packed). For each: real (non-pad) tokens/s, their share of
     the batch's positions (real_frac: the rest is padding, computed and thrown away), and the MFU on the real
     tokens, as supervised_train logs it. Only the dialogues the timed steps can reach are tokenised."""
-    sc, T = cfg.sft, cfg.model.block_size
-    rows = steps * sc.batch_size * sc.grad_accum
+    train_cfg, T = cfg.sft, cfg.model.block_size
+    rows = steps * train_cfg.batch_size * train_cfg.grad_accum
     examples = train.sft_examples(pairs[:rows * -(-T // 64)], tok, cfg, T)  # enough to fill `rows` packed rows
-    out = {"sft_batch": [sc.batch_size * sc.grad_accum, T]}
+    out = {"sft_batch": [train_cfg.batch_size * train_cfg.grad_accum, T]}
     for name, data in (("padded", examples), ("packed", pack_examples(examples, T, tok.eos_id, cfg.seed))):
-        dt, tokens, positions = timed_steps(cfg, sc, model, tok, data, device, dtype, repeats, steps)
+        dt, tokens, positions = timed_steps(cfg, train_cfg, model, tok, data, device, dtype, repeats, steps)
         out[f"sft_{name}_tokens_per_s"] = round(tokens / dt, 1)
         out[f"sft_{name}_real_frac"] = round(tokens / positions, 3)
         out[f"sft_{name}_mfu"] = round(model.flops_per_token() * tokens / dt / 1e9 / peak, 3)
@@ -229,19 +229,19 @@ def run_bench(cfg, repeats=3):
     out.update(measure_sft(cfg, model, tok, train_pairs, device, dtype, repeats, peak))
 
     # ---- 2. generation at the rollout shape: KV cache vs full recompute ----
-    pc = cfg.ppo
-    max_prompt = min(pc.max_prompt_tokens, cfg.model.block_size - pc.max_new_tokens)
+    ppo_cfg = cfg.ppo
+    max_prompt = min(ppo_cfg.max_prompt_tokens, cfg.model.block_size - ppo_cfg.max_new_tokens)
     prompts = ppo.rl_prompts(cfg, "train", tok, max_prompt)
-    queries, query_mask = (t.to(device) for t in ppo.prompt_batch(prompts, 0, pc.batch_size, cfg.seed, tok.eos_id))
+    queries, query_mask = (t.to(device) for t in ppo.prompt_batch(prompts, 0, ppo_cfg.batch_size, cfg.seed, tok.eos_id))
     model.eval()
-    out["gen_shape"] = [pc.batch_size, queries.size(1), pc.max_new_tokens]
-    out["gen_tokens_per_s_cache"] = round(sample_rate(model, queries, query_mask, pc.max_new_tokens, device, dtype,
+    out["gen_shape"] = [ppo_cfg.batch_size, queries.size(1), ppo_cfg.max_new_tokens]
+    out["gen_tokens_per_s_cache"] = round(sample_rate(model, queries, query_mask, ppo_cfg.max_new_tokens, device, dtype,
                                                       repeats), 1)
-    rows = min(pc.batch_size, 16)  # without the cache a step costs a whole forward: time fewer rows
+    rows = min(ppo_cfg.batch_size, 16)  # without the cache a step costs a whole forward: time fewer rows
     out["gen_nocache_rows"] = rows
-    out["gen_tokens_per_s_nocache"] = round(sample_rate(model, queries[:rows], query_mask[:rows], pc.max_new_tokens,
+    out["gen_tokens_per_s_nocache"] = round(sample_rate(model, queries[:rows], query_mask[:rows], ppo_cfg.max_new_tokens,
                                                         device, dtype, 1, use_cache=False), 1)
-    out["gen_cache_speedup"] = round(sample_rate(model, queries[:rows], query_mask[:rows], pc.max_new_tokens, device,
+    out["gen_cache_speedup"] = round(sample_rate(model, queries[:rows], query_mask[:rows], ppo_cfg.max_new_tokens, device,
                                                  dtype, repeats) / out["gen_tokens_per_s_nocache"], 2)
 
     # ---- 3. one PPO iteration at the preset's PPO shape ----

@@ -10,7 +10,7 @@ script says so and stops. Both sides get the same shapes and the same work (4 la
 256, context 512, fp32, dropout 0, random token ids); each figure runs ours, theirs, ours, theirs, ...
 `--repeats` times and keeps each side's best time, so load on the machine slows both alike; the range after
 each ratio is the lowest and highest of the rounds' own ratios, the noise a best-time ratio sits in. Like
-rlhf.py, it runs with glibc's malloc limits raised (runtime.restart_with_start_env), for both sides. The
+rlhf.py, it runs with glibc's malloc limits raised (rlhf.restart_with_start_env), for both sides. The
 printed ratio is our throughput over theirs (> 1: we are faster).
 
   lm      one training step, batch 8 x 256, AdamW: GPT vs GPT2LMHeadModel (labels= computes its loss)
@@ -37,7 +37,7 @@ import torch
 import ppo
 from model import GPT, GPTConfig
 from reward import RewardModel, ranking_loss
-from runtime import restart_with_start_env
+from rlhf import restart_with_start_env
 from tokens import Tokenizer
 
 L, H, C, BLOCK = 4, 4, 256, 512  # the shape of every model here
@@ -166,26 +166,26 @@ def ppo_iteration(vocab, share_trunk):
     torch.manual_seed(0)
     queries = torch.randint(1, vocab, (16, 64))  # 0 is the pad id: TRL masks it out of a query
     # ours
-    pc = ppo.PPOConfig(batch_size=16, minibatch_size=16, ppo_epochs=4, max_new_tokens=64, kl_coef=0.05,
+    ppo_cfg = ppo.PPOConfig(batch_size=16, minibatch_size=16, ppo_epochs=4, max_new_tokens=64, kl_coef=0.05,
                        share_trunk=share_trunk)
     policy = GPT(ours_config(vocab))
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
     pm = RewardModel(ours_config(vocab)).eval().requires_grad_(False)
     critic = ppo.build_critic(None if share_trunk else copy.deepcopy(pm), pm.head.weight, pm.head.bias)
-    optimizer = ppo.build_optimizer(policy, critic, pc, "cpu")
+    optimizer = ppo.build_optimizer(policy, critic, ppo_cfg, "cpu")
     reward_fn = ppo.pm_reward_fn(pm, Tokenizer(), 16)
     gen = torch.Generator().manual_seed(0)
 
     def step_ours():
-        ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, torch.ones_like(queries), pc,
-                     pc.kl_coef, None, gen)
+        ppo.ppo_step(policy, ref_policy, critic, optimizer, reward_fn, queries, torch.ones_like(queries), ppo_cfg,
+                     ppo_cfg.kl_coef, None, gen)
     # theirs
     word_tok = WordTokenizer(WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
     tok = PreTrainedTokenizerFast(tokenizer_object=word_tok, pad_token="<pad>", eos_token="<unk>")
     args = PPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, gradient_accumulation_steps=1,
                      num_mini_batches=1, num_ppo_epochs=4, total_episodes=16, response_length=64, temperature=1.0,
                      local_rollout_forward_batch_size=16, num_sample_generations=0, report_to=[], use_cpu=True,
-                     save_strategy="no", kl_coef=0.05, learning_rate=pc.lr, stop_token=None,
+                     save_strategy="no", kl_coef=0.05, learning_rate=ppo_cfg.lr, stop_token=None,
                      missing_eos_penalty=None, bf16=False, fp16=False, disable_tqdm=True)
     hf_policy = GPT2LMHeadModel(hf_config(vocab))
     hf_pm = GPT2ForSequenceClassification(hf_config(vocab, num_labels=1))
