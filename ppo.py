@@ -31,7 +31,7 @@ import torch.distributed as dist
 from actor_critic import build_optimizer, forward_policy, load_models, logprobs_from_logits, rollout_forward
 from reward import pm_reward_fn, score_replies
 from runtime import (ConfigError, MetricsLog, NonFiniteLoss, all_ranks_mean, autocast, average_gradients, batch_rows,
-                     clip_and_step, dist_info, grad_scaler, initial_policy, load_checkpoint, load_model, micro_batches,
+                     clip_and_step, dist_info, grad_scaler, initial_policy, load_checkpoint, micro_batches,
                      model_checkpoint, pick_device, restore, rng_state, save_checkpoint, set_seed, stage_done,
                      token_share)
 from sampling import reply_ended, rl_prompts

@@ -20,7 +20,7 @@ import torch
 
 from data import read_pairs, resolve_data_dir, split_train_val
 from runtime import ConfigError, autocast, load_model, pick_device
-from tokens import pad_left, pad_right, prompt_ids
+from tokens import pad_left, prompt_ids
 
 
 @dataclass

@@ -4,7 +4,6 @@ import re
 import pytest
 
 import rlhf
-import runtime
 
 
 def test_presets_then_flags_override_with_types():

@@ -8,7 +8,6 @@ import os
 import socket
 import time
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
