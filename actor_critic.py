@@ -96,7 +96,8 @@ def sample_logprobs(model, queries, replies, batch_size, pad_id, temperature=1.0
 def load_models(out, init_path, ppo_cfg, device):
     """The initial policy (init_path: SFT, or CD; trained), its frozen copy (the reference), PM-A (the reward,
     frozen), PM-B (the held-out judge, frozen) and the value model: a trainable copy of PM-A (trunk and head),
-    or PM-A's head on the policy's trunk (ppo_cfg.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b, tok)."""
+    or PM-A's head on the policy's trunk (ppo_cfg.share_trunk). Returns (policy, ref_policy, critic, pm_a, pm_b,
+    tok)."""
     policy, tok, _ = load_model(init_path, device)
     ref_policy, _, _ = load_model(init_path, device)
     disable_dropout(policy)

@@ -138,7 +138,8 @@ def stage_cd(run, cd_cfg, sample, log):
     print(f"[cd] HHH prompt {cd_cfg.prompt_file or PROMPT_FILE}: {len(context)} tokens"
           + (f" (its first {cut} cut: the context is {teacher.config.block_size})" if cut else "")
           + f"; dialogues cut to {room}")
-    train_ex, val_ex = (cd_examples([(p.prompt, p.chosen) for p in ps], tok, room + 1) for ps in (train_pairs, val_pairs))
+    train_ex, val_ex = (cd_examples([(p.prompt, p.chosen) for p in ps], tok, room + 1)
+                        for ps in (train_pairs, val_pairs))
     before, after = supervised_train(run, "cd", cd_cfg, student, tok, train_ex, val_ex, ckpt_path(run, "cd"), log)
     print(f"[cd] held-out KL(teacher || student) per token: {before:.4f} nats before distilling (what the prompt "
           f"changes), {after:.4f} after")

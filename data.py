@@ -45,8 +45,10 @@ KNOWN_FILES = {
     "helpful-base/test.jsonl.gz": ("8be3fc1a13b27901631696f2be6f184c799f1baeaf145f53ac5db24960adc37b", 875191),
     "helpful-online/train.jsonl.gz": ("0994d18b82083f5c084ce04071b683958a724df8c7215ab1d851986642d36a2a", 20127228),
     "helpful-online/test.jsonl.gz": ("39a475cc7e0df972902f8e3a0972726fce826ac65369bda8c671de4330c60a10", 1053578),
-    "helpful-rejection-sampled/train.jsonl.gz": ("0cea2d2ab2187624ec1314e8cc6fb579f0fa987b3a33e8102b7556ed4d255f64", 25697148),
-    "helpful-rejection-sampled/test.jsonl.gz": ("abc35dbc56015db1dae0faa484514ccbc3eee0133bfcd557fc69250619b028bb", 1361231),
+    "helpful-rejection-sampled/train.jsonl.gz":
+        ("0cea2d2ab2187624ec1314e8cc6fb579f0fa987b3a33e8102b7556ed4d255f64", 25697148),
+    "helpful-rejection-sampled/test.jsonl.gz":
+        ("abc35dbc56015db1dae0faa484514ccbc3eee0133bfcd557fc69250619b028bb", 1361231),
 }
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 MAX_LINE_BYTES = 1 << 20  # a real row is a few KB; a longer line is garbage, not a dialogue

@@ -32,8 +32,8 @@ from data import resolve_data_dir, train_comparisons
 from model import GPT, disable_dropout
 from reward import ranking_loss, reply_logprobs
 from rm import PairTrainConfig, RMConfig, train_pm
-from runtime import (ConfigError, MetricsLog, barrier, dist_info, initial_policy, load_model, model_checkpoint, pick_device, rng_state,
-                     save_checkpoint, set_seed, stage_done)
+from runtime import (ConfigError, MetricsLog, barrier, dist_info, initial_policy, load_model, model_checkpoint,
+                     pick_device, rng_state, save_checkpoint, set_seed, stage_done)
 from tokens import dpo_example, tokenize_pairs
 
 
@@ -124,7 +124,8 @@ def stage_dpo(run, dpo_cfg, split_halves=True):
         ref, tok, _ = load_model(sft_path, device)
         disable_dropout(ref)
         if train_ex is None:
-            _, val_pairs, (half_a, _) = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, split_halves)
+            _, val_pairs, (half_a, _) = train_comparisons(resolve_data_dir(run.data_dir or None), run.data,
+                                                          split_halves)
             enc = lambda ps: [dpo_example(*ids, tok, ref.config.block_size, run.data.max_reply_tokens)  # noqa: E731
                               for ids in tokenize_pairs(ps, tok)]
             train_ex, val_ex = enc(half_a), enc(val_pairs)
@@ -135,8 +136,9 @@ def stage_dpo(run, dpo_cfg, split_halves=True):
         info = train_pm(run, rm_cfg, policy, tok, train_ex, val_ex, "dpo", ckpt_path=path, log=MetricsLog(run.out_dir),
                         name=name)
         if rank == 0:
-            save_checkpoint(path, model_checkpoint(policy, tok, stage="dpo", config=asdict(dpo_cfg), beta=beta, seed=run.seed,
-                                                   rng=rng_state(), done=True, train_pairs=len(train_ex), **info))
+            save_checkpoint(path, model_checkpoint(policy, tok, stage="dpo", config=asdict(dpo_cfg), beta=beta,
+                                                   seed=run.seed, rng=rng_state(), done=True, train_pairs=len(train_ex),
+                                                   **info))
             print(f"[dpo] {name}: beta {beta:g}, best step {info['best_step']}/{info['steps']}, val loss "
                   f"{info['val_loss']:.3f} (log 2 = 0.693 at the start), implicit-reward val accuracy "
                   f"{info['val_accuracy']:.3f}, {info['wall_s']:.0f}s -> {path}")

@@ -169,7 +169,7 @@ def rl_temperature(out_dir, ppo_cfg):
 
 def ppo_frontier(out_dir, windows, debiased=False):
     """PPO's path on the frontier, from its metrics.jsonl rows (PM-A, ppo/pm_b, ppo/kl on the training rollouts),
-    averaged into `windows` consecutive chunks of iterations. Rows of an earlier, forced-over run are dropped: the
+    averaged into `windows` consecutive chunks of iterations. Rows of a previous, forced-over run are dropped: the
     current run is the one after the last iteration-0 row. pm_a is raw PM-A, the unit of best-of-n's curve and the
     final points: ppo/pm_a, or, when PPO's reward was the length-debiased PM-A (--ppo.length_debias, which logs
     that reward as ppo/pm_a), ppo/pm_a_raw, with the debiased reward kept as pm_a_debiased. A debiased run
@@ -219,21 +219,23 @@ def write_report(path, ev, examples):
     """out_dir/report.md: the policy table, best-of-n curve, frontier fits and a few replies."""
     lines = ["# Evaluation on held-out test prompts", "",
              "PM-A is the reward the policies were optimised against; PM-B, trained on the other half of the "
-             "comparisons, is the held-out judge. KL is to the SFT policy in nats (analytic for best-of-n). Win rates are "
-             "± their standard error over prompts (a bootstrap of the prompts).", "",
+             "comparisons, is the held-out judge. KL is to the SFT policy in nats (analytic for best-of-n). "
+             "Win rates are ± their standard error over prompts (a bootstrap of the prompts).", "",
              "| policy | PM-A | PM-B | KL | sqrt KL | win rate vs SFT (PM-B) | length-controlled | reply tokens |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, p in ev["policies"].items():
         lines.append(f"| {name} | {p['pm_reward']:+.3f} | {p['heldout_pm_reward']:+.3f} | {p['kl']:.2f} | "
-                     f"{math.sqrt(max(p['kl'], 0)):.2f} | {p['win_rate_vs_sft']:.3f} ± {p.get('win_rate_se', math.nan):.3f} | "
+                     f"{math.sqrt(max(p['kl'], 0)):.2f} | "
+                     f"{p['win_rate_vs_sft']:.3f} ± {p.get('win_rate_se', math.nan):.3f} | "
                      f"{p['lc_win_rate_vs_sft']:.3f} ± {p.get('lc_win_rate_se', math.nan):.3f} | "
                      f"{p['mean_reply_tokens']:.1f} |")
-    lines += ["", *[f"- {n}" for n in ev["notes"]], "", "## Best-of-n (PM-A picks, unbiased estimator of Gao et al.)", "",
+    lines += ["", *[f"- {n}" for n in ev["notes"]], "",
+              "## Best-of-n (PM-A picks, unbiased estimator of Gao et al.)", "",
               "| n | KL = log n - (n-1)/n | PM-A | PM-B |", "| --- | --- | --- | --- |"]
     lines += [f"| {p['n']} | {p['kl']:.3f} | {p['pm_a']:+.3f} | {p['pm_b']:+.3f} |" for p in ev["bon_curve"]]
     lines += ["", "## Reward vs d = sqrt(KL): least-squares fits", "",
-              "Gao et al. forms are fitted to the gain over the starting policy; `linear` (Bai et al.) to the raw reward. "
-              "PPO points come from its training rollouts (train prompts), best-of-n from test prompts.", "",
+              "Gao et al. forms are fitted to the gain over the starting policy; `linear` (Bai et al.) to the raw "
+              "reward. PPO points come from its training rollouts (train prompts), best-of-n from test prompts.", "",
               "| curve | form | a | b | rmse | points |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k} | {f['form']} | {f['a']:+.4f} | {f['b']:+.4f} | {f['rmse']:.4f} | {f['points']} |"
               for k, f in ev["frontier_fits"].items()]
@@ -267,17 +269,16 @@ def sample_and_score(policy, queries, k, max_new, tok, generator, T, reward_a, r
 
 
 def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
-    """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dpo_cfg) on held-out test prompts -> eval.json (its "pm" section,
-    written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
+    """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dpo_cfg) on held-out test prompts -> eval.json
+    (its "pm" section, written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
-    SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n
-    gets n SFT samples of its own, a second draw: PM-A picks its reply among them, and the unbiased estimator gives
-    its curve for every n up to n at once. Its win rates then compare the pick with SFT replies the picker never saw,
-    P(best-of-n beats a fresh SFT reply); against its own pool one comparison would be the pick itself (a tie)
-    and the rest replies PM-A ranked below it, a ranking PM-B (trained on the other half of the same kind of
-    comparisons) mostly shares (eval.json: policies.bon.baseline_unseen). cd, rs, ppo and dpo get `policy_samples` each; KL(policy || SFT)
-    is the sampled estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are
-    skipped."""
+    SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n gets n
+    SFT samples of its own, a second draw: PM-A picks its reply among them, and the unbiased estimator gives its curve
+    for every n up to n at once. Its win rates then compare the pick with SFT replies the picker never saw, P(best-of-n
+    beats a fresh SFT reply); against its own pool one comparison would be the pick itself (a tie) and the rest replies
+    PM-A ranked below it, a ranking PM-B (trained on the other half of the same kind of comparisons) mostly shares
+    (eval.json: policies.bon.baseline_unseen). cd, rs, ppo and dpo get `policy_samples` each; KL(policy || SFT) is the
+    sampled estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
     out = run.out_dir
     device = pick_device(run.device)
     set_seed(run.seed)
@@ -290,7 +291,8 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     max_new = eval_cfg.max_new_tokens or ppo_cfg.max_new_tokens
     max_prompt = min(ppo_cfg.max_prompt_tokens, sft.config.block_size - max_new)
     prompts = rl_prompts(run, "test", tok, max_prompt)[:eval_cfg.num_prompts or None]
-    queries, P, n, k, bs = [q for _, q in prompts], len(prompts), eval_cfg.n, eval_cfg.policy_samples, eval_cfg.batch_size
+    queries, P = [q for _, q in prompts], len(prompts)
+    n, k, bs = eval_cfg.n, eval_cfg.policy_samples, eval_cfg.batch_size
     print(f"[eval] {P} test prompts | SFT x{n}, best-of-{n} from {n} more | cd, rs, ppo, dpo x{k}")
     gen = lambda name: torch.Generator(device=device).manual_seed(run.seed + zlib.crc32(name.encode()))  # noqa: E731
     T = rl_temperature(out, ppo_cfg)
@@ -338,8 +340,8 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
         policies[name]["beta"] = value
 
     # 4. the frontier: best-of-n and PPO on the same (sqrt KL, reward) axes, and the fits, in raw PM-A
-    fits = write_frontier(out, bon_curve, policies, eval_cfg.frontier_windows, bool(ppo_config(out).get("length_debias")),
-                          notes)
+    fits = write_frontier(out, bon_curve, policies, eval_cfg.frontier_windows,
+                          bool(ppo_config(out).get("length_debias")), notes)
     # 5. eval.json (merged with rm's "pm" section), report.md
     examples = side_by_side(prompts[:eval_cfg.num_examples], replies, a, b, n, k, tok)
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),

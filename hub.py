@@ -166,7 +166,8 @@ def download_gpt2(name, cache_dir=None):
                       stacklevel=3)
     if path.exists():
         if problem := file_mismatch(path, sha256, size):
-            raise DataError(f"{path} does not match the pinned {name} weights ({problem}); delete it and rerun. {instead}")
+            raise DataError(f"{path} does not match the pinned {name} weights ({problem}); delete it and rerun. "
+                            f"{instead}")
         return path
     try:
         return download_file(url, path, sha256, size, strict=True)
@@ -350,7 +351,7 @@ def gpt2_bpe_files(enc):
                 break
             parts[j:j + 2] = [parts[j] + parts[j + 1]]
         if len(parts) != 2:
-            raise ValueError(f"token {i} of {enc.name} is not one merge of earlier tokens")
+            raise ValueError(f"token {i} of {enc.name} is not one merge of lower-ranked tokens")
         merges.append((spell(parts[0]), spell(parts[1])))
     vocab = {spell(t): i for i, t in enumerate(tokens)}
     vocab["<|endoftext|>"] = enc.eot_token
@@ -387,7 +388,8 @@ class ExportConfig:
 def stage_export(run, export_cfg, sample_cfg):
     """Write a policy (or a preference model's trunk plus its head) as a Hugging Face GPT-2 folder."""
     from runtime import load_model  # runtime imports model, which imports this file
-    path = export_cfg.policy if export_cfg.policy.endswith(".pt") else os.path.join(run.out_dir, f"{export_cfg.policy}.pt")
+    path = (export_cfg.policy if export_cfg.policy.endswith(".pt")
+            else os.path.join(run.out_dir, f"{export_cfg.policy}.pt"))
     model, tok, ckpt = load_model(path)
     to = export_cfg.to or os.path.join(run.out_dir, "hf", os.path.basename(path).removesuffix(".pt"))
     # generate() and pipeline() then sample as `sample` and `chat` do

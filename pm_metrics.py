@@ -243,25 +243,27 @@ def format_report(pm):
     kl_lo, kl_hi = pm.get("score_kl_a_b_ci", [math.nan, math.nan])  # absent from eval.json files before it
     return (f"[rm] test pairs {pm['test_pairs']} ({pm['data_dir']})\n"
             f"  PM-A accuracy     {ci_str(pm['accuracy'], pm['accuracy_ci'])}   ECE {pm['ece']:.3f}\n"
-            f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   ECE {pm['heldout_pm_ece']:.3f}\n"
+            f"  PM-B accuracy     {ci_str(pm['heldout_pm_accuracy'], pm['heldout_pm_accuracy_ci'])}   "
+            f"ECE {pm['heldout_pm_ece']:.3f}\n"
             f"  bag of tokens     {bow}\n"
             f"  length baseline   {ci_str(pm['length_baseline_accuracy'], pm['length_baseline_accuracy_ci'])}; on the "
             f"{longer['n']} pairs where the chosen reply is longer: PM-A {longer['accuracy']:.3f}, "
             f"PM-B {longer['heldout_pm_accuracy']:.3f}\n"
-            f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats [{kl_lo:.3f}, {kl_hi:.3f}], corr {pm['score_corr_a_b']:.2f}, "
+            f"  A vs B: score KL {pm['score_kl_a_b']:.3f} nats [{kl_lo:.3f}, {kl_hi:.3f}], "
+            f"corr {pm['score_corr_a_b']:.2f}, "
             f"agreement {pm['agreement_a_b']:.2f}; by PM-A score decile: "
             + " ".join(f"{d['agreement']:.2f}" for d in pm["agreement_by_decile"])
             + "".join(f"\n  by {what} (n, PM-A, PM-B, length): " + ", ".join(
                 f"{t}: ({d['n']}, {d['accuracy']:.2f}, {d['heldout_pm_accuracy']:.2f}, {d['length_baseline']:.2f})"
-                for t, d in pm[key].items()) for what, key in (("human turns", "accuracy_by_turns"), ("subset", "by_subset"))
-                      if key in pm))
+                for t, d in pm[key].items())
+                      for what, key in (("human turns", "accuracy_by_turns"), ("subset", "by_subset")) if key in pm))
 
 
 # ----------------------------------------------------------------------------------------------
 # the evaluation: both PMs on a test split -> eval.json["pm"]
 
 def update_eval_json(out_dir, pm):
-    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", earlier pm tables)."""
+    """Merge `pm` into out_dir/eval.json["pm"], keeping every other key ("policies", previous pm tables)."""
     path = os.path.join(out_dir, "eval.json")
     doc = {}
     if os.path.exists(path):

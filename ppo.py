@@ -289,20 +289,19 @@ def minibatch_losses(policy, critic, ro, rows, ppo_cfg, dtype):
     device = ro["responses"].device
     with autocast(device.type, dtype):  # the forward only: backward runs in the forward's dtypes
         logits, values = forward_policy(policy, critic, ro["query_response"][rows], ro["attention_mask"][rows],
-                                        ro["context_length"], ppo_cfg.temperature)                    # (b, N, V), (b, N)
+                                        ro["context_length"], ppo_cfg.temperature)                # (b, N, V), (b, N)
     logprobs = logprobs_from_logits(logits, ro["responses"][rows])                                # (b, N) fp32
     return ppo_losses(logprobs, values, ro["logprobs"][rows], ro["values"][rows], ro["advantages"][rows],
                       ro["returns"][rows], ro["mask"][rows], ppo_cfg.cliprange, ppo_cfg.cliprange_value)
 
 
 def ppo_update(policy, critic, optimizer, ro, ppo_cfg, generator, dtype, max_tokens=0, scaler=None):
-    """Step 5 of ppo_step: ppo_cfg.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the
-    rollout `ro`, stopping early once a minibatch's approximate KL passes ppo_cfg.max_approx_kl (if set).
-    A minibatch of more than max_tokens tokens (rows x query + response) runs in groups of rows
-    (runtime.micro_batches), each group's losses weighted by its share of the minibatch's reply tokens:
-    the losses are means over those tokens, so the gradients add up to the minibatch's. Under torchrun each
-    rank's loss is weighted by its share of the minibatch's tokens and the gradients are averaged before
-    every step. Returns (per-minibatch stats, stopped early)."""
+    """Step 5 of ppo_step: ppo_cfg.ppo_epochs passes of clipped PPO updates over shuffled minibatches of the rollout
+    `ro`, stopping early once a minibatch's approximate KL passes ppo_cfg.max_approx_kl (if set). A minibatch of more
+    than max_tokens tokens (rows x query + response) runs in groups of rows (runtime.micro_batches), each group's losses
+    weighted by its share of the minibatch's reply tokens: the losses are means over those tokens, so the gradients add
+    up to the minibatch's. Under torchrun each rank's loss is weighted by its share of the minibatch's tokens and the
+    gradients are averaged before every step. Returns (per-minibatch stats, stopped early)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     B, device, mb_stats = ro["responses"].size(0), ro["responses"].device, []
     scaler = scaler or grad_scaler(device.type, "float32")  # off: a plain step
@@ -351,17 +350,20 @@ def prompt_batch(prompts, index, batch_size, seed, pad_id):
 
 
 def resume(path, policy, critic, optimizer, ppo_cfg, scaler):
-    """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or (0, ppo_cfg.kl_coef)."""
+    """(first iteration, beta): from an unfinished ppo.pt (weights, optimizer, RNG, KL controller), or
+    (0, ppo_cfg.kl_coef)."""
     if not os.path.exists(path):
         return 0, ppo_cfg.kl_coef
     ckpt = restore(path, policy, optimizer, critic=critic, scaler=scaler)
-    print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{ppo_cfg.iterations}, beta {ckpt['kl_coef']:.4f}")
+    print(f"[ppo] resuming from {path} at iteration {ckpt['iteration']}/{ppo_cfg.iterations}, "
+          f"beta {ckpt['kl_coef']:.4f}")
     return ckpt["iteration"], ckpt["kl_coef"]
 
 
 def print_iteration(it, ppo_cfg, stats, ro, tok):
     """One line of an iteration's numbers, and every ppo_cfg.sample_every iterations two of its replies."""
-    print(f"[ppo] it {it + 1}/{ppo_cfg.iterations} | pm_a {stats['pm_a']:+.3f} | pm_b {stats.get('pm_b', math.nan):+.3f} "
+    print(f"[ppo] it {it + 1}/{ppo_cfg.iterations} | pm_a {stats['pm_a']:+.3f} "
+          f"| pm_b {stats.get('pm_b', math.nan):+.3f} "
           f"| kl {stats['kl']:.2f} | beta {stats['kl_coef']:.3f} | ent {stats['entropy']:.2f} "
           f"| clipfrac {stats['clipfrac']:.3f} | approx_kl {stats['approx_kl']:.4f} | ev {stats['explained_var']:.2f} "
           f"| len {stats['reply_len']:.1f} | eos {stats['eos_rate']:.2f} | {stats['time']:.1f}s")
@@ -384,7 +386,8 @@ def stage_ppo(run, ppo_cfg):
     assert ppo_cfg.batch_size % ppo_cfg.minibatch_size == 0 and ppo_cfg.minibatch_size % world_size == 0, (
         f"ppo.batch_size {ppo_cfg.batch_size} must be a multiple of ppo.minibatch_size {ppo_cfg.minibatch_size}, "
         f"which must be divisible by the {world_size} processes")
-    local = replace(ppo_cfg, batch_size=ppo_cfg.batch_size // world_size, minibatch_size=ppo_cfg.minibatch_size // world_size)
+    local = replace(ppo_cfg, batch_size=ppo_cfg.batch_size // world_size,
+                    minibatch_size=ppo_cfg.minibatch_size // world_size)
     device = pick_device(run.device)
     set_seed(run.seed)
     policy, ref_policy, critic, pm_a, pm_b, tok = load_models(out, initial_policy(run), ppo_cfg, device)
@@ -396,7 +399,8 @@ def stage_ppo(run, ppo_cfg):
     optimizer = build_optimizer(policy, critic, ppo_cfg, torch.device(device).type)
     scaler = grad_scaler(device, dtype)  # fp16 only: the loss scaler; a no-op otherwise
     start, kl_coef = resume(path, policy, critic, optimizer, ppo_cfg, scaler)
-    prompts = rl_prompts(run, "train", tok, min(ppo_cfg.max_prompt_tokens, policy.config.block_size - ppo_cfg.max_new_tokens))
+    prompts = rl_prompts(run, "train", tok,
+                         min(ppo_cfg.max_prompt_tokens, policy.config.block_size - ppo_cfg.max_new_tokens))
     print(f"[ppo] {len(prompts)} train prompts | {ppo_cfg.iterations} iterations x {ppo_cfg.batch_size} rollouts | "
           f"beta {kl_coef} ({'adaptive' if ppo_cfg.adaptive_kl else 'fixed'}) | lr {ppo_cfg.lr} | device {device}"
           + (f" | {world_size} processes" if world_size > 1 else ""))
@@ -417,9 +421,8 @@ def stage_ppo(run, ppo_cfg):
                                    for t in prompt_batch(prompts, it, ppo_cfg.batch_size, run.seed, tok.eos_id))
             generator = torch.Generator(device=device).manual_seed(run.seed * 1_000_003 + it + 7919 * rank)
             try:
-                stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask,
-                                     local, kl_coef, tok.eos_id, generator, tok.stop_ids, dtype, run.micro_tokens,
-                                     scaler)
+                stats, ro = ppo_step(policy, ref_policy, critic, optimizer, reward_a, queries, query_mask, local,
+                                     kl_coef, tok.eos_id, generator, tok.stop_ids, dtype, run.micro_tokens, scaler)
             except NonFiniteLoss as e:
                 raise NonFiniteLoss(f"[ppo] {e} at iteration {it}; the last good checkpoint is kept in {path} "
                                     f"(try a lower --ppo.lr or a larger --ppo.kl_coef)") from None
@@ -430,7 +433,8 @@ def stage_ppo(run, ppo_cfg):
                 stats["pm_a_raw"] = score_replies(pm_a, tok, ro["q_list"], ro["r_list"], dtype=dtype).mean().item()
             stats = {k: all_ranks_mean(v).item() for k, v in stats.items()}  # each rank saw its own rollouts
             if ppo_cfg.adaptive_kl:
-                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], ppo_cfg.batch_size, ppo_cfg.target_kl, ppo_cfg.kl_horizon)
+                kl_coef = adaptive_kl_coef(kl_coef, stats["kl"], ppo_cfg.batch_size, ppo_cfg.target_kl,
+                                           ppo_cfg.kl_horizon)
             stats.update(sqrt_kl=math.sqrt(max(stats["kl"], 0.0)), time=time.time() - t0)
             if rank == 0:
                 log.log("ppo", it, **stats)

@@ -14,9 +14,9 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
   dpo       DPO from SFT on PM-A's half of the comparisons, no PM (and a beta sweep)       dpo.pt
   eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
-and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first),
-bench (speed figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures),
-export (a Hugging Face GPT-2 folder: `export --policy ppo --to DIR`).
+and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first), bench (speed
+figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures), export (a
+Hugging Face GPT-2 folder: `export --policy ppo --to DIR`).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
 from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
@@ -175,8 +175,9 @@ PRESETS = {
     "gpu": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2"},
     # GPT-2-medium (355M, minChatGPT's size) on the same card: ~2.9x the parameters, micro-batches halved to fit 24 GB
     "gpu-medium": {**GPU_MODEL, **GPU_STAGES, "pretrain.init": "gpt2-medium", "model.n_layer": 24, "model.n_head": 16,
-                   "model.n_embd": 1024, "micro_tokens": 8192, "sft.batch_size": 8, "sft.grad_accum": 8, "rs.batch_size": 8,
-                   "rs.grad_accum": 2, "rm.batch_size": 16, "dpo.batch_size": 16, "ppo.share_trunk": True},
+                   "model.n_embd": 1024, "micro_tokens": 8192, "sft.batch_size": 8, "sft.grad_accum": 8,
+                   "rs.batch_size": 8, "rs.grad_accum": 2, "rm.batch_size": 16, "dpo.batch_size": 16,
+                   "ppo.share_trunk": True},
     # GPT-2-small's shape pretrained from scratch on hh-rlhf dialogue text (~9 passes over it, the best-validation
     # weights kept), then the gpu preset's stages: a study of what pretraining alone gives, not a good policy
     "gpu-scratch": {**GPU_MODEL, **GPU_STAGES, "pretrain.max_steps": 5000, "pretrain.batch_size": 16,
@@ -184,8 +185,8 @@ PRESETS = {
                     "sft.lr": 1e-4},
 }
 
-STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "studies", "sample", "chat", "plot",
-          "export"]
+STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "studies", "sample",
+          "chat", "plot", "export"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -334,7 +335,8 @@ def run(stage, cfg):
     rank, world_size, _ = init_distributed()
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # one log: rank 0's
-    print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}" + (f" | {world_size} processes" if world_size > 1 else ""))
+    print(f"rlhf.py {stage} | preset {cfg.preset} | out_dir {cfg.out_dir}"
+          + (f" | {world_size} processes" if world_size > 1 else ""))
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

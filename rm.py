@@ -65,15 +65,18 @@ class PairTrainConfig:
 @dataclass
 class RMConfig(PairTrainConfig):
     """PM-A and PM-B: the objective, the trunk, PMP and the normalisation (the training fields: PairTrainConfig)."""
-    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply); "lm": ablation only
-    init: str = "policy"         # trunk: "policy" (the initial policy: --policy_init), or "sft", "cd", "base" (out_dir/NAME.pt)
+    objective: str = "ranking"   # PM loss: "ranking" (-log sigmoid(r_c - r_r)) or "binary" (BCE per reply);
+                                 # "lm": ablation only
+    init: str = "policy"         # trunk: "policy" (the initial policy: --policy_init), or "sft", "cd", "base"
+                                 # (out_dir/NAME.pt)
     margin: float = 0.0          # ranking: -log sigmoid(r_c - r_r - margin)
     center_coef: float = 0.0     # ranking: + coef * mean((r_c + r_r)^2), keeps scores centred at 0
     split_halves: bool = True    # PM-A / PM-B on disjoint halves of train (False: both see all pairs)
     pmp: bool = False            # preference-model pretraining on unlabelled, auto-built comparisons first
     pmp_steps: int = 200         # PMP steps (batch_size comparisons each)
     pmp_dir: str = ""            # PMP on real preference data in hh-rlhf's layout (DIR/NAME/train.jsonl.gz rows of
-                                 # {"chosen", "rejected"}: StackExchange, Reddit, ...) instead of pmp_pairs'; implies pmp
+                                 # {"chosen", "rejected"}: StackExchange, Reddit, ...) instead of pmp_pairs';
+                                 # implies pmp
     normalize: str = "scale"     # "scale": gain+bias so SFT samples score mean 0, std 1; "shift": bias only; "none"
     normalize_samples: int = 512 # SFT samples (train prompts, PPO's shapes and temperature) that fit gain and bias;
                                  # the fitted mean is off by ~1/sqrt(this) SFT standard deviations
@@ -124,13 +127,13 @@ def pmp_data(run, rm_cfg, train_pairs):
 
 
 def pair_batch(examples, index, batch_size, seed, pad_id, group_by_length=False, group=32):
-    """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a
-    resumed run sees the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]),
-    labels (2B,), and for DPO's (chosen, rejected, prompt_length) examples the reply mask (2B, T), else None. group_by_length: each run of `group` batches of the epoch's permutation is sorted
-    by length and dealt out in a seeded order, so a batch holds pairs of similar length (a batch is as
-    wide as its longest sequence: at 32 pairs of GPT-2 tokens on the full data, ~272 tokens wide instead of
-    ~783, by `rlhf.py plan`) and each pair still comes once an epoch (the length-grouped sampler of fairseq
-    and Hugging Face's group_by_length)."""
+    """Comparison batch number `index`: a pure function of (index, seed), like train.get_batch, so a resumed run sees
+    the same batches. Returns idx, attention_mask (2B, T) as cat([chosen, rejected]), labels (2B,), and for DPO's
+    (chosen, rejected, prompt_length) examples the reply mask (2B, T), else None. group_by_length: each run of `group`
+    batches of the epoch's permutation is sorted by length and dealt out in a seeded order, so a batch holds pairs of
+    similar length (a batch is as wide as its longest sequence: at 32 pairs of GPT-2 tokens on the full data, ~272
+    tokens wide instead of ~783, by `rlhf.py plan`) and each pair still comes once an epoch (the length-grouped sampler
+    of fairseq and Hugging Face's group_by_length)."""
     if group_by_length:  # this batch's group of batches, sorted by length, dealt out in a seeded order
         per_epoch = max(1, len(examples) // batch_size)
         epoch, pos = divmod(index, per_epoch)
@@ -277,7 +280,8 @@ def train_pm(run, rm_cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, 
         if rank == 0:  # every rank holds the same weights: one writer
             save_checkpoint(ckpt_path, model_checkpoint(
                 model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage="rm",
-                config=asdict(rm_cfg), seed=run.seed, rng=rng_state(), done=False, best=best, wall_s=wall + time.time() - t0))
+                config=asdict(rm_cfg), seed=run.seed, rng=rng_state(), done=False, best=best,
+                wall_s=wall + time.time() - t0))
 
     t0 = time.time()
     model.train()
@@ -287,14 +291,15 @@ def train_pm(run, rm_cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, 
         lr = lr_at(i, replace(rm_cfg, max_steps=n))  # warmup + cosine within each phase
         for group in optimizer.param_groups:
             group["lr"] = lr
-        idx, mask, labels, replies = pair_batch(data, i, rm_cfg.batch_size, run.seed + pmp, tok.eos_id,  # (2B, T), (2B,)
-                                                rm_cfg.group_by_length)
+        idx, mask, labels, replies = pair_batch(data, i, rm_cfg.batch_size, run.seed + pmp, tok.eos_id,
+                                                rm_cfg.group_by_length)  # (2B, T), (2B,)
         loss = pair_step(ddp, (idx, mask, labels, replies), "ranking" if pmp else objective, rm_cfg, run, scaler)
         norm = clip_and_step(optimizer, list(model.parameters()), rm_cfg.grad_clip, scaler)
         loss = all_ranks_mean(loss)  # the global batch's loss, for the log
         phase = "pmp" if pmp else "train"
         if log and rank == 0 and step % rm_cfg.log_interval == 0:
-            log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr, f"{name}/grad_norm": norm.item()})
+            log.log("rm", step, **{f"{name}/{phase}_loss": loss.item(), f"{name}/lr": lr,
+                                   f"{name}/grad_norm": norm.item()})
         if (i + 1) % every == 0 or i + 1 == n:
             line = f"[rm] {name} {phase} step {step + 1}/{n_pmp + n_human} | loss {loss.item():.3f} | lr {lr:.1e}"
             if not pmp and val:
@@ -307,7 +312,8 @@ def train_pm(run, rm_cfg, model, tok, train_ex, val_ex, objective, pmp_ex=None, 
                     log.log("rm", step + 1, **{f"{name}/val_loss": vloss, f"{name}/val_accuracy": acc})
             if rank == 0:
                 print(f"{line} | {time.time() - t0 + wall:.0f}s")
-        if ckpt_path and ((rm_cfg.save_interval and (step + 1) % rm_cfg.save_interval == 0) or step + 1 == n_pmp + n_human):
+        if ckpt_path and ((rm_cfg.save_interval and (step + 1) % rm_cfg.save_interval == 0)
+                          or step + 1 == n_pmp + n_human):
             save(step + 1)
     if best["state"] is not None:
         model.load_state_dict(best["state"])
@@ -330,7 +336,8 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
     prompts = [prompt_ids(pairs[i].prompt, tok, max_prompt) for i in rows]
     policy.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
-    replies = sample_replies(policy, prompts, replies_per_prompt, max_new_tokens, batch_size, tok, gen, temperature, dtype)
+    replies = sample_replies(policy, prompts, replies_per_prompt, max_new_tokens, batch_size, tok, gen, temperature,
+                             dtype)
     return [p for p in prompts for _ in range(replies_per_prompt)], replies
 
 
@@ -369,17 +376,18 @@ def pm_inputs(run, rm_cfg):
     device, policy_path = pick_device(run.device), initial_policy(run)
     init = policy_path if rm_cfg.init == "policy" else os.path.join(run.out_dir, f"{rm_cfg.init}.pt")
     policy, tok, _ = load_model(policy_path if os.path.exists(policy_path) else init, device)  # PPO's first policy
-    train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rm_cfg.split_halves)
+    train_pairs, val_pairs, halves = train_comparisons(resolve_data_dir(run.data_dir or None), run.data,
+                                                       rm_cfg.split_halves)
     enc = lambda ps: encode_pairs(ps, tok, pm_block(policy, run.data), run.data.max_reply_tokens)  # noqa: E731
     return PMInputs(device, init, policy, tok, train_pairs, val_pairs, halves, enc, enc(val_pairs))
 
 
 def stage_rm(run, rm_cfg, ppo_cfg):
-    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each
-    normalised on replies sampled from the SFT policy; then the test-set evaluation (evaluate_pms). The
-    studies that train more PMs (`python rlhf.py studies`) are lab/studies.py's. A finished PM is skipped unless run.force.
-    Under torchrun the PMs train data-parallel (train_pm); normalisation, checkpoints, eval.json and
-    the evaluation are rank 0's, and the other ranks wait at a barrier."""
+    """Stage rm: PM-A on half A and PM-B on half B of the train pairs (Bai et al. 2022), each normalised on replies
+    sampled from the SFT policy; then the test-set evaluation (evaluate_pms). The studies that train more PMs
+    (`python rlhf.py studies`) are lab/studies.py's. A finished PM is skipped unless run.force. Under torchrun the PMs
+    train data-parallel (train_pm); normalisation, checkpoints, eval.json and the evaluation are rank 0's, and the
+    other ranks wait at a barrier."""
     (rank, _), dtype, inp = dist_info(), run.dtype, pm_inputs(run, rm_cfg)
     init, policy, tok, train_pairs, halves, enc, val_ex = (inp.init, inp.policy, inp.tok, inp.train_pairs, inp.halves,
                                                            inp.enc, inp.val_ex)
@@ -401,17 +409,19 @@ def stage_rm(run, rm_cfg, ppo_cfg):
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
                 ppo_cfg = ppo_cfg
                 ref = sft_samples(policy, tok, train_pairs, rm_cfg.normalize_samples, ppo_cfg.max_new_tokens,
-                                  ppo_cfg.max_prompt_tokens, run.seed, rm_cfg.eval_batch_size, ppo_cfg.temperature, dtype)
+                                  ppo_cfg.max_prompt_tokens, run.seed, rm_cfg.eval_batch_size, ppo_cfg.temperature,
+                                  dtype)
                 # the length trend is fitted within prompts: other draws, several replies a prompt; gain and bias
                 # stay on `ref`, and these draws from their own seed leave `ref` as it is
                 trend = sft_samples(policy, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES),
-                                    ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens, run.seed + 1, rm_cfg.eval_batch_size,
-                                    ppo_cfg.temperature, dtype, replies_per_prompt=TREND_REPLIES)
+                                    ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens, run.seed + 1,
+                                    rm_cfg.eval_batch_size, ppo_cfg.temperature, dtype,
+                                    replies_per_prompt=TREND_REPLIES)
             normalize_pm(model, tok, *ref, rm_cfg.normalize, rm_cfg.eval_batch_size, dtype, trend=trend)
             save_checkpoint(path, model_checkpoint(
-                model, tok, step=info["steps"], stage="rm", config=asdict(rm_cfg), seed=run.seed, rng=rng_state(), done=True,
-                reward_gain=model.reward_gain, reward_bias=model.reward_bias, length_coef=model.length_coef,
-                length_mean=model.length_mean, train_pairs=len(half), **info))
+                model, tok, step=info["steps"], stage="rm", config=asdict(rm_cfg), seed=run.seed, rng=rng_state(),
+                done=True, reward_gain=model.reward_gain, reward_bias=model.reward_bias,
+                length_coef=model.length_coef, length_mean=model.length_mean, train_pairs=len(half), **info))
             print(f"[rm] {name}: {len(half)} pairs, best step {info['best_step']}/{info['steps']}, val acc "
                   f"{info['val_accuracy']:.3f}, gain {model.reward_gain:.3f} bias {model.reward_bias:+.3f}, "
                   f"{model.length_coef:+.4f} a reply token, "

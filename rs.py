@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from model import disable_dropout
 from reward import load_reward_model, pm_reward_fn
-from runtime import (MetricsLog, dist_info, initial_policy, load_checkpoint, load_model, pick_device, save_checkpoint, set_seed,
-                     stage_done)
+from runtime import (MetricsLog, dist_info, initial_policy, load_checkpoint, load_model, pick_device, save_checkpoint,
+                     set_seed, stage_done)
 from sampling import reply_ended, rl_prompts, sample_replies, score, strip_end
 from tokens import sft_example
 from train import LMTrainConfig, supervised_train
@@ -122,10 +122,11 @@ def stage_rs(run, rs_cfg, ppo_cfg):
               + (f", {len(queries)} of them on each of {world_size} processes" if world_size > 1 else ""))
         gen = torch.Generator(device=device).manual_seed(run.seed + 1 + 7919 * rank)
         dtype = run.dtype
-        replies = sample_replies(policy, queries, rs_cfg.n, max_new, rs_cfg.sample_batch_size, tok, gen, ppo_cfg.temperature,
-                                 dtype)
+        replies = sample_replies(policy, queries, rs_cfg.n, max_new, rs_cfg.sample_batch_size, tok, gen,
+                                 ppo_cfg.temperature, dtype)
         rep_queries = [q for q in queries for _ in range(rs_cfg.n)]
-        scores = score(pm_reward_fn(pm_a, tok, rs_cfg.sample_batch_size, dtype), rep_queries, replies, rs_cfg.sample_batch_size)
+        reward_fn = pm_reward_fn(pm_a, tok, rs_cfg.sample_batch_size, dtype)
+        scores = score(reward_fn, rep_queries, replies, rs_cfg.sample_batch_size)
         scores = scores.view(-1, rs_cfg.n)                                                             # (P, n)
         ended = torch.tensor([reply_ended(r, tok.eos_id, tok.stop_ids) for r in replies]).view(-1, rs_cfg.n)
         best = pick_winners(scores, ended)                                                       # (P,)

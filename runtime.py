@@ -321,7 +321,8 @@ def load_checkpoint(path):
         with warnings.catch_warnings():  # torch warns about the pickle protocol of files it then refuses
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors and containers, EOFError/RuntimeError if cut short
+    except Exception as e:  # UnpicklingError for anything but tensors and containers,
+        # EOFError/RuntimeError if cut short
         code = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
         why = f"it would run code: {code[0]}" if code else f"not a checkpoint this project wrote ({type(e).__name__})"
         raise CheckpointError(f"{path}: refused to load, {why}; only tensors and plain containers are "

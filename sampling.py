@@ -45,7 +45,8 @@ def complete(model, tok, prompts, sample_cfg, seed, dtype="auto"):
     idx, mask = pad_left([prompt_ids(p, tok, max_prompt) for p in prompts], tok.eos_id)
     gen = torch.Generator(device=device).manual_seed(seed)
     with autocast(device.type, dtype):
-        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=sample_cfg.max_new_tokens,
+        tokens, _, keep = model.generate(idx.to(device), attention_mask=mask.to(device),
+                                         max_new_tokens=sample_cfg.max_new_tokens,
                                          temperature=sample_cfg.temperature, top_k=sample_cfg.top_k or None,
                                          top_p=sample_cfg.top_p if sample_cfg.top_p < 1 else None, eos_id=tok.eos_id,
                                          stop_ids=tok.stop_ids, generator=gen)
@@ -76,9 +77,9 @@ def sample_replies(policy, queries, n, max_new_tokens, batch_size, tok, generato
     for start in range(0, len(rows), batch_size):
         idx, mask = pad_left(rows[start:start + batch_size], tok.eos_id)
         with autocast(device.type, dtype):
-            tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                              temperature=temperature, eos_id=tok.eos_id, stop_ids=tok.stop_ids,
-                                              generator=generator)
+            tokens, _, keep = policy.generate(idx.to(device), attention_mask=mask.to(device),
+                                              max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                                              stop_ids=tok.stop_ids, generator=generator)
         replies += [t[:int(k.sum())].tolist() for t, k in zip(tokens, keep)]
     return replies
 
@@ -152,7 +153,8 @@ def stage_sample(run, sample_cfg):
                 raise ConfigError(f"--sample.prompts_file: cannot read {sample_cfg.prompts_file} ({e})") from None
         else:
             turns = [sample_cfg.prompt]
-        for turn, reply in zip(turns, complete(model, tok, [format_prompt(t) for t in turns], sample_cfg, run.seed, run.dtype)):
+        replies = complete(model, tok, [format_prompt(t) for t in turns], sample_cfg, run.seed, run.dtype)
+        for turn, reply in zip(turns, replies):
             print(f"Human: {turn}\nAssistant: {reply}\n")
     else:
         test_pairs, _ = read_pairs(resolve_data_dir(run.data_dir or None), "test", run.data)
@@ -165,7 +167,8 @@ def stage_chat(run, sample_cfg):
     device = pick_device(run.device)
     model, tok, _ = load_model(policy_path(run.out_dir, sample_cfg.policy), device)
     judge = load_reward_model(os.path.join(run.out_dir, "pm_b.pt"), device) if sample_cfg.show_score else None
-    print(f"chatting with {policy_path(run.out_dir, sample_cfg.policy)} (empty line or Ctrl-D to quit, /reset to start over)")
+    print(f"chatting with {policy_path(run.out_dir, sample_cfg.policy)} "
+          "(empty line or Ctrl-D to quit, /reset to start over)")
     dialogue, turn = "", 0
     while True:
         try:

@@ -142,7 +142,7 @@ def tokenize_pairs(pairs, tok):
 
 
 def _ids(x, tok):
-    return tok.encode(x) if isinstance(x, str) else list(x)  # text, or ids encoded earlier
+    return tok.encode(x) if isinstance(x, str) else list(x)  # text, or ids encoded before
 
 
 def sft_example(prompt, reply, tok, block_size, max_reply_tokens, eos=True):

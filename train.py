@@ -70,7 +70,8 @@ def lr_at(step, train_cfg):
     if step < train_cfg.warmup_steps:
         return train_cfg.lr * (step + 1) / train_cfg.warmup_steps
     progress = min(1.0, (step - train_cfg.warmup_steps) / max(1, train_cfg.max_steps - train_cfg.warmup_steps))
-    return train_cfg.lr * (train_cfg.min_lr_frac + (1 - train_cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return train_cfg.lr * (train_cfg.min_lr_frac
+                           + (1 - train_cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def get_batch(data, index, batch_size, block_size, seed, pad_id):
@@ -161,7 +162,8 @@ def resume_best(ckpt_path, ckpt):
     return best
 
 
-def accumulate_gradients(model, data, step, train_cfg, seed, block_size, pad_id, device, dtype, max_tokens=0, scaler=None):
+def accumulate_gradients(model, data, step, train_cfg, seed, block_size, pad_id, device, dtype, max_tokens=0,
+                         scaler=None):
     """Forward and backward over the train_cfg.grad_accum micro-batches of optimizer step `step`, leaving the
     gradient of the step's mean loss in .grad. Returns the step's mean loss (a tensor on the device) and
     the real tokens of the global batch, all ranks together. A micro-batch wider than max_tokens tokens
@@ -201,7 +203,7 @@ def accumulate_gradients(model, data, step, train_cfg, seed, block_size, pad_id,
 def resume_lm(ckpt_path, model, optimizer, train_cfg, stage, scaler):
     """(first step, validation loss before training, that step's validation loss, best so far) of the
     unfinished run in ckpt_path, its weights, optimizer and RNG restored; or a fresh start, where a best file
-    an earlier run left is removed. The step's validation loss is None where its validation has not run:
+    a previous run left is removed. The step's validation loss is None where its validation has not run:
     a Ctrl-C checkpoint written before it (supervised_train runs it then)."""
     rank, best = dist_info()[0], {"step": None, "val_loss": math.inf}
     if not os.path.exists(ckpt_path):
@@ -221,8 +223,8 @@ def optimizer_step(train_model, optimizer, data, step, train_cfg, seed, block_si
     tokens), clip, update (through the fp16 loss scaler where there is one). Returns the global loss (every
     rank's average, so that all ranks stop together on a non-finite one), the gradient norm and the tokens."""
     scaler = scaler or grad_scaler(device, "float32")  # off: a plain step
-    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, train_cfg, seed, block_size, pad_id, device, dtype,
-                                              max_tokens, scaler)
+    loss_sum, n_tokens = accumulate_gradients(train_model, data, step, train_cfg, seed, block_size, pad_id, device,
+                                              dtype, max_tokens, scaler)
     if dist.is_initialized():
         dist.all_reduce(loss_sum)
         loss_sum /= dist.get_world_size()
@@ -246,13 +248,12 @@ def hold_ctrl_c():
 def supervised_train(run, stage, train_cfg, model, tok, train_data, val_data, ckpt_path, log):
     """Train `model` on next-token prediction (masked by each example's loss_mask) and checkpoint it.
 
-    Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation
-    loss before and after. With train_cfg.keep_best the stage ends with the weights of its lowest validation
-    loss (every eval_interval steps and the last), and "after" is that loss. Ctrl-C writes a checkpoint
-    and exits; a non-finite loss stops the stage and keeps the last good checkpoint (`NonFiniteLoss`).
-    Under torchrun (after init_distributed) every rank takes rows rank::world_size of each global
-    micro-batch and DistributedDataParallel averages the gradients, so N processes take the same
-    steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
+    Resumes from `ckpt_path` when it holds an unfinished run of this stage; returns the validation loss before and
+    after. With train_cfg.keep_best the stage ends with the weights of its lowest validation loss (every eval_interval
+    steps and the last), and "after" is that loss. Ctrl-C writes a checkpoint and exits; a non-finite loss stops the
+    stage and keeps the last good checkpoint (`NonFiniteLoss`). Under torchrun (after init_distributed) every rank takes
+    rows rank::world_size of each global micro-batch and DistributedDataParallel averages the gradients, so N processes
+    take the same steps as one process with the same batch_size; only rank 0 logs, prints and writes checkpoints."""
     device, dtype, (rank, world_size) = next(model.parameters()).device.type, run.dtype, dist_info()
     assert train_cfg.batch_size % world_size == 0, (
         f"{stage}.batch_size {train_cfg.batch_size} must be divisible by the {world_size} processes")
@@ -278,11 +279,10 @@ def supervised_train(run, stage, train_cfg, model, tok, train_data, val_data, ck
                 model, tok, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, stage=stage,
                 config=asdict(train_cfg), seed=run.seed, rng=rng or rng_state(), done=done, val_loss_before=val_before,
                 val_loss=val_loss, best=best))
-
     peak = cuda_peak_flops(torch.cuda.get_device_name()) if device == "cuda" else None  # for the log's MFU
     train_model.train()
-    bar = tqdm(range(start, train_cfg.max_steps), desc=stage, initial=start, total=train_cfg.max_steps, dynamic_ncols=True,
-               disable=rank != 0)
+    bar = tqdm(range(start, train_cfg.max_steps), desc=stage, initial=start, total=train_cfg.max_steps,
+               dynamic_ncols=True, disable=rank != 0)
     step, t0, tokens, step_rng = start, time.time(), 0, rng_state()
     if start == 0:
         val_loss = val_before  # step 0's validation is the "before" one
@@ -308,7 +308,8 @@ def supervised_train(run, stage, train_cfg, model, tok, train_data, val_data, ck
             tokens += n_tokens
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
             if step % train_cfg.log_interval == 0 and rank == 0:
-                log.log(stage, step, loss=loss, lr=lr, grad_norm=norm.item(), **speed(model, tokens, t0, peak, world_size))
+                log.log(stage, step, loss=loss, lr=lr, grad_norm=norm.item(),
+                        **speed(model, tokens, t0, peak, world_size))
                 t0, tokens = time.time(), 0
     except KeyboardInterrupt:
         bar.close()
@@ -319,7 +320,8 @@ def supervised_train(run, stage, train_cfg, model, tok, train_data, val_data, ck
     bar.close()
     best = finish(stage, train_cfg, model, ckpt_path, validate(), best, checkpoint, log)
     if rank == 0:
-        print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{best['note']} | checkpoint {ckpt_path}")
+        print(f"[{stage}] done | val loss {val_before:.4f} -> {best['val_loss']:.4f}{best['note']} "
+              f"| checkpoint {ckpt_path}")
     if interrupted:  # Ctrl-C in the last step: the stage is complete and saved, the run stops here
         raise SystemExit(130)
     return val_before, best["val_loss"]
@@ -338,7 +340,8 @@ def save_interrupted(stage, step, best, val_loss, step_rng, checkpoint, ckpt_pat
     validates where an uninterrupted one does: the same metrics rows and, with keep_best, the same weights kept."""
     checkpoint(step, False, best, val_loss=val_loss, rng=step_rng)
     if rank == 0:
-        print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; rerun the same command to resume")
+        print(f"\n[{stage}] interrupted: checkpoint saved at step {step} in {ckpt_path}; "
+              "rerun the same command to resume")
     raise SystemExit(130)
 
 
@@ -356,11 +359,11 @@ def validate_and_save(stage, step, val_loss, best, train_cfg, model, ckpt_path, 
 
 
 def finish(stage, train_cfg, model, ckpt_path, val_last, best, checkpoint, log):
-    """The end of a supervised stage: with keep_best and an earlier validation lower than the last, its
+    """The end of a supervised stage: with keep_best and a prior validation lower than the last, its
     weights come back; the final checkpoint (done) holds the weights kept, and the best file goes.
     Returns best, with a note for the log line naming the step kept."""
     rank = dist_info()[0]
-    if train_cfg.keep_best and best["val_loss"] < val_last:  # an earlier validation was better: end with its weights
+    if train_cfg.keep_best and best["val_loss"] < val_last:  # a prior validation was better: end with its weights
         model.load_state_dict(load_best(ckpt_path, best))  # every rank, before rank 0 removes the file below
         barrier()
     else:

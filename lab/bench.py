@@ -116,8 +116,9 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
     finally:
         ppo.rollout_forward = rollout_forward
         del policy.generate
-    return {"ppo_shape": {"batch": ppo_cfg.batch_size, "minibatch": ppo_cfg.minibatch_size, "epochs": ppo_cfg.ppo_epochs,
-                          "query_tokens": queries.size(1), "new_tokens": ppo_cfg.max_new_tokens, "share_trunk": ppo_cfg.share_trunk},
+    return {"ppo_shape": {"batch": ppo_cfg.batch_size, "minibatch": ppo_cfg.minibatch_size,
+                          "epochs": ppo_cfg.ppo_epochs, "query_tokens": queries.size(1),
+                          "new_tokens": ppo_cfg.max_new_tokens, "share_trunk": ppo_cfg.share_trunk},
             "ppo_s": round(total, 4), "ppo_rollout_s": round(split["rollout"], 4),  # 0.1 ms: tiny shapes stay > 0
             "ppo_scoring_s": {k: round(split[k], 4) for k in ("policy_value", "ref", "pm")},
             "ppo_update_s": round(total - sum(split.values()), 4)}
@@ -151,8 +152,8 @@ def measure_train(cfg, model, tok, stream, device, dtype, repeats):
     tokens_per_s."""
     train_cfg = cfg.pretrain
     dt, tokens, _ = timed_steps(cfg, train_cfg, model, tok, stream, device, dtype, repeats)
-    return {"train_batch": [train_cfg.batch_size * train_cfg.grad_accum, cfg.model.block_size], "train_step_s": round(dt, 4),
-            "train_tokens_per_s": round(tokens / dt, 1),
+    return {"train_batch": [train_cfg.batch_size * train_cfg.grad_accum, cfg.model.block_size],
+            "train_step_s": round(dt, 4), "train_tokens_per_s": round(tokens / dt, 1),
             "train_gflops": round(model.flops_per_token() * tokens / dt / 1e9, 1)}
 
 
@@ -239,10 +240,10 @@ def run_bench(cfg, repeats=3):
                                                       repeats), 1)
     rows = min(ppo_cfg.batch_size, 16)  # without the cache a step costs a whole forward: time fewer rows
     out["gen_nocache_rows"] = rows
-    out["gen_tokens_per_s_nocache"] = round(sample_rate(model, queries[:rows], query_mask[:rows], ppo_cfg.max_new_tokens,
-                                                        device, dtype, 1, use_cache=False), 1)
-    out["gen_cache_speedup"] = round(sample_rate(model, queries[:rows], query_mask[:rows], ppo_cfg.max_new_tokens, device,
-                                                 dtype, repeats) / out["gen_tokens_per_s_nocache"], 2)
+    out["gen_tokens_per_s_nocache"] = round(sample_rate(model, queries[:rows], query_mask[:rows],
+                                                        ppo_cfg.max_new_tokens, device, dtype, 1, use_cache=False), 1)
+    out["gen_cache_speedup"] = round(sample_rate(model, queries[:rows], query_mask[:rows], ppo_cfg.max_new_tokens,
+                                                 device, dtype, repeats) / out["gen_tokens_per_s_nocache"], 2)
 
     # ---- 3. one PPO iteration at the preset's PPO shape ----
     out.update(ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype))

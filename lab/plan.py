@@ -124,9 +124,10 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
     (lm_loss.py) and of the head's weight (and its padded copy where V is not a multiple of 64), "distill" the
     same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows'
-    attention mask, which SDPA keeps as floats (T values a token and layer), None (a scalar head) nothing; logits = (rows, N): PPO's
-    logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32 log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the
-    peak resident memory of a CPU step (tests/test_plan.py)."""
+    attention mask, which SDPA keeps as floats (T values a token and layer), None (a scalar head) nothing;
+    logits = (rows, N): PPO's logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32
+    log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the peak resident
+    memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
     half = act_bytes < 4  # 16-bit autocast
     padded, pad = c.vocab_size + -c.vocab_size % 64, c.vocab_size % 64 > 0  # lm_loss.padded_head's rows, and a copy
@@ -181,7 +182,8 @@ def work_pretrain(cfg, d, gpt, act):
     train_cfg, T, stream = cfg.pretrain, cfg.model.block_size, len(d.stream) * d.scale
     if train_cfg.init:  # no training: the weights file is read, and downloaded first where hub.py has no copy of it yet
         size, cached = init_weights(train_cfg.init)
-        what = f"load {train_cfg.init}'s weights ({size / 1e6:,.0f} MB{'' if cached else ', downloaded first'}; no training)"
+        what = (f"load {train_cfg.init}'s weights ({size / 1e6:,.0f} MB"
+                f"{'' if cached else ', downloaded first'}; no training)")
         return {"what": what, "flops": {}, "tokenize": 0, "bytes": {"load": size, "download": 0 if cached else size},
                 "memory": memory_parts(gpt, act, 1)}
     w = lm_work(gpt, train_cfg, T, stream / T, None, "pretrain")
@@ -268,8 +270,9 @@ def work_dpo(cfg, d, gpt, act):
     head = 2 * gpt.config.vocab_size * gpt.config.n_embd                       # the head's forward FLOPs a token
     reply = min(width, (d.mean[1] + d.mean[2]) / 2 + 1)                        # reply tokens a row, with EOS
     return {"what": (f"{len(names)} beta{'s' if len(names) > 1 else ''} ({', '.join(f'{b:g}' for _, b in names)}) x "
-                     f"{steps:,} steps x {dpo_cfg.batch_size} pairs x ~{round(width)} tokens on half A ({d.halves[0]:,} "
-                     f"pairs), the SFT reference forward on each; {vals} validations x {n_val:,} pairs"),
+                     f"{steps:,} steps x {dpo_cfg.batch_size} pairs x ~{round(width)} tokens on half A "
+                     f"({d.halves[0]:,} pairs), the SFT reference forward on each; "
+                     f"{vals} validations x {n_val:,} pairs"),
             "policies": [n for n, _ in names], "steps": steps,
             "flops": {"eager": trained * (width * fpt(gpt, width, head=False) + reply * 4 * head),
                       "forward": forward * (width * fpt(gpt, width, head=False) / 3 + reply * head)},
@@ -298,8 +301,9 @@ def work_rs(cfg, d, gpt, act):
                         memory_parts(gpt, act, 0, trained_pass(rs_cfg.batch_size, widest([n + N + 1 for n in lens],
                                                                                      q_cap + N + 1, d.scale),
                                                                cfg, "lm_loss")), key=lambda p: sum(p.values())),
-             what=(f"{prompts:,} prompts x {rs_cfg.n} samples of <= {N} tokens, scored by PM-A; then {rs_cfg.max_steps:,} "
-                   f"steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over {winners:,} winners"))
+             what=(f"{prompts:,} prompts x {rs_cfg.n} samples of <= {N} tokens, scored by PM-A; then "
+                   f"{rs_cfg.max_steps:,} steps x {w['rows']} x ~{w['width']} tokens: {w['passes']} passes over "
+                   f"{winners:,} winners"))
     return w
 
 
@@ -311,16 +315,19 @@ def work_ppo(cfg, d, gpt, act):
     q, episodes = batch_width(lens, ppo_cfg.batch_size, cfg.seed), ppo_cfg.iterations * ppo_cfg.batch_size
     judged = math.ceil(ppo_cfg.iterations / ppo_cfg.judge_every) if ppo_cfg.judge_every else 0
     mb_steps = ppo_cfg.iterations * ppo_cfg.ppo_epochs * (ppo_cfg.batch_size // ppo_cfg.minibatch_size)
-    width = widest(lens, ppo_cfg.max_prompt_tokens, d.scale) + N  # the widest rollout: its longest query + the reply cap
+    # the widest rollout: its longest query + the reply cap
+    width = widest(lens, ppo_cfg.max_prompt_tokens, d.scale) + N
     trained = trained_pass(ppo_cfg.minibatch_size, width, cfg, None)
     trained += [] if ppo_cfg.share_trunk else trained  # the critic's own trunk
-    return {"what": (f"{ppo_cfg.iterations:,} iterations x {ppo_cfg.batch_size} episodes of ~{round(q)} + <= {N} tokens = "
-                     f"{episodes:,} episodes; {mb_steps:,} minibatch steps of {ppo_cfg.minibatch_size}; "
+    return {"what": (f"{ppo_cfg.iterations:,} iterations x {ppo_cfg.batch_size} episodes of ~{round(q)} + <= {N} "
+                     f"tokens = {episodes:,} episodes; {mb_steps:,} minibatch steps of {ppo_cfg.minibatch_size}; "
                      f"{episodes / d.prompts:.2f} passes over {d.prompts:,} prompts"),
             "iterations": ppo_cfg.iterations, "episodes": episodes, "minibatch_steps": mb_steps,
             "flops": {"ppo": ppo_cfg.iterations * sum(ppo_iteration_flops(cfg, gpt, q).values()),
-                      "forward": judged * ppo_cfg.batch_size * (np.mean(lens) + N + 1) * fpt(gpt, q + N, head=False) / 3},
-            "decode": ppo_cfg.iterations * N, "tokenize": d.prompts * d.mean[0], "memory": memory_parts(gpt, act, 3, trained, logits=(trained[0][0], N))}
+                      "forward": judged * ppo_cfg.batch_size * (np.mean(lens) + N + 1)
+                                 * fpt(gpt, q + N, head=False) / 3},
+            "decode": ppo_cfg.iterations * N, "tokenize": d.prompts * d.mean[0],
+            "memory": memory_parts(gpt, act, 3, trained, logits=(trained[0][0], N))}
 
 
 def work_eval(cfg, d, gpt, act):
@@ -333,13 +340,16 @@ def work_eval(cfg, d, gpt, act):
     policies = ["cd", "rs", "ppo"] + [name for name, _ in dpo.betas(cfg.dpo)]
     P = len(policies)
     samples, q = prompts * (eval_cfg.n + P * k), batch_width(lens, max(1, eval_cfg.batch_size // eval_cfg.n), cfg.seed)
-    scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False) + 2 * P * prompts * k * fpt(gpt, q + N))
+    scored = (np.mean(lens) + N + 1) * (2 * samples * fpt(gpt, q + N, head=False)
+                                        + 2 * P * prompts * k * fpt(gpt, q + N))
     return {"what": (f"{prompts:,} test prompts x ({eval_cfg.n} SFT + {k} each from {', '.join(policies)}) samples of "
                      f"<= {N} tokens = {samples:,}, each scored by PM-A and PM-B; each policy's KL to SFT"),
             "prompts": prompts, "samples": samples,
             "flops": {"sample": samples * N * fpt(gpt, q + N) / 3, "forward": scored / 3},
-            "decode": (math.ceil(prompts * eval_cfg.n / eval_cfg.batch_size) + P * math.ceil(prompts * k / eval_cfg.batch_size)) * N,
-            "tokenize": d.test_prompts * d.mean[0], "memory": memory_parts(gpt, act, 4, kv=(eval_cfg.batch_size, q + N))}
+            "decode": (math.ceil(prompts * eval_cfg.n / eval_cfg.batch_size)
+                       + P * math.ceil(prompts * k / eval_cfg.batch_size)) * N,
+            "tokenize": d.test_prompts * d.mean[0],
+            "memory": memory_parts(gpt, act, 4, kv=(eval_cfg.batch_size, q + N))}
 
 
 def make_plan(cfg, repeats=2):
@@ -353,9 +363,9 @@ def make_plan(cfg, repeats=2):
     amp, why = ((torch.bfloat16, f"bf16 autocast (assumed for --plan.gpu={cfg.plan.gpu})") if cfg.plan.gpu
                 else precision(pick_device(cfg.device), cfg.dtype))
     act = 4 if amp is None else 2  # bytes of an activation
-    stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act), "cd": work_cd(cfg, d, gpt, act),
-              "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act), "ppo": work_ppo(cfg, d, gpt, act),
-              "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
+    stages = {"pretrain": work_pretrain(cfg, d, gpt, act), "sft": work_sft(cfg, d, gpt, act),
+              "cd": work_cd(cfg, d, gpt, act), "rm": work_rm(cfg, d, gpt, act), "rs": work_rs(cfg, d, gpt, act),
+              "ppo": work_ppo(cfg, d, gpt, act), "dpo": work_dpo(cfg, d, gpt, act), "eval": work_eval(cfg, d, gpt, act)}
     for name, s in stages.items():
         flops, tokens, decode = s.pop("flops"), s.pop("tokenize"), s.pop("decode", 0)
         seconds = (sum(f / rates[k] for k, f in flops.items()) + tokens / rates["tokenize"]
@@ -379,9 +389,9 @@ def check_fits(plan, device_bytes, cfg):
     if stage["memory_gb"] * 1e9 <= device_bytes:
         return None
     budget = cfg.micro_tokens or "no cap"
-    return (f"the plan needs {stage['memory_gb']:.1f} GB at its peak ({name}: {stage['memory_top']}) and this device has "
-            f"{device_bytes / 1e9:.1f} GB: lower --micro_tokens (now {budget}; the rows of one forward/backward x their "
-            f"width), or a smaller preset")
+    return (f"the plan needs {stage['memory_gb']:.1f} GB at its peak ({name}: {stage['memory_top']}) and this device "
+            f"has {device_bytes / 1e9:.1f} GB: lower --micro_tokens (now {budget}; the rows of one forward/backward "
+            f"x their width), or a smaller preset")
 
 
 def fmt_time(seconds):

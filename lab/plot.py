@@ -54,7 +54,7 @@ def load_metrics(path):
     """metrics.jsonl -> {key: ([steps], [values])}, one point per step, sorted by step.
 
     A series' group is its key minus the last part (`sft`, `ppo`, `rm/pm_a`). A step-0 row of a group
-    that already has later steps starts the group over (a forced rerun replaces the earlier run);
+    that already has later steps starts the group over (a forced rerun replaces the previous run);
     otherwise the last value per step wins (a resumed run repeats the steps after its checkpoint)."""
     points = {}  # key -> {step: value}
     for row in read_jsonl(path):

@@ -11,7 +11,7 @@ and split and about its length profile, recombined from the rows of whatever cop
     python rlhf.py --data_dir /tmp/hh-standin ...     # or bench.py --data_dir /tmp/hh-standin
 
 How: each written row is a real source row (drawn seeded, with replacement, from the source's rows
-of the same split, preferring the same subset) with whole earlier "Human: ... Assistant: ..."
+of the same split, preferring the same subset) with whole preceding "Human: ... Assistant: ..."
 exchanges of other source dialogues prepended to both its chosen and its rejected dialogue. The
 two still share everything up to the last "\n\nAssistant:" and end in the source's real replies, so
 data.read_pairs parses every row. How many exchanges a row gets is Poisson-drawn so that each
@@ -220,7 +220,8 @@ Source: {src} (rows drawn with replacement, seed {seed}), see standin.py for how
 
 def main(argv):
     """The command line; a bad input is one line on stderr and exit code 2 (RLHF_DEBUG=1: traceback)."""
-    parser = argparse.ArgumentParser(description="Write a full-size stand-in of hh-rlhf for timing (labels meaningless).")
+    parser = argparse.ArgumentParser(
+        description="Write a full-size stand-in of hh-rlhf for timing (labels meaningless).")
     parser.add_argument("--from", dest="src", required=True, help="a local copy in hh-rlhf's layout")
     parser.add_argument("--to", dest="out", required=True, help="the directory to write (e.g. under /tmp)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the row draws (default 0)")

@@ -59,11 +59,14 @@ def objective_ablation(run, rm_cfg, inp, test_pairs):
     for objective in ("ranking", "binary", "lm"):
         t0 = time.time()
         if objective == "lm":
-            ex = [sft_example(p.prompt, r, tok, block, run.data.max_reply_tokens) for p in test_pairs for r in (p.chosen, p.rejected)]
-            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rm_cfg.eval_batch_size, [e[1] for e in ex], dtype)
+            ex = [sft_example(p.prompt, r, tok, block, run.data.max_reply_tokens) for p in test_pairs
+                  for r in (p.chosen, p.rejected)]
+            s = score_sequences(policy, [e[0] for e in ex], tok.eos_id, rm_cfg.eval_batch_size, [e[1] for e in ex],
+                                dtype)
             rows.append(accuracy_row("lm (SFT mean log-prob)", s[0::2], s[1::2], time.time() - t0))
             continue
-        if objective == rm_cfg.objective and not (rm_cfg.pmp or rm_cfg.pmp_dir) and rm_cfg.split_halves:  # PM-A itself: reuse it
+        if objective == rm_cfg.objective and not (rm_cfg.pmp or rm_cfg.pmp_dir) and rm_cfg.split_halves:
+            # PM-A itself: reuse it
             model, _, info = load_reward_model(os.path.join(run.out_dir, "pm_a.pt"), device)
         else:
             set_seed(run.seed)
@@ -72,7 +75,8 @@ def objective_ablation(run, rm_cfg, inp, test_pairs):
         scores = score_pairs(model, test_ex, tok.eos_id, rm_cfg.eval_batch_size, dtype)
         rows.append(accuracy_row(objective, *scores, info["wall_s"], steps=info["steps"], best_step=info["best_step"]))
     print_table(f"PM objectives: {len(train_ex)} half-A pairs, {len(test_ex)} test pairs, accuracy [95% Wilson CI]",
-                ["objective", "test accuracy", "wall s"], [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
+                ["objective", "test accuracy", "wall s"],
+                [[r["name"], ci_str(r["accuracy"], r["accuracy_ci"]), r["wall_s"]] for r in rows])
     return rows
 
 
@@ -95,14 +99,17 @@ def pmp_study(run, rm_cfg, inp, test_pairs):
             model, _ = init_reward_model(inp.init, device)
             if use_pmp:
                 model.load_state_dict(pmp_state)
-            info = train_pm(run, rm_cfg, model, tok, subset, inp.val_ex, rm_cfg.objective, name=f"study_{'pmp_' if use_pmp else ''}{frac}")
+            info = train_pm(run, rm_cfg, model, tok, subset, inp.val_ex, rm_cfg.objective,
+                            name=f"study_{'pmp_' if use_pmp else ''}{frac}")
             scores = score_pairs(model, test_ex, tok.eos_id, rm_cfg.eval_batch_size, dtype)
             rows.append(accuracy_row(f"{'PMP + ' if use_pmp else ''}{len(subset)} pairs", *scores,
                                  info["wall_s"], pmp=use_pmp, pairs=len(subset), steps=info["steps"]))
-    print_table(f"PMP study: {rm_cfg.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, accuracy [95% CI] (train s)",
+    print_table(f"PMP study: {rm_cfg.pmp_steps} PMP steps ({pmp_wall:.0f}s, run once), {len(test_ex)} test pairs, "
+                "accuracy [95% CI] (train s)",
                 ["human pairs", "no PMP", "with PMP"],
                 [[r["pairs"], f"{ci_str(r['accuracy'], r['accuracy_ci'])} ({r['wall_s']:.0f}s)",
-                  f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"] for r, p in zip(rows[:3], rows[3:])])
+                  f"{ci_str(p['accuracy'], p['accuracy_ci'])} ({p['wall_s']:.0f}s)"]
+                 for r, p in zip(rows[:3], rows[3:])])
     return {"pmp_steps": rm_cfg.pmp_steps, "pmp_wall_s": round(pmp_wall, 1), "runs": rows}
 
 
@@ -134,17 +141,19 @@ def hh_study(run, rm_cfg, inp, test_pairs):
     for name, pairs in train_sets.items():
         set_seed(run.seed)
         model, _ = init_reward_model(inp.init, inp.device)
-        info = train_pm(run, rm_cfg, model, inp.tok, inp.enc(pairs), inp.enc(val_sets[name]), rm_cfg.objective, name=f"hh_{name}")
+        info = train_pm(run, rm_cfg, model, inp.tok, inp.enc(pairs), inp.enc(val_sets[name]), rm_cfg.objective,
+                        name=f"hh_{name}")
         r_c, r_r = score_pairs(model, test_ex, inp.tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
-        rows.append({"train": name, "pairs": len(pairs), "val_pairs": len(val_sets[name]), "best_step": info["best_step"],
-                     "wall_s": round(info["wall_s"], 1), "test": {
+        rows.append({"train": name, "pairs": len(pairs), "val_pairs": len(val_sets[name]),
+                     "best_step": info["best_step"], "wall_s": round(info["wall_s"], 1), "test": {
             s: accuracy_row(s, r_c[subsets == s], r_r[subsets == s], 0, n=int((subsets == s).sum()))
             for s in sorted(set(subsets.tolist()))}})
     names = list(rows[0]["test"])
     print_table(f"Helpful vs harmless: PMs on {n} half-A pairs each, early-stopped on val pairs of their kind, "
                 "test accuracy [95% CI] by subset",
                 ["trained on"] + [f"{s} ({rows[0]['test'][s]['n']})" for s in names],
-                [[r["train"]] + [ci_str(r["test"][s]["accuracy"], r["test"][s]["accuracy_ci"]) for s in names] for r in rows])
+                [[r["train"]] + [ci_str(r["test"][s]["accuracy"], r["test"][s]["accuracy_ci"]) for s in names]
+                 for r in rows])
     return rows
 
 
@@ -175,10 +184,10 @@ def trunk_sizes(sizes, vocab):
 
 
 def size_trunk(run, study_cfg, spec, size, inp, train_cfg, model_cfg, log):
-    """The trunk of one size (trunk_sizes' (n_layer, n_embd), or None), as a checkpoint path
-    (out_dir/pm_size_{spec}.pt, reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large:
-    needs --data.vocab=gpt2), or LAYERSxWIDTH, a GPT of model_cfg's shape otherwise, pretrained here on the train dialogues for study_cfg.size_steps steps with
-    the pretrain section's other settings (heads of 64 dimensions). No SFT: every size starts alike."""
+    """The trunk of one size (trunk_sizes' (n_layer, n_embd), or None), as a checkpoint path (out_dir/pm_size_{spec}.pt,
+    reused when rerun): GPT-2's weights by name (gpt2, gpt2-medium, gpt2-large: needs --data.vocab=gpt2), or
+    LAYERSxWIDTH, a GPT of model_cfg's shape otherwise, pretrained here on the train dialogues for study_cfg.size_steps
+    steps with the pretrain section's other settings (heads of 64 dimensions). No SFT: every size starts alike."""
     path = os.path.join(run.out_dir, f"pm_size_{spec}.pt")
     if os.path.exists(path) and load_checkpoint(path).get("done"):
         return path
@@ -210,13 +219,15 @@ def size_study(run, rm_cfg, study_cfg, inp, test_pairs, train_cfg, model_cfg):
         for k, half in enumerate(inp.halves):
             set_seed(run.seed + k)
             model, _ = init_reward_model(path, inp.device)
-            train_pm(run, rm_cfg, model, inp.tok, inp.enc(half), inp.val_ex, rm_cfg.objective, name=f"size_{spec}_{'ab'[k]}")
+            train_pm(run, rm_cfg, model, inp.tok, inp.enc(half), inp.val_ex, rm_cfg.objective,
+                     name=f"size_{spec}_{'ab'[k]}")
             scores += score_pairs(model, test_ex, inp.tok.eos_id, rm_cfg.eval_batch_size, run.dtype)
         pm = pm_report([p.n_turns for p in test_pairs], *zip(*replies), *scores)
         rows.append({"size": spec, "params": model.num_params(), **{k: pm[k] for k in (
-            "accuracy", "accuracy_ci", "heldout_pm_accuracy", "heldout_pm_accuracy_ci", "score_kl_a_b", "score_kl_a_b_ci",
-            "agreement_a_b")},
-            "agreement_by_decile": [d["agreement"] for d in pm["agreement_by_decile"]], "wall_s": round(time.time() - t0, 1)})
+            "accuracy", "accuracy_ci", "heldout_pm_accuracy", "heldout_pm_accuracy_ci", "score_kl_a_b",
+            "score_kl_a_b_ci", "agreement_a_b")},
+            "agreement_by_decile": [d["agreement"] for d in pm["agreement_by_decile"]],
+            "wall_s": round(time.time() - t0, 1)})
     if dist_info()[0] == 0:
         with open(os.path.join(run.out_dir, "pm_size_study.json.tmp"), "w") as f:
             json.dump(rows, f, indent=2)

@@ -69,5 +69,6 @@ with open("/proc/self/clear_refs", "w") as f:  # the peak starts again from here
     f.write("5")
 step()
 peak = status_kb("VmHWM")
-plan = sum(memory_parts(model, 4, 0, trained, logits=logits).values()) - 4 * P  # the weights are in memory before the step
+# the weights are in memory before the step
+plan = sum(memory_parts(model, 4, 0, trained, logits=logits).values()) - 4 * P
 print(json.dumps({"stage": stage, "measured": peak - before, "plan": plan}))

@@ -19,7 +19,8 @@ TINY_PPO = ["--preset", "tiny", "--pretrain.batch_size=2", "--ppo.batch_size=4",
 def test_bench_reports_every_figure(hh_dir, capsys):
     out = bench.run_bench(rlhf.parse_args(["bench"] + TINY_PPO + ["--data_dir", hh_dir])[1])
     for key in ("matmul_peak_gflops", "train_tokens_per_s", "train_gflops", "train_mfu", "gen_tokens_per_s_cache",
-                "gen_tokens_per_s_nocache", "gen_cache_speedup", "peak_mem_mb", "ppo_s", "ppo_rollout_s", "ppo_update_s"):
+                "gen_tokens_per_s_nocache", "gen_cache_speedup", "peak_mem_mb", "ppo_s", "ppo_rollout_s",
+                "ppo_update_s"):
         assert out[key] > 0, key
     assert set(out["ppo_scoring_s"]) == {"policy_value", "ref", "pm"}
     for way in ("padded", "packed"):

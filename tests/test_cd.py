@@ -105,10 +105,10 @@ def test_the_stage_distills_every_next_token_of_the_dialogues_last_room_plus_one
     for split in ("train", "test"):
         with gzip.open(tmp_path / "hh" / "harmless-base" / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
             for i in range(12):  # every third prompt longer than the room: those are cut from the left
-                prompt = f"\n\nHuman: question {i}: " + "tell me more about the weather today " * (1 + 11 * (i % 3 == 0)) + \
-                         "\n\nAssistant:"
+                prompt = f"\n\nHuman: question {i}: " + "tell me more about the weather tonight " * \
+                         (1 + 11 * (i % 3 == 0)) + "\n\nAssistant:"
                 f.write(json.dumps({"chosen": prompt + f" It is sunny {i}.", "rejected": prompt + " No."}) + "\n")
-    (tmp_path / "prompt.txt").write_text("\n\nHuman: tell me about the weather\n\nAssistant: It is sunny today.\n")
+    (tmp_path / "prompt.txt").write_text("\n\nHuman: tell me about the weather\n\nAssistant: It is sunny tonight.\n")
     run = Run(out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "hh"), device="cpu", seed=0,
               data=DataConfig(vocab="trimmed"))
     pairs, _ = read_pairs(run.data_dir, "train", run.data)
@@ -119,8 +119,8 @@ def test_the_stage_distills_every_next_token_of_the_dialogues_last_room_plus_one
     (tmp_path / "out").mkdir()
     save_checkpoint(str(tmp_path / "out" / "base.pt"), model_checkpoint(base, tok, done=True))
     seen = {}
-    monkeypatch.setattr(cd, "supervised_train", lambda run, name, cc, student, tok, train_ex, val_ex, *rest: seen.update(
-        student=student, train_ex=train_ex) or (0.0, 0.0))
+    monkeypatch.setattr(cd, "supervised_train", lambda run, name, cc, student, tok, train_ex, val_ex, *rest:
+                        seen.update(student=student, train_ex=train_ex) or (0.0, 0.0))
     monkeypatch.setattr(cd, "show_samples", lambda *args, **kwargs: None)
     cd.stage_cd(run, CDConfig(prompt_file=str(tmp_path / "prompt.txt")), None, None)
 

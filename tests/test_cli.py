@@ -52,7 +52,8 @@ def test_bad_values_stop_before_any_stage_runs(argv, message):
 
 
 def test_missing_data_dir_is_one_clear_line(tmp_path, capsys):
-    assert rlhf.main(["pretrain", "--preset", "tiny", "--out_dir", str(tmp_path), "--data_dir", str(tmp_path / "nope")]) == 2
+    assert rlhf.main(["pretrain", "--preset", "tiny", "--out_dir", str(tmp_path),
+                      "--data_dir", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert "--data_dir" in err and "Traceback" not in err
 

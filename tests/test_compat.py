@@ -23,7 +23,8 @@ def test_scripts_import_without_posix_only_modules():
     process, because in this one the scripts are imported already."""
     block = "".join(f"sys.modules[{m!r}] = None; " for m in POSIX_ONLY)
     scripts = "import rlhf, lab.bench_hf, lab.plot, lab.standin, data"  # every file with a __main__
-    proc = subprocess.run([sys.executable, "-c", f"import sys; {block}{scripts}"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", f"import sys; {block}{scripts}"], cwd=ROOT, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
 
 

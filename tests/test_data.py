@@ -142,7 +142,8 @@ def test_train_and_test_have_their_own_caps(tmp_path):
     """A small preset caps the train split (what it can train on) and the test split (what it can score)
     separately: the cpu preset keeps 16,000 of 160,800 train pairs and 1,000 of 8,552 test pairs."""
     for split in ("train", "test"):
-        write_jsonl_gz(tmp_path / "harmless-base" / f"{split}.jsonl.gz", [row([f"q{i}"], " a", " b") for i in range(50)])
+        write_jsonl_gz(tmp_path / "harmless-base" / f"{split}.jsonl.gz",
+                       [row([f"q{i}"], " a", " b") for i in range(50)])
     assert len(read_pairs(tmp_path, "test", DataConfig(max_pairs=10))[0]) == 50
     test, stats = read_pairs(tmp_path, "test", DataConfig(max_pairs=10, max_test_pairs=20))
     assert len(test) == 20 and stats["dropped_max_pairs"] == 30

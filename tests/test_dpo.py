@@ -87,7 +87,8 @@ def test_a_prompt_token_changes_the_context_but_its_own_log_prob_never_counts():
     idx, mask, labels, reply_mask = pair_batch([(ids, ids, 4)], 0, 1, 0, 0)
     rewards, _ = policy(idx, mask, labels, reply_mask=reply_mask)
     with torch.no_grad():
-        lp, lr = (F.log_softmax(GPT.forward(m, torch.tensor([ids]))[0][0, 3].float(), -1)[0].item() for m in (policy, ref))
+        lp, lr = (F.log_softmax(GPT.forward(m, torch.tensor([ids]))[0][0, 3].float(), -1)[0].item()
+                  for m in (policy, ref))
     assert rewards[0].item() == pytest.approx(0.5 * (lp - lr), abs=1e-5)
 
 
@@ -134,9 +135,9 @@ def test_the_stage_trains_on_the_hand_computed_loss_and_validates_on_the_same_re
     assert max(abs(m) for m in margins) > 1e-2  # the policy moved: the check compares something
     rc, scaler = pm_config(DPOConfig()), grad_scaler("cpu")
     batch = pair_batch(examples, 0, len(examples), 0, Tok.eos_id)
-    order = batch_rows(len(examples), 0, len(examples), 0)                       # the batch's pairs, as pair_batch drew them
+    order = batch_rows(len(examples), 0, len(examples), 0)    # the batch's pairs, as pair_batch drew them
     with torch.no_grad():
-        trained = policy(*batch[:3], reply_mask=batch[3])[0]                     # (2B,) chosen rows, then rejected
+        trained = policy(*batch[:3], reply_mask=batch[3])[0]  # (2B,) chosen rows, then rejected
     assert trained.tolist() == pytest.approx([r_c[i] for i in order] + [r_r[i] for i in order], abs=1e-5)
     assert [*np.concatenate(score_pairs(policy, examples, Tok.eos_id, 2))] == pytest.approx(r_c + r_r, abs=1e-5)
     grads = []

@@ -25,7 +25,8 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
         assert key in ev["pm"], key
     assert list(ev["pm"]["by_subset"]) == ["harmless-base"] and ev["pm"]["by_subset"]["harmless-base"]["n"] == 40
     for policy in ("sft", "bon", "cd", "rs", "ppo", "dpo"):
-        for key in ("pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "lc_win_rate_vs_sft", "mean_reply_tokens"):
+        for key in ("pm_reward", "heldout_pm_reward", "kl", "win_rate_vs_sft", "lc_win_rate_vs_sft",
+                    "mean_reply_tokens"):
             assert isinstance(ev["policies"][policy][key], float), (policy, key)
     assert ev["policies"]["bon"]["n"] == 4 and ev["policies"]["bon"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     for policy, p in ev["policies"].items():
@@ -40,7 +41,8 @@ def test_tiny_run_of_every_stage_writes_a_valid_eval_json(hh_dir, tmp_path, monk
     assert ppo_kl[0] == pytest.approx(0, abs=1e-4) and ppo_kl[-1] > 0.2  # the policy starts at SFT, then moves
     # a finished flow is skipped when rerun, and the tools read its checkpoints
     assert rlhf.main(["all"] + args) == 0
-    assert rlhf.main(["sample"] + args + ["--sample.policy=ppo", "--sample.prompt=hello", "--sample.max_new_tokens=8"]) == 0
+    assert rlhf.main(["sample"] + args + ["--sample.policy=ppo", "--sample.prompt=hello",
+                                          "--sample.max_new_tokens=8"]) == 0
     assert rlhf.main(["eval"] + args + ["--eval.pm_only=true"]) == 0
     # chat: two turns in hh-rlhf's format, each reply with the held-out PM-B's score, then an empty line ends it
     turns = iter(["hello there", "and then?", ""])

@@ -188,7 +188,8 @@ def test_lc_win_rate_when_every_verdict_is_the_same_is_that_verdict():
 def test_a_bootstrap_resample_the_policy_wins_outright_is_no_error():
     """With few prompts, some bootstrap resamples hold only prompts where the policy won every comparison."""
     from evaluate import lc_win_rate, prompt_bootstrap_se
-    policy, sft = torch.tensor([[2.0, 3.0], [0.0, 1.0]]), torch.tensor([[0.0, 1.0, 1.5], [0.5, 2.0, -1.0]])  # (2, k), (2, n)
+    policy, sft = (torch.tensor([[2.0, 3.0], [0.0, 1.0]]),              # (2, k)
+                   torch.tensor([[0.0, 1.0, 1.5], [0.5, 2.0, -1.0]]))  # (2, n)
     policy_len, sft_len = torch.tensor([[4.0, 6.0], [5.0, 9.0]]), torch.tensor([[7.0, 3.0, 5.0], [6.0, 2.0, 8.0]])
     se = prompt_bootstrap_se(lambda *x: lc_win_rate(*x)[0], policy, sft, policy_len, sft_len, reps=50)
     assert se > 0
@@ -438,7 +439,8 @@ def test_eval_samples_and_measures_kl_at_the_temperature_ppo_trained_at(hh_dir, 
     sft = load_checkpoint(os.path.join(out, "sft.pt"))
     save_checkpoint(os.path.join(out, "ppo.pt"), {**sft, "config": {"temperature": 0.5}, "iteration": 3})
     temperatures, real = [], GPT.generate
-    monkeypatch.setattr(GPT, "generate", lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
+    monkeypatch.setattr(GPT, "generate",
+                        lambda self, *a, **k: temperatures.append(k["temperature"]) or real(self, *a, **k))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
     ev = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
     assert temperatures and set(temperatures) == {0.5}
@@ -459,7 +461,7 @@ def test_best_of_n_is_compared_with_sft_replies_its_picker_did_not_see(hh_dir, t
                         real(a, b, *rest))
     cfg = RunConfig(out_dir=out, data_dir=hh_dir)
     ev = stage_eval(cfg, cfg.eval, cfg.ppo, cfg.dpo)
-    (a_sft, b_sft, *_), (a_bon, b_bon, _, _, _, b_baseline, _) = rows[0], rows[1]  # sft's row, then bon's
+    (_, b_sft, *_), (a_bon, b_bon, _, _, _, b_baseline, _) = rows[0], rows[1]  # sft's row, then bon's
     assert torch.equal(b_baseline, b_sft) and a_bon.shape == (6, 1)
     assert not any(b_bon[p, 0].item() in b_sft[p].tolist() for p in range(6))
     top = ev["bon_curve"][-1]

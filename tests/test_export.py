@@ -73,7 +73,7 @@ def test_export_follows_the_hub_layout_and_round_trips(tmp_path):
 
 
 def test_trimmed_vocab_is_expanded_to_gpt2_ids(tmp_path):
-    tok = Tokenizer.trimmed(["Hello there, how are you today?"])
+    tok = Tokenizer.trimmed(["Hello there, how are you tonight?"])
     model, to = export(tmp_path, tok)
     loaded = GPT.from_pretrained(str(to / "model.safetensors"), n_head=2).eval()
     ids = tok.encode("Hello there, how are you?")
@@ -137,7 +137,7 @@ def reference_bpe(text, vocab, ranks):
 
 
 def test_export_writes_gpt2s_tokenizer_files(tmp_path):
-    tok = Tokenizer.trimmed(["Hello there, how are you today?"])
+    tok = Tokenizer.trimmed(["Hello there, how are you tonight?"])
     _, to = export(tmp_path, tok)
     vocab = json.load(open(to / "vocab.json", encoding="utf-8"))
     lines = (to / "merges.txt").read_text(encoding="utf-8").splitlines()

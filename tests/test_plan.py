@@ -49,11 +49,13 @@ def test_work_matches_a_hand_count_on_the_tiny_preset(hh_dir):
     assert rs["passes"] == pytest.approx(8 * 8 / 15, abs=0.005)
     ppo = stages["ppo"]
     assert (ppo["episodes"], ppo["minibatch_steps"]) == (3 * 8, 3 * 2 * (8 // 4))  # iterations x epochs x minibatches
-    assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 4 * 2))  # 4 SFT + 2 each from cd, rs, ppo, dpo
+    # 4 SFT + 2 each from cd, rs, ppo, dpo
+    assert (stages["eval"]["prompts"], stages["eval"]["samples"]) == (8, 8 * (4 + 4 * 2))
     assert (stages["dpo"]["policies"], stages["dpo"]["steps"]) == (["dpo"], 10)  # tiny: dpo.max_steps 10, one beta
     # sampled token steps: one generate call of up to 24 tokens per batch (PPO: per iteration)
     assert [stages[s]["decode_steps"] for s in ("rm", "rs", "ppo", "eval")] == [
-        math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24, (math.ceil(8 * 4 / 64) + 4 * math.ceil(8 * 2 / 64)) * 24]
+        math.ceil(16 / 32) * 24, math.ceil(16 * 4 / 64) * 24, 3 * 24,
+        (math.ceil(8 * 4 / 64) + 4 * math.ceil(8 * 2 / 64)) * 24]
     for name, s in stages.items():
         assert s["seconds"] == pytest.approx(s["gflop"] + s["tokenized"] / 1e6, abs=0.1), name
 

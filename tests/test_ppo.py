@@ -219,14 +219,14 @@ def test_forward_policy_ignores_padding():
     q, qm = tiny_queries(g, B=4)
     resp = torch.randint(1, V, (4, 5), generator=g)
     rmask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]).bool()
-    logits, values = actor_critic.forward_policy(policy, critic, torch.cat([q, resp], 1), torch.cat([qm.bool(), rmask], 1),
-                                        q.size(1), 0.7)
+    logits, values = actor_critic.forward_policy(policy, critic, torch.cat([q, resp], 1),
+                                                 torch.cat([qm.bool(), rmask], 1), q.size(1), 0.7)
     # two more pad columns on the left of the queries and three on the right of the responses
     q2, qm2 = torch.cat([torch.zeros(4, 2).long(), q], 1), torch.cat([torch.zeros(4, 2).long(), qm], 1)
     resp2 = torch.cat([resp, torch.randint(1, V, (4, 3), generator=g)], 1)
     rmask2 = torch.cat([rmask, torch.zeros(4, 3).bool()], 1)
-    logits2, values2 = actor_critic.forward_policy(policy, critic, torch.cat([q2, resp2], 1), torch.cat([qm2.bool(), rmask2], 1),
-                                          q2.size(1), 0.7)
+    logits2, values2 = actor_critic.forward_policy(policy, critic, torch.cat([q2, resp2], 1),
+                                                   torch.cat([qm2.bool(), rmask2], 1), q2.size(1), 0.7)
     m = rmask
     assert torch.allclose(logits2[:, :5][m], logits[m], atol=1e-5)
     assert torch.allclose(values2[:, :5][m], values[m], atol=1e-5)

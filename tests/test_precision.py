@@ -87,6 +87,8 @@ def test_an_error_of_the_model_itself_is_not_hidden_by_the_fallback(monkeypatch)
 def test_the_plan_says_which_precision_and_why(turing_gpu, hh_dir):
     from lab import plan
     import rlhf
-    cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--device", "cuda", "--plan.measure=false", "--data_dir", hh_dir])[1]
+    cfg = rlhf.parse_args(["plan", "--preset", "tiny", "--device", "cuda", "--plan.measure=false",
+                           "--data_dir", hh_dir])[1]
     made = plan.make_plan(cfg)
-    assert made["precision"].startswith("fp16 autocast + loss scaling") and "compute capability < 8.0" in made["precision"]
+    assert (made["precision"].startswith("fp16 autocast + loss scaling")
+            and "compute capability < 8.0" in made["precision"])

@@ -17,8 +17,8 @@ from conftest import ROOT, write_hh_dir
 from evaluate import ppo_frontier
 from runtime import load_checkpoint
 
-STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("cd", ["cd"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]), ("ppo", ["ppo"]),
-          ("dpo", ["dpo"]), ("eval", [])]
+STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("cd", ["cd"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]),
+          ("ppo", ["ppo"]), ("dpo", ["dpo"]), ("eval", [])]
 # small checkpoint intervals, so that a kill usually lands between two checkpoints; dropout on, as in the
 # cpu preset, so that resuming must restore the RNG and every stage that should run without dropout does
 FLAGS = ["--preset", "tiny", "--model.dropout=0.1", "--pretrain.eval_interval=10", "--sft.eval_interval=5",
@@ -68,10 +68,10 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_result(reference, 
     root, data_dir, ref, durations = reference
     out = str(root / f"killed-{stage}-{kill}")
     os.makedirs(out)
-    for earlier, names in STAGES[:[s for s, _ in STAGES].index(stage)]:  # the finished earlier stages
+    for prior, names in STAGES[:[s for s, _ in STAGES].index(stage)]:  # the finished prior stages
         for name in names:
             shutil.copy(os.path.join(ref, f"{name}.pt"), out)
-    if stage == "eval":  # what the earlier stages left: PPO's metrics log, the rm stage's part of eval.json
+    if stage == "eval":  # what the prior stages left: PPO's metrics log, the rm stage's part of eval.json
         shutil.copy(os.path.join(ref, "metrics.jsonl"), out)
         pm = json.load(open(os.path.join(ref, "eval.json")))["pm"]
         json.dump({"pm": pm}, open(os.path.join(out, "eval.json"), "w"))

@@ -131,8 +131,10 @@ def test_report_text_names_a_skipped_baseline():
 
 
 def test_decile_agreement_counts():
-    a_c = np.arange(10.0); a_r = a_c - 0.5                     # A always prefers chosen
-    b_c = a_c.copy(); b_r = np.where(a_c >= 5, a_c + 1, a_c - 1)  # B disagrees on the top half
+    a_c = np.arange(10.0)
+    a_r = a_c - 0.5                                  # A always prefers chosen
+    b_c = a_c.copy()
+    b_r = np.where(a_c >= 5, a_c + 1, a_c - 1)       # B disagrees on the top half
     rows = pm_metrics.decile_agreement(a_c, a_r, b_c, b_r, n_bins=2)
     assert [r["agreement"] for r in rows] == [1.0, 0.0] and [r["n"] for r in rows] == [5, 5]
 
@@ -150,7 +152,8 @@ def test_normalization_gives_mean0_std1():
 
 def tiny_pm(seed=0, vocab=50, block=32):
     torch.manual_seed(seed)
-    return reward.RewardModel(model.GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2, n_embd=16)).eval()
+    return reward.RewardModel(model.GPTConfig(block_size=block, vocab_size=vocab, n_layer=2, n_head=2,
+                                              n_embd=16)).eval()
 
 
 def test_score_read_at_eos_and_unchanged_by_padding():
@@ -291,8 +294,8 @@ def stage_cfg(tmp_path, data_dir):
     rm_cfg = rm.RMConfig(lr=3e-3, batch_size=8, epochs=4, warmup_steps=5, eval_interval=20,
                          normalize_samples=16, pmp_steps=10)
     ppo = PPOConfig(max_prompt_tokens=24, max_new_tokens=8)  # the shapes the PMs are normalised at
-    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False, micro_tokens=0,
-                           policy_init="sft", data=data, rm=rm_cfg, ppo=ppo, studies=StudyConfig())
+    return SimpleNamespace(out_dir=str(out), data_dir=data_dir, seed=0, device="cpu", dtype="auto", force=False,
+                           micro_tokens=0, policy_init="sft", data=data, rm=rm_cfg, ppo=ppo, studies=StudyConfig())
 
 
 def test_pm_normalisation_samples_as_ppo_and_eval_do(tmp_path, monkeypatch):
@@ -317,7 +320,8 @@ def test_the_length_trend_is_drawn_apart_from_the_normalisation_samples(tmp_path
     cfg = stage_cfg(tmp_path, marker_dir(tmp_path / "hh"))
     cfg.rm.max_steps = 2
     seen, real = [], rm.normalize_pm
-    monkeypatch.setattr(rm, "normalize_pm", lambda *args, **kwargs: seen.append((args, kwargs)) or real(*args, **kwargs))
+    monkeypatch.setattr(rm, "normalize_pm",
+                        lambda *args, **kwargs: seen.append((args, kwargs)) or real(*args, **kwargs))
     rm.stage_rm(cfg, cfg.rm, cfg.ppo)
     inp = rm.pm_inputs(cfg, cfg.rm)
     ref = rm.sft_samples(inp.policy, inp.tok, inp.train_pairs, 16, cfg.ppo.max_new_tokens, cfg.ppo.max_prompt_tokens, 0,
@@ -329,7 +333,8 @@ def test_the_length_trend_is_drawn_apart_from_the_normalisation_samples(tmp_path
     pm_a, _, ckpt = reward.load_reward_model(str(tmp_path / "out" / "pm_a.pt"))
     z = reward.score_replies(pm_a, inp.tok, prompts, replies).numpy()
     lengths = [len(strip_end(r, inp.tok.eos_id, inp.tok.stop_ids)) for r in replies]
-    assert ckpt["length_coef"] == pytest.approx(reward.fit_length_trend(z, lengths, [tuple(p) for p in prompts]), abs=1e-6)
+    assert ckpt["length_coef"] == pytest.approx(reward.fit_length_trend(z, lengths, [tuple(p) for p in prompts]),
+                                                abs=1e-6)
 
 
 def test_pm_learns_marker_rule_end_to_end(tmp_path):
@@ -355,7 +360,7 @@ def test_evaluate_pms_on_another_dir_keeps_policies(tmp_path):
     json.dump(doc, open(path, "w"))
     other = marker_dir(tmp_path / "other", n_train=2, n_test=30, seed=1)
     marker_dir(tmp_path / "other", n_train=2, n_test=12, seed=2, subset="helpful-base", flip=True)  # "please" loses
-    pm = pm_metrics.evaluate_pms(cfg, cfg.rm, other)                          # no training: just score the other test split
+    pm = pm_metrics.evaluate_pms(cfg, cfg.rm, other)  # no training: just score the other test split
     doc = json.load(open(path))
     assert pm["test_pairs"] == 42 and doc["pm"]["data_dir"] == other and doc["policies"] == {"sft": {"pm_a": 0.1}}
     # by subset: n, and each PM's accuracy, counted by hand from its scores of that subset's pairs alone

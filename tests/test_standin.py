@@ -64,7 +64,8 @@ def test_rows_share_a_prompt_and_end_in_a_source_row_after_other_dialogues_turns
     prepended = 0
     for subset in SUBSETS:
         for row in rows(out / subset / "train.jsonl.gz"):
-            (prompt, chosen, _), (prompt_r, rejected, _) = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+            (prompt, chosen, _), (prompt_r, rejected, _) = (split_dialogue(row["chosen"]),
+                                                            split_dialogue(row["rejected"]))
             assert prompt == prompt_r and (chosen, rejected) in source  # real replies, real label
             own = source[(chosen, rejected)]
             assert prompt.endswith(own)
@@ -73,7 +74,7 @@ def test_rows_share_a_prompt_and_end_in_a_source_row_after_other_dialogues_turns
             i = own.split("question ")[1].split(" ")[0]  # make_dialogue's dialogue number
             assert f"question {i} about" not in prefix and f"please answer {i}\n" not in prefix
             prepended += prefix != ""
-    assert prepended > 1000  # the fixture's rows are short, so nearly every row gets earlier turns
+    assert prepended > 1000  # the fixture's rows are short, so nearly every row gets preceding turns
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path):

@@ -35,8 +35,9 @@ def test_helpful_vs_harmless_shows_the_tension_and_refuses_one_kind_of_data(tmp_
     assert list(rows) == ["helpful", "harmless", "mix"] and rows["helpful"]["pairs"] == rows["harmless"]["pairs"]
     acc = {(t, s): rows[t]["test"][s]["accuracy"] for t in rows for s in ("harmless-base", "helpful-base")}
     assert rows["harmless"]["test"]["helpful-base"]["n"] == 30
-    assert acc["harmless", "harmless-base"] > 0.75 and acc["harmless", "helpful-base"] < 0.35  # each learns its own
-    assert acc["helpful", "helpful-base"] > 0.75 and acc["helpful", "harmless-base"] < 0.35    # rule, wrong on the other
+    # each learns its own rule, wrong on the other
+    assert acc["harmless", "harmless-base"] > 0.75 and acc["harmless", "helpful-base"] < 0.35
+    assert acc["helpful", "helpful-base"] > 0.75 and acc["helpful", "harmless-base"] < 0.35
     one_kind = stage_cfg(tmp_path / "one", marker_dir(tmp_path / "one" / "hh"))
     with pytest.raises(ConfigError, match="needs helpful-\\* and harmless-base pairs"):
         studies.hh_study(one_kind, one_kind.rm, rm.pm_inputs(one_kind, one_kind.rm), test)
@@ -62,7 +63,8 @@ def test_helpful_vs_harmless_stops_each_pm_on_its_own_kind_and_counts_by_subset(
     marker_dir(tmp_path / "hh", n_train=60, n_test=1, seed=1, subset="helpful-base")  # fewer helpful pairs
     cfg = stage_cfg(tmp_path, root)
     inp = rm.pm_inputs(cfg, cfg.rm)
-    test = [Pair("\n\nHuman: hi?\n\nAssistant:", " yes", " no", s, 1) for s in ["harmless-base"] * 3 + ["helpful-base"] * 2]
+    test = [Pair("\n\nHuman: hi?\n\nAssistant:", " yes", " no", s, 1)
+            for s in ["harmless-base"] * 3 + ["helpful-base"] * 2]
     vals = written_scores(monkeypatch, [
         ([0, 0, 1, 2, 3], [1, 1, 1, 0, 0]),    # helpful PM: harmless 0 + 0 + 1/2 of 3, helpful 2 of 2
         ([2, 2, 2, 0, 1], [0, 1, 3, 0, 2]),    # harmless PM: harmless 2 of 3, helpful 1/2 + 0 of 2
