@@ -40,6 +40,7 @@ import time
 
 import torch
 
+import actor_critic
 import ppo
 import train
 from model import GPT
@@ -86,7 +87,7 @@ def ppo_iteration(cfg, model, tok, queries, query_mask, device, dtype):
     policy, ref_policy = model.train(), copy.deepcopy(model).requires_grad_(False)
     pm = RewardModel(cfg.model).to(device).eval().requires_grad_(False)
     trunk = None if ppo_cfg.share_trunk else copy.deepcopy(model)
-    critic = ppo.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
+    critic = actor_critic.build_critic(trunk, pm.head.weight, pm.head.bias).to(device)
     optimizer = ppo.build_optimizer(policy, critic, ppo_cfg, device)
     # ppo_step is one function; to split its time we wrap the calls it makes (generate, rollout_forward,
     # the reward function) with a timer. The update is what is left.

@@ -34,6 +34,7 @@ import warnings
 
 import torch
 
+import actor_critic
 import ppo
 from model import GPT, GPTConfig
 from reward import RewardModel, ranking_loss
@@ -171,7 +172,7 @@ def ppo_iteration(vocab, share_trunk):
     policy = GPT(ours_config(vocab))
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
     pm = RewardModel(ours_config(vocab)).eval().requires_grad_(False)
-    critic = ppo.build_critic(None if share_trunk else copy.deepcopy(pm), pm.head.weight, pm.head.bias)
+    critic = actor_critic.build_critic(None if share_trunk else copy.deepcopy(pm), pm.head.weight, pm.head.bias)
     optimizer = ppo.build_optimizer(policy, critic, ppo_cfg, "cpu")
     reward_fn = ppo.pm_reward_fn(pm, Tokenizer(), 16)
     gen = torch.Generator().manual_seed(0)
