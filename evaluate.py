@@ -17,6 +17,7 @@ References
   in sqrt(KL)).
 """
 
+import itertools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import torch
 from actor_critic import sample_logprobs
 from dpo import betas
 from model import disable_dropout
-from pm_metrics import bootstrap
+from pm_metrics import bootstrap, bradley_terry, logistic_fit
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
 from runtime import load_checkpoint, load_model, pick_device, set_seed
@@ -115,14 +116,38 @@ def lc_win_rate(policy_scores, sft_scores, policy_lengths, sft_lengths, ridge=1e
         return float(y[0]), 0.0
     dlen = (policy_lengths[:, :, None] - sft_lengths[:, None, :]).double().flatten().numpy()
     X = np.stack([np.ones_like(dlen), dlen / (dlen.std() or 1.0)], 1)                      # (M, 2)
-    w, penalty = np.zeros(2), np.diag([0.0, ridge * len(y)])
-    for _ in range(100):  # Newton steps on the mean log-likelihood; converges in ~10
-        p = 1 / (1 + np.exp(-X @ w))
-        step = np.linalg.solve(X.T @ (X * (p * (1 - p))[:, None]) + penalty, X.T @ (y - p) - penalty @ w)
-        w += step
-        if np.abs(step).max() < 1e-10:
-            break
+    w = logistic_fit(X, y, np.diag([0.0, ridge * len(y)]))
     return float(1 / (1 + np.exp(-w[0]))), float(w[1])
+
+
+def elo_table(scores, lengths, reference="sft", reps=200, seed=0):
+    """HH's Elo (fig. 1) of every policy from one judge: every reply of a policy against every reply of another to
+    the same prompt, the higher score winning (a tie half), fitted as a Bradley-Terry model (pm_metrics), raw and
+    with the length difference as a covariate (length-controlled), `reference` at 0; 95% intervals from a
+    bootstrap over the prompts. scores, lengths: {name: (P, k)} -> {name: {elo, elo_ci, lc_elo, lc_elo_ci}}."""
+    names = [reference] + [n for n in scores if n != reference]
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    verdicts, dlens = [], []                                       # per pair of players: (P, k_i * k_j) each
+    for i, j in pairs:
+        diff = (scores[names[i]][:, :, None] - scores[names[j]][:, None, :]).flatten(1).double().numpy()
+        verdicts.append((diff > 0) + 0.5 * (diff == 0))
+        dlens.append((lengths[names[i]][:, :, None] - lengths[names[j]][:, None, :]).flatten(1).double().numpy())
+
+    def fit(idx):  # the prompts idx (a bootstrap resample, or all of them) -> Elo, raw then length-controlled
+        first = np.concatenate([np.full(v[idx].size, i) for (i, _), v in zip(pairs, verdicts)])
+        second = np.concatenate([np.full(v[idx].size, j) for (_, j), v in zip(pairs, verdicts)])
+        y, dlen = (np.concatenate([x[idx].ravel() for x in xs]) for xs in (verdicts, dlens))
+        raw, _ = bradley_terry(first, second, y, len(names))
+        lc, _ = bradley_terry(first, second, y, len(names), dlen)
+        return np.concatenate([raw, lc]) * 400 / math.log(10)
+
+    P = len(verdicts[0])
+    point, boot = fit(np.arange(P)), bootstrap(fit, P, reps, seed)  # (2 N,), (reps, 2 N)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    N = len(names)
+    return {name: {"elo": round(point[k], 1), "elo_ci": [round(lo[k], 1), round(hi[k], 1)],
+                   "lc_elo": round(point[N + k], 1), "lc_elo_ci": [round(lo[N + k], 1), round(hi[N + k], 1)]}
+            for k, name in enumerate(names)}
 
 
 def prompt_se(scores):
@@ -239,6 +264,11 @@ def write_report(path, ev, examples):
               "| curve | form | a | b | rmse | points |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {k} | {f['form']} | {f['a']:+.4f} | {f['b']:+.4f} | {f['rmse']:.4f} | {f['points']} |"
               for k, f in ev["frontier_fits"].items()]
+    lines += ["", "## Elo (PM-B's verdicts between every pair of policies, Bradley-Terry, SFT = 0, 95% intervals)", "",
+              "| policy | Elo | length-controlled Elo |", "| --- | --- | --- |"]
+    elo = ev.get("elo", {}).get("policies", {})
+    lines += [f"| {k} | {e['elo']:+.0f} [{e['elo_ci'][0]:+.0f}, {e['elo_ci'][1]:+.0f}] | {e['lc_elo']:+.0f} "
+              f"[{e['lc_elo_ci'][0]:+.0f}, {e['lc_elo_ci'][1]:+.0f}] |" for k, e in elo.items()]
     lines += ["", "## Sample replies (PM-A / PM-B scores)", ""]
     for ex in examples:
         lines += [f"**Human:** {ex['human'][:300]}", ""]
@@ -344,8 +374,9 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
                           bool(ppo_config(out).get("length_debias")), notes)
     # 5. eval.json (merged with rm's "pm" section), report.md
     examples = side_by_side(prompts[:eval_cfg.num_examples], replies, a, b, n, k, tok)
-    return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, notes=notes),
-                     examples)
+    elo = {"judge": "pm_b", "reference": "sft", "policies": elo_table(b, lengths)}  # every policy against every other
+    return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, elo=elo,
+                               notes=notes), examples)
 
 
 def side_by_side(prompts, replies, a, b, n, k, tok):
