@@ -5,7 +5,7 @@ reference policy and (with a scalar head, see reward.py) the preference model.
     python -c "from model import GPT; m = GPT.from_pretrained('gpt2'); print(m.num_params())"
 
 Contents, top to bottom:
-  - the GPT-2 blocks in plain PyTorch (pre-LayerNorm, GELU MLP, GPT-2 parameter names; `linear` for few rows)
+  - the GPT-2 blocks in plain PyTorch (pre-LayerNorm, GELU MLP, GPT-2 parameter names)
   - a preallocated KV cache and the sampling rule (temperature, top-k, top-p)
   - GPT: forward with padding masks, batched generation, GPT.from_pretrained
 The files (safetensors, reading a GPT-2 checkpoint, OpenAI's weights from the hub, the Hugging Face export)
@@ -31,30 +31,6 @@ from lm_loss import lm_loss, padded_head
 # the transformer blocks
 
 
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), (..., C_in) -> (..., C_out). For a few rows on the CPU (a decode step, a PM's
-    last token) it computes (weight @ x^T)^T instead: the same dot products, but with the weight as the GEMM's
-    left operand, which CPU BLAS streams faster when x has few rows (README, Speed: sampling). That output is
-    a transposed view, left so when no gradient flows (sampling, scoring): copying it contiguous cost more than
-    the matmul saved, the next Linear reads it as its x^T without a copy, and the few readers that need a unit
-    last stride copy it (attention's q, k, v; logits). With gradients it is copied contiguous: backward through
-    the view ran BLAS on the other layout and moved a PM's gradients at 1e-7 (README, Speed)."""
-    rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or rows > 64:
-        return F.linear(x, weight, bias)
-    xt = x.reshape(rows, x.size(-1)).t()  # (C_in, rows)
-    y = weight @ xt if bias is None else torch.addmm(bias[:, None], weight, xt)  # (C_out, rows)
-    y = y.t().view(*x.shape[:-1], weight.size(0))  # (..., C_out)
-    return y.contiguous() if y.requires_grad else y
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict keys) through `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
-
-
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # max sequence length (number of learned positions)
@@ -70,8 +46,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
-        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         # attention dropout is applied inside scaled_dot_product_attention (dropout_p), but its rate lives
         # in an nn.Dropout like every other dropout, so one switch (disable_dropout) turns all of them off
         self.attn_dropout = nn.Dropout(config.dropout)
@@ -95,8 +71,6 @@ class CausalSelfAttention(nn.Module):
             else:
                 attn_mask = attn_mask[rows, :, query].unsqueeze(2)  # (B, 1, 1, S)
             T = 1
-        # a few-row `linear`'s output is a transposed view: SDPA's flash kernel needs unit last strides
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         # attn_mask None -> no padding (the fast flash kernel): plain causal attention, or one new token after the
         # cached ones, which sees all of them; otherwise a boolean (B, 1, T, S) mask, True = may attend, built
         # once per forward in GPT.hidden_states
@@ -110,9 +84,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2 used the tanh approximation ("gelu_new")
-        self.c_proj = Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -329,12 +303,11 @@ class GPT(nn.Module):
 
     def logits(self, h):
         """The LM head, (..., C) -> (..., V): the matmul over the padded weight (lm_loss.padded_head), the logits
-        the view without the pad columns. Few rows (a decode step) take the plain head through `linear`: their
-        matmul only streams the weight, so the padded copy of it would cost more than it saves. Checkpoints keep
-        the plain (V, C) weight."""
+        the view without the pad columns. Few rows (a decode step) take the plain head: their matmul only streams
+        the weight, so the padded copy of it would cost more than it saves. Checkpoints keep the plain (V, C) weight."""
         weight = self.lm_head.weight  # (V, C), tied to wte
         if weight.size(0) % 64 == 0 or h.numel() < 256 * h.size(-1):
-            return linear(h, weight).contiguous()  # (..., V) softmax and cumsum read along V
+            return F.linear(h, weight)  # (..., V)
         return F.linear(h, padded_head(weight))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):

@@ -309,55 +309,8 @@ def test_padded_lm_head_matches_the_plain_one(rows):
     assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(1, 32), (3, 1, 32), (16, 32), (4, 16, 32), (65, 32), (3, 100, 32)])
-@pytest.mark.parametrize("bias", [True, False])
-def test_few_row_linear_matches_f_linear(shape, bias):
-    # model.linear computes few rows as (W @ x^T)^T (rows <= 64; more take F.linear): the same outputs and
-    # gradients. Without gradients a few-row output is left a transposed view (its readers:
-    # test_attention_and_logits_get_unit_stride_inputs); with them it is contiguous, so backward keeps its layout
-    torch.manual_seed(0)
-    x = torch.randn(*shape, requires_grad=True)
-    weight = torch.randn(48, 32, requires_grad=True)
-    b = torch.randn(48, requires_grad=True) if bias else None
-    y = model_py.linear(x, weight, b)
-    ref = F.linear(x, weight, b)
-    assert y.shape == ref.shape and y.is_contiguous()
-    assert torch.allclose(y, ref, atol=1e-5)
-    with torch.no_grad():
-        y_nograd = model_py.linear(x, weight, b)
-    rows = x.numel() // 32
-    assert torch.equal(y_nograd, y) and y_nograd.is_contiguous() == (rows == 1 or rows > 64)  # 1 row: either
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(y, [x, weight] + ([b] if bias else []), g)
-    ref_grads = torch.autograd.grad(ref, [x, weight] + ([b] if bias else []), g)
-    for a, r in zip(grads, ref_grads):
-        assert torch.allclose(a, r, atol=1e-4)
-
-
-def test_attention_and_logits_get_unit_stride_inputs(monkeypatch):
-    # without gradients a few-row linear leaves its output a transposed view; SDPA given q, k or v without a
-    # unit last stride falls from its flash kernel to the slow math path; sampling's softmax and cumsum read along V
-    model = tiny(vocab_size=128)
-    sdpa, strides = F.scaled_dot_product_attention, []
-
-    def spy(q, k, v, **kwargs):
-        strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
-        return sdpa(q, k, v, **kwargs)
-    monkeypatch.setattr(model_py.F, "scaled_dot_product_attention", spy)
-    idx = torch.randint(0, 128, (4, 6))
-    model.generate(idx, max_new_tokens=3, generator=torch.Generator().manual_seed(0))  # decode steps: 4 rows
-    with torch.no_grad():  # as a PM scores: 4 rows in the last block; every layer 24 rows
-        model.hidden_states(idx, last=torch.full((4,), 5))
-        assert len(strides) == 2 * 3 + 2 and set(strides) == {(1, 1, 1)}
-        h = model.hidden_states(idx)[:, -1]  # (4, C)
-        assert model.logits(h).is_contiguous()
-
-
-def test_blocks_use_the_few_row_linear_with_nn_linear_state_dict_keys():
+def test_blocks_have_gpt2_state_dict_keys():
     model = tiny()
-    block = model.transformer.h[0]
-    for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
-        assert isinstance(layer, model_py.Linear) and isinstance(layer, torch.nn.Linear)
     keys = set(model.state_dict())
     assert {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
             "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.bias"} <= keys
