@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from hub import load_gpt2_weights, read_gpt2
-from lm_loss import lm_loss, padded_head
+from lm_loss import lm_loss
 
 # -----------------------------------------------------------------------------
 # the transformer blocks
@@ -302,13 +302,8 @@ class GPT(nn.Module):
         return x if last is None else x[:, 0]
 
     def logits(self, h):
-        """The LM head, (..., C) -> (..., V): the matmul over the padded weight (lm_loss.padded_head), the logits
-        the view without the pad columns. Few rows (a decode step) take the plain head: their matmul only streams
-        the weight, so the padded copy of it would cost more than it saves. Checkpoints keep the plain (V, C) weight."""
-        weight = self.lm_head.weight  # (V, C), tied to wte
-        if weight.size(0) % 64 == 0 or h.numel() < 256 * h.size(-1):
-            return F.linear(h, weight)  # (..., V)
-        return F.linear(h, padded_head(weight))[..., :weight.size(0)]  # (..., V) a view of (..., V + pad)
+        """The LM head, (..., C) -> (..., V); weight-tied to wte."""
+        return self.lm_head(h)
 
     def forward(self, idx, targets=None, loss_mask=None, attention_mask=None, kv_cache=None, segment_ids=None):
         """Next-token logits (B, T, V), or, given targets (B, T), (None, the masked mean cross-entropy

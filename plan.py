@@ -122,14 +122,14 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     keeps its fp32 input); and the head's: "logits" keeps V values a token (in act_bytes, their fp32 copy for
     the loss, its gradient), "lm_loss" one chunk of logits (fp32 logits and log-softmax, and under autocast the
     matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
-    (lm_loss.py) and of the head's weight (and its padded copy where V is not a multiple of 64), "distill" the
-    same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows'
+    (lm_loss.py) and of the head's weight, "distill" the same for context distillation's two heads
+    (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows'
     attention mask, which SDPA keeps as floats (T values a token and layer), None (a scalar head) nothing; logits = (rows, N): PPO's
     logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32 log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the
     peak resident memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
     half = act_bytes < 4  # 16-bit autocast
-    padded, pad = c.vocab_size + -c.vocab_size % 64, c.vocab_size % 64 > 0  # lm_loss.padded_head's rows, and a copy
+    padded, pad = c.vocab_size, False  # the head's rows (its fp32 gradient in lm_loss); no padded copy of it
     parts = {}
     if frozen:
         parts[f"{frozen} frozen model{'s' * (frozen > 1)}"] = 4 * P * frozen

@@ -300,15 +300,6 @@ def test_last_position_alone_matches_the_full_forward(padding):
     assert torch.allclose(alone, full, atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [10, 300])  # a decode step's few rows take the plain head, a batch the padded one
-def test_padded_lm_head_matches_the_plain_one(rows):
-    # a vocabulary that is not a multiple of 64 takes the zero-padded matmul; logits are unchanged
-    model = tiny(vocab_size=101)
-    h = torch.randn(2, rows // 2, 32)
-    assert model.logits(h).shape == (2, rows // 2, 101)
-    assert torch.allclose(model.logits(h), h @ model.lm_head.weight.T, atol=1e-6)
-
-
 def test_blocks_have_gpt2_state_dict_keys():
     model = tiny()
     keys = set(model.state_dict())
