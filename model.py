@@ -325,7 +325,7 @@ class GPT(nn.Module):
         # the fused kernel updates each tensor in one pass (CUDA: one launch; CPU: ~3x the foreach default's speed)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
-    @torch.inference_mode()  # no_grad, and no autograd bookkeeping (version counters, view tracking) on any op
+    @torch.no_grad()
     def generate(self, idx, attention_mask=None, max_new_tokens=64, temperature=1.0, top_k=None,
                  top_p=None, eos_id=None, stop_ids=None, generator=None, use_cache=True):
         """Sample continuations of a batch of LEFT-padded prompts idx (B, T).
@@ -354,16 +354,11 @@ class GPT(nn.Module):
         mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         kv_cache = KVCache(T + max_new_tokens) if use_cache else None
-        # with the cache: only the tokens not yet seen, and no attention mask at all if no prompt is padded
-        masked = not use_cache or not attention_mask.all()  # the one host sync before the loop
-        seq, seq_mask = idx, attention_mask if masked else None
-        n = 0
+        seq, seq_mask = idx, attention_mask  # with the cache: only the tokens it has not seen yet
+        n = 0  # columns filled
         for t in range(max_new_tokens):
-            last = torch.full((B,), seq.size(1) - 1, device=device) if seq.size(1) > 1 else None  # the prompt's
-            h = self.hidden_states(seq, seq_mask, kv_cache, last=last)  # (B, C) the last position only
-            h = h if last is not None else h[:, -1]
-            logits = self.logits(h).float()  # (B, V)
-            tok, lp = _sample(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            h = self.hidden_states(seq, seq_mask, kv_cache)[:, -1]  # (B, C) the last position predicts the next
+            tok, lp = _sample(self.logits(h).float(), temperature, top_k, top_p, generator)  # (B,), (B,)
             tokens[:, t] = torch.where(done, fill, tok)
             logprobs[:, t] = torch.where(done, 0.0, lp)
             mask[:, t] = ~done
@@ -375,16 +370,12 @@ class GPT(nn.Module):
             n = t + 1
             if done.all():  # the one host sync per step
                 break
-            new = tokens[:, t:t + 1]  # (B, 1)
-            new_mask = torch.ones(B, 1, dtype=torch.bool, device=device) if masked else None
+            new, new_mask = tokens[:, t:t + 1], torch.ones(B, 1, dtype=torch.bool, device=device)  # (B, 1)
             if use_cache:
                 seq, seq_mask = new, new_mask
             else:
                 seq, seq_mask = torch.cat([seq, new], 1), torch.cat([seq_mask, new_mask], 1)
-        # ordinary tensors out: an inference-mode one could not be saved for backward (a gather over the
-        # sampled tokens, say) nor changed in place outside it
-        with torch.inference_mode(False):
-            return tokens[:, :n].clone(), logprobs[:, :n].clone(), mask[:, :n].clone()
+        return tokens[:, :n], logprobs[:, :n], mask[:, :n]
 
     @classmethod
     def from_pretrained(cls, name_or_path, cache_dir=None, n_head=None):
