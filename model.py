@@ -36,7 +36,7 @@ class GPTConfig:
 
 
 def one_query(q, attn_mask, query):
-    """Buys a PM's scoring and training step the last block's work on every position but the one it reads.
+    """What it buys: a PM's scoring forward and training step skip the last block's work on all but one position.
     q (B, nh, T, hs) -> the query at position query (B,) of each row, (B, nh, 1, hs), and the mask row it
     attends with, (B, 1, 1, T): the given mask's row, or keys up to the query (causal) where there is none."""
     rows = torch.arange(q.size(0), device=q.device)
@@ -179,7 +179,7 @@ class KVCache:
 
 def _sample(logits, temperature, top_k, top_p, generator):
     """One token per row from logits (B, V). Returns (tokens (B,), logprobs (B,)).
-    Buys sampling one uniform draw per row (inverse CDF) where torch.multinomial draws one per vocabulary entry."""
+    What it buys: one uniform draw per row (inverse CDF), where torch.multinomial draws one per vocabulary entry."""
     if temperature == 0:
         tok = logits.argmax(-1)  # (B,)
         return tok, F.log_softmax(logits, -1).gather(1, tok[:, None]).squeeze(1)
