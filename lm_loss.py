@@ -1,6 +1,6 @@
 """
 The language-modelling loss, the log-probs of given tokens, and context distillation's loss, without the (N, V)
-logits.
+logits. What it buys is memory: one chunk of logits at a time instead of all of them, their copies and gradient.
 
 The LM head's logits are the largest tensor of a training step: tokens x vocabulary floats (16 x 1024 x 50,257
 x 4 bytes = 3.3 GB on the GPU default). The plain loss writes them, reads and writes them again in the
@@ -26,24 +26,14 @@ the GPU kernel for such distillation losses).
 """
 
 import torch
-import torch.nn.functional as F
 
 CHUNK_LOGITS = 2 ** 25  # logits per chunk (128 MB in fp32): 667 tokens at vocab 50,257, 4,096 at 8,192
 
 
-def padded_head(weight):
-    """The head's (V, C) weight zero-padded to a multiple of 64 rows, (V + pad, C) (nanoGPT's 50,304 for GPT-2):
-    a 50,257-wide matmul is not a multiple of 8, which keeps a GPU off its tensor-core kernels and a CPU off its
-    aligned ones. The pad logits are not real tokens: GPT.logits slices them off, head_pass sets them to -inf."""
-    return F.pad(weight, (0, 0, 0, -weight.size(0) % 64)) if weight.size(0) % 64 else weight
-
-
-def chunk_logits(h, padded, V):
-    """A chunk's logits through the padded head, (n, V + pad) fp32 (under bf16 autocast the matmul runs in bf16,
-    and the log-sum-exp that reads them would be lossy in it); the pad logits -inf: probability 0, gradient 0."""
-    logits = (h @ padded.t()).float()  # (n, V + pad)
-    logits[:, V:] = float("-inf")
-    return logits
+def chunk_logits(h, weight):
+    """A chunk's logits, (n, V) fp32: under bf16 autocast the matmul runs in bf16, and the log-sum-exp that reads
+    them would be lossy in it."""
+    return (h @ weight.t()).float()
 
 
 def mask_weights(loss_mask, n, device):
@@ -61,14 +51,13 @@ def head_pass(hidden, weight, targets, token_grads=None):
     d logp_i / d z_i = onehot(y_i) - softmax(z_i) while the chunk's logits are in cache."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
-    padded = padded_head(weight)  # (V + pad, C); chunk_logits sets the pad logits to -inf
     token_logprobs = torch.empty(N, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if token_grads is not None else None  # (N, C)
-    grad_weight = torch.zeros_like(padded) if token_grads is not None else None  # (V + pad, C)
+    grad_weight = torch.zeros_like(weight) if token_grads is not None else None  # (V, C)
     for s in range(0, N, chunk):
         h, y = hidden[s:s + chunk], targets[s:s + chunk]  # (n, C), (n,)
         rows = torch.arange(len(y), device=y.device)
-        logprobs = torch.log_softmax(chunk_logits(h, padded, V), -1)  # (n, V + pad) fp32
+        logprobs = torch.log_softmax(chunk_logits(h, weight), -1)  # (n, V) fp32
         token_logprobs[s:s + chunk] = logprobs[rows, y]
         if token_grads is not None:
             dlogits = logprobs.exp_()  # softmax, in place: the log-probs are not needed again
@@ -76,10 +65,10 @@ def head_pass(hidden, weight, targets, token_grads=None):
             # g scales whole rows: applied to the (n, C) sides of the two matmuls, not to the (n, V) logits
             g = -token_grads[s:s + chunk, None]  # (n, 1)
             # out-of-place matmuls, which autocast runs in bf16 where it is on (an in-place addmm_ it would not)
-            grad_hidden[s:s + chunk] = g * (dlogits @ padded)  # (n, C)
-            grad_weight += dlogits.t() @ (g * h)  # (V + pad, C)
+            grad_hidden[s:s + chunk] = g * (dlogits @ weight)  # (n, C)
+            grad_weight += dlogits.t() @ (g * h)  # (V, C)
         logprobs = dlogits = None  # freed before the next chunk's are made: one chunk of logits at a time, not two
-    return token_logprobs, grad_hidden, None if grad_weight is None else grad_weight[:V]
+    return token_logprobs, grad_hidden, grad_weight
 
 
 class _LMLoss(torch.autograd.Function):
@@ -123,7 +112,8 @@ class _TokenLogprobs(torch.autograd.Function):
 def lm_loss(hidden, weight, targets, loss_mask=None):
     """The masked mean next-token cross-entropy, sum(ce * loss_mask) / sum(loss_mask) (every token if loss_mask
     is None), of the logits hidden @ weight.T: hidden (..., C), weight (V, C), targets and loss_mask (...).
-    Equal to F.cross_entropy over the materialised logits, without materialising them (module docstring)."""
+    Equal to F.cross_entropy over the materialised logits; it buys memory: it never materialises them (module
+    docstring)."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()  # (N, C), (N,)
     token_weights = mask_weights(loss_mask, targets.numel(), hidden.device)  # (N,)
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -146,26 +136,23 @@ def distill_pass(hidden, weight, teacher_hidden, teacher_weight, token_weights, 
     logits are in cache. The teacher is a constant: it gets no gradient."""
     N, V = hidden.size(0), weight.size(0)
     chunk = max(1, CHUNK_LOGITS // V)
-    padded, teacher_padded = padded_head(weight), padded_head(teacher_weight)  # (V + pad, C) each
     loss = torch.zeros((), device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_grads else None  # (N, C)
-    grad_weight = torch.zeros_like(padded) if want_grads else None  # (V + pad, C)
+    grad_weight = torch.zeros_like(weight) if want_grads else None  # (V, C)
     for s in range(0, N, chunk):
         h, w = hidden[s:s + chunk], token_weights[s:s + chunk, None]  # (n, C), (n, 1)
-        log_q = torch.log_softmax(chunk_logits(h, padded, V), -1)  # (n, V + pad) the student's log-probs
-        log_p = torch.log_softmax(chunk_logits(teacher_hidden[s:s + chunk], teacher_padded, V), -1)  # the teacher's
-        p = log_p.exp()  # (n, V + pad) the teacher's probabilities, 0 at the pads
-        # KL_i = sum_v p (log p - log q), in place (log p is not needed again); at the pads p is 0 and
-        # log p - log q is -inf - (-inf) = NaN: they are sliced off before the sum
-        kl = log_p.sub_(log_q).mul_(p)[:, :V].sum(-1)  # (n,)
+        log_q = torch.log_softmax(chunk_logits(h, weight), -1)  # (n, V) the student's log-probs
+        log_p = torch.log_softmax(chunk_logits(teacher_hidden[s:s + chunk], teacher_weight), -1)  # the teacher's
+        p = log_p.exp()  # (n, V) the teacher's probabilities
+        kl = log_p.sub_(log_q).mul_(p).sum(-1)  # (n,) KL_i = sum_v p (log p - log q), in place (log p is done with)
         loss += (w[:, 0] * kl).sum()
         if want_grads:
-            dlogits = log_q.exp_().sub_(p)  # (n, V + pad) softmax(z) - p_teacher = d KL_i / d z_i, 0 at the pads
+            dlogits = log_q.exp_().sub_(p)  # (n, V) softmax(z) - p_teacher = d KL_i / d z_i
             # w scales whole rows: applied to the (n, C) sides of the matmuls, out of place (bf16 under autocast)
-            grad_hidden[s:s + chunk] = w * (dlogits @ padded)  # (n, C)
-            grad_weight += dlogits.t() @ (w * h)  # (V + pad, C)
+            grad_hidden[s:s + chunk] = w * (dlogits @ weight)  # (n, C)
+            grad_weight += dlogits.t() @ (w * h)  # (V, C)
         log_q = log_p = p = dlogits = None  # freed before the next chunk's are made: one chunk at a time, not two
-    return loss, grad_hidden, None if grad_weight is None else grad_weight[:V]
+    return loss, grad_hidden, grad_weight
 
 
 class _DistillLoss(torch.autograd.Function):

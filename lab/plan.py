@@ -122,15 +122,13 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
     keeps its fp32 input); and the head's: "logits" keeps V values a token (in act_bytes, their fp32 copy for
     the loss, its gradient), "lm_loss" one chunk of logits (fp32 logits and log-softmax, and under autocast the
     matmul's 16-bit output and two 16-bit casts of their gradient) and an fp32 gradient of the hidden states
-    (lm_loss.py) and of the head's weight (and its padded copy where V is not a multiple of 64), "distill" the
-    same for context distillation's two heads (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows'
-    attention mask, which SDPA keeps as floats (T values a token and layer), None (a scalar head) nothing;
-    logits = (rows, N): PPO's logits of the N reply tokens of each row, V values a token (in act_bytes, their fp32
-    log-softmax and its gradient); and the KV cache of sampling kv = (rows, T). Checked against the peak resident
-    memory of a CPU step (tests/test_plan.py)."""
+    (lm_loss.py) and of the head's weight, "distill" the same for context distillation's two heads
+    (lm_loss.distill_loss), "dpo" lm_loss's and the padded rows' attention mask, which SDPA keeps as floats (T values
+    a token and layer), None (a scalar head) nothing; logits = (rows, N): PPO's logits of the N reply tokens of each
+    row, V values a token (in act_bytes, their fp32 log-softmax and its gradient); and the KV cache of sampling
+    kv = (rows, T). Checked against the peak resident memory of a CPU step (tests/test_plan.py)."""
     c, P = gpt.config, gpt.num_params(non_embedding=False)
     half = act_bytes < 4  # 16-bit autocast
-    padded, pad = c.vocab_size + -c.vocab_size % 64, c.vocab_size % 64 > 0  # lm_loss.padded_head's rows, and a copy
     parts = {}
     if frozen:
         parts[f"{frozen} frozen model{'s' * (frozen > 1)}"] = 4 * P * frozen
@@ -140,9 +138,9 @@ def memory_parts(gpt, act_bytes, frozen=0, trained=(), kv=None, logits=None):
         per_token = c.n_layer * c.n_embd * (34 * act_bytes / 2 + 4 * half)
         per_token += 4 * c.n_embd if head else 0  # the fp32 gradient of the hidden states the head reads
         per_token += 4 * T * c.n_layer if head == "dpo" else 0  # the attention mask SDPA keeps as floats a layer
-        lm_chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) + 4 * padded * c.n_embd * (1 + pad)
+        lm_chunk = CHUNK_LOGITS * (8 + 3 * act_bytes * half) + 4 * c.vocab_size * c.n_embd  # + the head's fp32 gradient
         chunk = {"lm_loss": lm_chunk, "dpo": lm_chunk, None: 0,
-                 "distill": CHUNK_LOGITS * (12 + 4 * act_bytes * half) + 4 * padded * c.n_embd * (1 + 2 * pad)}[head]
+                 "distill": CHUNK_LOGITS * (12 + 4 * act_bytes * half) + 4 * c.vocab_size * c.n_embd}[head]
         parts["weights + Adam"] = parts.get("weights + Adam", 0) + (16 + 2 * half) * P
         key = f"activations {rows} x {round(T)}"
         parts[key] = parts.get(key, 0) + rows * T * per_token + chunk

@@ -151,7 +151,7 @@ def teacher_inputs(hidden, weight, seed=1):
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 17, 51, 1000])  # one token per chunk .. all in one chunk
 @pytest.mark.parametrize("masked", [False, True])
 def test_distill_loss_and_gradients_match_kl_div_over_the_logits(monkeypatch, chunk_tokens, masked):
-    hidden, weight, _, loss_mask = inputs()  # V = 101: the padded head has 27 pad logits
+    hidden, weight, _, loss_mask = inputs()
     teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
     monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", chunk_tokens * weight.size(0))
     mask = loss_mask if masked else None
@@ -192,7 +192,7 @@ def test_distill_loss_under_bf16_autocast_stays_near_the_fp32_one():
 
 
 def test_distill_loss_holds_one_chunk_of_logits_at_a_time(monkeypatch):
-    # no tensor, forward or backward, as large as the (N, V) logits: at most a chunk's, or the head's (V + pad, C)
+    # no tensor, forward or backward, as large as the (N, V) logits: at most a chunk's, or the head's (V, C)
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class LargestOutput(TorchDispatchMode):
@@ -207,9 +207,9 @@ def test_distill_loss_holds_one_chunk_of_logits_at_a_time(monkeypatch):
                     self.numel = max(self.numel, t.numel())
             return out
 
-    hidden, weight, _, loss_mask = inputs()  # N = 51 tokens, V = 101 (128 padded), C = 16
+    hidden, weight, _, loss_mask = inputs()  # N = 51 tokens, V = 101, C = 16
     teacher_hidden, teacher_weight = teacher_inputs(hidden, weight)
     monkeypatch.setattr(lm_loss_module, "CHUNK_LOGITS", 5 * weight.size(0))  # 5 tokens a chunk
     with LargestOutput() as mode:
         distill_loss(hidden, weight, teacher_hidden, teacher_weight, loss_mask).backward()
-    assert mode.numel <= max(5 * 128, 128 * 16) < 51 * 101
+    assert mode.numel <= max(5 * 101, 101 * 16) < 51 * 101
