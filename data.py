@@ -72,6 +72,9 @@ class DataConfig:
     trimmed_max_size: int = 0      # trimmed vocab: keep at most this many tokens, most frequent first (0 = no cap)
     max_prompt_tokens: int = 384   # prompts are left-truncated to this many tokens (the last turns matter most)
     max_reply_tokens: int = 128    # replies are cut to this many tokens (SFT, PM) and generated up to it (PPO)
+    extra_dir: str = ""            # one more directory in the dataset's layout whose subsets are read too, train
+                                   # split only (the comparisons `rlhf.py label` writes: --data.extra_dir=out/labels);
+                                   # never capped by max_pairs, never filtered by subsets
 
 
 @dataclass
@@ -248,13 +251,50 @@ def _stable_hash01(text, salt):
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
+def _read_file(path, subset, cfg, stats):
+    """The Pairs of one SUBSET/SPLIT.jsonl.gz, counting what is dropped in stats (read_pairs says what)."""
+    pairs, n_before = [], stats["read"]
+    try:
+        for line_no, raw in _lines(path):
+            if not raw.strip():
+                continue  # blank lines (e.g. a trailing newline) are not rows
+            stats["read"] += 1
+            try:
+                (prompt, chosen, n_turns), (prompt_r, rejected, _) = _parse_row(raw)
+            except ValueError as e:
+                if not cfg.skip_bad_rows:
+                    raise DataError(f"{path}:{line_no}: {e} (--data.skip_bad_rows=True to skip "
+                                    f"such rows)") from None
+                stats["skipped_bad"] += 1
+                continue
+            if prompt != prompt_r:
+                stats["dropped_prompt_mismatch"] += 1
+            elif not chosen or not rejected:  # "" (a " " reply is kept: "say nothing" is a real answer)
+                stats["dropped_empty_reply"] += 1
+            elif chosen == rejected:
+                stats["dropped_same_reply"] += 1
+            else:
+                pairs.append(Pair(prompt, chosen, rejected, subset, n_turns))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip file ({e}); delete it and "
+                        f"download again") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    if stats["read"] == n_before:
+        raise DataError(f"{path}: empty file (no rows)")
+    return pairs
+
+
 def read_pairs(data_dir, split, cfg):
     """Read SUBSET/SPLIT.jsonl.gz for the configured subsets into Pairs. Dropped (counted, no error):
     rows whose chosen and rejected prompts differ (a handful in hh-rlhf: we can't tell which prompt
     the preference is about), rows with identical replies (no preference signal), and rows with a
     zero-length reply (nothing to train on; a whitespace reply, ~0.3% of harmless-base, is kept).
     Malformed rows raise DataError("file:line: what") unless cfg.skip_bad_rows; a broken file
-    (corrupt gzip, empty) always raises. Returns (pairs, stats)."""
+    (corrupt gzip, empty) always raises. The train split adds every subset of cfg.extra_dir, parsed and
+    checked the same way, after the max_pairs cap: a person's labels are few and each cost minutes, so a
+    cap never drops them (they take part in the validation split and the PM halves, by the prompt's hash,
+    as any pair does). Returns (pairs, stats)."""
     data_dir = Path(data_dir)
     if cfg.subsets:
         subsets = [s.strip() for s in cfg.subsets.split(",") if s.strip()]
@@ -268,38 +308,7 @@ def read_pairs(data_dir, split, cfg):
             raise DataError(f"{data_dir}: no SUBSET/{split}.jsonl.gz inside; {HOW_TO_FIX}")
     stats = dict(read=0, kept=0, dropped_prompt_mismatch=0, dropped_same_reply=0,
                  dropped_empty_reply=0, dropped_max_pairs=0, skipped_bad=0)
-    pairs = []
-    for subset in subsets:
-        path = data_dir / subset / f"{split}.jsonl.gz"
-        n_before = stats["read"]
-        try:
-            for line_no, raw in _lines(path):
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing newline) are not rows
-                stats["read"] += 1
-                try:
-                    (prompt, chosen, n_turns), (prompt_r, rejected, _) = _parse_row(raw)
-                except ValueError as e:
-                    if not cfg.skip_bad_rows:
-                        raise DataError(f"{path}:{line_no}: {e} (--data.skip_bad_rows=True to skip "
-                                        f"such rows)") from None
-                    stats["skipped_bad"] += 1
-                    continue
-                if prompt != prompt_r:
-                    stats["dropped_prompt_mismatch"] += 1
-                elif not chosen or not rejected:  # "" (a " " reply is kept: "say nothing" is a real answer)
-                    stats["dropped_empty_reply"] += 1
-                elif chosen == rejected:
-                    stats["dropped_same_reply"] += 1
-                else:
-                    pairs.append(Pair(prompt, chosen, rejected, subset, n_turns))
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip file ({e}); delete it and "
-                            f"download again") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e})") from None
-        if stats["read"] == n_before:
-            raise DataError(f"{path}: empty file (no rows)")
+    pairs = [p for s in subsets for p in _read_file(data_dir / s / f"{split}.jsonl.gz", s, cfg, stats)]
     if not pairs:
         raise DataError(f"{data_dir}: no usable {split} pairs ({format_stats(stats)})")
     cap = cfg.max_test_pairs if split == "test" else cfg.max_pairs
@@ -307,6 +316,13 @@ def read_pairs(data_dir, split, cfg):
         keep = set(sorted(range(len(pairs)), key=lambda i: _stable_hash01(pairs[i].prompt, "cap"))[:cap])
         stats["dropped_max_pairs"] = len(pairs) - cap
         pairs = [p for i, p in enumerate(pairs) if i in keep]
+    if split == "train" and cfg.extra_dir:
+        extra = Path(cfg.extra_dir)
+        if not subsets_present(extra, "train"):
+            raise DataError(f"--data.extra_dir {extra}: no SUBSET/train.jsonl.gz inside (`python rlhf.py label` "
+                            "writes them)")
+        for s in subsets_present(extra, "train"):
+            pairs += _read_file(extra / s / "train.jsonl.gz", s, cfg, stats)
     stats["kept"] = len(pairs)
     return pairs, stats
 

@@ -122,7 +122,7 @@ def pmp_data(run, rm_cfg, train_pairs):
     """PMP's comparisons: every train pair of rm_cfg.pmp_dir when given (read as hh-rlhf is, every subset in it),
     else the automatic ones of pmp_pairs; None without PMP."""
     if rm_cfg.pmp_dir:
-        return read_pairs(rm_cfg.pmp_dir, "train", replace(run.data, max_pairs=0, subsets=""))[0]
+        return read_pairs(rm_cfg.pmp_dir, "train", replace(run.data, max_pairs=0, subsets="", extra_dir=""))[0]
     return pmp_pairs(train_pairs, run.seed) if rm_cfg.pmp else None
 
 

@@ -150,6 +150,27 @@ def test_train_and_test_have_their_own_caps(tmp_path):
     assert len(read_pairs(tmp_path, "train", DataConfig(max_pairs=10, max_test_pairs=20))[0]) == 10
 
 
+def test_extra_dir_adds_its_subsets_to_train_only_and_no_cap_drops_them(tmp_path):
+    """--data.extra_dir (the comparisons `rlhf.py label` writes): every subset in it joins the train split after the
+    max_pairs cap, parsed and checked as hh-rlhf's rows are; the test split and --data.subsets leave it alone."""
+    for split in ("train", "test"):
+        write_jsonl_gz(tmp_path / "hh" / "harmless-base" / f"{split}.jsonl.gz",
+                       [row([f"q{i}"], " a", " b") for i in range(50)])
+    labels = tmp_path / "labels"
+    write_jsonl_gz(labels / "online-helpful" / "train.jsonl.gz", GOOD)
+    cfg = DataConfig(max_pairs=10, subsets="harmless-base", extra_dir=str(labels))
+    pairs, stats = read_pairs(tmp_path / "hh", "train", cfg)
+    assert [p.subset for p in pairs] == ["harmless-base"] * 10 + ["online-helpful"] * 3
+    assert pairs[10].prompt + pairs[10].chosen == GOOD[0]["chosen"] and stats["kept"] == 13
+    assert stats["read"] == 53 and stats["dropped_max_pairs"] == 40
+    assert len(read_pairs(tmp_path / "hh", "test", cfg)[0]) == 50
+    write_jsonl_gz(labels / "online-harmless" / "train.jsonl.gz", [GOOD[0], b'{"chosen": "x"}'])
+    with pytest.raises(DataError, match=re.escape(f"{labels / 'online-harmless' / 'train.jsonl.gz'}:2: missing key")):
+        read_pairs(tmp_path / "hh", "train", cfg)
+    with pytest.raises(DataError, match="--data.extra_dir .*nope: no SUBSET/train.jsonl.gz inside"):
+        read_pairs(tmp_path / "hh", "train", DataConfig(extra_dir=str(tmp_path / "nope")))
+
+
 # --- splits --------------------------------------------------------------------------------------
 
 def test_splits_deterministic_and_disjoint():
