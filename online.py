@@ -1,330 +1,315 @@
 """
-Human feedback at the terminal: `python rlhf.py label` shows a person two replies and records which one they
-prefer, as comparisons in hh-rlhf's own layout, which the PMs then train on as one more subset.
+HH's data loop, iterated online RLHF (Bai et al. 2022, sec. 4.5): the deployed policy writes comparisons, people
+label them, the PM trains further on them, and the policy is optimised again against the new PM, round after
+round. That is how the PM learns the region the policy has moved into, where a PM trained once on the initial
+policy's replies knows least (the top decile of PM-A's scores, where PM-A and PM-B agree least).
 
-    python rlhf.py label                                   # review: sft vs ppo on train prompts, key 1/2/t/s/q
-    python rlhf.py label --label.chat=true                 # chat: write the Human turns, pick a reply at each turn
-    python rlhf.py label --label.chat=true --label.task=harmless   # red-teaming: pick the MORE harmful reply
-    python rlhf.py label --label.best_of=8 --label.policies=rs     # the best two of 8 samples by PM-A
-    python rlhf.py rm --force --data.extra_dir=out/labels  # PMs trained on hh-rlhf plus these comparisons
+    python rlhf.py online --online.rounds=2                    # after `python rlhf.py all`
+    python rlhf.py online --online.method=ppo                  # re-optimise with PPO instead of rejection sampling
+    python rlhf.py online --online.labeler=human               # you decide each comparison (as `rlhf.py label`)
 
-The HH comparisons were collected this way (Bai et al. 2022, sec. 2.2-2.3): crowdworkers talked to deployed models
-in open-ended dialogues and, at each turn, were offered two replies. For helpfulness they picked the more helpful
-one, and the dialogue went on with it; for harmlessness they red-teamed the model and picked the more harmful one.
-The "online" data came from the RLHF policies being trained, and the "rejection sampling" data from the best two
-of 16 samples ranked by a PM. Here the two replies come from two policies (`--label.policies`, shown in a seeded
-random order so a person cannot learn which side is which), or are PM-A's best two of `--label.best_of` samples of
-one policy.
+Each round: (1) the current policy (round 1: the initial policy, SFT or cd) samples n replies to train prompts;
+PM-A's best two make one comparison (HH's rejection-sampling interface) and two plain samples another; (2) the
+labeler decides each; (3) PM-A trains further on half A plus every online comparison so far; (4) a new policy is
+optimised from the initial one against that PM-A (`rs` or `ppo`, the stage's own settings: the same KL budget);
+(5) the labeler measures it on test prompts. Round 0 is the flow's own PM-A and policy.
 
-Every decision, ties and skips too, is one line of labels_dir/decisions.jsonl, written and fsynced before the next
-reply is shown; labels_dir/online-{task}/train.jsonl.gz, rows {"chosen", "rejected"} as hh-rlhf's, is rebuilt
-from it after each decision by an atomic rename. Ctrl-C loses nothing, and a second run goes on with the same
-files (review mode offers only prompts not yet decided). --data.extra_dir=labels_dir reads them back (data.py).
+Where no person is at hand, the labeler is simulated by PM-B, as in Gao et al. 2022's "gold" PM: a judge nothing
+else trains against. The rounds are then judged by the labeler they learn from, so a gain in PM-B reward is partly
+PM-A learning PM-B; PM-A's accuracy on the human-labelled test pairs (pm_a_test_accuracy) stays the independent
+check. Each round's comparisons are also written in hh-rlhf's layout (online/labels/online-round{r}), which
+--data.extra_dir reads as more subsets.
+
+References: Bai et al. 2022 (sec. 4.5, fig. 1: Elo); Gao et al. 2022, "Scaling Laws for Reward Model
+Overoptimization" (the gold-model simulation).
 """
-import gzip
 import json
 import os
-import random
-import re
-import time
-import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
-from reward import load_reward_model, score_texts
-from runtime import ConfigError, load_model, pick_device
-from sampling import SampleConfig, complete, format_prompt, policy_path, rl_prompts
+import numpy as np
+import torch
 
+from actor_critic import sample_logprobs
+from data import Pair, read_pairs, resolve_data_dir, train_comparisons
+from evaluate import elo_table, policy_row, sample_and_score
+from label import read_key, show_dialogue, show_replies, write_subset
+from model import disable_dropout
+from pm_metrics import decile_agreement, pair_accuracy, wilson_interval
+from ppo import stage_ppo
+from reward import encode_pairs, load_reward_model, normalize_pm, pm_block, pm_reward_fn, score_pairs
+from rm import TREND_REPLIES, sft_samples, train_pm
+from rs import stage_rs
+from runtime import (ConfigError, MetricsLog, initial_policy, load_checkpoint, load_model, model_checkpoint,
+                     pick_device, save_checkpoint, set_seed)
+from sampling import rl_prompts, sample_replies, score, strip_end
+
+# -----------------------------------------------------------------------------
+# the loop: collect on-policy comparisons, label them, train PM-A further, re-optimise (HH sec. 4.5)
 
 @dataclass
-class LabelConfig:
-    """`label`: which replies a person compares, and where the comparisons go."""
-    policies: str = "sft,ppo"    # the two policies compared: checkpoints in out_dir (base, sft, cd, rs, ppo, dpo)
-                                 # or .pt paths; with best_of, the first one's samples
-    best_of: int = 0             # > 0: HH's rejection-sampling interface: PM-A's best two of this many samples
-    chat: bool = False           # true: the person writes the Human turns of an open-ended dialogue (HH's interface)
-    task: str = "helpful"        # helpful: pick the more helpful reply (chosen); harmless: red-teaming, pick the
-                                 # more harmful reply (rejected)
-    split: str = "train"         # review mode: the split whose prompts are offered (train or test)
-    num_prompts: int = 20        # review mode: prompts offered a run, those decided before left out (0 = all)
-    show_turns: int = 4          # review mode: the dialogue's last turns shown above the two replies
-    labels_dir: str = ""         # decisions.jsonl and online-{task}/train.jsonl.gz; "" = out_dir/labels
-    max_new_tokens: int = 0      # reply length cap (0 = ppo.max_new_tokens); the temperature is PPO's
+class OnlineConfig:
+    """`online`: HH's iterated online RLHF. Each round the current policy writes comparisons on train prompts, a
+    labeler decides them, PM-A trains further on them, and a new policy is optimised from the initial one against
+    it; each round is measured by the labeler on test prompts."""
+    rounds: int = 2              # rounds of collect -> label -> train PM-A -> re-optimise
+    method: str = "rs"           # rs | ppo: how a round's policy is optimised against its PM-A (the stage's settings)
+    prompts: int = 64            # train prompts a round collects on (a fresh seeded draw each round)
+    n: int = 16                  # samples a prompt; PM-A's best two make one comparison (HH's RS interface)
+    plain: bool = True           # and the first two samples another (a plain pair)
+    labeler: str = "pm_b"        # pm_b: a simulated labeler, the held-out PM-B; human: you, as in `label`
+    pm_steps: int = 60           # PM-A's further steps a round, on half A plus every online comparison so far
+    eval_prompts: int = 48       # test prompts each round's policy is measured on
+    eval_samples: int = 4        # replies a test prompt from each round's policy (SFT's baseline: eval.n)
 
 
-TASKS = {"helpful": "more helpful", "harmless": "more harmful"}  # what key 1 or 2 says about a reply
-KEYS = ("1", "2", "t", "s", "q")
-MADE_BY = {"base": "pretrain", "sft": "sft", "cd": "cd", "rs": "rs", "ppo": "ppo", "dpo": "dpo", "pm_a": "rm"}
+def check_online(online_cfg):
+    """--online.method and --online.labeler, one line each, before anything loads."""
+    if online_cfg.method not in ("rs", "ppo"):
+        raise ConfigError(f"--online.method must be rs or ppo, got {online_cfg.method!r}")
+    if online_cfg.labeler not in ("pm_b", "human"):
+        raise ConfigError(f"--online.labeler must be pm_b or human, got {online_cfg.labeler!r}")
 
 
-def check_label(label_cfg):
-    """The label section's values a type cannot check, before any model loads -> the policies' names."""
-    names = [p.strip() for p in label_cfg.policies.split(",") if p.strip()]
-    if label_cfg.task not in TASKS:
-        raise ConfigError(f"--label.task must be helpful or harmless, got {label_cfg.task!r}")
-    if label_cfg.split not in ("train", "test"):
-        raise ConfigError(f"--label.split must be train or test, got {label_cfg.split!r}")
-    if label_cfg.best_of < 0 or label_cfg.best_of == 1:
-        raise ConfigError(f"--label.best_of must be 0 (two policies) or at least 2 (PM-A's best two of that many "
-                          f"samples), got {label_cfg.best_of}")
-    if label_cfg.best_of and not names:
-        raise ConfigError("--label.best_of samples the first of --label.policies, which is empty")
-    if not label_cfg.best_of and len(names) != 2:
-        raise ConfigError(f"--label.policies needs two policies, e.g. sft,ppo, got {len(names)} "
-                          f"({label_cfg.policies!r}); or --label.best_of=N: the best two of N samples of one")
-    return names
+def collect(policy, pm_a, tok, queries, online_cfg, max_new, temperature, generator, batch_size, dtype):
+    """On-policy comparisons: n samples a query from `policy`, ranked by PM-A; its best two are one comparison (HH's
+    rejection-sampling interface, where the labeler compares the two replies the PM likes most) and, with
+    online_cfg.plain, the first two samples another. -> [(query, reply_1, reply_2, kind)] id lists."""
+    n = online_cfg.n
+    replies = sample_replies(policy, queries, n, max_new, batch_size, tok, generator, temperature, dtype)
+    rep_q = [q for q in queries for _ in range(n)]
+    scores = score(pm_reward_fn(pm_a, tok, batch_size, dtype), rep_q, replies, batch_size).view(len(queries), n)
+    top2 = scores.topk(2, dim=1).indices.tolist()                                                       # (P, 2)
+    out = []
+    for p, q in enumerate(queries):
+        out.append((q, replies[p * n + top2[p][0]], replies[p * n + top2[p][1]], "best_two"))
+        if online_cfg.plain:
+            out.append((q, replies[p * n], replies[p * n + 1], "plain"))
+    return out
 
 
-# ----------------------------------------------------------------------------------------------
-# storage: decisions.jsonl, appended one fsynced line at a time, and the comparisons made of it
-
-def append_decision(path, decision):
-    """One decision as one JSON line, on disk (flushed and fsynced) before the next reply is shown. A file whose
-    last line was cut short (a crash mid-write) gets a newline first, so the new line stays whole."""
-    line = json.dumps(decision, ensure_ascii=False) + "\n"
-    with open(path, "a+b") as f:
-        if f.seek(0, os.SEEK_END) > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))  # (append mode: the write goes to the end wherever the seek left it)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def decision_problem(d):
-    """What makes a parsed line unusable as a decision, or None."""
-    if not isinstance(d, dict):
-        return f"expected a JSON object, got {type(d).__name__}"
-    for key in ("mode", "task", "prompt", "key"):
-        if not isinstance(d.get(key), str):
-            return f"no string {key!r}"
-    if not (isinstance(d.get("replies"), list) and len(d["replies"]) == 2 and all(isinstance(r, str)
-                                                                                  for r in d["replies"])):
-        return "'replies' is not two strings"
-    if d["key"] not in KEYS[:4] or d["task"] not in TASKS or not d["prompt"].endswith("\n\nAssistant:"):
-        return "a key, task or prompt this labeller does not write"
-    return None
+def judge(candidates, labeler, pm_a, pm_b, tok, batch_size, dtype):
+    """The labeler's verdict on each comparison, and PM-A's scores before it trains on them. labeler "pm_b": the
+    higher PM-B score is chosen (a tie: no row), the simulation of Gao et al. 2022 with PM-B as the gold model;
+    "human": the `label` prompt. -> [(query, chosen, rejected, kind, a_chosen, a_rejected, b_chosen, b_rejected)]."""
+    q = [c[0] for c in candidates for _ in (0, 1)]
+    r = [c[1 + k] for c in candidates for k in (0, 1)]
+    a = score(pm_reward_fn(pm_a, tok, batch_size, dtype), q, r, batch_size).view(-1, 2).tolist()
+    b = score(pm_reward_fn(pm_b, tok, batch_size, dtype), q, r, batch_size).view(-1, 2).tolist()
+    rows = []
+    for (query, r1, r2, kind), (a1, a2), (b1, b2) in zip(candidates, a, b):
+        pick = (1 if b1 > b2 else 2 if b2 > b1 else 0) if labeler == "pm_b" else ask_pick(tok, query, r1, r2)
+        if pick is None:
+            break
+        if pick == 1:
+            rows.append((query, r1, r2, kind, a1, a2, b1, b2))
+        elif pick == 2:
+            rows.append((query, r2, r1, kind, a2, a1, b2, b1))
+    return rows
 
 
-def read_decisions(path):
-    """Every decision in decisions.jsonl. A broken line (a half-written last one, an edit gone wrong) is reported
-    in one line naming the file and line and left out; the rest are kept."""
-    if not os.path.exists(path):
-        return []
-    decisions = []
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                d = json.loads(raw)
-                why = decision_problem(d)
-            except (ValueError, RecursionError) as e:  # bad JSON or bad UTF-8
-                why = f"not JSON ({str(e)[:60]})"
-            if why:
-                print(f"[label] {path}:{line_no}: broken line left out ({why}); the other lines are kept")
-            else:
-                decisions.append(d)
-    return decisions
-
-
-def comparison(d):
-    """A decision as an hh-rlhf row, or None for a tie or a skip. helpful: the picked reply is chosen; harmless
-    (red-teaming): the picked reply is the more harmful one, so it is rejected. Both dialogues are the prompt
-    plus " " + a reply, as hh-rlhf's are: identical up to the last Assistant turn."""
-    if d["key"] not in ("1", "2"):
-        return None
-    picked, other = d["replies"][int(d["key"]) - 1], d["replies"][2 - int(d["key"])]
-    chosen, rejected = (other, picked) if d["task"] == "harmless" else (picked, other)
-    return {"chosen": f"{d['prompt']} {chosen}", "rejected": f"{d['prompt']} {rejected}"}
-
-
-def write_comparisons(labels_dir, task, decisions):
-    """labels_dir/online-{task}/train.jsonl.gz from every decision of that task: a temp file, fsynced, renamed
-    over the old one, so a reader never sees half a file. None while the task has no comparison (read_pairs
-    refuses an empty file) -> the path, or None."""
-    rows = [r for d in decisions if d["task"] == task and (r := comparison(d))]
-    if not rows:
-        return None
-    path = os.path.join(labels_dir, f"online-{task}", "train.jsonl.gz")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as raw:
-        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(path + ".tmp", path)
-    return path
-
-
-class LabelStore:
-    """decisions.jsonl and the comparisons rebuilt from it; a second run reads both and goes on."""
-
-    def __init__(self, labels_dir):
-        os.makedirs(labels_dir, exist_ok=True)
-        self.dir, self.path = labels_dir, os.path.join(labels_dir, "decisions.jsonl")
-        self.decisions = read_decisions(self.path)
-        for task in TASKS:  # a crash between a decision's line and its rename: the comparisons catch up
-            write_comparisons(self.dir, task, self.decisions)
-
-    def add(self, decision):
-        append_decision(self.path, decision)
-        self.decisions.append(decision)
-        write_comparisons(self.dir, decision["task"], self.decisions)
-
-
-# ----------------------------------------------------------------------------------------------
-# the two replies
-
-def checkpoint_path(out_dir, name):
-    """The checkpoint of a policy name (or pm_a), which must exist: else one line naming the stage that makes it."""
-    path = policy_path(out_dir, name)
-    if not os.path.exists(path):
-        stage = MADE_BY.get(name)
-        raise ConfigError(f"{path} not found: " + (f"run `python rlhf.py {stage}` first" if stage else
-                                                    "--label.policies names base, sft, cd, rs, ppo, dpo or a .pt"))
-    return path
-
-
-def load_offer(run, label_cfg, ppo_cfg):
-    """Load the policies (and PM-A for best_of) -> (offer, the first policy's tokenizer, the policies' names).
-    offer(prompt) gives two replies to a dialogue ending in "\\n\\nAssistant:", with the policy each came from,
-    in a random order seeded by the prompt: {"replies", "policies"[, "pm_a"]}. Replies are sampled as PPO samples
-    (its temperature, no top-k or top-p), each policy with its own seed, so two samples of one policy differ."""
-    names = check_label(label_cfg)
-    names = names[:1] if label_cfg.best_of else names
-    paths = [checkpoint_path(run.out_dir, n) for n in names + (["pm_a"] if label_cfg.best_of else [])]
+def train_pm_a(run, rm_cfg, prev_path, path, pairs, val_pairs, ref, online_cfg, seed):
+    """PM-A of a round: the previous round's PM-A trained further, online_cfg.pm_steps steps on `pairs` (half A and
+    every online comparison so far), early-stopped on the validation pairs, then normalised on the same SFT samples
+    as the rm stage's PMs (`ref`: gain and bias, the length trend). Written to `path` once, resumable."""
+    if os.path.exists(path) and load_checkpoint(path).get("done"):
+        return
     device = pick_device(run.device)
-    policies = [load_model(p, device)[:2] for p in paths[:len(names)]]
-    sample_cfg = SampleConfig(max_new_tokens=label_cfg.max_new_tokens or ppo_cfg.max_new_tokens,
-                              temperature=ppo_cfg.temperature, top_k=0, top_p=1.0)
-    pm, pm_tok, _ = load_reward_model(paths[-1], device) if label_cfg.best_of else (None, None, None)
-
-    def offer(prompt):
-        seed, n = run.seed + zlib.crc32(prompt.encode("utf-8")), label_cfg.best_of
-        extra = {}
-        if n:  # 1. n samples of one policy  2. PM-A scores each  3. the best two
-            (model, tok), = policies
-            samples = complete(model, tok, [prompt] * n, sample_cfg, seed, run.dtype)
-            scores = score_texts(pm, pm_tok, [prompt] * n, [" " + s for s in samples])
-            top = sorted(range(n), key=lambda i: -scores[i])[:2]
-            replies = [samples[i] for i in top]
-            sources = [f"{names[0]} best-of-{n} #{rank}" for rank in (1, 2)]
-            extra = {"pm_a": [round(scores[i], 4) for i in top]}
-        else:
-            replies = [complete(model, tok, [prompt], sample_cfg, seed + j, run.dtype)[0]
-                       for j, (model, tok) in enumerate(policies)]
-            sources = names
-        order = [0, 1] if random.Random(f"order:{seed}").random() < 0.5 else [1, 0]
-        return {"replies": [replies[i] for i in order], "policies": [sources[i] for i in order],
-                **{k: [v[i] for i in order] for k, v in extra.items()}}
-
-    return offer, policies[0][1], names
+    model, tok, _ = load_reward_model(prev_path, device)
+    set_seed(seed)
+    block = pm_block(model, run.data)
+    enc = lambda ps: encode_pairs(ps, tok, block, run.data.max_reply_tokens)  # noqa: E731
+    steps_cfg = replace(rm_cfg, max_steps=online_cfg.pm_steps, pmp=False, pmp_dir="")
+    info = train_pm(run, steps_cfg, model, tok, enc(pairs), enc(val_pairs), rm_cfg.objective,
+                    ckpt_path=path + ".train", name=os.path.basename(os.path.dirname(path)) + "/pm_a")
+    normalize_pm(model, tok, *ref["ref"], rm_cfg.normalize, rm_cfg.eval_batch_size, run.dtype, trend=ref["trend"])
+    save_checkpoint(path, model_checkpoint(
+        model, tok, step=info["steps"], stage="online", config=asdict(steps_cfg), seed=run.seed, done=True,
+        reward_gain=model.reward_gain, reward_bias=model.reward_bias, length_coef=model.length_coef,
+        length_mean=model.length_mean, train_pairs=len(pairs), **info))
+    os.remove(path + ".train")
 
 
-# ----------------------------------------------------------------------------------------------
-# the terminal: input() reads each key and each Human turn (Ctrl-D = quit), so a test feeds sys.stdin
-
-def read_line(question):
-    """One line typed after `question`, or None at Ctrl-D (end of input) or Ctrl-C."""
-    try:
-        return input(question)
-    except (EOFError, KeyboardInterrupt):
-        print()
-        return None
-
-
-def read_key(task):
-    """1, 2, t, s or q, asked again until it is one of them; Ctrl-D is q."""
-    question = f"which reply is {TASKS[task]}? 1, 2, t (tie), s (skip), q (quit): "
-    while (key := read_line(question)) is not None:
-        if key.strip().lower() in KEYS:
-            return key.strip().lower()
-        print(f"  keys: 1 or 2 (the {TASKS[task]} reply), t (a tie), s (skip it), q (quit)")
-    return "q"
+def optimise(run, round_dir, pm_a_path, online_cfg, rs_cfg, ppo_cfg):
+    """A round's policy: the `rs` or `ppo` stage, from the initial policy, against this round's PM-A, with the stage's
+    own settings (the same KL budget every round), run in round_dir: links there to the initial policy, PM-B and this
+    PM-A make the stage read them as its own. -> the policy's checkpoint path."""
+    os.makedirs(round_dir, exist_ok=True)
+    for name, target in ((run.policy_init, initial_policy(run)), ("pm_a", pm_a_path),
+                         ("pm_b", os.path.join(run.out_dir, "pm_b.pt"))):
+        link = os.path.join(round_dir, f"{name}.pt")
+        if os.path.abspath(target) != os.path.abspath(link) and not os.path.exists(link):
+            os.symlink(os.path.abspath(target), link)
+    round_run = replace(run, out_dir=round_dir)
+    if online_cfg.method == "rs":
+        stage_rs(round_run, rs_cfg, ppo_cfg)
+    else:
+        stage_ppo(round_run, ppo_cfg)
+    return os.path.join(round_dir, f"{online_cfg.method}.pt")
 
 
-def show_dialogue(prompt, n_turns):
-    """The dialogue's last n_turns turns, without the empty Assistant turn it ends with."""
-    turns = [t.strip() for t in re.split(r"\n\n(?=Human:|Assistant:)", prompt) if t.strip()][:-1]
-    if len(turns) > n_turns:
-        print(f"  ({len(turns) - n_turns} turn{'s' * (len(turns) - n_turns > 1)} before these)")
-    for turn in turns[-n_turns:]:
-        print(turn)
+def measure(policy, sft, pm_a, pm_b, tok, queries, k, base, max_new, T, run, batch_size, seed):
+    """One policy on the measuring prompts, as eval measures it (evaluate.policy_row): k replies a prompt, PM-A's
+    and the labeler's (PM-B's) rewards, KL to SFT, win rates against SFT's replies in `base`, raw and
+    length-controlled. -> (row, its PM-B scores (P, k), its lengths (P, k))."""
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
+    reward_a, reward_b = (pm_reward_fn(pm, tok, batch_size, run.dtype) for pm in (pm_a, pm_b))
+    rep_q, replies, a, b, lengths = sample_and_score(policy, queries, k, max_new, tok, gen, T, reward_a, reward_b,
+                                                     batch_size, run.dtype)
+    kl = (sample_logprobs(policy, rep_q, replies, batch_size, tok.eos_id, T, run.dtype)
+          - sample_logprobs(sft, rep_q, replies, batch_size, tok.eos_id, T, run.dtype)).mean().item()
+    return policy_row(a, b, lengths, base["lengths"], kl, base["b"], T), b, lengths
 
 
-def show_replies(replies):
-    for i, reply in enumerate(replies, 1):
-        print(f"[{i}] Assistant: " + (reply or "(an empty reply)").replace("\n", "\n    "))
+def before_training(rows):
+    """How well the previous PM-A knew where the policy now lives, on the round's labelled comparisons before it
+    trains on them: its accuracy against the labeler (Wilson 95% interval), and its agreement with the labeler in
+    its own top score decile (pm_metrics.decile_agreement), where RL pushes."""
+    a_c, a_r = np.array([row[4] for row in rows]), np.array([row[5] for row in rows])
+    n_right = float(np.sum((a_c > a_r) + 0.5 * (a_c == a_r)))
+    deciles = decile_agreement(a_c, a_r, np.ones(len(rows)), np.zeros(len(rows)))  # the labeler picked `chosen`
+    return {"comparisons": len(rows), "pm_a_accuracy": n_right / max(len(rows), 1),
+            "pm_a_accuracy_ci": list(wilson_interval(n_right, len(rows))),
+            "top_decile_agreement": deciles[-1]["agreement"] if deciles else float("nan")}
 
 
-def decision(mode, task, prompt, offered, key):
-    """What decisions.jsonl keeps of one decision: enough to rebuild its comparison and audit it."""
-    return {"mode": mode, "task": task, "prompt": prompt, **offered, "key": key, "time": round(time.time(), 1)}
+def round_comparisons(run, r, collector_path, pm_a_path, pm_b, tok, prompts, online_cfg, ppo_cfg, path):
+    """Round r's labelled comparisons, collected by the policy in collector_path on a seeded draw of train prompts,
+    with PM-A's and PM-B's scores: computed once and kept in `path`, so a resumed round labels nothing twice."""
+    if os.path.exists(path):
+        return load_checkpoint(path)["rows"]
+    device = pick_device(run.device)
+    policy, _, _ = load_model(collector_path, device)
+    pm_a, _, _ = load_reward_model(pm_a_path, device)
+    disable_dropout(policy).eval()
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(run.seed + 1000 * r)).tolist()
+    queries = [prompts[i][1] for i in order[:online_cfg.prompts]]
+    gen = torch.Generator(device=device).manual_seed(run.seed + 1000 * r + 1)
+    candidates = collect(policy, pm_a, tok, queries, online_cfg, ppo_cfg.max_new_tokens, ppo_cfg.temperature, gen,
+                         64, run.dtype)
+    rows = judge(candidates, online_cfg.labeler, pm_a, pm_b, tok, 64, run.dtype)
+    save_checkpoint(path, {"rows": rows})
+    return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# the two modes
-
-def review(run, label_cfg, offer, tok, store):
-    """Review mode: the split's prompts in rl_prompts' order, those of this task decided before left out; two
-    replies to each, one key each."""
-    decided = {d["prompt"] for d in store.decisions if d["mode"] == "review" and d["task"] == label_cfg.task}
-    prompts = [t for t, _ in rl_prompts(run, label_cfg.split, tok, 0) if t not in decided]
-    prompts = prompts[:label_cfg.num_prompts or None]
-    print(f"[label] review: {len(prompts)} {label_cfg.split} prompts ({len(decided)} decided before)")
-    for i, prompt in enumerate(prompts, 1):
-        print(f"\n--- {i}/{len(prompts)} ---")
-        show_dialogue(prompt, label_cfg.show_turns)
-        offered = offer(prompt)
-        show_replies(offered["replies"])
-        key = read_key(label_cfg.task)
-        if key == "q":
-            return
-        store.add(decision("review", label_cfg.task, prompt, offered, key))
+def as_pairs(rows, tok, subset):
+    """Labelled comparisons as data.Pair: the prompt's text, and each reply's text as a PM reads it (its ending cut)."""
+    out = []
+    for query, chosen, rejected, *_ in rows:
+        prompt = tok.decode(query)
+        out.append(Pair(prompt, tok.decode(strip_end(chosen, tok.eos_id, tok.stop_ids)),
+                        tok.decode(strip_end(rejected, tok.eos_id, tok.stop_ids)), subset, prompt.count("\n\nHuman:")))
+    return out
 
 
-def chat(label_cfg, offer, store):
-    """Chat mode, HH's interface: the person writes each Human turn, picks one of the two replies, and the
-    dialogue goes on with the picked one (reply 1 after a tie or a skip). An empty line ends the dialogue and
-    starts another; an empty first turn, q or Ctrl-D quits."""
-    print(f"[label] chat ({label_cfg.task}): write a Human turn; an empty line ends the dialogue, Ctrl-D quits")
-    while True:
-        dialogue = ""
-        while True:
-            human = read_line("Human: ")
-            if human is None or not (human.strip() or dialogue):
-                return
-            if not human.strip():
-                break
-            dialogue += format_prompt(human)
-            offered = offer(dialogue)
-            show_replies(offered["replies"])
-            key = read_key(label_cfg.task)
-            if key == "q":
-                return
-            store.add(decision("chat", label_cfg.task, dialogue, offered, key))
-            picked = offered["replies"][int(key) - 1 if key in ("1", "2") else 0]
-            print(f"Assistant: {picked}")
-            dialogue += " " + picked
-        print("\n--- a new dialogue ---")
+def shared_inputs(run, sft, pm_b, tok, test_queries, rm_cfg, ppo_cfg, eval_cfg, path):
+    """What every round reuses, computed once and kept in `path`: SFT's replies to the measuring prompts with the
+    labeler's scores (the baseline of the win rates), and the SFT samples a new PM-A is normalised on (as rm's)."""
+    if os.path.exists(path):
+        return load_checkpoint(path)
+    train_pairs = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rm_cfg.split_halves)[0]
+    gen = torch.Generator(device=next(sft.parameters()).device).manual_seed(run.seed)
+    reward_b = pm_reward_fn(pm_b, tok, eval_cfg.batch_size, run.dtype)
+    _, _, _, b, lengths = sample_and_score(sft, test_queries, eval_cfg.n, ppo_cfg.max_new_tokens, tok, gen,
+                                           ppo_cfg.temperature, reward_b, reward_b, eval_cfg.batch_size, run.dtype)
+    args = (ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens)
+    ref = sft_samples(sft, tok, train_pairs, rm_cfg.normalize_samples, *args, run.seed, rm_cfg.eval_batch_size,
+                      ppo_cfg.temperature, run.dtype)
+    trend = sft_samples(sft, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES), *args,
+                        run.seed + 1, rm_cfg.eval_batch_size, ppo_cfg.temperature, run.dtype,
+                        replies_per_prompt=TREND_REPLIES)
+    shared = {"b": b, "lengths": lengths, "ref": ref, "trend": trend}
+    save_checkpoint(path, shared)
+    return shared
 
 
-def stage_label(run, label_cfg, ppo_cfg):
-    """`label`: a person compares two replies at a time; the comparisons land in labels_dir. Returns the
-    decisions of this run."""
-    offer, tok, names = load_offer(run, label_cfg, ppo_cfg)
-    labels_dir = label_cfg.labels_dir or os.path.join(run.out_dir, "labels")
-    store = LabelStore(labels_dir)
-    n_before = len(store.decisions)
-    what = f"PM-A's best two of {label_cfg.best_of} samples of {names[0]}" if label_cfg.best_of else " vs ".join(names)
-    print(f"[label] {what} | task {label_cfg.task} | {n_before} decisions in {store.path}")
-    try:
-        chat(label_cfg, offer, store) if label_cfg.chat else review(run, label_cfg, offer, tok, store)
-    except KeyboardInterrupt:
-        print()
-    new = store.decisions[n_before:]
-    rows = [r for d in store.decisions if d["task"] == label_cfg.task and (r := comparison(d))]
-    print(f"[label] {len(new)} decisions saved ({sum(d['key'] in ('1', '2') for d in new)} comparisons); "
-          f"{len(rows)} {label_cfg.task} comparisons in {labels_dir}: train on them with --data.extra_dir={labels_dir}")
-    return new
+def stage_online(run, online_cfg, rm_cfg, rs_cfg, ppo_cfg, eval_cfg):
+    """Stage `online`, after `all`: online_cfg.rounds rounds of HH's loop -> out_dir/online.json, online/round{r}/
+    (the comparisons, PM-A, the policy) and online/labels/ (each round's comparisons in hh-rlhf's layout, one subset
+    a round: --data.extra_dir reads them). Round 0 is the flow's own PM-A and `rs` or `ppo` policy. Every step of a
+    round is kept once done, so a killed run resumes where it stopped and ends as an uninterrupted one."""
+    out, device = run.out_dir, pick_device(run.device)
+    first = os.path.join(out, f"{online_cfg.method}.pt")
+    for path, stage in ((os.path.join(out, "pm_b.pt"), "rm"), (first, online_cfg.method)):
+        if not os.path.exists(path):
+            raise ConfigError(f"{path} not found: run `python rlhf.py {stage}` first (online starts after `all`)")
+    sft, tok, _ = load_model(initial_policy(run), device)
+    disable_dropout(sft).eval()
+    pm_b = load_reward_model(os.path.join(out, "pm_b.pt"), device)[0]
+    T, max_new = ppo_cfg.temperature, ppo_cfg.max_new_tokens
+    max_prompt = min(ppo_cfg.max_prompt_tokens, sft.config.block_size - max_new)
+    prompts = rl_prompts(run, "train", tok, max_prompt)
+    test_q = [q for _, q in rl_prompts(run, "test", tok, max_prompt)[:online_cfg.eval_prompts]]
+    home = os.path.join(out, "online")
+    os.makedirs(home, exist_ok=True)
+    shared = shared_inputs(run, sft, pm_b, tok, test_q, rm_cfg, ppo_cfg, eval_cfg, os.path.join(home, "shared.pt"))
+    _, val_pairs, (half_a, _) = train_comparisons(resolve_data_dir(run.data_dir or None), run.data, rm_cfg.split_halves)
+    test_ex = encode_pairs(read_pairs(resolve_data_dir(run.data_dir or None), "test", run.data)[0], tok,
+                           pm_block(sft, run.data), run.data.max_reply_tokens)
+    judged = {"sft": (shared["b"], shared["lengths"])}
+    rounds, online_pairs = [], []
+    pm_path, policy_path = os.path.join(out, "pm_a.pt"), first
+    for r in range(online_cfg.rounds + 1):
+        row = {"round": r}
+        if r > 0:  # collect with the last round's policy (round 1: the initial policy), label, train, re-optimise
+            rd = os.path.join(home, f"round{r}")
+            os.makedirs(rd, exist_ok=True)
+            collector = initial_policy(run) if r == 1 else policy_path
+            rows = round_comparisons(run, r, collector, pm_path, pm_b, tok, prompts, online_cfg, ppo_cfg,
+                                     os.path.join(rd, "comparisons.pt"))
+            row.update(before_training(rows))
+            pairs = as_pairs(rows, tok, f"online-round{r}")
+            write_subset(os.path.join(home, "labels"), f"online-round{r}",
+                         [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in pairs])
+            online_pairs += pairs
+            new_pm = os.path.join(rd, "pm_a.pt")
+            train_pm_a(run, rm_cfg, pm_path, new_pm, half_a + online_pairs, val_pairs, shared, online_cfg, run.seed + r)
+            pm_path, policy_path = new_pm, optimise(run, rd, new_pm, online_cfg, rs_cfg, ppo_cfg)
+        pm_a = load_reward_model(pm_path, device)[0]
+        policy = disable_dropout(load_model(policy_path, device)[0]).eval()
+        measured, b, lengths = measure(policy, sft, pm_a, pm_b, tok, test_q, online_cfg.eval_samples, shared, max_new,
+                                       T, run, eval_cfg.batch_size, run.seed + 7919 * (r + 1))
+        row.update(measured, pm_a_test_accuracy=pair_accuracy(*score_pairs(pm_a, test_ex, tok.eos_id,
+                                                                            eval_cfg.batch_size, run.dtype)))
+        judged[f"round{r}"] = (b, lengths)
+        rounds.append(row)
+        print_round(row)
+    elo = elo_table({k: v[0] for k, v in judged.items()}, {k: v[1] for k, v in judged.items()})
+    return save_online(out, online_cfg, rounds, elo)
+
+
+def ask_pick(tok, query, r1, r2):
+    """The human labeler: the dialogue and both replies, as `label` shows them -> 1, 2, 0 (a tie or a skip) or None
+    (quit: the round's remaining comparisons get no label)."""
+    show_dialogue(tok.decode(query), 4)
+    show_replies([tok.decode(strip_end(r, tok.eos_id, tok.stop_ids)) for r in (r1, r2)])
+    key = read_key("helpful")
+    return None if key == "q" else {"1": 1, "2": 2}.get(key, 0)
+
+
+def print_round(row):
+    """One line a round: what PM-A knew before training, and where the round's policy stands by the labeler."""
+    before = (f"{row['comparisons']} comparisons, PM-A right on {row['pm_a_accuracy']:.2f} "
+              f"[{row['pm_a_accuracy_ci'][0]:.2f}, {row['pm_a_accuracy_ci'][1]:.2f}], top-decile agreement "
+              f"{row['top_decile_agreement']:.2f} | ") if "comparisons" in row else ""
+    print(f"[online] round {row['round']}: {before}PM-A test acc {row['pm_a_test_accuracy']:.3f} | labeler reward "
+          f"{row['heldout_pm_reward']:+.3f} ± {row['heldout_pm_reward_se']:.3f} | KL {row['kl']:.2f} | LC win "
+          f"{row['lc_win_rate_vs_sft']:.3f} ± {row['lc_win_rate_se']:.3f} | {row['mean_reply_tokens']:.1f} tokens")
+
+
+def save_online(out, online_cfg, rounds, elo):
+    """out_dir/online.json (atomically) and one metrics.jsonl row a round; prints the Elo table. -> the dict."""
+    result = {"config": asdict(online_cfg), "labeler": online_cfg.labeler, "rounds": rounds,
+              "elo": {"judge": "pm_b", "reference": "sft", "policies": elo}}
+    path = os.path.join(out, "online.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(path + ".tmp", path)
+    log = MetricsLog(out)
+    for row in rounds:
+        log.log("online", row["round"], **{k: v for k, v in row.items() if isinstance(v, (int, float))})
+    for name, e in elo.items():
+        print(f"[online] Elo {name:8s} {e['elo']:+6.0f} [{e['elo_ci'][0]:+.0f}, {e['elo_ci'][1]:+.0f}] | "
+              f"length-controlled {e['lc_elo']:+6.0f} [{e['lc_elo_ci'][0]:+.0f}, {e['lc_elo_ci'][1]:+.0f}]")
+    print(f"[online] wrote {path}")
+    return result

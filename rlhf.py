@@ -17,7 +17,8 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
 and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first), bench (speed
 figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures), export (a
 Hugging Face GPT-2 folder: `export --policy ppo --to DIR`), label (a person compares two replies: comparisons in
-hh-rlhf's layout, out_dir/labels, that --data.extra_dir=out/labels adds to the PMs' data; online.py).
+hh-rlhf's layout, out_dir/labels, that --data.extra_dir=out/labels adds to the PMs' data; label.py), online (HH's
+loop after `all`: collect comparisons, label them, train PM-A further, re-optimise, round after round; online.py).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
 from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
@@ -38,7 +39,8 @@ from hub import ExportConfig, stage_export
 from dpo import DPOConfig, betas, stage_dpo
 from evaluate import EvalConfig, stage_eval
 from model import GPTConfig
-from online import LabelConfig, check_label, stage_label
+from online import OnlineConfig, check_online, stage_online
+from label import LabelConfig, check_label, stage_label
 from pm_metrics import evaluate_pms
 from ppo import PPOConfig, stage_ppo
 from rm import RMConfig, check_choices, stage_rm
@@ -102,6 +104,7 @@ class Config:
     plan: PlanConfig = field(default_factory=PlanConfig)
     studies: StudyConfig = field(default_factory=StudyConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 # Presets are named sets of overrides, applied before the command line's (and type-checked the same way).
@@ -189,7 +192,7 @@ PRESETS = {
 }
 
 STAGES = ["all", "pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval", "plan", "bench", "studies", "sample",
-          "chat", "plot", "export", "label"]
+          "chat", "plot", "export", "label", "online"]
 # short flags for the tools: `chat --policy ppo`, `export --policy ppo --to DIR`, `sample --prompt "..."`
 ALIASES = {"policy": "sample.policy", "prompt": "sample.prompt", "to": "export.to"}
 
@@ -274,6 +277,7 @@ def check_values(stage, cfg):
     betas(cfg.dpo)                           # --dpo.beta, --dpo.betas
     check_choices(cfg.rm)                    # --rm.objective, --rm.init
     check_label(cfg.label)                   # --label.task, --label.policies, --label.best_of, --label.split
+    check_online(cfg.online)                 # --online.method, --online.labeler
     if stage in ("all", "cd"):
         check_config(cfg.cd)                 # --cd.prompt_file, --cd.pack
     if cfg.studies.size and stage == "studies":
@@ -363,6 +367,7 @@ def run(stage, cfg):
         "chat": lambda: stage_chat(run, cfg.sample),
         "export": lambda: stage_export(run, cfg.export, cfg.sample),
         "label": lambda: stage_label(run, cfg.label, cfg.ppo),  # replies sampled as PPO samples them
+        "online": lambda: stage_online(run, cfg.online, cfg.rm, cfg.rs, cfg.ppo, cfg.eval),
     }
     order = ["pretrain", "sft", "cd", "rm", "rs", "ppo", "dpo", "eval"] if stage == "all" else [stage]
     plan = None

@@ -1,4 +1,4 @@
-"""Tests for online.py, `rlhf.py label`: a person's keys become hh-rlhf comparisons that survive a crash, a rerun
+"""Tests for label.py, `rlhf.py label`: a person's keys become hh-rlhf comparisons that survive a crash, a rerun
 goes on where the last one stopped, and read_pairs reads them back through --data.extra_dir. The person is
 sys.stdin; the policies and PM-A are tiny random models, so each test takes a second or two."""
 import gzip
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import online
+import label as labeller
 import rlhf
 from conftest import make_dialogue, write_hh_dir
 from data import DataConfig, read_pairs
@@ -44,10 +44,10 @@ def setup(tmp_path):
 def label(run, keys, monkeypatch, **fields):
     """One `label` run on the keys typed (lines of stdin) -> (this run's decisions, every decision on disk)."""
     monkeypatch.setattr("sys.stdin", io.StringIO(keys))
-    label_cfg = online.LabelConfig(**fields)
-    new = online.stage_label(run, label_cfg, PPOConfig(max_new_tokens=8))
+    label_cfg = labeller.LabelConfig(**fields)
+    new = labeller.stage_label(run, label_cfg, PPOConfig(max_new_tokens=8))
     labels_dir = label_cfg.labels_dir or os.path.join(run.out_dir, "labels")
-    return new, online.read_decisions(os.path.join(labels_dir, "decisions.jsonl"))
+    return new, labeller.read_decisions(os.path.join(labels_dir, "decisions.jsonl"))
 
 
 def rows(path):
@@ -79,12 +79,12 @@ def test_sides_are_shuffled_by_a_seeded_rng_and_each_reply_names_its_policy(setu
     """Which side a policy's reply is on changes from prompt to prompt (seeded: the same again on a rerun), and
     the policy recorded beside each reply is the one that samples it."""
     run, tok = setup
-    offer, _, names = online.load_offer(run, online.LabelConfig(), PPOConfig(max_new_tokens=8))
+    offer, _, names = labeller.load_offer(run, labeller.LabelConfig(), PPOConfig(max_new_tokens=8))
     prompts = [t for t, _ in rl_prompts(run, "train", tok, 0)][:12]
     offers = [offer(p) for p in prompts]
     assert names == ["sft", "ppo"] and {tuple(o["policies"]) for o in offers} == {("sft", "ppo"), ("ppo", "sft")}
     assert offers == [offer(p) for p in prompts]
-    single, _, _ = online.load_offer(run, online.LabelConfig(policies="ppo,ppo"), PPOConfig(max_new_tokens=8))
+    single, _, _ = labeller.load_offer(run, labeller.LabelConfig(policies="ppo,ppo"), PPOConfig(max_new_tokens=8))
     for prompt, o in zip(prompts, offers):
         j = o["policies"].index("ppo")
         assert o["replies"][j] in single(prompt)["replies"]  # ppo is the second policy in both: the same seed
@@ -97,7 +97,7 @@ def test_a_second_run_goes_on_where_the_first_stopped(setup, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO("t\n2\nq\n"))
     assert rlhf.main(["label", "--preset", "tiny", "--device", "cpu", "--out_dir", run.out_dir,
                       "--data_dir", run.data_dir, "--ppo.max_new_tokens=8"]) == 0
-    on_disk = online.read_decisions(os.path.join(run.out_dir, "labels", "decisions.jsonl"))
+    on_disk = labeller.read_decisions(os.path.join(run.out_dir, "labels", "decisions.jsonl"))
     prompts = [t for t, _ in rl_prompts(run, "train", tok, 0)]
     assert [d["prompt"] for d in on_disk] == prompts[:3] and on_disk[:1] == first
     assert [d["key"] for d in on_disk] == ["1", "t", "2"]
@@ -126,8 +126,8 @@ def test_chat_picks_land_by_task_and_the_dialogue_goes_on_with_the_pick(setup, m
 def test_best_of_offers_pm_a_top_two_of_the_samples(setup, monkeypatch):
     """--label.best_of=5: the two replies offered are the two of the five samples that PM-A scores highest."""
     run, _ = setup
-    calls, real = [], online.complete
-    monkeypatch.setattr(online, "complete", lambda *a, **k: calls.append((a[2], real(*a, **k))) or calls[-1][1])
+    calls, real = [], labeller.complete
+    monkeypatch.setattr(labeller, "complete", lambda *a, **k: calls.append((a[2], real(*a, **k))) or calls[-1][1])
     _, (d,) = label(run, "2\nq\n", monkeypatch, best_of=5, policies="sft")
     prompts, samples = calls[0]  # (calls[1]: the prompt offered when q was typed)
     assert prompts == [d["prompt"]] * 5 and sorted(d["policies"]) == ["sft best-of-5 #1", "sft best-of-5 #2"]
@@ -145,12 +145,12 @@ def test_a_broken_line_is_reported_and_the_rest_kept(tmp_path, capsys):
             "policies": ["sft", "ppo"], "key": "1"}
     path = tmp_path / "decisions.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps({**good, "key": "2"}) + '\n{"mode": "rev')
-    store = online.LabelStore(str(tmp_path))
+    store = labeller.LabelStore(str(tmp_path))
     out = capsys.readouterr().out.splitlines()
     assert [line.split(": broken line")[0] for line in out] == [f"[label] {path}:2", f"[label] {path}:4"]
     assert [d["key"] for d in store.decisions] == ["1", "2"]
     store.add({**good, "key": "t"})
-    assert [d["key"] for d in online.read_decisions(str(path))] == ["1", "2", "t"]
+    assert [d["key"] for d in labeller.read_decisions(str(path))] == ["1", "2", "t"]
     assert rows(tmp_path / "online-helpful" / "train.jsonl.gz")[1]["chosen"] == format_prompt("hi") + " b"
 
 
