@@ -11,6 +11,9 @@ plot.py: the figures of a run, drawn from the files the stages already write (no
                       eval.json "frontier_fits")
   policies.png        PM-A / PM-B reward and win rate vs SFT, raw and length-controlled, of every policy (eval.json)
   pm_size_study.png   PM accuracy and PM-A/PM-B score KL vs trunk size (pm_size_study.json, studies --studies.size=true)
+  elo.png             every policy's Elo by PM-B, raw and length-controlled, with 95% intervals (eval.json "elo")
+  online.png          the rounds of `rlhf.py online`: what PM-A knew before training, and each round's policy
+                      (online.json)
 
 A figure whose data is missing is skipped with a note, so any partial out_dir works. matplotlib is an
 optional extra (`pip install matplotlib`), imported only when make_plots runs.
@@ -295,6 +298,54 @@ def plot_size_study(rows, path):
     return True
 
 
+def plot_elo(elo, path):
+    """Elo of every policy (eval.json or online.json "elo"), raw and length-controlled, SFT at 0, with the 95%
+    bootstrap intervals: the HH paper's fig. 1 reports its policies this way."""
+    if not elo:
+        return False
+    fig, ax = new_figure((6, 3))
+    names = list(elo)
+    for k, (key, label) in enumerate((("elo", "raw"), ("lc_elo", "length-controlled"))):
+        x = [i + (k - 0.5) * 0.35 for i in range(len(names))]
+        values = [elo[n][key] for n in names]
+        err = [[v - elo[n][f"{key}_ci"][0] for n, v in zip(names, values)],
+               [elo[n][f"{key}_ci"][1] - v for n, v in zip(names, values)]]
+        ax.bar(x, values, 0.35, yerr=err, capsize=3, label=label, color=f"C{k}")
+    ax.set_xticks(range(len(names)), names)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set(ylabel="Elo vs SFT (PM-B judges)", title="Elo of every policy (95% bootstrap intervals over prompts)")
+    ax.legend()
+    save_png(fig, path)
+    return True
+
+
+def plot_online(rounds, path):
+    """The rounds of `rlhf.py online` (online.json): PM-A's accuracy on each round's new comparisons before it
+    trains on them and its agreement with the labeler in its top decile; each round's policy's labeler reward, KL
+    and length-controlled win rate against SFT."""
+    if not rounds:
+        return False
+    fig, (ax_pm, ax_pol) = new_figure((7, 3.2), 1, 2)
+    later = [r for r in rounds if "comparisons" in r]
+    x = [r["round"] for r in later]
+    ax_pm.plot(x, [r["pm_a_accuracy"] for r in later], "o-", label="accuracy on new comparisons")
+    ax_pm.plot(x, [r["top_decile_agreement"] for r in later], "s-", label="top-decile agreement")
+    ax_pm.plot([r["round"] for r in rounds], [r["pm_a_test_accuracy"] for r in rounds], "^-", label="test accuracy")
+    ax_pm.set(xlabel="round", ylabel="PM-A vs the labeler", title="what PM-A knew before training")
+    ax_pm.legend()
+    x = [r["round"] for r in rounds]
+    ax_pol.errorbar(x, [r["heldout_pm_reward"] for r in rounds], [r["heldout_pm_reward_se"] for r in rounds],
+                    fmt="o-", capsize=3, label="labeler reward")
+    ax_pol.errorbar(x, [r["lc_win_rate_vs_sft"] for r in rounds], [r["lc_win_rate_se"] for r in rounds],
+                    fmt="s-", capsize=3, label="LC win rate vs SFT")
+    ax_pol.plot(x, [r["kl"] for r in rounds], "^--", label="KL to SFT (nats)")
+    ax_pol.set(xlabel="round", title="each round's policy", xticks=x)
+    ax_pm.set_xticks(x)
+    ax_pol.legend()
+    save_png(fig, path)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------
 
 def make_plots(out_dir, fig_dir=None):
@@ -310,6 +361,7 @@ def make_plots(out_dir, fig_dir=None):
     os.makedirs(fig_dir, exist_ok=True)
     ev = read_json(os.path.join(out_dir, "eval.json")) or {}
     pm, policies = ev.get("pm") or {}, ev.get("policies") or {}
+    online = read_json(os.path.join(out_dir, "online.json")) or {}
     jobs = [
         ("curves.png", "metrics.jsonl", lambda p: plot_curves(load_metrics(os.path.join(out_dir, "metrics.jsonl")), p)),
         ("pm_calibration.png", 'eval.json "pm"', lambda p: plot_calibration(pm, p)),
@@ -319,6 +371,8 @@ def make_plots(out_dir, fig_dir=None):
         ("policies.png", 'eval.json "policies"', lambda p: plot_policies(policies, p)),
         ("pm_size_study.png", "pm_size_study.json", lambda p: plot_size_study(
             read_json(os.path.join(out_dir, "pm_size_study.json")) or [], p)),
+        ("elo.png", 'eval.json "elo"', lambda p: plot_elo((ev.get("elo") or {}).get("policies"), p)),
+        ("online.png", "online.json", lambda p: plot_online((online.get("rounds") or []), p)),
     ]
     style = {"axes.grid": True, "grid.alpha": 0.3, "axes.titlesize": 9, "axes.labelsize": 8, "font.size": 7,
              "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
