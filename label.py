@@ -269,6 +269,16 @@ def decision(mode, task, prompt, offered, key):
 # ----------------------------------------------------------------------------------------------
 # the two modes
 
+def ask(mode, label_cfg, prompt, offer, store):
+    """Two replies to `prompt`, the person's key, and the decision recorded (q records nothing) -> (key, offered)."""
+    offered = offer(prompt)
+    show_replies(offered["replies"])
+    key = read_key(label_cfg.task)
+    if key != "q":
+        store.add(decision(mode, label_cfg.task, prompt, offered, key))
+    return key, offered
+
+
 def review(run, label_cfg, offer, tok, store):
     """Review mode: the split's prompts in rl_prompts' order, those of this task decided before left out; two
     replies to each, one key each."""
@@ -279,12 +289,8 @@ def review(run, label_cfg, offer, tok, store):
     for i, prompt in enumerate(prompts, 1):
         print(f"\n--- {i}/{len(prompts)} ---")
         show_dialogue(prompt, label_cfg.show_turns)
-        offered = offer(prompt)
-        show_replies(offered["replies"])
-        key = read_key(label_cfg.task)
-        if key == "q":
+        if ask("review", label_cfg, prompt, offer, store)[0] == "q":
             return
-        store.add(decision("review", label_cfg.task, prompt, offered, key))
 
 
 def chat(label_cfg, offer, store):
@@ -301,12 +307,9 @@ def chat(label_cfg, offer, store):
             if not human.strip():
                 break
             dialogue += format_prompt(human)
-            offered = offer(dialogue)
-            show_replies(offered["replies"])
-            key = read_key(label_cfg.task)
+            key, offered = ask("chat", label_cfg, dialogue, offer, store)
             if key == "q":
                 return
-            store.add(decision("chat", label_cfg.task, dialogue, offered, key))
             picked = offered["replies"][int(key) - 1 if key in ("1", "2") else 0]
             print(f"Assistant: {picked}")
             dialogue += " " + picked

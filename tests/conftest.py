@@ -88,3 +88,20 @@ def http_server():
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+def write_tiny_flow(tmp_path, models, n_train=60, n_test=8):
+    """An out_dir holding tiny random checkpoints as the flow's stages leave them (2 layers x 32, block 64), and
+    a small hh-rlhf dir. models: {name: GPT or RewardModel class}, each seeded by its place. -> (out, data, tok)."""
+    from model import GPTConfig
+    from runtime import model_checkpoint, save_checkpoint
+    from tokens import Tokenizer
+    out, data = tmp_path / "out", write_hh_dir(tmp_path / "hh", n_train=n_train, n_test=n_test)
+    out.mkdir()
+    tok = Tokenizer.trimmed([make_dialogue(i, "I'm sorry, I can help safely and kindly. No. Go away, stupid.")
+                             for i in range(7)])
+    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
+    for seed, (name, cls) in enumerate(models.items()):
+        torch.manual_seed(seed)
+        save_checkpoint(str(out / f"{name}.pt"), model_checkpoint(cls(config), tok, done=True))
+    return str(out), data, tok

@@ -12,14 +12,12 @@ import torch
 
 import label as labeller
 import rlhf
-from conftest import make_dialogue, write_hh_dir
+from conftest import write_tiny_flow
 from data import DataConfig, read_pairs
-from model import GPT, GPTConfig
+from model import GPT
 from ppo import PPOConfig
 from reward import RewardModel, load_reward_model, score_texts
-from runtime import model_checkpoint, save_checkpoint
 from sampling import format_prompt, rl_prompts
-from tokens import Tokenizer
 
 torch.set_num_threads(1)
 
@@ -28,15 +26,8 @@ torch.set_num_threads(1)
 def setup(tmp_path):
     """out_dir with random sft.pt, ppo.pt and pm_a.pt (2 layers x 32, block 64), a small hh-rlhf dir, and the
     Run-like namespace a stage takes."""
-    out, data = tmp_path / "out", write_hh_dir(tmp_path / "hh", n_train=40, n_test=8)
-    out.mkdir()
-    tok = Tokenizer.trimmed([make_dialogue(i, "I'm sorry, I can help safely and kindly. No. Go away, stupid.")
-                             for i in range(7)])
-    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
-    for seed, name, cls in ((0, "sft", GPT), (1, "ppo", GPT), (2, "pm_a", RewardModel)):
-        torch.manual_seed(seed)
-        save_checkpoint(str(out / f"{name}.pt"), model_checkpoint(cls(config), tok, done=True))
-    run = SimpleNamespace(out_dir=str(out), data_dir=data, seed=0, device="cpu", dtype="auto",
+    out, data, tok = write_tiny_flow(tmp_path, {"sft": GPT, "ppo": GPT, "pm_a": RewardModel}, n_train=40)
+    run = SimpleNamespace(out_dir=out, data_dir=data, seed=0, device="cpu", dtype="auto",
                           data=DataConfig(vocab="trimmed"))
     return run, tok
 

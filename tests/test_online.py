@@ -7,13 +7,12 @@ import pytest
 import torch
 
 import rlhf
-from conftest import make_dialogue, write_hh_dir
+from conftest import write_tiny_flow
 from data import DataConfig, read_pairs
-from model import GPT, GPTConfig
+from model import GPT
 from reward import RewardModel, load_reward_model
-from runtime import load_checkpoint, model_checkpoint, save_checkpoint
+from runtime import load_checkpoint
 from sampling import strip_end
-from tokens import Tokenizer
 
 torch.set_num_threads(1)
 FLAGS = ["--preset", "tiny", "--device", "cpu", "--online.prompts=4", "--online.n=4", "--online.pm_steps=2",
@@ -23,16 +22,9 @@ FLAGS = ["--preset", "tiny", "--device", "cpu", "--online.prompts=4", "--online.
 
 
 def flow(tmp_path):
-    """An out_dir as `all` leaves it, with tiny random sft.pt, rs.pt, pm_a.pt and pm_b.pt, and an hh-rlhf dir."""
-    out, data = tmp_path / "out", write_hh_dir(tmp_path / "hh", n_train=60, n_test=8)
-    out.mkdir()
-    tok = Tokenizer.trimmed([make_dialogue(i, "I'm sorry, I can help safely and kindly. No. Go away, stupid.")
-                             for i in range(7)])
-    config = GPTConfig(block_size=64, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_embd=32)
-    for seed, name, cls in ((0, "sft", GPT), (1, "rs", GPT), (2, "pm_a", RewardModel), (3, "pm_b", RewardModel)):
-        torch.manual_seed(seed)
-        save_checkpoint(str(out / f"{name}.pt"), model_checkpoint(cls(config), tok, done=True))
-    return str(out), data
+    """An out_dir as `all` leaves it (sft.pt, rs.pt, pm_a.pt, pm_b.pt) and an hh-rlhf dir."""
+    out, data, _ = write_tiny_flow(tmp_path, {"sft": GPT, "rs": GPT, "pm_a": RewardModel, "pm_b": RewardModel})
+    return out, data
 
 
 def online(out, data, rounds):
