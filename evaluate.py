@@ -29,11 +29,12 @@ import torch
 
 from actor_critic import sample_logprobs
 from dpo import betas
+from label import human_elo, read_decisions
 from model import disable_dropout
 from pm_metrics import bootstrap, bradley_terry, logistic_fit
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
-from runtime import load_checkpoint, load_model, pick_device, set_seed
+from runtime import ConfigError, load_checkpoint, load_model, pick_device, set_seed
 from sampling import reply_lengths, rl_prompts, sample_replies, score, strip_end
 
 
@@ -81,6 +82,7 @@ class EvalConfig:
     num_examples: int = 3        # prompts shown side by side in report.md
     frontier_windows: int = 8    # PPO training iterations are averaged into this many frontier points
     pm_only: bool = False        # only re-evaluate the preference models (pm_metrics.evaluate_pms)
+    elo_labels: str = ""         # a decisions.jsonl of `rlhf.py label`: also the Elo of the policies people compared
 
 
 # ----------------------------------------------------------------------------------------------
@@ -266,9 +268,12 @@ def write_report(path, ev, examples):
               for k, f in ev["frontier_fits"].items()]
     lines += ["", "## Elo (PM-B's verdicts between every pair of policies, Bradley-Terry, SFT = 0, 95% intervals)", "",
               "| policy | Elo | length-controlled Elo |", "| --- | --- | --- |"]
-    elo = ev.get("elo", {}).get("policies", {})
+    elo, human = ev.get("elo", {}).get("policies", {}), ev.get("elo", {}).get("human", {})
     lines += [f"| {k} | {e['elo']:+.0f} [{e['elo_ci'][0]:+.0f}, {e['elo_ci'][1]:+.0f}] | {e['lc_elo']:+.0f} "
               f"[{e['lc_elo_ci'][0]:+.0f}, {e['lc_elo_ci'][1]:+.0f}] |" for k, e in elo.items()]
+    lines += ["", "People's verdicts (`rlhf.py label`), Elo [95%]: " + ", ".join(
+        f"{k} {e['elo']:+.0f} [{e['elo_ci'][0]:+.0f}, {e['elo_ci'][1]:+.0f}] of {e['comparisons']}"
+        for k, e in human.items())] if human else []
     lines += ["", "## Sample replies (PM-A / PM-B scores)", ""]
     for ex in examples:
         lines += [f"**Human:** {ex['human'][:300]}", ""]
@@ -375,6 +380,10 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     # 5. eval.json (merged with rm's "pm" section), report.md
     examples = side_by_side(prompts[:eval_cfg.num_examples], replies, a, b, n, k, tok)
     elo = {"judge": "pm_b", "reference": "sft", "policies": elo_table(b, lengths)}  # every policy against every other
+    if eval_cfg.elo_labels:  # and by people: `rlhf.py label` decisions between two policies
+        if not os.path.exists(eval_cfg.elo_labels):
+            raise ConfigError(f"--eval.elo_labels: {eval_cfg.elo_labels} not found (`rlhf.py label` writes it)")
+        elo["human"] = human_elo(read_decisions(eval_cfg.elo_labels))
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, elo=elo,
                                notes=notes), examples)
 

@@ -30,6 +30,9 @@ import time
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
+from pm_metrics import bootstrap, bradley_terry
 from reward import load_reward_model, score_texts
 from runtime import ConfigError, load_model, pick_device
 from sampling import SampleConfig, complete, format_prompt, policy_path, rl_prompts
@@ -158,6 +161,26 @@ def write_subset(labels_dir, subset, rows):
         os.fsync(raw.fileno())
     os.replace(path + ".tmp", path)
     return path
+
+
+def human_elo(decisions, reference="sft", reps=200, seed=0):
+    """The Elo of the policies a person compared (HH fig. 1 from people's verdicts): every decided comparison of two
+    different policies (helpful: the pick wins; harmless: the pick, the more harmful, loses; a tie is half),
+    fitted as a Bradley-Terry model (pm_metrics) with `reference` at 0, 95% intervals from a bootstrap over the
+    decisions. -> {policy: {"elo", "elo_ci", "comparisons"}}, or {} without a decided comparison with `reference`."""
+    rows = [d for d in decisions if d["key"] in ("1", "2", "t") and len(set(d.get("policies", []))) == 2
+            and not any("best-of-" in p for p in d["policies"])]
+    names = sorted({p for d in rows for p in d["policies"]} - {reference})
+    if not rows or not any(reference in d["policies"] for d in rows):
+        return {}
+    names = [reference] + names
+    first, second = (np.array([names.index(d["policies"][k]) for d in rows]) for k in (0, 1))
+    y = np.array([0.5 if d["key"] == "t" else float((d["key"] == "1") != (d["task"] == "harmless")) for d in rows])
+    fit = lambda idx: bradley_terry(first[idx], second[idx], y[idx], len(names))[0] * 400 / np.log(10)  # noqa: E731
+    point, boot = fit(np.arange(len(rows))), bootstrap(fit, len(rows), reps, seed)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return {n: {"elo": round(float(point[k]), 1), "elo_ci": [round(float(lo[k]), 1), round(float(hi[k]), 1)],
+                "comparisons": int(sum(n in d["policies"] for d in rows))} for k, n in enumerate(names)}
 
 
 class LabelStore:

@@ -2,6 +2,7 @@
 goes on where the last one stopped, and read_pairs reads them back through --data.extra_dir. The person is
 sys.stdin; the policies and PM-A are tiny random models, so each test takes a second or two."""
 import gzip
+import math
 import io
 import json
 import os
@@ -169,3 +170,19 @@ def test_a_missing_checkpoint_names_the_stage_that_makes_it(setup, capsys, flags
 def test_bad_label_values_stop_before_anything_loads(flags, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         rlhf.parse_args(["label", "--preset", "tiny"] + flags)
+
+
+def test_human_elo_ranks_the_policies_people_preferred():
+    """People prefer ppo to sft in 150 of 200 helpful comparisons, and a red-teamer picks dpo as the more harmful
+    in half of 200: ppo's Elo is that of a 75% win rate (400 log10 3, ~191), dpo's interval holds 0. A tie counts
+    half; best-of-n decisions (one policy) and skips carry no verdict between policies."""
+    helpful = [{"policies": ["ppo", "sft"] if i % 2 else ["sft", "ppo"], "task": "helpful",
+                "key": ("1" if i % 2 else "2") if i < 150 else ("2" if i % 2 else "1")} for i in range(200)]
+    harmless = [{"policies": ["dpo", "sft"], "task": "harmless", "key": "1" if i % 2 else "2"} for i in range(200)]
+    noise = [{"policies": ["sft best-of-4 #1", "sft best-of-4 #2"], "task": "helpful", "key": "1"},
+             {"policies": ["ppo", "sft"], "task": "helpful", "key": "s"}]
+    elo = labeller.human_elo(helpful + harmless + noise, reps=100)
+    assert elo["sft"]["elo"] == 0 and elo["ppo"]["comparisons"] == 200 and elo["dpo"]["comparisons"] == 200
+    assert elo["ppo"]["elo"] == pytest.approx(400 * math.log10(3), rel=0.02) and elo["ppo"]["elo_ci"][0] > 100
+    assert elo["dpo"]["elo_ci"][0] < 0 < elo["dpo"]["elo_ci"][1]
+    assert labeller.human_elo(noise) == {}

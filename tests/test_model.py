@@ -181,7 +181,7 @@ def free_run(model, n=20):
 def test_stops_each_row_at_eos():
     model = tiny()
     idx, mask, free = free_run(model)
-    eos = int(free[0, 3])  # a token row 0 emits at step 3 (maybe earlier too)
+    eos = int(free[0, 3])  # a token row 0 emits at step 3 (maybe at a prior step too)
     tokens, logprobs, m = model.generate(idx, mask, max_new_tokens=20, temperature=0.0, eos_id=eos)
     for i in range(len(free)):
         hits = (free[i] == eos).nonzero()

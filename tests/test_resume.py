@@ -1,5 +1,5 @@
 """A run killed at any moment (SIGKILL: power cut, OOM) and rerun with the same command ends exactly
-where an uninterrupted run ends: the same final checkpoints and the same eval.json. Ctrl-C saves a
+where an uninterrupted run ends: the same final checkpoints, eval.json and online.json. Ctrl-C saves a
 checkpoint and exits cleanly. Each stage is killed separately, at a seeded random moment of its run."""
 import json
 import os
@@ -18,12 +18,13 @@ from evaluate import ppo_frontier
 from runtime import load_checkpoint
 
 STAGES = [("pretrain", ["base"]), ("sft", ["sft"]), ("cd", ["cd"]), ("rm", ["pm_a", "pm_b"]), ("rs", ["rs"]),
-          ("ppo", ["ppo"]), ("dpo", ["dpo"]), ("eval", [])]
+          ("ppo", ["ppo"]), ("dpo", ["dpo"]), ("eval", []), ("online", [])]
 # small checkpoint intervals, so that a kill usually lands between two checkpoints; dropout on, as in the
 # cpu preset, so that resuming must restore the RNG and every stage that should run without dropout does
 FLAGS = ["--preset", "tiny", "--model.dropout=0.1", "--pretrain.eval_interval=10", "--sft.eval_interval=5",
          "--rm.eval_interval=5", "--rm.save_interval=3", "--dpo.save_interval=3",
-         "--ppo.save_every=1", "--sample.num_samples=1", "--threads=1"]
+         "--ppo.save_every=1", "--sample.num_samples=1", "--threads=1", "--online.prompts=4", "--online.n=4",
+         "--online.pm_steps=4", "--online.eval_prompts=4", "--online.eval_samples=2"]
 
 
 def rlhf(stage, out_dir, data_dir, **popen):
@@ -85,8 +86,12 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_the_same_result(reference, 
         assert same_checkpoint(os.path.join(ref, f"{name}.pt"), os.path.join(out, f"{name}.pt")), name
     if stage == "ppo":  # redone iterations are logged twice; the frontier must count each once
         assert ppo_frontier(ref, 8) == ppo_frontier(out, 8)
-    if stage == "eval":
-        assert json.load(open(os.path.join(ref, "eval.json"))) == json.load(open(os.path.join(out, "eval.json")))
+    for name in {"eval": ["eval.json"], "online": ["online.json", "online/round2/pm_a.pt", "online/round2/rs.pt"]}.get(
+            stage, []):  # online: its report, and the last round's PM-A and policy
+        if name.endswith(".json"):
+            assert json.load(open(os.path.join(ref, name))) == json.load(open(os.path.join(out, name))), name
+        else:
+            assert same_checkpoint(os.path.join(ref, name), os.path.join(out, name)), name
 
 
 def test_rs_killed_once_its_winners_are_on_disk_gives_the_same_weights(reference):
