@@ -13,12 +13,11 @@ Stages (each writes a checkpoint in out_dir, resumes when rerun, is skipped once
   rs        best-of-n against PM-A, then fine-tune on the winners                          rs.pt
   ppo       PPO against PM-A with a KL penalty to the SFT policy                           ppo.pt
   dpo       DPO from SFT on PM-A's half of the comparisons, no PM (and a beta sweep)       dpo.pt
-  eval      rewards, held-out-PM rewards, KL, win rates, reward vs sqrt(KL)     eval.json, report.md
-and tools: plan (each stage's work, memory and time on this device, before a run; `all` prints it first), bench (speed
-figures as one JSON line), sample (completions from any checkpoint), chat (talk to a policy), plot (figures), export (a
-Hugging Face GPT-2 folder: `export --policy ppo --to DIR`), label (a person compares two replies: comparisons in
-hh-rlhf's layout, out_dir/labels, that --data.extra_dir=out/labels adds to the PMs' data; label.py), online (HH's
-loop after `all`: collect comparisons, label them, train PM-A further, re-optimise, round after round; online.py).
+  eval      rewards, held-out-PM rewards, KL, win rates, Elo, reward vs sqrt(KL) eval.json, report.md
+the data loop: label (a person compares two replies, written in hh-rlhf's layout: label.py) and online (HH's rounds
+after `all`: collect, label, train PM-A further, re-optimise: online.py); and the tools: sample, chat, export (a
+Hugging Face GPT-2 folder), and the instruments in lab/, imported when run: plan (each stage's work, memory and time
+before a run; `all` prints it first), bench (speed figures), studies (the PM studies, after rm), plot (figures).
 
 References: Bai et al. 2022, "Training a Helpful and Harmless Assistant with Reinforcement Learning
 from Human Feedback" (arXiv:2204.05862); the stage files cite the rest.
