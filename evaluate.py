@@ -41,34 +41,32 @@ from sampling import reply_lengths, rl_prompts, sample_replies, score, strip_end
 # ----------------------------------------------------------------------------------------------
 # the math: reward-vs-KL frontier fits (least squares, numpy)
 
-def _lstsq(features, y):
-    """Least squares y ~ features @ w; returns w and the root-mean-square residual."""
-    X, y = np.asarray(features, dtype=np.float64), np.asarray(y, dtype=np.float64)
+def _fit(form, features, r):
+    """Least squares r ~ features @ (a, b): the fit as eval.json keeps it, with its root-mean-square residual."""
+    X, y = np.asarray(features, dtype=np.float64), np.asarray(r, dtype=np.float64)
     w = np.linalg.lstsq(X, y, rcond=None)[0]
-    return w, float(np.sqrt(np.mean((X @ w - y) ** 2)))
+    rmse = float(np.sqrt(np.mean((X @ w - y) ** 2)))
+    return {"form": form, "a": float(w[0]), "b": float(w[1]), "rmse": rmse, "points": len(y)}
 
 
 def fit_bon(d, r):
     """Gao et al. eq. 1, best-of-n: R(d) = d (a - b d), d = sqrt(KL), R = reward gain over the
     initial policy (R(0) = 0). Linear in (a, b): features [d, -d^2]."""
     d = np.asarray(d, dtype=np.float64)
-    (a, b), rmse = _lstsq(np.stack([d, -d ** 2], 1), r)
-    return {"form": "d*(a - b*d)", "a": float(a), "b": float(b), "rmse": rmse, "points": len(d)}
+    return _fit("d*(a - b*d)", np.stack([d, -d ** 2], 1), r)
 
 
 def fit_rl(d, r):
     """Gao et al. eq. 2, RL: R(d) = d (a - b log d). Features [d, -d log d] (d log d -> 0 at d = 0)."""
     d = np.asarray(d, dtype=np.float64)
     dlogd = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
-    (a, b), rmse = _lstsq(np.stack([d, -dlogd], 1), r)
-    return {"form": "d*(a - b*log(d))", "a": float(a), "b": float(b), "rmse": rmse, "points": len(d)}
+    return _fit("d*(a - b*log(d))", np.stack([d, -dlogd], 1), r)
 
 
 def fit_linear(d, r):
     """Bai et al. 2022 sec. 4.3: reward is roughly linear in sqrt(KL), R = a + b d."""
     d = np.asarray(d, dtype=np.float64)
-    (a, b), rmse = _lstsq(np.stack([np.ones_like(d), d], 1), r)
-    return {"form": "a + b*d", "a": float(a), "b": float(b), "rmse": rmse, "points": len(d)}
+    return _fit("a + b*d", np.stack([np.ones_like(d), d], 1), r)
 
 
 @dataclass
@@ -303,17 +301,27 @@ def sample_and_score(policy, queries, k, max_new, tok, generator, T, reward_a, r
     return rep_q, replies, a, b, reply_lengths(replies, tok.eos_id, tok.stop_ids).view(len(queries), k)
 
 
+def policy_paths(out, dpo_cfg):
+    """{name: checkpoint} of the policies eval samples besides SFT and best-of-n: cd, rs, ppo, each DPO beta, and the
+    rounds of `rlhf.py online` once it has run (online.json names them), so the Elo table holds every policy."""
+    paths = {name: os.path.join(out, f"{name}.pt") for name in ("cd", "rs", "ppo", *[n for n, _ in betas(dpo_cfg)])}
+    if os.path.exists(os.path.join(out, "online.json")):
+        with open(os.path.join(out, "online.json")) as f:
+            cfg = json.load(f)["config"]
+        paths.update({f"online{r}": os.path.join(out, "online", f"round{r}", f"{cfg['method']}.pt")
+                      for r in range(1, cfg["rounds"] + 1)})
+    return paths
+
+
 def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dpo_cfg) on held-out test prompts -> eval.json
     (its "pm" section, written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
 
-    SFT gets n samples per prompt: the SFT row, and the baseline every policy's win rates compare with. Best-of-n gets n
-    SFT samples of its own, a second draw: PM-A picks its reply among them, and the unbiased estimator gives its curve
-    for every n up to n at once. Its win rates then compare the pick with SFT replies the picker never saw, P(best-of-n
-    beats a fresh SFT reply); against its own pool one comparison would be the pick itself (a tie) and the rest replies
-    PM-A ranked below it, a ranking PM-B (trained on the other half of the same kind of comparisons) mostly shares
-    (eval.json: policies.bon.baseline_unseen). cd, rs, ppo and dpo get `policy_samples` each; KL(policy || SFT) is the
-    sampled estimate mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
+    SFT gets n samples per prompt: the SFT row, and the baseline of every win rate. Best-of-n gets n SFT samples of its
+    own: PM-A picks among them (the unbiased estimator gives every n up to n at once), so its win rates compare the pick
+    with SFT replies the picker never saw (policies.bon.baseline_unseen), not with its own pool, which PM-B mostly ranks
+    as PM-A does. The others get `policy_samples` each; KL(policy || SFT) is the sampled estimate mean over replies of
+    sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
     out = run.out_dir
     device = pick_device(run.device)
     set_seed(run.seed)
@@ -353,8 +361,7 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
 
     # 3. cd, rs, ppo and dpo: their own samples, scored, and their sampled KL to SFT
     beta = {}
-    for name in ("cd", "rs", "ppo", *[n for n, _ in betas(dpo_cfg)]):
-        path = os.path.join(out, f"{name}.pt")
+    for name, path in policy_paths(out, dpo_cfg).items():
         if not os.path.exists(path):
             notes.append(f"{name}: skipped ({path} not found; run `python rlhf.py {name.split('_')[0]}` first)")
             continue

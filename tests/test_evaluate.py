@@ -523,3 +523,15 @@ def test_elo_table_ranks_policies_by_the_judge_with_the_reference_at_zero():
     for row in table.values():
         assert row["elo_ci"][0] <= row["elo"] <= row["elo_ci"][1]
         assert row["lc_elo_ci"][0] <= row["lc_elo"] <= row["lc_elo_ci"][1]
+
+
+def test_eval_measures_the_online_rounds_once_online_has_run(tmp_path):
+    """After `rlhf.py online`, eval samples each round's policy too (online.json names them), so its Elo table holds
+    every policy; before it, only the flow's."""
+    from dpo import DPOConfig
+    from evaluate import policy_paths
+    assert list(policy_paths(str(tmp_path), DPOConfig())) == ["cd", "rs", "ppo", "dpo"]
+    (tmp_path / "online.json").write_text(json.dumps({"config": {"rounds": 2, "method": "ppo"}}))
+    paths = policy_paths(str(tmp_path), DPOConfig(betas="0.3"))
+    assert list(paths) == ["cd", "rs", "ppo", "dpo", "dpo_beta0.3", "online1", "online2"]
+    assert paths["online2"] == os.path.join(str(tmp_path), "online", "round2", "ppo.pt")
