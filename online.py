@@ -88,23 +88,29 @@ def collect(policy, pm_a, tok, queries, online_cfg, max_new, temperature, genera
     return out
 
 
-def judge(candidates, labeler, pm_a, pm_b, tok, batch_size, dtype):
+def judge(candidates, labeler, pm_a, pm_b, tok, batch_size, dtype, partial):
     """The labeler's verdict on each comparison, and PM-A's scores before it trains on them. labeler "pm_b": the
     higher PM-B score is chosen (a tie: no row), the simulation of Gao et al. 2022 with PM-B as the gold model;
-    "human": the `label` prompt. -> [(query, chosen, rejected, kind, a_chosen, a_rejected, b_chosen, b_rejected)]."""
+    "human": the `label` prompt, each verdict kept in `partial` as it is made, so q (or Ctrl-D) stops the run and the
+    next run asks from the next comparison. -> [(query, chosen, rejected, kind, a_c, a_r, b_c, b_r)]."""
     q = [c[0] for c in candidates for _ in (0, 1)]
     r = [c[1 + k] for c in candidates for k in (0, 1)]
     a = score(pm_reward_fn(pm_a, tok, batch_size, dtype), q, r, batch_size).view(-1, 2).tolist()
     b = score(pm_reward_fn(pm_b, tok, batch_size, dtype), q, r, batch_size).view(-1, 2).tolist()
-    rows = []
-    for (query, r1, r2, kind), (a1, a2), (b1, b2) in zip(candidates, a, b):
+    state = load_checkpoint(partial) if os.path.exists(partial) else {"done": 0, "rows": []}
+    rows = state["rows"]
+    for i in range(state["done"], len(candidates)):
+        (query, r1, r2, kind), (a1, a2), (b1, b2) = candidates[i], a[i], b[i]
         pick = (1 if b1 > b2 else 2 if b2 > b1 else 0) if labeler == "pm_b" else ask_pick(tok, query, r1, r2)
         if pick is None:
-            break
+            print(f"[online] stopped at comparison {i + 1} of {len(candidates)}; rerun the same command to go on")
+            raise SystemExit(0)
         if pick == 1:
             rows.append((query, r1, r2, kind, a1, a2, b1, b2))
         elif pick == 2:
             rows.append((query, r2, r1, kind, a2, a1, b2, b1))
+        if labeler == "human":
+            save_checkpoint(partial, {"done": i + 1, "rows": rows})
     return rows
 
 
@@ -187,8 +193,10 @@ def round_comparisons(run, r, collector_path, pm_a_path, pm_b, tok, prompts, onl
     gen = torch.Generator(device=device).manual_seed(run.seed + 1000 * r + 1)
     candidates = collect(policy, pm_a, tok, queries, online_cfg, ppo_cfg.max_new_tokens, ppo_cfg.temperature, gen,
                          64, run.dtype)
-    rows = judge(candidates, online_cfg.labeler, pm_a, pm_b, tok, 64, run.dtype)
+    rows = judge(candidates, online_cfg.labeler, pm_a, pm_b, tok, 64, run.dtype, path + ".partial")
     save_checkpoint(path, {"rows": rows})
+    if os.path.exists(path + ".partial"):
+        os.remove(path + ".partial")
     return rows
 
 
@@ -280,7 +288,7 @@ def stage_online(run, online_cfg, rm_cfg, rs_cfg, ppo_cfg, eval_cfg):
 
 def ask_pick(tok, query, r1, r2):
     """The human labeler: the dialogue and both replies, as `label` shows them -> 1, 2, 0 (a tie or a skip) or None
-    (quit: the round's remaining comparisons get no label)."""
+    (q: stop here; judge keeps what was decided)."""
     show_dialogue(tok.decode(query), 4)
     show_replies([tok.decode(strip_end(r, tok.eos_id, tok.stop_ids)) for r in (r1, r2)])
     key = read_key("helpful")

@@ -1,5 +1,6 @@
 """online.py, `rlhf.py online`: a round's comparisons are collected, labelled by the simulated labeler and read back
 as a subset; a killed run resumes to the result of an uninterrupted one. Tiny random models, a few seconds each."""
+import io
 import json
 import os
 
@@ -75,3 +76,21 @@ def test_online_before_the_flow_names_the_stage_to_run(tmp_path, capsys):
 def test_bad_online_values_stop_before_anything_loads(flag):
     with pytest.raises(rlhf.ConfigError, match=flag.split("=")[0]):
         rlhf.parse_args(["online", flag])
+
+
+def test_a_person_who_quits_mid_round_goes_on_where_they_stopped(tmp_path, monkeypatch, capsys):
+    """--online.labeler=human: each verdict is kept as it is made; q stops the run, and the next run asks from the
+    next comparison (4 prompts x 2 = 8 in all: 1 decided, then the quit, then the other 7)."""
+    out, data = flow(tmp_path)
+    args = ["online", "--out_dir", out, "--data_dir", data, "--online.rounds=1", "--online.labeler=human"] + FLAGS
+    monkeypatch.setattr("sys.stdin", io.StringIO("1\nq\n"))
+    with pytest.raises(SystemExit):
+        rlhf.main(args)
+    assert capsys.readouterr().out.count("which reply is") == 2
+    partial = load_checkpoint(os.path.join(out, "online", "round1", "comparisons.pt.partial"))
+    assert partial["done"] == 1 and len(partial["rows"]) == 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("2\n" * 7))
+    assert rlhf.main(args) == 0
+    assert capsys.readouterr().out.count("which reply is") == 7
+    rows = load_checkpoint(os.path.join(out, "online", "round1", "comparisons.pt"))["rows"]
+    assert len(rows) == 8 and rows[0] == partial["rows"][0]
