@@ -34,7 +34,7 @@ from model import disable_dropout
 from pm_metrics import bootstrap, bradley_terry, logistic_fit
 from reward import load_reward_model, pm_reward_fn
 from rs import best_of_n, bon_expected, bon_kl
-from runtime import ConfigError, load_checkpoint, load_model, pick_device, set_seed
+from runtime import load_checkpoint, load_model, pick_device, set_seed
 from sampling import reply_lengths, rl_prompts, sample_replies, score, strip_end
 
 
@@ -127,11 +127,9 @@ def elo_table(scores, lengths, reference="sft", reps=200, seed=0):
     bootstrap over the prompts. scores, lengths: {name: (P, k)} -> {name: {elo, elo_ci, lc_elo, lc_elo_ci}}."""
     names = [reference] + [n for n in scores if n != reference]
     pairs = list(itertools.combinations(range(len(names)), 2))
-    verdicts, dlens = [], []                                       # per pair of players: (P, k_i * k_j) each
-    for i, j in pairs:
-        diff = (scores[names[i]][:, :, None] - scores[names[j]][:, None, :]).flatten(1).double().numpy()
-        verdicts.append((diff > 0) + 0.5 * (diff == 0))
-        dlens.append((lengths[names[i]][:, :, None] - lengths[names[j]][:, None, :]).flatten(1).double().numpy())
+    between = lambda x, i, j: (x[names[i]][:, :, None] - x[names[j]][:, None, :]).flatten(1).double().numpy()
+    diffs = [between(scores, i, j) for i, j in pairs]           # per pair of players: (P, k_i * k_j) each
+    verdicts, dlens = [(d > 0) + 0.5 * (d == 0) for d in diffs], [between(lengths, i, j) for i, j in pairs]
 
     def fit(idx):  # the prompts idx (a bootstrap resample, or all of them) -> Elo, raw then length-controlled
         first = np.concatenate([np.full(v[idx].size, i) for (i, _), v in zip(pairs, verdicts)])
@@ -313,6 +311,12 @@ def policy_paths(out, dpo_cfg):
     return paths
 
 
+def sampled_kl(policy, sft, queries, replies, batch_size, pad_id, T, dtype):
+    """KL(policy || SFT) from the policy's own replies: mean over replies of sum_t [log pi(y_t) - log pi_sft(y_t)]."""
+    return (sample_logprobs(policy, queries, replies, batch_size, pad_id, T, dtype)
+            - sample_logprobs(sft, queries, replies, batch_size, pad_id, T, dtype)).mean().item()
+
+
 def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     """Stage `eval`: sft, best-of-n, cd, rs, ppo and dpo (each beta of dpo_cfg) on held-out test prompts -> eval.json
     (its "pm" section, written by reward.py, is kept), frontier.jsonl and report.md. Returns the eval.json dict.
@@ -320,8 +324,7 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     SFT gets n samples per prompt: the SFT row, and the baseline of every win rate. Best-of-n gets n SFT samples of its
     own: PM-A picks among them (the unbiased estimator gives every n up to n at once), so its win rates compare the pick
     with SFT replies the picker never saw (policies.bon.baseline_unseen), not with its own pool, which PM-B mostly ranks
-    as PM-A does. The others get `policy_samples` each; KL(policy || SFT) is the sampled estimate mean over replies of
-    sum_t [log pi(y_t) - log pi_sft(y_t)]. Missing policies are skipped."""
+    as PM-A does. The others get `policy_samples` each, and their sampled KL to SFT. Missing policies are skipped."""
     out = run.out_dir
     device = pick_device(run.device)
     set_seed(run.seed)
@@ -372,8 +375,7 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
         if not ckpt.get("done"):
             notes.append(f"{name}: evaluated an unfinished checkpoint (step {ckpt.get('step', ckpt.get('iteration'))})")
         rep_q[name], replies[name], a[name], b[name], lengths[name] = draw(policy, k, name)        # its own draws
-        kl[name] = (sample_logprobs(policy, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
-                    - sample_logprobs(sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)).mean().item()
+        kl[name] = sampled_kl(policy, sft, rep_q[name], replies[name], bs, tok.eos_id, T, dtype)
         del policy
 
     policies = {name: policy_row(a[name], b[name], lengths[name], lengths["sft"], kl[name], b["sft"], T) for name in a}
@@ -388,8 +390,6 @@ def stage_eval(run, eval_cfg, ppo_cfg, dpo_cfg):
     examples = side_by_side(prompts[:eval_cfg.num_examples], replies, a, b, n, k, tok)
     elo = {"judge": "pm_b", "reference": "sft", "policies": elo_table(b, lengths)}  # every policy against every other
     if eval_cfg.elo_labels:  # and by people: `rlhf.py label` decisions between two policies
-        if not os.path.exists(eval_cfg.elo_labels):
-            raise ConfigError(f"--eval.elo_labels: {eval_cfg.elo_labels} not found (`rlhf.py label` writes it)")
         elo["human"] = human_elo(read_decisions(eval_cfg.elo_labels))
     return save_eval(out, dict(temperature=T, policies=policies, bon_curve=bon_curve, frontier_fits=fits, elo=elo,
                                notes=notes), examples)

@@ -30,15 +30,14 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from actor_critic import sample_logprobs
 from data import Pair, read_pairs, resolve_data_dir, train_comparisons
-from evaluate import elo_table, policy_row, sample_and_score
+from evaluate import elo_table, policy_row, sample_and_score, sampled_kl
 from label import read_key, show_dialogue, show_replies, write_subset
 from model import disable_dropout
 from pm_metrics import decile_agreement, pair_accuracy, wilson_interval
 from ppo import stage_ppo
 from reward import encode_pairs, load_reward_model, normalize_pm, pm_block, pm_reward_fn, score_pairs
-from rm import TREND_REPLIES, sft_samples, train_pm
+from rm import normalisation_samples, train_pm
 from rs import stage_rs
 from runtime import (ConfigError, MetricsLog, initial_policy, load_checkpoint, load_model, model_checkpoint,
                      pick_device, save_checkpoint, set_seed)
@@ -162,8 +161,7 @@ def measure(policy, sft, pm_a, pm_b, tok, queries, k, base, max_new, T, run, bat
     reward_a, reward_b = (pm_reward_fn(pm, tok, batch_size, run.dtype) for pm in (pm_a, pm_b))
     rep_q, replies, a, b, lengths = sample_and_score(policy, queries, k, max_new, tok, gen, T, reward_a, reward_b,
                                                      batch_size, run.dtype)
-    kl = (sample_logprobs(policy, rep_q, replies, batch_size, tok.eos_id, T, run.dtype)
-          - sample_logprobs(sft, rep_q, replies, batch_size, tok.eos_id, T, run.dtype)).mean().item()
+    kl = sampled_kl(policy, sft, rep_q, replies, batch_size, tok.eos_id, T, run.dtype)
     return policy_row(a, b, lengths, base["lengths"], kl, base["b"], T), b, lengths
 
 
@@ -172,10 +170,10 @@ def before_training(rows):
     trains on them: its accuracy against the labeler (Wilson 95% interval), and its agreement with the labeler in
     its own top score decile (pm_metrics.decile_agreement), where RL pushes."""
     a_c, a_r = np.array([row[4] for row in rows]), np.array([row[5] for row in rows])
-    n_right = float(np.sum((a_c > a_r) + 0.5 * (a_c == a_r)))
-    deciles = decile_agreement(a_c, a_r, np.ones(len(rows)), np.zeros(len(rows)))  # the labeler picked `chosen`
-    return {"comparisons": len(rows), "pm_a_accuracy": n_right / max(len(rows), 1),
-            "pm_a_accuracy_ci": list(wilson_interval(n_right, len(rows))),
+    accuracy = pair_accuracy(a_c, a_r)  # the labeler picked `chosen`
+    deciles = decile_agreement(a_c, a_r, np.ones(len(rows)), np.zeros(len(rows)))
+    return {"comparisons": len(rows), "pm_a_accuracy": accuracy,
+            "pm_a_accuracy_ci": list(wilson_interval(accuracy * len(rows), len(rows))),
             "top_decile_agreement": deciles[-1]["agreement"] if deciles else float("nan")}
 
 
@@ -220,12 +218,7 @@ def shared_inputs(run, sft, pm_b, tok, test_queries, rm_cfg, ppo_cfg, eval_cfg, 
     reward_b = pm_reward_fn(pm_b, tok, eval_cfg.batch_size, run.dtype)
     _, _, _, b, lengths = sample_and_score(sft, test_queries, eval_cfg.n, ppo_cfg.max_new_tokens, tok, gen,
                                            ppo_cfg.temperature, reward_b, reward_b, eval_cfg.batch_size, run.dtype)
-    args = (ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens)
-    ref = sft_samples(sft, tok, train_pairs, rm_cfg.normalize_samples, *args, run.seed, rm_cfg.eval_batch_size,
-                      ppo_cfg.temperature, run.dtype)
-    trend = sft_samples(sft, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES), *args,
-                        run.seed + 1, rm_cfg.eval_batch_size, ppo_cfg.temperature, run.dtype,
-                        replies_per_prompt=TREND_REPLIES)
+    ref, trend = normalisation_samples(sft, tok, train_pairs, rm_cfg, ppo_cfg, run.seed, run.dtype)
     shared = {"b": b, "lengths": lengths, "ref": ref, "trend": trend}
     save_checkpoint(path, shared)
     return shared

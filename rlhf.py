@@ -277,6 +277,8 @@ def check_values(stage, cfg):
     check_choices(cfg.rm)                    # --rm.objective, --rm.init
     check_label(cfg.label)                   # --label.task, --label.policies, --label.best_of, --label.split
     check_online(cfg.online)                 # --online.method, --online.labeler
+    if cfg.eval.elo_labels and not os.path.exists(cfg.eval.elo_labels):  # --eval.elo_labels
+        raise ConfigError(f"--eval.elo_labels: {cfg.eval.elo_labels} not found (`python rlhf.py label` writes it)")
     if stage in ("all", "cd"):
         check_config(cfg.cd)                 # --cd.prompt_file, --cd.pack
     if cfg.studies.size and stage == "studies":

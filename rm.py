@@ -344,6 +344,18 @@ def sft_samples(policy, tok, pairs, n, max_new_tokens, max_prompt_tokens, seed, 
 TREND_REPLIES = 4  # SFT replies a prompt that the length trend is fitted on (normalize_samples of them in all)
 
 
+def normalisation_samples(policy, tok, train_pairs, rm_cfg, ppo_cfg, seed, dtype):
+    """(ref, trend): the SFT samples a PM is normalised on, drawn as PPO and eval draw theirs (sft_samples), one a
+    prompt for gain and bias; and those its length trend is fitted on, within prompts: other draws, TREND_REPLIES a
+    prompt, from their own seed, so they leave `ref` as it is."""
+    shape = (ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens)
+    ref = sft_samples(policy, tok, train_pairs, rm_cfg.normalize_samples, *shape, seed, rm_cfg.eval_batch_size,
+                      ppo_cfg.temperature, dtype)
+    trend = sft_samples(policy, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES), *shape,
+                        seed + 1, rm_cfg.eval_batch_size, ppo_cfg.temperature, dtype, replies_per_prompt=TREND_REPLIES)
+    return ref, trend
+
+
 # -----------------------------------------------------------------------------
 # the stage: PM-A and PM-B, then the optional studies, then the test-set evaluation
 
@@ -407,16 +419,7 @@ def stage_rm(run, rm_cfg, ppo_cfg):
         info = train_pm(run, rm_cfg, model, tok, enc(half), val_ex, rm_cfg.objective, pmp_ex, path, log, name)
         if rank == 0:
             if ref is None:  # the same SFT samples normalise both PMs, drawn as PPO and eval draw theirs
-                ppo_cfg = ppo_cfg
-                ref = sft_samples(policy, tok, train_pairs, rm_cfg.normalize_samples, ppo_cfg.max_new_tokens,
-                                  ppo_cfg.max_prompt_tokens, run.seed, rm_cfg.eval_batch_size, ppo_cfg.temperature,
-                                  dtype)
-                # the length trend is fitted within prompts: other draws, several replies a prompt; gain and bias
-                # stay on `ref`, and these draws from their own seed leave `ref` as it is
-                trend = sft_samples(policy, tok, train_pairs, max(1, rm_cfg.normalize_samples // TREND_REPLIES),
-                                    ppo_cfg.max_new_tokens, ppo_cfg.max_prompt_tokens, run.seed + 1,
-                                    rm_cfg.eval_batch_size, ppo_cfg.temperature, dtype,
-                                    replies_per_prompt=TREND_REPLIES)
+                ref, trend = normalisation_samples(policy, tok, train_pairs, rm_cfg, ppo_cfg, run.seed, dtype)
             normalize_pm(model, tok, *ref, rm_cfg.normalize, rm_cfg.eval_batch_size, dtype, trend=trend)
             save_checkpoint(path, model_checkpoint(
                 model, tok, step=info["steps"], stage="rm", config=asdict(rm_cfg), seed=run.seed, rng=rng_state(),

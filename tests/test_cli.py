@@ -44,6 +44,14 @@ def test_bad_command_lines_give_one_clear_line(argv, message, capsys):
     (["studies", "--studies.size=true", "--studies.sizes=1x64,gpt2"], "gpt2 is GPT-2's weights, which need"),
     (["studies", "--studies.size=true", "--studies.sizes=2x64"], "needs two or more trunks"),
     (["--dtype=fp16"], "--dtype must be one of auto, float32, bfloat16, float16, got 'fp16'"),
+    (["--label.task=honest"], "--label.task must be helpful or harmless, got 'honest'"),
+    (["--label.policies=sft,rs,ppo"], "--label.policies needs two policies, e.g. sft,ppo, got 3"),
+    (["--label.policies=sft"], "--label.policies needs two policies"),
+    (["--label.best_of=1"], "--label.best_of must be 0 (two policies) or at least 2"),
+    (["--label.split=val"], "--label.split must be train or test"),
+    (["--online.method=dpo"], "--online.method must be rs or ppo, got 'dpo'"),
+    (["--online.labeler=gpt4"], "--online.labeler must be pm_b or human, got 'gpt4'"),
+    (["--eval.elo_labels=/no/such/decisions.jsonl"], "--eval.elo_labels: /no/such/decisions.jsonl not found"),
 ])
 def test_bad_values_stop_before_any_stage_runs(argv, message):
     """parse_args, not the stage that reads the value: `all` would otherwise train for minutes first."""
