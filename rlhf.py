@@ -34,19 +34,19 @@ import torch.distributed as dist
 
 from cd import CDConfig, check_config, stage_cd
 from data import DataConfig, DataError
-from hub import ExportConfig, stage_export
 from dpo import DPOConfig, betas, stage_dpo
 from evaluate import EvalConfig, stage_eval
+from hub import ExportConfig, stage_export
+from label import LabelConfig, check_label, stage_label
 from model import GPTConfig
 from online import OnlineConfig, check_online, stage_online
-from label import LabelConfig, check_label, stage_label
 from pm_metrics import evaluate_pms
 from ppo import PPOConfig, stage_ppo
 from rm import RMConfig, check_choices, stage_rm
 from rs import RSConfig, stage_rs
-from sampling import SampleConfig, stage_chat, stage_sample
 from runtime import (CheckpointError, ConfigError, MetricsLog, NonFiniteLoss, Run, init_distributed, initial_policy,
                      pick_device, precision)
+from sampling import SampleConfig, stage_chat, stage_sample
 from train import LMTrainConfig, stage_pretrain, stage_sft
 
 
